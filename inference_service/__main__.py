@@ -1,0 +1,3 @@
+from inference_service.cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""Device selection: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def validate_device(spec: str) -> str:
+    """Return spec if it names a device kind we accept, else raise ValueError."""
+    if not _DEVICE_PATTERN.match(spec):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {spec!r}")
+    return spec
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The torch device for a spec; ``auto`` picks CUDA when available."""
+    import torch
+
+    validate_device(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec} requested but only {torch.cuda.device_count()} GPUs")
+    return device

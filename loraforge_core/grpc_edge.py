@@ -1,0 +1,228 @@
+"""gRPC server plumbing shared by both services.
+
+Health (NOT_SERVING until the service is warm), reflection, error mapping in one interceptor,
+and graceful shutdown: on SIGTERM health flips to NOT_SERVING and in-flight calls get the grace
+period to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from loraforge_core import errors
+from loraforge_core.settings import ServerSettings
+
+log = logging.getLogger("loraforge.grpc")
+
+
+class Service(Protocol):
+    """What a loraforge service gives the shared server runner."""
+
+    #: Fully qualified gRPC service names, for health and reflection.
+    service_names: tuple[str, ...]
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None:
+        """Load models and open stores; the server reports SERVING once this returns."""
+
+    async def drain(self) -> None:
+        """Stop taking new work (queued work is refused) before the grace period starts."""
+
+    async def close(self) -> None:
+        """Release resources after the server stopped."""
+
+
+def _status_for(err: errors.ServiceError) -> status_pb2.Status:
+    detail = None
+    if isinstance(err, errors.InvalidArgument):
+        code = code_pb2.INVALID_ARGUMENT
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in err.violations
+            ]
+        )
+    elif isinstance(err, errors.NotFound):
+        code = code_pb2.NOT_FOUND
+        detail = error_details_pb2.ResourceInfo(
+            resource_type=err.resource_type, resource_name=err.resource_name,
+            description=err.message,
+        )  # fmt: skip
+    elif isinstance(err, errors.FailedPrecondition):
+        code = code_pb2.FAILED_PRECONDITION
+    elif isinstance(err, errors.ResourceExhausted):
+        code = code_pb2.RESOURCE_EXHAUSTED
+        seconds = max(err.retry_after_seconds, 0.0)
+        detail = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+        )
+    elif isinstance(err, errors.Unavailable):
+        code = code_pb2.UNAVAILABLE
+    elif isinstance(err, errors.Cancelled):
+        code = code_pb2.CANCELLED
+    else:
+        code = code_pb2.UNKNOWN
+    status = status_pb2.Status(code=code, message=err.message)
+    if detail is not None:
+        status.details.add().Pack(detail)
+    return status
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: BaseException, method: str) -> None:
+    if isinstance(err, errors.ServiceError):
+        status = _status_for(err)
+    else:
+        correlation_id = uuid.uuid4().hex[:12]
+        log.error(
+            "internal error",
+            extra={"method": method, "correlation_id": correlation_id},
+            exc_info=err,
+        )
+        status = status_pb2.Status(
+            code=code_pb2.INTERNAL,
+            message=f"internal error (correlation id {correlation_id}); it has been logged",
+        )
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to status codes with details; unexpected errors to INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as err:
+                    await _abort(context, err, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as err:
+                    await _abort(context, err, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    limit = settings.max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def _set_health(
+    servicer: health.aio.HealthServicer, names: tuple[str, ...], status: int
+) -> None:
+    for name in ("", *names):
+        await servicer.set(name, status)
+
+
+async def serve(
+    service: Service,
+    settings: ServerSettings,
+    interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+) -> int:
+    """Run a service until SIGTERM/SIGINT; return the process exit code."""
+    server = grpc.aio.server(
+        interceptors=[*(interceptors or []), ErrorInterceptor()],
+        options=server_options(settings),
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service.register(server)
+    reflection.enable_server_reflection(
+        (*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    await _set_health(
+        health_servicer, service.service_names, health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    await server.start()
+    log.info("listening", extra={"address": address, "port": port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def warm_up() -> None:
+        await service.start()
+        await _set_health(
+            health_servicer, service.service_names, health_pb2.HealthCheckResponse.SERVING
+        )
+        log.info("serving", extra={"port": port})
+
+    warm = asyncio.create_task(warm_up())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({warm, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if warm.done() and warm.exception() is not None:
+        log.error("start-up failed", exc_info=warm.exception())
+        exit_code = 1
+    else:
+        await stopper
+    warm.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await warm
+
+    log.info("shutting down", extra={"grace_period_s": settings.grace_period})
+    await _set_health(
+        health_servicer, service.service_names, health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    await service.drain()
+    await server.stop(settings.grace_period)
+    await service.close()
+    log.info("stopped")
+    return exit_code

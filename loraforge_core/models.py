@@ -1,0 +1,188 @@
+"""Base models: build the tiny offline model, resolve the default, build random-init pipelines.
+
+The tiny model is a real diffusers Stable Diffusion pipeline (same classes and folder layout as
+a hub model) with small configs, so every code path that loads a model by
+``from_pretrained(path_or_id)`` runs unchanged on it without a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge_core.architectures import TINY, TINY_VOCAB_WORDS
+from loraforge_core.files import file_lock
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
+TINY_MODEL_VERSION = "tiny-sd-v1"
+CACHE_ENV = "LORAFORGE_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where models built on first use live: $LORAFORGE_CACHE, else ~/.cache/loraforge."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "loraforge"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte-level alphabet: printable characters for all 256 byte values."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = TINY_VOCAB_WORDS) -> int:
+    """Write a CLIP BPE vocabulary (vocab.json, merges.txt) that spells any text; return its size.
+
+    The 256 byte symbols and their end-of-word forms make every text encodable; merges build
+    the listed words into single tokens, each merge's parts being tokens already.
+    """
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab[token] = len(vocab)
+    merges: list[str] = []
+    for word in words:
+        pieces = [*list(word[:-1]), word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merged = current + piece
+            if merged not in vocab:
+                merges.append(f"{current} {piece}")
+                vocab[merged] = len(vocab)
+            current = merged
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def build_pipeline(
+    architecture: dict[str, Any] = TINY, *, seed: int = 0, tokenizer_dir: Path | None = None
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline with random weights (fixed seed) from component configs."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tokenizer_dir or Path(tmp)
+        vocab_size = write_tiny_tokenizer(folder)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+        text_config = dict(architecture["text_encoder"])
+        text_config.setdefault("vocab_size", vocab_size)
+        if text_config["vocab_size"] < len(tokenizer):
+            raise ValueError("text encoder vocabulary is smaller than the tokenizer's")
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                **text_config,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(**architecture["unet"])
+        vae = AutoencoderKL(**architecture["vae"])
+        scheduler = DDIMScheduler(**architecture["scheduler"])
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it with ``save_pretrained`` (atomically) into folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+    try:
+        pipe = build_pipeline(TINY, seed=seed)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / "loraforge_model.json").write_text(
+            json.dumps({"name": "loraforge/tiny", "version": TINY_MODEL_VERSION, "seed": seed})
+        )
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def default_model_path() -> Path:
+    """The tiny model's folder in the cache, built on first use (safe across processes)."""
+    folder = cache_dir() / "models" / TINY_MODEL_VERSION
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.parent / f"{TINY_MODEL_VERSION}.lock"):
+        if not (folder / "model_index.json").exists():
+            save_tiny_model(folder)
+    return folder
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """The ``from_pretrained`` argument for a model setting: the tiny model when unset."""
+    if name_or_path is None or name_or_path.strip() in TINY_MODEL_NAMES:
+        return str(default_model_path())
+    return name_or_path.strip()
+
+
+def load_pipeline(
+    name_or_path: str | None, *, device: torch.device | str = "cpu", dtype: Any = None
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline with the real loading code (``from_pretrained``)."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model(name_or_path), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m loraforge_core.models OUT``: write the tiny model to a folder."""
+    parser = argparse.ArgumentParser(description="Build the tiny offline SD model")
+    parser.add_argument("output", type=Path, help="folder to write (replaced if present)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_tiny_model(args.output, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

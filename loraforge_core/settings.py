@@ -1,0 +1,130 @@
+"""Server settings shared by both services: CLI flags with ``LORAFORGE_*`` environment defaults.
+
+Precedence: flag > environment variable > built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LORAFORGE_"
+
+
+def env_name(flag: str) -> str:
+    """``--data-dir`` -> ``LORAFORGE_DATA_DIR``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_setting(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    default: Any,
+    type: Callable[[str], Any] = str,
+    help: str,
+    **kwargs: Any,
+) -> None:
+    """Add a flag whose default comes from its ``LORAFORGE_*`` variable when that is set."""
+    variable = env_name(flag)
+    raw = os.environ.get(variable)
+    value = default
+    if raw is not None:
+        try:
+            value = type(raw)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            parser.error(f"{variable}={raw!r}: {err}")
+    parser.add_argument(
+        flag,
+        default=value,
+        type=type,
+        help=f"{help} (env {variable}; default {default!r})",
+        **kwargs,
+    )
+
+
+def _device(raw: str) -> str:
+    from loraforge_core.devices import validate_device
+
+    try:
+        return validate_device(raw)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _port(raw: str) -> int:
+    port = int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be in 0..65535")
+    return port
+
+
+@dataclass
+class ServerSettings:
+    """What every loraforge server needs to start."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str = ""
+    data_dir: Path = field(default_factory=lambda: Path("./loraforge-data"))
+    device: str = "auto"
+    grace_period: float = 10.0
+    log_level: str = "info"
+    max_message_mb: int = 64
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, *, default_port: int) -> None:
+        add_setting(parser, "--host", default=cls.host, help="address to bind")
+        add_setting(parser, "--port", default=default_port, type=_port, help="port to bind")
+        add_setting(
+            parser, "--model", default="",
+            help="base model: hub id or local diffusers folder; empty: the tiny offline model",
+        )  # fmt: skip
+        add_setting(
+            parser,
+            "--data-dir",
+            default=Path("./loraforge-data"),
+            type=Path,
+            help="where jobs, artifacts and adapters are kept",
+        )
+        add_setting(
+            parser, "--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N"
+        )
+        add_setting(
+            parser,
+            "--grace-period",
+            default=10.0,
+            type=float,
+            help="seconds in-flight calls get to finish on SIGTERM",
+        )
+        add_setting(
+            parser,
+            "--log-level",
+            default="info",
+            choices=["debug", "info", "warning", "error"],
+            help="log level",
+        )
+        add_setting(
+            parser,
+            "--max-message-mb",
+            default=64,
+            type=int,
+            help="largest gRPC message accepted or sent, in MiB",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerSettings:
+        return cls(
+            host=args.host,
+            port=args.port,
+            model=args.model,
+            data_dir=args.data_dir,
+            device=args.device,
+            grace_period=args.grace_period,
+            log_level=args.log_level,
+            max_message_mb=args.max_message_mb,
+        )

@@ -1,0 +1,59 @@
+"""Both real servers on loopback: health, reflection, environment settings, SIGTERM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from loraforge_core.launch import ServerProcess, health_status
+
+SERVICE = {"trainer": "loraforge.v1.Trainer", "generator": "loraforge.v1.Generator"}
+
+
+def _reflected_services(target: str) -> set[str]:
+    with grpc.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
+        return {s.name for s in reply.list_services_response.service}
+
+
+@pytest.mark.parametrize("kind", ["trainer", "generator"])
+def test_server_is_healthy_reflects_and_stops_on_sigterm(
+    kind: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    server = ServerProcess(kind, data_dir=tmp_path, model=str(tiny_model)).start()
+    try:
+        server.wait_serving()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health_status(server.target, SERVICE[kind]) == serving
+        services = _reflected_services(server.target)
+        assert {SERVICE[kind], "grpc.health.v1.Health"} <= services
+    finally:
+        code = server.terminate()
+    assert code == 0, server.log()
+    assert '"msg": "stopped"' in server.log()
+
+
+def test_settings_come_from_the_environment(tiny_model: Path, tmp_path: Path) -> None:
+    """LORAFORGE_MODEL / LORAFORGE_DEVICE stand in for flags (here: the default tiny model)."""
+    server = ServerProcess("generator", data_dir=tmp_path)
+    # Drop the --model flag: the model must come from the environment.
+    index = server.args.index("--model")
+    del server.args[index : index + 2]
+    server.env["LORAFORGE_MODEL"] = str(tiny_model)
+    with server:
+        assert str(tiny_model) in server.log()
+
+
+def test_bad_device_fails_fast_with_a_clear_message(tmp_path: Path, tiny_model: Path) -> None:
+    server = ServerProcess(
+        "generator", data_dir=tmp_path, model=str(tiny_model), extra_args=["--device", "tpu"]
+    ).start()
+    assert server.process is not None
+    assert server.process.wait(60) != 0
+    assert "device must be auto, cpu, cuda or cuda:N" in server.log()

@@ -1,0 +1,1 @@
+"""loraforge trainer: LoRA-PTI and DreamBooth-LoRA fine-tuning as a gRPC service."""

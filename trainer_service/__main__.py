@@ -1,0 +1,3 @@
+from trainer_service.cli import main
+
+main()

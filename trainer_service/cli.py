@@ -1,0 +1,39 @@
+"""``loraforge-trainer``: run the trainer server, or build the tiny offline model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from loraforge_core.settings import ServerSettings
+
+DEFAULT_PORT = 50051
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraforge-trainer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the Trainer gRPC server")
+    ServerSettings.add_arguments(serve, default_port=DEFAULT_PORT)
+    tiny = commands.add_parser("tiny-model", help="write the tiny offline SD model to a folder")
+    tiny.add_argument("output", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "tiny-model":
+        from loraforge_core.models import save_tiny_model
+
+        print(save_tiny_model(args.output, seed=args.seed))
+        return
+    from loraforge_core.grpc_edge import serve
+    from loraforge_core.logs import configure_logging
+    from trainer_service.server import TrainerService
+
+    settings = ServerSettings.from_args(args)
+    configure_logging(settings.log_level)
+    sys.exit(asyncio.run(serve(TrainerService(settings), settings)))
