@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from loraforge_core.settings import ServerSettings
+from loraforge_core.settings import ServerSettings, add_setting
 
 DEFAULT_PORT = 50051
 
@@ -17,6 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the Trainer gRPC server")
     ServerSettings.add_arguments(serve, default_port=DEFAULT_PORT)
+    add_setting(
+        serve,
+        "--num-processes",
+        default=1,
+        type=int,
+        help="training processes per job (accelerate data parallel; one per GPU)",
+    )
     tiny = commands.add_parser("tiny-model", help="write the tiny offline SD model to a folder")
     tiny.add_argument("output", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -36,4 +43,6 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = ServerSettings.from_args(args)
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(serve(TrainerService(settings), settings)))
+    sys.exit(
+        asyncio.run(serve(TrainerService(settings, num_processes=args.num_processes), settings))
+    )

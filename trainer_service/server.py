@@ -1,45 +1,355 @@
-"""The Trainer gRPC edge: translates protobuf to job-store and worker calls."""
+"""The Trainer gRPC edge: protobuf in, job-store and runner calls, protobuf out."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
-from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
+from google.protobuf import timestamp_pb2
+from loraforge.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
-from loraforge_core.devices import validate_device
+from loraforge_core import bundle as bundles
+from loraforge_core.devices import resolve_device, validate_device
+from loraforge_core.errors import InvalidArgument, NotFound
 from loraforge_core.models import resolve_model
 from loraforge_core.settings import ServerSettings
+from trainer_service import jobs
+from trainer_service.config import TrainingConfig
+from trainer_service.store import TERMINAL, JobRecord, JobStore
+from trainer_service.worker import JobRunner
 
 log = logging.getLogger("loraforge.trainer")
 
+STATE_TO_PROTO = {
+    "queued": trainer_pb2.JOB_STATE_QUEUED, "running": trainer_pb2.JOB_STATE_RUNNING,
+    "succeeded": trainer_pb2.JOB_STATE_SUCCEEDED, "failed": trainer_pb2.JOB_STATE_FAILED,
+    "cancelled": trainer_pb2.JOB_STATE_CANCELLED,
+}  # fmt: skip
+PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
+PHASE_TO_PROTO = {
+    "preparing": trainer_pb2.TRAINING_PHASE_PREPARING,
+    "inversion": trainer_pb2.TRAINING_PHASE_INVERSION,
+    "tuning": trainer_pb2.TRAINING_PHASE_TUNING, "saving": trainer_pb2.TRAINING_PHASE_SAVING,
+}  # fmt: skip
+METHODS = {
+    trainer_pb2.TRAINING_METHOD_UNSPECIFIED: "pti", trainer_pb2.TRAINING_METHOD_PTI: "pti",
+    trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA: "dreambooth_lora",
+}  # fmt: skip
+TEMPLATES = {
+    trainer_pb2.CAPTION_TEMPLATE_UNSPECIFIED: "object",
+    trainer_pb2.CAPTION_TEMPLATE_OBJECT: "object", trainer_pb2.CAPTION_TEMPLATE_STYLE: "style",
+    trainer_pb2.CAPTION_TEMPLATE_NONE: "none",
+}  # fmt: skip
+PRECISIONS = {
+    trainer_pb2.MIXED_PRECISION_UNSPECIFIED: "no", trainer_pb2.MIXED_PRECISION_NO: "no",
+    trainer_pb2.MIXED_PRECISION_FP16: "fp16", trainer_pb2.MIXED_PRECISION_BF16: "bf16",
+}  # fmt: skip
+LR_SCHEDULERS = {
+    trainer_pb2.LR_SCHEDULER_UNSPECIFIED: "linear", trainer_pb2.LR_SCHEDULER_LINEAR: "linear",
+    trainer_pb2.LR_SCHEDULER_CONSTANT: "constant",
+    trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP: "constant_with_warmup",
+    trainer_pb2.LR_SCHEDULER_COSINE: "cosine",
+}  # fmt: skip
+# TrainingConfig proto fields that map one to one onto the dataclass (optional scalars).
+_SCALAR_OPTIONS = [
+    f.name for f in trainer_pb2.TrainingConfig.DESCRIPTOR.fields
+    if f.has_presence and f.type != f.TYPE_MESSAGE
+]  # fmt: skip
+_STRING_OPTIONS = ("instance_prompt", "class_prompt", "validation_prompt")
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+CHUNK_SIZE, MAX_CHUNK_SIZE = 1024 * 1024, 4 * 1024 * 1024
+
+
+def _enum(mapping: dict[int, str], value: int, field_name: str) -> str:
+    if value not in mapping:
+        raise InvalidArgument(f"unknown value {value}", field_name)
+    return mapping[value]
+
+
+def config_from_request(request: trainer_pb2.CreateJobRequest, device: str) -> TrainingConfig:
+    """Map a CreateJobRequest onto the one TrainingConfig (unset fields keep their defaults)."""
+    message = request.config
+    values: dict[str, object] = {
+        name: getattr(message, name) for name in _SCALAR_OPTIONS if message.HasField(name)
+    }
+    for name in _STRING_OPTIONS:
+        if getattr(message, name):
+            values[name] = getattr(message, name)
+    for name in ("lora_unet_target_modules", "lora_clip_target_modules"):
+        if getattr(message, name):
+            values[name] = list(getattr(message, name))
+    values["lr_scheduler"] = _enum(LR_SCHEDULERS, message.lr_scheduler, "config.lr_scheduler")
+    values["mixed_precision"] = _enum(PRECISIONS, message.mixed_precision, "config.mixed_precision")
+    values["method"] = _enum(METHODS, request.method, "method")
+    values["use_template"] = _enum(TEMPLATES, request.template, "template")
+    values["pretrained_model_name_or_path"] = request.base_model
+    if request.placeholder_tokens:
+        values["placeholder_tokens"] = list(request.placeholder_tokens)
+    values["initializer_tokens"] = list(request.initializer_tokens)
+    values["device"] = device
+    for name in (
+        "learning_rate_unet",
+        "learning_rate_text",
+        "learning_rate_ti",
+        "weight_decay_ti",
+        "weight_decay_lora",
+        "lora_dropout",
+        "max_grad_norm",
+        "prior_loss_weight",
+        "continue_inversion_lr",
+        "lora_alpha",
+    ):
+        if name in values:  # float32 on the wire: keep the decimal the caller wrote
+            values[name] = float(f"{values[name]:.7g}")
+    return TrainingConfig.from_dict(values)
+
+
+def config_to_proto(config: dict) -> trainer_pb2.TrainingConfig:
+    message = trainer_pb2.TrainingConfig()
+    for name in _SCALAR_OPTIONS:
+        if config.get(name) is not None:
+            setattr(message, name, config[name])
+    for name in _STRING_OPTIONS:
+        setattr(message, name, config.get(name) or "")
+    message.lora_unet_target_modules.extend(config.get("lora_unet_target_modules", []))
+    message.lora_clip_target_modules.extend(config.get("lora_clip_target_modules", []))
+    message.lr_scheduler = {v: k for k, v in LR_SCHEDULERS.items() if k}[config["lr_scheduler"]]
+    message.mixed_precision = {v: k for k, v in PRECISIONS.items() if k}[config["mixed_precision"]]
+    return message
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def progress_to_proto(progress: dict) -> trainer_pb2.TrainingProgress:
+    if not progress:
+        return trainer_pb2.TrainingProgress()
+    return trainer_pb2.TrainingProgress(
+        phase=PHASE_TO_PROTO.get(progress["phase"], 0), step=progress["step"],
+        total_steps=progress["total_steps"], loss=progress["loss"], lr=progress["lr"],
+        steps_per_second=progress["steps_per_second"], eta_seconds=progress["eta_seconds"],
+        global_step=progress["global_step"],
+    )  # fmt: skip
+
+
+def job_to_proto(job: JobRecord) -> trainer_pb2.Job:
+    return trainer_pb2.Job(
+        job_id=job.job_id, request_id=job.request_id, state=STATE_TO_PROTO[job.state],
+        method={"pti": trainer_pb2.TRAINING_METHOD_PTI,
+                "dreambooth_lora": trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA}[job.method],
+        base_model=job.base_model, placeholder_tokens=job.tokens,
+        created_at=_timestamp(job.created_at), started_at=_timestamp(job.started_at),
+        finished_at=_timestamp(job.finished_at), failure_reason=job.failure_reason,
+        progress=progress_to_proto(job.progress), final_artifact_id=job.final_artifact_id,
+        checkpoint_artifact_ids=job.checkpoint_artifact_ids, num_instance_images=job.num_images,
+        config=config_to_proto(job.config), last_event_sequence=job.last_sequence,
+    )  # fmt: skip
+
+
+def event_to_proto(event) -> trainer_pb2.JobEvent:
+    message = trainer_pb2.JobEvent(
+        job_id=event.job_id, sequence=event.sequence, time=_timestamp(event.time)
+    )
+    p = event.payload
+    if event.kind == "state":
+        message.state_change.state = STATE_TO_PROTO[p["state"]]
+        message.state_change.reason = p.get("reason", "")
+    elif event.kind == "progress":
+        message.progress.CopyFrom(progress_to_proto(p))
+    elif event.kind == "checkpoint":
+        message.checkpoint.global_step = p["global_step"]
+        message.checkpoint.artifact_id = p["artifact_id"]
+    elif event.kind == "final_artifact":
+        message.final_artifact.artifact_id = p["artifact_id"]
+    elif event.kind == "preview":
+        message.preview.global_step = p["global_step"]
+        message.preview.prompt = p["prompt"]
+        message.preview.image.CopyFrom(common_pb2.Image(
+            data=base64.b64decode(p["png"]), format=common_pb2.IMAGE_FORMAT_PNG,
+            width=p["width"], height=p["height"],
+        ))  # fmt: skip
+    else:
+        message.log.level = p.get("level", "info")
+        message.log.message = p.get("message", "")
+    return message
+
 
 class TrainerService:
-    """Owns the trainer's resources; the servicer below is its gRPC face."""
+    """Owns the job store and the runner; the servicer below is its gRPC face."""
 
     service_names = (trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name,)
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, num_processes: int = 1) -> None:
         validate_device(settings.device)
         self.settings = settings
+        self.num_processes = num_processes
         self.base_model = ""
+        self.data_dir = Path(settings.data_dir)
+        self.jobs_dir = self.data_dir / "jobs"
+        self.artifacts_dir = self.data_dir / "artifacts"
+        self.store: JobStore | None = None
+        self.runner: JobRunner | None = None
+        self._changed = asyncio.Condition()
 
     def register(self, server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self), server)
 
     async def start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.jobs_dir, self.artifacts_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         self.base_model = await asyncio.to_thread(resolve_model, self.settings.model)
+        self.device = resolve_device(self.settings.device)
+        self.store = JobStore(self.data_dir / "jobs.sqlite3")
+        self.runner = JobRunner(
+            self.store, self.jobs_dir, self.artifacts_dir,
+            device="cpu" if self.device.type == "cpu" else str(self.device),
+            num_processes=self.num_processes, on_event=self._notify,
+        )  # fmt: skip
+        self.runner.start()
         log.info("trainer ready", extra={"base_model": self.base_model})
 
+    def _notify(self, job_id: str) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    async def wait_for_change(self, timeout: float) -> None:
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
     async def drain(self) -> None:
-        pass
+        if self.runner is not None:
+            await self.runner.stop()
 
     async def close(self) -> None:
-        pass
+        if self.store is not None:
+            self.store.close()
+
+    def job(self, job_id: str) -> JobRecord:
+        assert self.store is not None
+        job = self.store.get_job(job_id) if job_id else None
+        if job is None:
+            raise NotFound("job", job_id, "list jobs with ListJobs")
+        return job
+
+    def artifact_path(self, artifact_id: str) -> Path:
+        assert self.store is not None
+        record = self.store.get_artifact(artifact_id) if artifact_id else None
+        if record is None:
+            raise NotFound("artifact", artifact_id)
+        return self.artifacts_dir / record.path
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     def __init__(self, service: TrainerService) -> None:
         self.service = service
+
+    @property
+    def store(self) -> JobStore:
+        assert self.service.store is not None
+        return self.service.store
+
+    async def CreateJob(self, request, context):
+        device = "cpu" if self.service.device.type == "cpu" else "auto"
+        config = config_from_request(request, device)
+        if not config.pretrained_model_name_or_path:
+            config.pretrained_model_name_or_path = self.service.settings.model
+        if config.seed is None:
+            import random
+
+            config.seed = random.randrange(2**31)
+        spec = jobs.JobSpec(
+            request_id=request.request_id, config=config,
+            images=[jobs.ImageUpload(i.data, i.filename, i.caption)
+                    for i in request.instance_images],
+        )  # fmt: skip
+        job, created = await asyncio.to_thread(
+            jobs.create_job, self.store, self.service.jobs_dir, spec
+        )
+        if created:
+            log.info("job created", extra={"job_id": job.job_id, "images": job.num_images})
+            assert self.service.runner is not None
+            self.service.runner.wake()
+            self.service._notify(job.job_id)
+        return job_to_proto(job)
+
+    async def GetJob(self, request, context):
+        return job_to_proto(self.service.job(request.job_id))
+
+    async def ListJobs(self, request, context):
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"at most {MAX_PAGE_SIZE}", "page_size")
+        try:
+            offset = int(request.page_token or "0")
+        except ValueError:
+            raise InvalidArgument("not a token from a previous page", "page_token") from None
+        state = PROTO_TO_STATE.get(request.state) if request.state else None
+        found = self.store.list_jobs(state=state, limit=size + 1, offset=offset)
+        return trainer_pb2.ListJobsResponse(
+            jobs=[job_to_proto(j) for j in found[:size]],
+            next_page_token=str(offset + size) if len(found) > size else "",
+        )
+
+    async def CancelJob(self, request, context):
+        job = self.service.job(request.job_id)
+        assert self.service.runner is not None
+        await self.service.runner.cancel(job.job_id)
+        return job_to_proto(self.service.job(job.job_id))
+
+    async def WatchJob(self, request, context) -> AsyncIterator[trainer_pb2.JobEvent]:
+        job = self.service.job(request.job_id)
+        after = request.after_sequence
+        while True:
+            events = self.store.events_after(job.job_id, after)
+            for event in events:
+                yield event_to_proto(event)
+                after = event.sequence
+            if events:
+                continue
+            current = self.service.job(job.job_id)
+            if current.state in TERMINAL and after >= current.last_sequence:
+                return
+            await self.service.wait_for_change(1.0)
+
+    async def GetArtifact(self, request, context):
+        path = self.service.artifact_path(request.artifact_id)
+        record = self.store.get_artifact(request.artifact_id)
+        assert record is not None
+        bundle = await asyncio.to_thread(bundles.read_bundle, path, verify=False)
+        manifest = bundle.manifest
+        return trainer_pb2.Artifact(
+            artifact_id=record.artifact_id, job_id=record.job_id,
+            kind=trainer_pb2.ARTIFACT_KIND_FINAL if record.kind == "final"
+            else trainer_pb2.ARTIFACT_KIND_CHECKPOINT,
+            global_step=record.global_step, base_model=manifest.base_model,
+            tokens=manifest.tokens, rank=manifest.rank, size_bytes=bundle.size_bytes(),
+            sha256=bundle.sha256(), created_at=_timestamp(record.created_at),
+            files=[trainer_pb2.ArtifactFile(name=name, size_bytes=info["size"],
+                                            sha256=info["sha256"])
+                   for name, info in sorted(manifest.files.items())],
+        )  # fmt: skip
+
+    async def DownloadArtifact(self, request, context):
+        path = self.service.artifact_path(request.artifact_id)
+        chunk = request.chunk_size or CHUNK_SIZE
+        if chunk > MAX_CHUNK_SIZE:
+            raise InvalidArgument(f"at most {MAX_CHUNK_SIZE} bytes", "chunk_size")
+        archive = await asyncio.to_thread(bundles.pack, path)
+        for offset in range(0, len(archive), chunk):
+            yield trainer_pb2.ArtifactChunk(
+                data=archive[offset : offset + chunk], offset=offset, total_size=len(archive)
+            )

@@ -1,0 +1,261 @@
+"""The artifact bundle: a LoRA, its learned token embeddings and a manifest, in one folder.
+
+Layout (docs/artifact-format.md):
+
+    pytorch_lora_weights.safetensors   diffusers keys; a stock ``load_lora_weights(folder)`` works
+    learned_embeds.safetensors         {token: embedding}; ``load_textual_inversion`` works
+    manifest.json                      base model, method, tokens, rank, alpha, targets, config,
+                                       step, and the sha256 of every file
+
+Bundles are immutable and content-addressed: the id is derived from the manifest's sha256,
+which covers every file. Only safetensors are ever read; no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge_core.files import fsync_dir
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "loraforge.lora-bundle"
+FORMAT_VERSION = 1
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDDINGS_FILE = "learned_embeds.safetensors"
+MANIFEST_FILE = "manifest.json"
+BUNDLE_FILES = (LORA_FILE, EMBEDDINGS_FILE, MANIFEST_FILE)
+MAX_ARCHIVE_BYTES = 2 * 1024**3
+
+
+class BundleError(ValueError):
+    """A bundle that is malformed, corrupt or does not match what it claims."""
+
+
+@dataclass
+class Manifest:
+    base_model: str
+    method: str
+    tokens: list[str]
+    rank: int
+    alpha: float
+    unet_target_modules: list[str]
+    text_encoder_target_modules: list[str]
+    global_step: int
+    # Shapes that must match the serving model: text hidden size, UNet cross-attention dim.
+    text_hidden_size: int
+    cross_attention_dim: int
+    training_config: dict[str, Any] = field(default_factory=dict)
+    base_model_revision: str = ""
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BundleError(f"manifest.json is not JSON: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BundleError(f"manifest.json is not a {FORMAT} manifest")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {data['format_version']} is newer than this server's "
+                f"({FORMAT_VERSION}); upgrade loraforge"
+            )
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise BundleError(f"manifest.json is missing fields: {err}") from err
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_id(manifest_text: str) -> str:
+    return "lora-" + hashlib.sha256(manifest_text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: Manifest
+    id: str
+
+    @property
+    def lora_path(self) -> Path:
+        return self.path / LORA_FILE
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.path / EMBEDDINGS_FILE
+
+    def size_bytes(self) -> int:
+        return sum((self.path / name).stat().st_size for name in BUNDLE_FILES)
+
+    def sha256(self) -> str:
+        return sha256_file(self.path / MANIFEST_FILE)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.lora_path)
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.embeddings_path)
+
+
+def write_bundle(
+    dest: Path,
+    lora_state: dict[str, torch.Tensor],
+    embeddings: dict[str, torch.Tensor],
+    manifest: Manifest,
+) -> Bundle:
+    """Write a bundle folder atomically (staged beside ``dest``, then renamed into place)."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        metadata = {"format": "pt", "loraforge.tokens": json.dumps(manifest.tokens)}
+        save_file(_contiguous(lora_state), staging / LORA_FILE, metadata=metadata)
+        save_file(_contiguous(embeddings), staging / EMBEDDINGS_FILE, metadata=metadata)
+        manifest.files = {
+            name: {"sha256": sha256_file(staging / name), "size": (staging / name).stat().st_size}
+            for name in (LORA_FILE, EMBEDDINGS_FILE)
+        }
+        text = manifest.to_json()
+        (staging / MANIFEST_FILE).write_text(text)
+        for name in BUNDLE_FILES:
+            with open(staging / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+        fsync_dir(dest.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Bundle(dest, manifest, bundle_id(text))
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def read_bundle(path: Path, *, verify: bool = True) -> Bundle:
+    """Open a bundle folder; with ``verify``, check every file against the manifest's sha256."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise BundleError(f"{path} is not a bundle: no {MANIFEST_FILE}")
+    text = manifest_path.read_text()
+    manifest = Manifest.from_json(text)
+    for name in (LORA_FILE, EMBEDDINGS_FILE):
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"bundle {path.name} lacks {name}")
+        if verify:
+            expected = manifest.files.get(name, {}).get("sha256")
+            if expected != sha256_file(file):
+                raise BundleError(f"bundle {path.name}: {name} does not match its sha256")
+    return Bundle(path, manifest, bundle_id(text))
+
+
+def pack(path: Path) -> bytes:
+    """A bundle folder as one uncompressed tar archive (safetensors do not compress)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name in BUNDLE_FILES:
+            info = archive.gettarinfo(str(Path(path) / name), arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            with open(Path(path) / name, "rb") as handle:
+                archive.addfile(info, handle)
+    return buffer.getvalue()
+
+
+def is_archive(data: bytes) -> bool:
+    return len(data) > 262 and data[257:262] == b"ustar"
+
+
+def unpack(data: bytes, dest: Path) -> Bundle:
+    """Extract a bundle archive into ``dest`` (atomically) and verify it.
+
+    Only the three bundle files are accepted, as regular files at the top level: no links,
+    no paths, nothing else.
+    """
+    if len(data) > MAX_ARCHIVE_BYTES:
+        raise BundleError("bundle archive is larger than 2 GiB")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+                members = archive.getmembers()
+                names = [m.name for m in members]
+                if sorted(names) != sorted(BUNDLE_FILES) or not all(m.isfile() for m in members):
+                    raise BundleError(
+                        f"a bundle archive holds exactly {', '.join(BUNDLE_FILES)} as plain "
+                        f"files; this one holds {names}"
+                    )
+                for member in members:
+                    source = archive.extractfile(member)
+                    assert source is not None
+                    (staging / member.name).write_bytes(source.read())
+        except tarfile.TarError as err:
+            raise BundleError(f"not a readable bundle archive: {err}") from err
+        bundle = read_bundle(staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+        return Bundle(dest, bundle.manifest, bundle.id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def store_bundle(
+    root: Path,
+    lora_state: dict[str, torch.Tensor],
+    embeddings: dict[str, torch.Tensor],
+    manifest: Manifest,
+) -> Bundle:
+    """Write a bundle into a content-addressed store: ``root/<bundle id>/``.
+
+    An identical bundle already stored is kept as it is (bundles are immutable).
+    """
+    root = Path(root)
+    pending = write_bundle(
+        root / f".pending-{os.getpid()}-{manifest.global_step}", lora_state, embeddings, manifest
+    )
+    final = root / pending.id
+    if final.exists():
+        shutil.rmtree(pending.path)
+    else:
+        pending.path.rename(final)
+        fsync_dir(root)
+    return Bundle(final, pending.manifest, pending.id)

@@ -1,0 +1,18 @@
+"""Shared test helpers: toy instance images and request builders."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageDraw
+
+
+def shape_png(color: str = "red", size: int = 32, offset: int = 0) -> bytes:
+    """A filled circle on white, as PNG bytes."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    margin = size // 8 + offset
+    draw.ellipse([margin, margin, size - margin, size - margin], fill=color)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,243 @@
+"""The one description of a training run: every ``lora_pti`` option with its default.
+
+The gRPC request and the ``loraforge-trainer train`` CLI both map onto ``TrainingConfig``; it
+round-trips through JSON and is stored with every job and in every artifact manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraforge_core.errors import Violations
+
+# cloneofsimo/lora defaults: {"CrossAttention", "Attention", "GEGLU"} for the UNet, i.e. every
+# Linear of the attention blocks and GEGLU's projection; "CLIPAttention" for the text encoder.
+DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
+DEFAULT_CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+METHODS = ("pti", "dreambooth_lora")
+TEMPLATES = ("object", "style", "none")
+LR_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MAX_STEPS = 100_000
+MAX_RANK = 256
+_TOKEN_PATTERN = re.compile(r"^<[^<>\s]{1,32}>$")
+_INIT_PATTERN = re.compile(r"^<rand-(\d+(\.\d+)?)>$")
+
+
+@dataclass
+class TrainingConfig:
+    """A LoRA-PTI or DreamBooth-LoRA training run (defaults as in cloneofsimo's lora_pti)."""
+
+    pretrained_model_name_or_path: str = ""
+    method: str = "pti"
+    placeholder_tokens: list[str] = field(default_factory=lambda: ["<s1>"])
+    initializer_tokens: list[str] = field(default_factory=list)  # default: <rand-0.017> each
+    use_template: str = "object"
+    resolution: int | None = None  # None: the model's native size (512 for SD 1.5)
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    scale_lr: bool = False
+    learning_rate_unet: float = 1e-4
+    learning_rate_text: float = 1e-5
+    learning_rate_ti: float = 5e-4
+    color_jitter: bool = True
+    random_flip: bool = True
+    lr_scheduler: str = "linear"
+    lr_warmup_steps: int = 0
+    save_steps: int = 100
+    max_train_steps_ti: int = 1000
+    max_train_steps_tuning: int = 1000
+    perform_inversion: bool = True
+    clip_ti_decay: bool = True
+    weight_decay_ti: float = 0.0
+    weight_decay_lora: float = 0.001
+    continue_inversion: bool = False
+    continue_inversion_lr: float | None = None
+    train_text_encoder: bool = True
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_unet_target_modules: list[str] = field(default_factory=lambda: [*DEFAULT_UNET_TARGETS])
+    lora_clip_target_modules: list[str] = field(default_factory=lambda: [*DEFAULT_CLIP_TARGETS])
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cached_latents: bool = True
+    max_grad_norm: float = 1.0
+    seed: int | None = None
+    device: str = "auto"
+    # DreamBooth-LoRA
+    instance_prompt: str = "a photo of sks object"
+    with_prior_preservation: bool = False
+    class_prompt: str = ""
+    num_class_images: int = 50
+    prior_loss_weight: float = 1.0
+    # Previews
+    validation_prompt: str = ""
+    validation_steps: int | None = None  # None: save_steps
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def inversion_steps(self) -> int:
+        """Phase 1 steps: zero for DreamBooth-LoRA or when inversion is off."""
+        if self.method != "pti" or not self.perform_inversion:
+            return 0
+        return self.max_train_steps_ti
+
+    @property
+    def total_steps(self) -> int:
+        return self.inversion_steps + self.max_train_steps_tuning
+
+    @property
+    def learned_tokens(self) -> list[str]:
+        return list(self.placeholder_tokens) if self.method == "pti" else []
+
+    def initializers(self) -> list[str]:
+        return list(self.initializer_tokens) or ["<rand-0.017>"] * len(self.placeholder_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training options: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingConfig:
+        return cls.from_dict(json.loads(text))
+
+    def validate(self, violations: Violations | None = None, prefix: str = "config.") -> Violations:
+        """Collect every problem with field names (``prefix`` + option name)."""
+        v = violations if violations is not None else Violations()
+
+        def f(name: str) -> str:
+            return prefix + name
+
+        v.check(self.method in METHODS, f("method"), f"must be one of {METHODS}")
+        v.check(self.use_template in TEMPLATES, f("use_template"), f"must be one of {TEMPLATES}")
+        v.check(
+            self.lr_scheduler in LR_SCHEDULERS, f("lr_scheduler"), f"must be one of {LR_SCHEDULERS}"
+        )
+        v.check(
+            self.mixed_precision in MIXED_PRECISIONS,
+            f("mixed_precision"),
+            f"must be one of {MIXED_PRECISIONS}",
+        )
+        if self.resolution is not None:
+            v.check(
+                self.resolution % 8 == 0 and 8 <= self.resolution <= 2048,
+                f("resolution"),
+                "must be a multiple of 8 in 8..2048",
+            )
+        for name in ("train_batch_size", "gradient_accumulation_steps", "save_steps"):
+            value = getattr(self, name)
+            v.check(1 <= value <= 1024, f(name), "must be in 1..1024")
+        for name in ("max_train_steps_ti", "max_train_steps_tuning", "lr_warmup_steps"):
+            value = getattr(self, name)
+            v.check(0 <= value <= MAX_STEPS, f(name), f"must be in 0..{MAX_STEPS}")
+        v.check(
+            self.total_steps >= 1,
+            f("max_train_steps_tuning"),
+            "the run has no steps: set max_train_steps_ti or max_train_steps_tuning",
+        )
+        for name in (
+            "learning_rate_unet",
+            "learning_rate_text",
+            "learning_rate_ti",
+            "continue_inversion_lr",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                v.check(math.isfinite(value) and 0 <= value <= 1, f(name), "must be in [0, 1]")
+        for name in ("weight_decay_ti", "weight_decay_lora", "lora_dropout"):
+            value = getattr(self, name)
+            v.check(math.isfinite(value) and 0 <= value < 1, f(name), "must be in [0, 1)")
+        v.check(1 <= self.lora_rank <= MAX_RANK, f("lora_rank"), f"must be in 1..{MAX_RANK}")
+        if self.lora_alpha is not None:
+            v.check(
+                math.isfinite(self.lora_alpha) and 0 < self.lora_alpha <= 4 * MAX_RANK,
+                f("lora_alpha"),
+                "must be positive",
+            )
+        v.check(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+            f("max_grad_norm"),
+            "must be positive",
+        )
+        v.check(
+            math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+            f("prior_loss_weight"),
+            "must be >= 0",
+        )
+        v.check(1 <= self.num_class_images <= 1000, f("num_class_images"), "must be in 1..1000")
+        if self.validation_steps is not None:
+            v.check(self.validation_steps >= 1, f("validation_steps"), "must be >= 1")
+        for name in ("lora_unet_target_modules", "lora_clip_target_modules"):
+            modules = getattr(self, name)
+            v.check(bool(modules), f(name), "needs at least one module name")
+            v.check(
+                all(re.fullmatch(r"[A-Za-z0-9_.]{1,64}", m) for m in modules),
+                f(name),
+                "module names are letters, digits, '_' and '.'",
+            )
+        if self.seed is not None:
+            v.check(0 <= self.seed < 2**63, f("seed"), "must be in 0..2^63-1")
+        self._validate_tokens(v)
+        if self.method == "dreambooth_lora":
+            v.check(
+                bool(self.instance_prompt.strip()),
+                f("instance_prompt"),
+                "DreamBooth-LoRA needs an instance prompt",
+            )
+            if self.with_prior_preservation:
+                v.check(
+                    bool(self.class_prompt.strip()),
+                    f("class_prompt"),
+                    "prior preservation needs a class prompt",
+                )
+        return v
+
+    def _validate_tokens(self, v: Violations) -> None:
+        if self.method != "pti":
+            return
+        tokens = self.placeholder_tokens
+        v.check(1 <= len(tokens) <= 16, "placeholder_tokens", "give 1 to 16 tokens, e.g. <s1>")
+        v.check(len(set(tokens)) == len(tokens), "placeholder_tokens", "tokens must differ")
+        for i, token in enumerate(tokens):
+            v.check(
+                bool(_TOKEN_PATTERN.match(token)),
+                f"placeholder_tokens[{i}]",
+                f"{token!r} must look like <name>: angle brackets, no spaces, <= 32 chars",
+            )
+        if self.initializer_tokens:
+            v.check(
+                len(self.initializer_tokens) == len(tokens),
+                "initializer_tokens",
+                f"give one per placeholder token ({len(tokens)}), or none",
+            )
+            for i, init in enumerate(self.initializer_tokens):
+                ok = (
+                    init == "<zero>"
+                    or bool(_INIT_PATTERN.match(init))
+                    or (bool(init.strip()) and " " not in init.strip())
+                )
+                v.check(
+                    ok,
+                    f"initializer_tokens[{i}]",
+                    "an existing word, <rand-STD> (e.g. <rand-0.017>) or <zero>",
+                )

@@ -1,0 +1,111 @@
+"""Job creation: validate a request completely, then store its images and config and queue it.
+
+Nothing is written for a request that fails validation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraforge_core.errors import Violations
+from loraforge_core.files import atomic_write_bytes
+from trainer_service.config import TrainingConfig
+from trainer_service.store import JobRecord, JobStore
+from trainer_service.training.data import decode_image
+from trainer_service.training.run import IMAGES_INDEX
+
+MAX_IMAGES = 200
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_CAPTION_CHARS = 1000
+MIN_IMAGE_SIDE = 8
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class ImageUpload:
+    data: bytes
+    filename: str = ""
+    caption: str = ""
+
+
+@dataclass
+class JobSpec:
+    request_id: str
+    config: TrainingConfig
+    images: list[ImageUpload] = field(default_factory=list)
+
+
+def _safe_name(index: int, filename: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name)[-80:] or "image"
+    return f"{index:04d}-{stem}"
+
+
+def validate(spec: JobSpec) -> None:
+    """Raise InvalidArgument naming every bad field of the request."""
+    v = Violations()
+    if spec.request_id:
+        v.check(
+            bool(_REQUEST_ID.match(spec.request_id)),
+            "request_id",
+            "1-128 characters of letters, digits and ._:-",
+        )
+    v.check(bool(spec.images), "instance_images", "give at least one instance image")
+    v.check(
+        len(spec.images) <= MAX_IMAGES, "instance_images", f"at most {MAX_IMAGES} images per job"
+    )
+    for i, image in enumerate(spec.images[:MAX_IMAGES]):
+        name = f"instance_images[{i}]"
+        if len(image.data) > MAX_IMAGE_BYTES:
+            v.add(f"{name}.data", f"larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+            continue
+        try:
+            decoded = decode_image(image.data)
+        except ValueError as err:
+            v.add(f"{name}.data", str(err))
+            continue
+        if min(decoded.size) < MIN_IMAGE_SIDE:
+            v.add(f"{name}.data", f"{decoded.width}x{decoded.height} is too small")
+        v.check(
+            len(image.caption) <= MAX_CAPTION_CHARS,
+            f"{name}.caption",
+            f"at most {MAX_CAPTION_CHARS} characters",
+        )
+    spec.config.validate(v, prefix="config.")
+    v.raise_if_any()
+
+
+def create_job(store: JobStore, jobs_dir: Path, spec: JobSpec) -> tuple[JobRecord, bool]:
+    """Validate, then write the job folder and queue the job. Idempotent on request_id."""
+    if spec.request_id:
+        existing = store.job_by_request(spec.request_id)
+        if existing is not None:
+            return existing, False
+    validate(spec)
+    import uuid
+
+    job_id = "job-" + uuid.uuid4().hex[:16]
+    job_dir = jobs_dir / job_id
+    try:
+        (job_dir / "images").mkdir(parents=True)
+        index = []
+        for i, image in enumerate(spec.images):
+            stored_as = _safe_name(i, image.filename or f"image-{i}.png")
+            atomic_write_bytes(job_dir / "images" / stored_as, image.data)
+            index.append(
+                {"stored_as": stored_as, "filename": image.filename, "caption": image.caption}
+            )
+        atomic_write_bytes(job_dir / IMAGES_INDEX, json.dumps(index).encode())
+        atomic_write_bytes(job_dir / "config.json", spec.config.to_json().encode())
+        return store.create_job(
+            request_id=spec.request_id, method=spec.config.method,
+            base_model=spec.config.pretrained_model_name_or_path,
+            tokens=spec.config.learned_tokens, num_images=len(spec.images),
+            config=spec.config.to_dict(), job_id=job_id,
+        )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise

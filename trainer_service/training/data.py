@@ -1,0 +1,110 @@
+"""Instance images, captions and augmentation (as in lora_pti's PivotalTuningDatasetCapation)."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}",
+    "a photo of my {}", "a photo of the cool {}", "a close-up photo of a {}",
+    "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
+    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
+)  # fmt: skip
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a rendering in the style of {}",
+    "a cropped painting in the style of {}", "the painting in the style of {}",
+    "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}",
+    "a cool painting in the style of {}", "a close-up painting in the style of {}",
+    "a bright painting in the style of {}", "a good painting in the style of {}",
+    "a rendition in the style of {}", "a nice painting in the style of {}",
+    "a small painting in the style of {}", "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)  # fmt: skip
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+@dataclass
+class InstanceExample:
+    """One decoded instance image with its optional caption and file name."""
+
+    image: Image.Image
+    filename: str = ""
+    caption: str = ""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode PNG/JPEG/WebP bytes to RGB; refuses decompression bombs. Raises ValueError."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            if probe.format not in ("PNG", "JPEG", "WEBP"):
+                raise ValueError(f"format {probe.format} is not PNG, JPEG or WebP")
+            width, height = probe.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{width}x{height} is larger than {MAX_IMAGE_PIXELS} pixels")
+            probe.load()
+            return ImageOps.exif_transpose(probe).convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError) as err:
+        raise ValueError(f"cannot decode image: {err}") from err
+
+
+def caption_from_filename(filename: str) -> str:
+    """``a_red_circle (2).png`` -> ``a red circle``."""
+    stem = Path(filename).stem
+    stem = re.sub(r"\(\d+\)$", "", stem).strip()
+    return re.sub(r"[_\-]+", " ", stem).strip()
+
+
+def placeholder_text(tokens: list[str]) -> str:
+    return "".join(tokens)
+
+
+def caption_for(
+    example: InstanceExample,
+    template: str,
+    tokens: list[str],
+    rng: random.Random,
+    fallback: str = "",
+) -> str:
+    """A training caption: a random template with the tokens, or the image's own caption.
+
+    In own captions, ``{}`` or ``<s>`` stand for the placeholder tokens.
+    """
+    text = placeholder_text(tokens)
+    if template in TEMPLATES:
+        return rng.choice(TEMPLATES[template]).format(text)
+    caption = example.caption or caption_from_filename(example.filename) or fallback
+    return caption.replace("{}", text).replace("<s>", text)
+
+
+def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to ``resolution``, centre-crop, scale to [-1, 1], CHW."""
+    image = ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def color_jitter(
+    pixels: torch.Tensor, generator: torch.Generator, strength: float = 0.1
+) -> torch.Tensor:
+    """Brightness and contrast jitter of +-strength (torchvision's ColorJitter(0.1, 0.1))."""
+    factors = 1 + (torch.rand(2, generator=generator) * 2 - 1) * strength
+    image = (pixels + 1) / 2 * factors[0]
+    mean = image.mean()
+    image = (image - mean) * factors[1] + mean
+    return image.clamp(0, 1) * 2 - 1
