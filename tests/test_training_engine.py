@@ -1,0 +1,104 @@
+"""The training engine without gRPC: it really learns, and it runs data parallel."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from loraforge_core.bundle import read_bundle
+from loraforge_core.launch import free_port
+from tests.helpers import shape_png
+from trainer_service.config import TrainingConfig
+from trainer_service.training.data import InstanceExample
+from trainer_service.training.engine import RunPaths, Trainer
+from trainer_service.training.evaluate import denoising_loss
+from trainer_service.training.events import ListReporter
+
+
+def test_overfitting_one_image_lowers_its_denoising_loss(tiny_model: Path, tmp_path: Path) -> None:
+    image = Image.open(io.BytesIO(shape_png("blue"))).convert("RGB")
+    prompt = "a photo of sks object"
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model), method="dreambooth_lora",
+        instance_prompt=prompt, max_train_steps_tuning=150, save_steps=1000, lora_rank=8,
+        learning_rate_unet=5e-3, learning_rate_text=1e-3, random_flip=False, seed=0,
+        device="cpu",
+    )  # fmt: skip
+    bundle = Trainer(
+        config, [InstanceExample(image, "blue.png")], RunPaths(tmp_path / "ckpt", tmp_path / "art")
+    ).run()
+    assert bundle is not None
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    base = denoising_loss(pipe, image, prompt)
+    pipe.load_lora_weights(bundle.path)
+    trained = denoising_loss(pipe, image, prompt)
+    assert trained < 0.85 * base, (base, trained)
+
+
+def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    (job / "images").mkdir(parents=True)
+    index = []
+    for i in range(4):
+        (job / "images" / f"{i}.png").write_bytes(shape_png("green", offset=i))
+        index.append({"stored_as": f"{i}.png", "filename": f"green_{i}.png", "caption": ""})
+    (job / "images.json").write_text(json.dumps(index))
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model),
+        max_train_steps_ti=2,
+        max_train_steps_tuning=3,
+        save_steps=2,
+        gradient_accumulation_steps=1,
+        seed=3,
+        device="cpu",
+    )
+    (job / "config.json").write_text(config.to_json())
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision",
+         "no", "--dynamo_backend", "no", "-m", "trainer_service.training.run",
+         "--job-dir", str(job), "--artifacts-dir", str(tmp_path / "art")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    finals = [e for e in events if e["event"] == "final"]
+    assert len(finals) == 1, "only the main process reports"
+    progress = [e["global_step"] for e in events if e["event"] == "progress"]
+    assert progress == [1, 2, 3, 4, 5]
+    bundle = read_bundle(Path(finals[0]["bundle"]))
+    assert bundle.manifest.tokens == ["<s1>"] and bundle.manifest.global_step == 5
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(bundle.path)
+
+
+def test_events_and_checkpoints_of_a_library_run(tiny_model: Path, tmp_path: Path) -> None:
+    image = Image.open(io.BytesIO(shape_png())).convert("RGB")
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model),
+        max_train_steps_ti=3,
+        max_train_steps_tuning=3,
+        save_steps=3,
+        seed=0,
+        device="cpu",
+        continue_inversion=True,
+        initializer_tokens=["<zero>"],
+    )
+    reporter = ListReporter()
+    paths = RunPaths(tmp_path / "ckpt", tmp_path / "art")
+    bundle = Trainer(config, [InstanceExample(image, "a.png")], paths, reporter).run()
+    assert bundle is not None
+    assert sorted(p.name for p in paths.checkpoints.iterdir()) == [
+        "step-0000003.pt",
+        "step-0000006.pt",
+    ]
+    kinds = [e["event"] for e in reporter.events]
+    assert kinds.count("checkpoint") == 2 and kinds[-1] == "final"
+    # The inversion moved the zero-initialised token away from zero.
+    assert bundle.embeddings()["<s1>"].norm() > 0
