@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from loraforge_core.settings import ServerSettings
+from loraforge_core.settings import ServerSettings, add_setting
 
 DEFAULT_PORT = 50052
 
@@ -16,6 +16,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the Generator gRPC server")
     ServerSettings.add_arguments(serve, default_port=DEFAULT_PORT)
+    add_setting(
+        serve,
+        "--max-resident-adapters",
+        default=8,
+        type=int,
+        help="adapters kept loaded; the least recently used is evicted",
+    )
+    add_setting(
+        serve,
+        "--queue-size",
+        default=16,
+        type=int,
+        help="requests allowed to wait; more get RESOURCE_EXHAUSTED",
+    )
+    add_setting(
+        serve,
+        "--preload",
+        default="",
+        help="comma-separated adapter ids (in the artifact store) to load and pin",
+    )
     return parser
 
 
@@ -27,4 +47,16 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = ServerSettings.from_args(args)
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(serve(GeneratorService(settings), settings)))
+    sys.exit(
+        asyncio.run(
+            serve(
+                GeneratorService(
+                    settings,
+                    max_resident_adapters=args.max_resident_adapters,
+                    queue_size=args.queue_size,
+                    preload=tuple(a for a in args.preload.split(",") if a),
+                ),
+                settings,
+            )
+        )
+    )

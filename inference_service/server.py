@@ -1,48 +1,206 @@
-"""The Generator gRPC edge: translates protobuf to pipeline and adapter-cache calls."""
+"""The Generator gRPC edge: protobuf in, engine calls on the one executor thread, protobuf out."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
-from loraforge.v1 import generator_pb2, generator_pb2_grpc
+from loraforge.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from inference_service.pipeline import (
+    AdapterEntry,
+    AdapterRequest,
+    GenerationSpec,
+    GeneratorEngine,
+    validate_spec,
+)
 from loraforge_core.devices import resolve_device, validate_device
+from loraforge_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loraforge_core.models import load_pipeline, resolve_model
 from loraforge_core.settings import ServerSettings
 
 log = logging.getLogger("loraforge.generator")
 
+SCHEDULER_NAMES = {
+    generator_pb2.SCHEDULER_UNSPECIFIED: "default", generator_pb2.SCHEDULER_DDIM: "ddim",
+    generator_pb2.SCHEDULER_EULER: "euler",
+    generator_pb2.SCHEDULER_EULER_ANCESTRAL: "euler_ancestral",
+    generator_pb2.SCHEDULER_DPMPP_2M: "dpmpp_2m",
+    generator_pb2.SCHEDULER_DPMPP_2M_KARRAS: "dpmpp_2m_karras",
+    generator_pb2.SCHEDULER_PNDM: "pndm",
+}  # fmt: skip
+FORMATS = {
+    common_pb2.IMAGE_FORMAT_UNSPECIFIED: "png", common_pb2.IMAGE_FORMAT_PNG: "png",
+    common_pb2.IMAGE_FORMAT_JPEG: "jpeg", common_pb2.IMAGE_FORMAT_WEBP: "webp",
+}  # fmt: skip
+FORMAT_TO_PROTO = {"png": common_pb2.IMAGE_FORMAT_PNG, "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
+                   "webp": common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
+
+
+def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
+    if request.scheduler not in SCHEDULER_NAMES:
+        raise InvalidArgument(f"unknown scheduler {request.scheduler}", "scheduler")
+    if request.output_format not in FORMATS:
+        raise InvalidArgument(f"unknown format {request.output_format}", "output_format")
+    spec = GenerationSpec(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
+        height=request.height, steps=request.num_inference_steps or 30,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else 7.5,
+        scheduler=SCHEDULER_NAMES[request.scheduler],
+        seed=request.seed if request.HasField("seed") else random.randrange(2**31),
+        num_images=request.num_images or 1, output_format=FORMATS[request.output_format],
+        adapters=[
+            AdapterRequest(
+                a.adapter_id, a.scale if a.HasField("scale") else 1.0,
+                a.text_encoder_scale if a.HasField("text_encoder_scale") else None,
+            )
+            for a in request.adapters
+        ],
+    )  # fmt: skip
+    validate_spec(spec)
+    return spec
+
+
+def adapter_to_proto(entry: AdapterEntry) -> generator_pb2.AdapterInfo:
+    return generator_pb2.AdapterInfo(
+        adapter_id=entry.adapter_id, rank=entry.rank, tokens=entry.tokens,
+        size_bytes=entry.size_bytes, sha256=entry.sha256, resident=entry.resident,
+        pinned=entry.pinned, source_format=entry.source_format,
+        has_text_encoder=entry.has_text_encoder,
+    )  # fmt: skip
+
 
 class GeneratorService:
-    """Owns the warm pipeline; the servicer below is its gRPC face."""
+    """Owns the warm pipeline, its executor and the request queue."""
 
     service_names = (generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name,)
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        max_resident_adapters: int = 8,
+        queue_size: int = 16,
+        preload: tuple[str, ...] = (),
+    ) -> None:
         validate_device(settings.device)
         self.settings = settings
-        self.pipeline = None
+        self.max_resident = max_resident_adapters
+        self.queue_size = queue_size
+        self.preload = preload
+        self.engine: GeneratorEngine | None = None
+        # One thread owns the pipeline: requests run one at a time, in arrival order.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.waiting = 0
+        self.draining = False
 
     def register(self, server: grpc.aio.Server) -> None:
         generator_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self), server)
 
     async def start(self) -> None:
         device = resolve_device(self.settings.device)
-        self.pipeline = await asyncio.to_thread(load_pipeline, self.settings.model, device=device)
+        pipe = await asyncio.to_thread(load_pipeline, self.settings.model, device=device)
+        self.engine = GeneratorEngine(
+            pipe, Path(self.settings.data_dir), max_resident=self.max_resident
+        )
+        for adapter_id in self.preload:
+            await self.run(self.engine.register, adapter_id, pin=True)
         log.info(
             "pipeline loaded",
             extra={"model": resolve_model(self.settings.model), "device": str(device)},
         )
 
+    async def run(self, fn, *args, **kwargs):
+        """Run fn on the pipeline thread, behind the bounded queue."""
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if self.waiting >= self.queue_size:
+            raise ResourceExhausted(
+                f"{self.waiting} requests are waiting (queue of {self.queue_size}); retry later",
+                retry_after_seconds=1.0,
+            )
+        self.waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        finally:
+            self.waiting -= 1
+
     async def drain(self) -> None:
-        pass
+        self.draining = True
 
     async def close(self) -> None:
-        pass
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(self, service: GeneratorService) -> None:
         self.service = service
+
+    @property
+    def engine(self) -> GeneratorEngine:
+        assert self.service.engine is not None
+        return self.service.engine
+
+    async def _generate(self, request, context, on_step=lambda step, total: None):
+        spec = spec_from_request(request)
+        cancelled = threading.Event()
+        context.add_done_callback(lambda _: cancelled.set())
+        images = await self.service.run(self.engine.generate, spec, on_step, cancelled.is_set)
+        return [
+            common_pb2.Image(data=i.data, format=FORMAT_TO_PROTO[i.format], width=i.width,
+                             height=i.height, seed=i.seed)
+            for i in images
+        ]  # fmt: skip
+
+    async def Generate(self, request, context):
+        return generator_pb2.GenerateResponse(images=await self._generate(request, context))
+
+    async def GenerateStream(self, request, context) -> AsyncIterator:
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+
+        def on_step(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, (step, total))
+
+        task = asyncio.create_task(self._generate(request, context, on_step))
+        while not task.done() or not updates.empty():
+            getter = asyncio.create_task(updates.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                step, total = getter.result()
+                yield generator_pb2.GenerateStreamResponse(
+                    progress=generator_pb2.GenerateProgress(step=step, total_steps=total)
+                )
+            else:
+                getter.cancel()
+        for image in task.result():
+            yield generator_pb2.GenerateStreamResponse(image=image)
+
+    async def LoadAdapter(self, request, context):
+        if not request.adapter_id:
+            raise InvalidArgument("give an adapter id", "adapter_id")
+        source = request.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument("give a uri in the artifact store or the file's bytes", "source")
+        entry = await self.service.run(
+            self.engine.register, request.adapter_id,
+            data=request.data if source == "data" else None,
+            uri=request.uri if source == "uri" else "", pin=request.pin,
+        )  # fmt: skip
+        return adapter_to_proto(entry)
+
+    async def UnloadAdapter(self, request, context):
+        await self.service.run(self.engine.unload, request.adapter_id)
+        return generator_pb2.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request, context):
+        return generator_pb2.ListAdaptersResponse(
+            adapters=[adapter_to_proto(e) for e in self.engine.list()]
+        )

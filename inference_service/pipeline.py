@@ -1,0 +1,428 @@
+"""The warm pipeline and its adapters: one executor thread owns both.
+
+Resident adapters stay loaded in the peft-wrapped UNet and text encoder under their ids; a
+request activates its set with its scales (``set_adapters``), which costs milliseconds, and the
+base weights never change. Learned tokens are added to the tokenizer only for the duration of a
+request that names their adapter, so a token means nothing in a request without it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraforge_core import bundle as bundles
+from loraforge_core.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from loraforge_core.files import atomic_write_bytes, safe_child
+
+log = logging.getLogger("loraforge.generator.pipeline")
+
+SCHEDULERS = ("default", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras",
+              "pndm")  # fmt: skip
+MAX_SCALE = 4.0
+SAFETENSORS_FILE = "adapter.safetensors"
+
+
+@dataclass
+class AdapterRequest:
+    adapter_id: str
+    scale: float = 1.0
+    text_encoder_scale: float | None = None
+
+    @property
+    def te_scale(self) -> float:
+        return self.scale if self.text_encoder_scale is None else self.text_encoder_scale
+
+
+@dataclass
+class GenerationSpec:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 30
+    guidance_scale: float = 7.5
+    scheduler: str = "default"
+    seed: int = 0
+    num_images: int = 1
+    adapters: list[AdapterRequest] = field(default_factory=list)
+    output_format: str = "png"
+
+
+@dataclass
+class GeneratedImage:
+    data: bytes
+    seed: int
+    width: int
+    height: int
+    format: str
+
+
+@dataclass
+class AdapterEntry:
+    adapter_id: str
+    source_format: str  # bundle | safetensors
+    path: Path
+    tokens: list[str]
+    embeddings: dict[str, torch.Tensor]
+    rank: int
+    size_bytes: int
+    sha256: str
+    has_lora: bool
+    has_text_encoder: bool
+    pinned: bool = False
+    resident: bool = False
+
+
+def _is_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    header = int.from_bytes(data[:8], "little")
+    return 0 < header < len(data) and data[8:9] == b"{"
+
+
+class GeneratorEngine:
+    """Owns the pipeline; every method that touches it runs on the one executor thread."""
+
+    def __init__(self, pipe, store_dir: Path, *, max_resident: int = 8) -> None:
+        self.pipe = pipe
+        self.store_dir = Path(store_dir)
+        self.adapters_dir = self.store_dir / "adapters"
+        self.max_resident = max_resident
+        self.entries: dict[str, AdapterEntry] = {}
+        self.lru: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.Lock()
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        self.text_hidden = int(pipe.text_encoder.config.hidden_size)
+        self.cross_dim = int(pipe.unet.config.cross_attention_dim)
+
+    # ------------------------------------------------------------------ adapters
+    def _entry_from_bundle(self, adapter_id: str, path: Path) -> AdapterEntry:
+        bundle = bundles.read_bundle(path)
+        manifest = bundle.manifest
+        if (manifest.text_hidden_size, manifest.cross_attention_dim) != (
+            self.text_hidden,
+            self.cross_dim,
+        ):
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r} was trained for a model with text hidden size "
+                f"{manifest.text_hidden_size} and cross-attention dim "
+                f"{manifest.cross_attention_dim}; this server's model has {self.text_hidden} "
+                f"and {self.cross_dim}"
+            )
+        lora_state = bundle.lora_state_dict()
+        return AdapterEntry(
+            adapter_id=adapter_id, source_format="bundle", path=path, tokens=manifest.tokens,
+            embeddings=bundle.embeddings(), rank=manifest.rank, size_bytes=bundle.size_bytes(),
+            sha256=bundle.sha256(), has_lora=bool(lora_state),
+            has_text_encoder=any(k.startswith("text_encoder.") for k in lora_state),
+        )  # fmt: skip
+
+    def _entry_from_file(self, adapter_id: str, path: Path) -> AdapterEntry:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise InvalidArgument(f"not a readable safetensors file: {err}", "data") from err
+        ranks = [v.shape[0] for k, v in state.items() if "down" in k or "lora_A" in k]
+        return AdapterEntry(
+            adapter_id=adapter_id, source_format="safetensors", path=path, tokens=[],
+            embeddings={}, rank=int(max(ranks)) if ranks else 0,
+            size_bytes=path.stat().st_size, sha256=bundles.sha256_file(path), has_lora=True,
+            has_text_encoder=any("te" in k.split(".")[0] or k.startswith("text_encoder")
+                                 for k in state),
+        )  # fmt: skip
+
+    def register(
+        self, adapter_id: str, *, data: bytes | None = None, uri: str = "", pin: bool = False
+    ) -> AdapterEntry:
+        """Make an adapter known and resident (from inline bytes or the artifact store)."""
+        with self.lock:
+            if adapter_id in self.entries:
+                self._unload(adapter_id)
+            if data is not None:
+                entry = self._store_inline(adapter_id, data)
+            else:
+                entry = self._entry_from_store(adapter_id, uri or adapter_id)
+            entry.pinned = pin
+            self._make_resident(entry)
+            return entry
+
+    def _store_inline(self, adapter_id: str, data: bytes) -> AdapterEntry:
+        folder = safe_child(self.adapters_dir, adapter_id)
+        if bundles.is_archive(data):
+            try:
+                bundles.unpack(data, folder)
+            except bundles.BundleError as err:
+                raise InvalidArgument(str(err), "data") from err
+            return self._entry_from_bundle(adapter_id, folder)
+        if _is_safetensors(data):
+            shutil.rmtree(folder, ignore_errors=True)
+            atomic_write_bytes(folder / SAFETENSORS_FILE, data)
+            return self._entry_from_file(adapter_id, folder / SAFETENSORS_FILE)
+        raise InvalidArgument(
+            "give a bundle archive or a LoRA .safetensors file (no pickle)", "data"
+        )
+
+    def _entry_from_store(self, adapter_id: str, uri: str) -> AdapterEntry:
+        relative = uri.removeprefix("file://")
+        try:
+            path = safe_child(self.store_dir, relative)
+        except ValueError as err:
+            raise InvalidArgument(str(err), "uri") from err
+        if (path / bundles.MANIFEST_FILE).is_file():
+            try:
+                return self._entry_from_bundle(adapter_id, path)
+            except bundles.BundleError as err:
+                raise InvalidArgument(str(err), "uri") from err
+        if path.is_file() and path.suffix == ".safetensors":
+            return self._entry_from_file(adapter_id, path)
+        if (path / SAFETENSORS_FILE).is_file():
+            return self._entry_from_file(adapter_id, path / SAFETENSORS_FILE)
+        raise NotFound("adapter", adapter_id, f"nothing loadable at {relative!r} in the store")
+
+    def _make_resident(self, entry: AdapterEntry) -> None:
+        self._evict_for_one()
+        if entry.has_lora:
+            source = (
+                entry.path
+                if entry.source_format == "safetensors"
+                else entry.path / (bundles.LORA_FILE)
+            )
+            try:
+                self.pipe.load_lora_weights(str(source), adapter_name=entry.adapter_id)
+            except Exception as err:
+                self._forget_adapter_weights(entry.adapter_id)
+                raise InvalidArgument(
+                    f"cannot apply adapter {entry.adapter_id!r} to this model: {err}", "adapter"
+                ) from err
+        entry.resident = True
+        self.entries[entry.adapter_id] = entry
+        self.lru[entry.adapter_id] = None
+        self.lru.move_to_end(entry.adapter_id)
+
+    def _forget_adapter_weights(self, adapter_id: str) -> None:
+        """Remove whatever part of an adapter got injected (never leave it half-loaded)."""
+        for component in (self.pipe.unet, self.pipe.text_encoder):
+            config = getattr(component, "peft_config", None) or {}
+            if adapter_id in config:
+                try:
+                    self.pipe.delete_adapters(adapter_id)
+                except Exception:  # pragma: no cover - best effort clean-up
+                    log.exception("could not delete half-loaded adapter")
+                return
+
+    def _evict_for_one(self) -> None:
+        """Make room for one more resident adapter by evicting the least recently used."""
+        resident = [a for a in self.lru if self.entries[a].resident]
+        while len(resident) >= self.max_resident:
+            victim = next((a for a in resident if not self.entries[a].pinned), None)
+            if victim is None:
+                raise FailedPrecondition(
+                    f"all {self.max_resident} resident adapters are pinned; unload one first"
+                )
+            self._evict(victim)
+            resident.remove(victim)
+
+    def _evict(self, adapter_id: str) -> None:
+        """Drop the adapter's weights from the model; it stays known and reloads on demand."""
+        entry = self.entries[adapter_id]
+        if entry.resident and entry.has_lora:
+            self.pipe.delete_adapters(adapter_id)
+        entry.resident = False
+        log.info("adapter evicted", extra={"adapter_id": adapter_id})
+
+    def _unload(self, adapter_id: str) -> None:
+        if adapter_id in self.entries:
+            self._evict(adapter_id)
+        self.entries.pop(adapter_id, None)
+        self.lru.pop(adapter_id, None)
+
+    def unload(self, adapter_id: str) -> None:
+        with self.lock:
+            if adapter_id not in self.entries:
+                raise NotFound("adapter", adapter_id)
+            self._unload(adapter_id)
+
+    def list(self) -> list[AdapterEntry]:
+        with self.lock:
+            return list(self.entries.values())
+
+    def ensure_resident(self, adapter_id: str) -> AdapterEntry:
+        """Resident adapter by id, loading it from the artifact store on demand."""
+        with self.lock:
+            entry = self.entries.get(adapter_id)
+            if entry is not None:
+                if not entry.resident:
+                    self._make_resident(entry)
+                self.lru.move_to_end(adapter_id)
+                return entry
+        try:
+            return self.register(adapter_id)
+        except NotFound:
+            raise NotFound(
+                "adapter", adapter_id, "load it with LoadAdapter or put it in the artifact store"
+            ) from None
+
+    # ------------------------------------------------------------------ generation
+    def _scheduler(self, name: str):
+        from diffusers import (
+            DDIMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerAncestralDiscreteScheduler,
+            EulerDiscreteScheduler,
+            PNDMScheduler,
+        )
+
+        config = self.base_scheduler_config
+        if name == "default":
+            return type(self.pipe.scheduler).from_config(config)
+        if name == "dpmpp_2m_karras":
+            return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
+        classes = {
+            "ddim": DDIMScheduler,
+            "euler": EulerDiscreteScheduler,
+            "euler_ancestral": EulerAncestralDiscreteScheduler,
+            "dpmpp_2m": DPMSolverMultistepScheduler,
+            "pndm": PNDMScheduler,
+        }
+        return classes[name].from_config(config)
+
+    def _activate(self, entries: list[AdapterEntry], spec: GenerationSpec) -> list[str]:
+        """Set the request's adapters and scales; add its learned tokens. Returns the tokens."""
+        with_lora = [(e, a) for e, a in zip(entries, spec.adapters, strict=True) if e.has_lora]
+        if with_lora:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(
+                [e.adapter_id for e, _ in with_lora],
+                adapter_weights=[{"unet": a.scale, "text_encoder": a.te_scale}
+                                 for _, a in with_lora],
+            )  # fmt: skip
+        elif self.entries and any(e.has_lora and e.resident for e in self.entries.values()):
+            self.pipe.disable_lora()
+        tokens: list[str] = []
+        for entry in entries:
+            if entry.embeddings:
+                names = list(entry.embeddings)
+                self.pipe.load_textual_inversion(list(entry.embeddings.values()), token=names)
+                tokens += names
+        return tokens
+
+    def generate(
+        self,
+        spec: GenerationSpec,
+        on_step: Callable[[int, int], None] = lambda step, total: None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> list[GeneratedImage]:
+        entries = [self.ensure_resident(a.adapter_id) for a in spec.adapters]
+        seen: dict[str, str] = {}
+        for entry in entries:
+            for token in entry.tokens:
+                if token in seen:
+                    raise InvalidArgument(
+                        f"adapters {seen[token]!r} and {entry.adapter_id!r} both define the token "
+                        f"{token}; use one of them per request",
+                        "adapters",
+                    )
+                seen[token] = entry.adapter_id
+        width = spec.width or self.default_size
+        height = spec.height or self.default_size
+        with self.lock:
+            self.pipe.scheduler = self._scheduler(spec.scheduler)
+            tokens = self._activate(entries, spec)
+            try:
+                generators = [
+                    torch.Generator().manual_seed(spec.seed + i) for i in range(spec.num_images)
+                ]
+
+                def step_end(pipe, step, timestep, kwargs):
+                    on_step(step + 1, spec.steps)
+                    if is_cancelled():
+                        raise Cancelled("the caller cancelled the request")
+                    return kwargs
+
+                started = time.perf_counter()
+                result = self.pipe(
+                    spec.prompt, negative_prompt=spec.negative_prompt or None, width=width,
+                    height=height, num_inference_steps=spec.steps,
+                    guidance_scale=spec.guidance_scale, num_images_per_prompt=spec.num_images,
+                    generator=generators, callback_on_step_end=step_end,
+                )  # fmt: skip
+                log.debug("generated", extra={"seconds": time.perf_counter() - started})
+            finally:
+                if tokens:
+                    self.pipe.unload_textual_inversion(tokens)
+            for entry in entries:
+                if entry.adapter_id in self.lru:
+                    self.lru.move_to_end(entry.adapter_id)
+        return [
+            self._encode(image, spec.seed + i, spec.output_format)
+            for i, image in enumerate(result.images)
+        ]
+
+    @staticmethod
+    def _encode(image, seed: int, fmt: str) -> GeneratedImage:
+        buffer = io.BytesIO()
+        pil_format = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
+        image.save(buffer, format=pil_format, **({"quality": 95} if fmt != "png" else {}))
+        return GeneratedImage(buffer.getvalue(), seed, image.width, image.height, fmt)
+
+
+def validate_spec(
+    spec: GenerationSpec,
+    *,
+    max_side: int = 1024,
+    max_steps: int = 150,
+    max_images: int = 8,
+    max_prompt: int = 2000,
+) -> None:
+    from loraforge_core.errors import Violations
+
+    v = Violations()
+    v.check(bool(spec.prompt.strip()), "prompt", "give a prompt")
+    v.check(len(spec.prompt) <= max_prompt, "prompt", f"at most {max_prompt} characters")
+    v.check(
+        len(spec.negative_prompt) <= max_prompt,
+        "negative_prompt",
+        f"at most {max_prompt} characters",
+    )
+    for name in ("width", "height"):
+        value = getattr(spec, name)
+        v.check(
+            value == 0 or (value % 8 == 0 and 8 <= value <= max_side),
+            name,
+            f"a multiple of 8 in 8..{max_side} (0: the model's size)",
+        )
+    v.check(1 <= spec.steps <= max_steps, "num_inference_steps", f"in 1..{max_steps}")
+    v.check(
+        math.isfinite(spec.guidance_scale) and 0 <= spec.guidance_scale <= 50,
+        "guidance_scale",
+        "in 0..50",
+    )
+    v.check(1 <= spec.num_images <= max_images, "num_images", f"in 1..{max_images}")
+    v.check(spec.scheduler in SCHEDULERS, "scheduler", f"one of {SCHEDULERS}")
+    ids = [a.adapter_id for a in spec.adapters]
+    v.check(len(ids) == len(set(ids)), "adapters", "name each adapter once")
+    v.check(len(ids) <= 8, "adapters", "at most 8 adapters per request")
+    for i, adapter in enumerate(spec.adapters):
+        v.check(bool(adapter.adapter_id), f"adapters[{i}].adapter_id", "give an adapter id")
+        for name, value in (("scale", adapter.scale), ("text_encoder_scale", adapter.te_scale)):
+            v.check(
+                math.isfinite(value) and -MAX_SCALE <= value <= MAX_SCALE,
+                f"adapters[{i}].{name}",
+                f"in [-{MAX_SCALE:g}, {MAX_SCALE:g}]",
+            )
+    v.raise_if_any()

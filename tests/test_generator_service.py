@@ -1,0 +1,207 @@
+"""The Generator service on loopback with the tiny model: scales, composition, cache, limits."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from loraforge.v1 import generator_pb2, generator_pb2_grpc
+from PIL import Image
+
+from loraforge_core.bundle import pack
+from loraforge_core.launch import ServerProcess
+from tests.helpers import random_bundle
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("store")
+    made = {
+        f"a{i}": random_bundle(str(tiny_model), root, seed=i, token=f"<t{i}>") for i in range(4)
+    }
+    made["same-token"] = random_bundle(str(tiny_model), root, seed=9, token="<t0>")
+    return made
+
+
+@pytest.fixture(scope="module")
+def generator(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    with ServerProcess(
+        "generator",
+        data_dir=tmp_path_factory.mktemp("generator"),
+        model=str(tiny_model),
+        extra_args=["--max-resident-adapters", "2"],
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(generator: ServerProcess, bundles: dict) -> Iterator[generator_pb2_grpc.GeneratorStub]:
+    with grpc.insecure_channel(generator.target) as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        for adapter_id, bundle in bundles.items():
+            stub.LoadAdapter(
+                generator_pb2.LoadAdapterRequest(adapter_id=adapter_id, data=pack(bundle.path)),
+                timeout=60,
+            )
+        yield stub
+
+
+def request(prompt: str = "a photo of a <t0>", adapters=(), seed: int = 7, **kw):
+    refs = []
+    for a in adapters:
+        adapter_id, *scales = a
+        ref = generator_pb2.AdapterRef(adapter_id=adapter_id)
+        if scales:
+            ref.scale = scales[0]
+        if len(scales) > 1:
+            ref.text_encoder_scale = scales[1]
+        refs.append(ref)
+    fields = {
+        "prompt": prompt,
+        "num_inference_steps": STEPS,
+        "seed": seed,
+        "width": 32,
+        "height": 32,
+        **kw,
+    }
+    return generator_pb2.GenerateRequest(adapters=refs, **fields)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB"), dtype=np.float32) / 255
+
+
+def generate(stub, req) -> np.ndarray:
+    reply = stub.Generate(req, timeout=120)
+    assert reply.images[0].seed == req.seed
+    return pixels(reply.images[0])
+
+
+def stock_pipeline(tiny_model: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock_render(pipe, prompt: str, seed: int = 7) -> np.ndarray:
+    image = pipe(
+        prompt,
+        num_inference_steps=STEPS,
+        width=32,
+        height=32,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(seed)],
+    ).images[0]
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def test_scale_zero_is_the_base_and_scales_match_stock_diffusers(stub, bundles, tiny_model):
+    pipe = stock_pipeline(tiny_model)
+    base = stock_render(pipe, "a photo of a dog")
+    at_zero = generate(stub, request("a photo of a dog", adapters=[("a0", 0.0, 0.0)]))
+    assert np.array_equal(at_zero, base)
+    assert (
+        np.abs(generate(stub, request("a photo of a dog", adapters=[("a0", 1.0)])) - base).mean()
+        > 1e-3
+    )
+    bundle = bundles["a0"]
+    pipe.load_lora_weights(bundle.path, adapter_name="a0")
+    pipe.load_textual_inversion(list(bundle.embeddings().values()), token=["<t0>"])
+    # The learned token applies at every scale (as with cloneofsimo's patch_pipe); the scales
+    # weigh the LoRA deltas only.
+    for scale, te_scale in ((0.0, 0.0), (0.5, 0.25), (1.0, 1.0), (1.5, 0.5)):
+        pipe.set_adapters(["a0"], [{"unet": scale, "text_encoder": te_scale}])
+        expected = stock_render(pipe, "a photo of a <t0>")
+        served = generate(stub, request(adapters=[("a0", scale, te_scale)]))
+        assert np.abs(served - expected).mean() <= 1e-3, (scale, te_scale)
+
+
+def test_two_adapters_compose_as_diffusers_composes_them(stub, bundles, tiny_model):
+    pipe = stock_pipeline(tiny_model)
+    for name in ("a1", "a2"):
+        pipe.load_lora_weights(bundles[name].path, adapter_name=name)
+        pipe.load_textual_inversion(
+            list(bundles[name].embeddings().values()), token=list(bundles[name].embeddings())
+        )
+    pipe.set_adapters(
+        ["a1", "a2"], [{"unet": 0.8, "text_encoder": 0.8}, {"unet": 0.6, "text_encoder": 0.3}]
+    )
+    expected = stock_render(pipe, "<t1> and <t2>")
+    served = generate(stub, request("<t1> and <t2>", adapters=[("a1", 0.8), ("a2", 0.6, 0.3)]))
+    assert np.abs(served - expected).mean() <= 1e-3
+
+
+def test_concurrent_requests_do_not_cross_talk(stub):
+    cases = [
+        request(f"<t{i % 4}> thing", adapters=[(f"a{i % 4}", 0.5 + 0.25 * (i % 3))], seed=i)
+        for i in range(8)
+    ]
+    alone = [generate(stub, c) for c in cases]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda c: generate(stub, c), cases))
+    for a, b in zip(alone, together, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_eviction_under_a_budget_keeps_results_correct(stub):
+    first = generate(stub, request(adapters=[("a3", 1.0)]))
+    for name in ("a0", "a1", "a2"):
+        generate(stub, request(adapters=[(name, 1.0)]))
+    resident = [
+        a for a in stub.ListAdapters(generator_pb2.ListAdaptersRequest()).adapters if a.resident
+    ]
+    assert len(resident) <= 2
+    assert np.array_equal(generate(stub, request(adapters=[("a3", 1.0)])), first)
+
+
+def test_same_token_in_two_adapters_is_refused(stub):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(request(adapters=[("a0", 1.0), ("same-token", 1.0)]), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "<t0>" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("req", "code"),
+    [
+        (request(adapters=[("missing", 1.0)]), grpc.StatusCode.NOT_FOUND),
+        (request(adapters=[("a0", 9.0)]), grpc.StatusCode.INVALID_ARGUMENT),
+        (request(adapters=[("a0", float("nan"))]), grpc.StatusCode.INVALID_ARGUMENT),
+        (request(width=33), grpc.StatusCode.INVALID_ARGUMENT),
+        (request(num_images=100), grpc.StatusCode.INVALID_ARGUMENT),
+        (request(prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_requests_get_clear_errors(stub, req, code):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(req, timeout=60)
+    assert caught.value.code() == code
+
+
+def test_stream_reports_each_step_then_images_with_seeds(stub):
+    replies = list(stub.GenerateStream(request(num_images=2, seed=40), timeout=120))
+    steps = [r.progress.step for r in replies if r.WhichOneof("kind") == "progress"]
+    images = [r.image for r in replies if r.WhichOneof("kind") == "image"]
+    assert steps == list(range(1, STEPS + 1))
+    assert [i.seed for i in images] == [40, 41]
+
+
+def test_same_request_same_bytes_and_pickle_is_refused(stub):
+    assert stub.Generate(request(), timeout=60) == stub.Generate(request(), timeout=60)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.LoadAdapter(
+            generator_pb2.LoadAdapterRequest(adapter_id="evil", data=b"\x80\x04pickle...")
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
