@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -320,11 +321,18 @@ class Trainer:
         return base * accumulation * self.config.train_batch_size * self.accelerator.num_processes
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+        """The configured schedule over ``steps`` optimizer steps.
+
+        accelerate advances a prepared scheduler once per process on every step, so the
+        schedule is stretched by the process count (as diffusers' training scripts do).
+        """
         from diffusers.optimization import get_scheduler
 
+        processes = self.accelerator.num_processes
         return get_scheduler(
             self.config.lr_scheduler, optimizer=optimizer,
-            num_warmup_steps=self.config.lr_warmup_steps, num_training_steps=max(steps, 1),
+            num_warmup_steps=self.config.lr_warmup_steps * processes,
+            num_training_steps=max(steps, 1) * processes,
         )  # fmt: skip
 
     def _progress(
@@ -489,7 +497,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             [embedding], lr=self._lr(config.learning_rate_ti), weight_decay=config.weight_decay_ti
         )
-        scheduler = self._scheduler(optimizer, steps)
+        accumulation = config.gradient_accumulation_steps
+        # The schedule counts optimizer steps (one per accumulation window).
+        scheduler = self._scheduler(optimizer, math.ceil(steps / accumulation))
         text_encoder, optimizer, scheduler = self.accelerator.prepare(
             self.text_encoder, optimizer, scheduler
         )
@@ -498,7 +508,6 @@ class Trainer:
             scheduler.load_state_dict(resume_state["lr_scheduler"])
         self.text_encoder = text_encoder
         text_encoder.train()
-        accumulation = config.gradient_accumulation_steps
         started = time.monotonic()
         self.emit("phase", phase="inversion", total_steps=steps)
         while self.global_step < steps:
@@ -511,7 +520,7 @@ class Trainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 self._after_embedding_step(lr)
-            scheduler.step()
+                scheduler.step()
             self._progress("inversion", self.global_step, steps, loss.item(), lr, started)
             self._after_step("inversion", optimizer, scheduler)
         embedding.requires_grad_(False)
