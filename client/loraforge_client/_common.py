@@ -1,0 +1,207 @@
+"""What the sync and asyncio clients share: channel options, credentials, request builders."""
+
+from __future__ import annotations
+
+import mimetypes
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from loraforge.v1 import generator_pb2, trainer_pb2
+
+from loraforge_client.types import AdapterRef
+
+DEFAULT_TIMEOUT = 60.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+METHODS = {
+    "pti": trainer_pb2.TRAINING_METHOD_PTI,
+    "dreambooth_lora": trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA,
+}
+TEMPLATES = {
+    "object": trainer_pb2.CAPTION_TEMPLATE_OBJECT,
+    "style": trainer_pb2.CAPTION_TEMPLATE_STYLE,
+    "none": trainer_pb2.CAPTION_TEMPLATE_NONE,
+}
+SCHEDULERS = {
+    "default": generator_pb2.SCHEDULER_UNSPECIFIED, "ddim": generator_pb2.SCHEDULER_DDIM,
+    "euler": generator_pb2.SCHEDULER_EULER,
+    "euler_ancestral": generator_pb2.SCHEDULER_EULER_ANCESTRAL,
+    "dpmpp_2m": generator_pb2.SCHEDULER_DPMPP_2M,
+    "dpmpp_2m_karras": generator_pb2.SCHEDULER_DPMPP_2M_KARRAS,
+    "pndm": generator_pb2.SCHEDULER_PNDM,
+}  # fmt: skip
+_ENUM_OPTIONS = {
+    "lr_scheduler": {"linear": trainer_pb2.LR_SCHEDULER_LINEAR,
+                     "constant": trainer_pb2.LR_SCHEDULER_CONSTANT,
+                     "constant_with_warmup": trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP,
+                     "cosine": trainer_pb2.LR_SCHEDULER_COSINE},
+    "mixed_precision": {"no": trainer_pb2.MIXED_PRECISION_NO,
+                        "fp16": trainer_pb2.MIXED_PRECISION_FP16,
+                        "bf16": trainer_pb2.MIXED_PRECISION_BF16},
+}  # fmt: skip
+TRAINING_OPTIONS = tuple(f.name for f in trainer_pb2.TrainingConfig.DESCRIPTOR.fields)
+
+
+@dataclass
+class TLS:
+    """Server CA (PEM bytes) and, for mutual TLS, the client's certificate chain and key."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
+    limit = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.lb_policy_name", "round_robin"),  # spread over every address a DNS name has
+    ]
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def backoff_delays(retries: int, base: float = 0.25, cap: float = 8.0) -> list[float]:
+    """Exponential backoff with full jitter."""
+    return [random.uniform(0, min(cap, base * 2**i)) for i in range(retries)]
+
+
+@dataclass
+class ImageFile:
+    data: bytes
+    filename: str
+    caption: str = ""
+
+
+def images_from_folder(folder: str | Path) -> list[ImageFile]:
+    """Instance images of a folder, sorted by name; captions from ``NAME.txt`` beside them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    images = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        images.append(ImageFile(path.read_bytes(), path.name, caption))
+    if not images:
+        raise FileNotFoundError(f"no PNG, JPEG or WebP images in {folder}")
+    return images
+
+
+def create_job_request(
+    images: Iterable[ImageFile | bytes | str | Path],
+    *,
+    placeholder_tokens: Sequence[str] = ("<s1>",),
+    initializer_tokens: Sequence[str] = (),
+    template: str = "object",
+    method: str = "pti",
+    base_model: str = "",
+    request_id: str | None = None,
+    **options: Any,
+) -> trainer_pb2.CreateJobRequest:
+    """Build a CreateJobRequest; ``options`` are TrainingConfig fields (lora_rank=8, ...)."""
+    unknown = sorted(set(options) - set(TRAINING_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown training options: {', '.join(unknown)}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}")
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {sorted(TEMPLATES)}")
+    config = trainer_pb2.TrainingConfig()
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in _ENUM_OPTIONS:
+            value = _ENUM_OPTIONS[name][value]
+        if isinstance(value, (list, tuple)):
+            getattr(config, name).extend(value)
+        else:
+            setattr(config, name, value)
+    request = trainer_pb2.CreateJobRequest(
+        request_id=request_id or uuid.uuid4().hex, base_model=base_model,
+        method=METHODS[method], template=TEMPLATES[template],
+        placeholder_tokens=list(placeholder_tokens),
+        initializer_tokens=list(initializer_tokens), config=config,
+    )  # fmt: skip
+    for item in images:
+        if isinstance(item, (str, Path)):
+            item = ImageFile(Path(item).read_bytes(), Path(item).name)
+        elif isinstance(item, bytes):
+            item = ImageFile(item, "")
+        request.instance_images.add(data=item.data, filename=item.filename, caption=item.caption)
+    return request
+
+
+def generate_request(
+    prompt: str,
+    *,
+    adapters: Iterable[AdapterRef | tuple | str] = (),
+    negative_prompt: str = "",
+    width: int = 0,
+    height: int = 0,
+    steps: int = 0,
+    guidance_scale: float | None = None,
+    scheduler: str = "default",
+    seed: int | None = None,
+    num_images: int = 1,
+    output_format: str = "png",
+) -> generator_pb2.GenerateRequest:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}")
+    formats = {"png": 1, "jpeg": 2, "webp": 3}
+    if output_format not in formats:
+        raise ValueError(f"output_format must be one of {sorted(formats)}")
+    request = generator_pb2.GenerateRequest(
+        prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+        num_inference_steps=steps, scheduler=SCHEDULERS[scheduler], num_images=num_images,
+        output_format=formats[output_format],
+        adapters=[AdapterRef.coerce(a).to_proto() for a in adapters],
+    )  # fmt: skip
+    if guidance_scale is not None:
+        request.guidance_scale = guidance_scale
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def load_adapter_request(
+    adapter_id: str, source: str | Path | bytes, *, pin: bool = False, in_store: bool = False
+) -> generator_pb2.LoadAdapterRequest:
+    """From bytes, a bundle folder, a .safetensors/.tar file, or (``in_store``) a store path."""
+    from loraforge_client.types import pack_bundle
+
+    request = generator_pb2.LoadAdapterRequest(adapter_id=adapter_id, pin=pin)
+    if isinstance(source, bytes):
+        request.data = source
+    elif in_store:
+        request.uri = str(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            request.data = pack_bundle(path)
+        elif path.is_file():
+            request.data = path.read_bytes()
+        else:
+            raise FileNotFoundError(f"{path} is neither a bundle folder nor a file")
+    return request
+
+
+def guess_type(path: str) -> str:
+    return mimetypes.guess_type(path)[0] or "application/octet-stream"

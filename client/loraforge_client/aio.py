@@ -1,0 +1,204 @@
+"""asyncio twins of the clients, with the same method names: ``await client.get_job(...)``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+from loraforge_client._common import (
+    DEFAULT_TIMEOUT,
+    TLS,
+    ImageFile,
+    backoff_delays,
+    call_metadata,
+    channel_options,
+    create_job_request,
+    generate_request,
+    images_from_folder,
+    load_adapter_request,
+)
+from loraforge_client.clients import STATE_FILTERS
+from loraforge_client.errors import RETRYABLE, JobFailedError, from_rpc_error
+from loraforge_client.types import AdapterInfo, GeneratedImage, Job, JobEvent, unpack_bundle
+
+
+class _AsyncBase:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: TLS | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 4,
+        max_message_mb: int = 64,
+    ) -> None:
+        options = channel_options(max_message_mb)
+        self.channel = (
+            grpc.aio.secure_channel(target, tls.credentials(), options)
+            if tls
+            else grpc.aio.insecure_channel(target, options)
+        )
+        self.metadata = call_metadata(token)
+        self.timeout = timeout
+        self.retries = retries
+
+    async def _call(self, method: Any, request: Any, *, timeout: float | None = None) -> Any:
+        delays = backoff_delays(self.retries)
+        while True:
+            try:
+                return await method(
+                    request, timeout=timeout or self.timeout, metadata=self.metadata
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRYABLE or not delays:
+                    raise from_rpc_error(err) from None
+                error = from_rpc_error(err)
+                await asyncio.sleep(max(delays.pop(0), getattr(error, "retry_after", None) or 0))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncTrainerClient(_AsyncBase):
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
+
+    async def create_job(
+        self, images: Iterable[ImageFile | bytes | str | Path], **kwargs: Any
+    ) -> Job:
+        request = create_job_request(images, **kwargs)
+        return Job.from_proto(await self._call(self.stub.CreateJob, request, timeout=300))
+
+    async def create_job_from_folder(self, folder: str | Path, **kwargs: Any) -> Job:
+        return await self.create_job(images_from_folder(folder), **kwargs)
+
+    async def get_job(self, job_id: str) -> Job:
+        return Job.from_proto(
+            await self._call(self.stub.GetJob, trainer_pb2.GetJobRequest(job_id=job_id))
+        )
+
+    async def list_jobs(
+        self, *, state: str | None = None, page_size: int = 50
+    ) -> AsyncIterator[Job]:
+        token = ""
+        while True:
+            page = await self._call(self.stub.ListJobs, trainer_pb2.ListJobsRequest(
+                page_size=page_size, page_token=token,
+                state=STATE_FILTERS[state] if state else 0))  # fmt: skip
+            for job in page.jobs:
+                yield Job.from_proto(job)
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return Job.from_proto(
+            await self._call(
+                self.stub.CancelJob, trainer_pb2.CancelJobRequest(job_id=job_id), timeout=120
+            )
+        )
+
+    async def watch(
+        self, job_id: str, *, after_sequence: int = 0, reconnect_for: float = 300.0
+    ) -> AsyncIterator[JobEvent]:
+        last = after_sequence
+        deadline = None
+        while True:
+            try:
+                stream = self.stub.WatchJob(
+                    trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=last),
+                    metadata=self.metadata)  # fmt: skip
+                async for message in stream:
+                    deadline = None
+                    if message.sequence <= last:
+                        continue
+                    last = message.sequence
+                    yield JobEvent.from_proto(message)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(err) from None
+                deadline = deadline or time.monotonic() + reconnect_for
+                if time.monotonic() > deadline:
+                    raise from_rpc_error(err) from None
+                await asyncio.sleep(0.5)
+
+    async def wait(self, job_id: str) -> Job:
+        async for _ in self.watch(job_id):
+            pass
+        job = await self.get_job(job_id)
+        if job.state != "succeeded":
+            raise JobFailedError(f"job {job_id} {job.state}: {job.failure_reason}", job)
+        return job
+
+    async def download_artifact(self, artifact_id: str, dest: str | Path) -> Path:
+        chunks = []
+        try:
+            async for chunk in self.stub.DownloadArtifact(
+                trainer_pb2.DownloadArtifactRequest(artifact_id=artifact_id),
+                timeout=max(self.timeout, 600), metadata=self.metadata,
+            ):  # fmt: skip
+                chunks.append(chunk.data)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+        return unpack_bundle(b"".join(chunks), Path(dest))
+
+
+class AsyncGeneratorClient(_AsyncBase):
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
+
+    async def generate(self, prompt: str, **kwargs: Any) -> list[GeneratedImage]:
+        reply = await self._call(
+            self.stub.Generate, generate_request(prompt, **kwargs), timeout=600
+        )
+        return [GeneratedImage.from_proto(i) for i in reply.images]
+
+    async def generate_stream(
+        self, prompt: str, **kwargs: Any
+    ) -> AsyncIterator[tuple[int, int] | GeneratedImage]:
+        try:
+            async for message in self.stub.GenerateStream(
+                generate_request(prompt, **kwargs), timeout=600, metadata=self.metadata
+            ):
+                if message.WhichOneof("kind") == "progress":
+                    yield message.progress.step, message.progress.total_steps
+                else:
+                    yield GeneratedImage.from_proto(message.image)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def load_adapter(
+        self,
+        adapter_id: str,
+        source: str | Path | bytes,
+        *,
+        pin: bool = False,
+        in_store: bool = False,
+    ) -> AdapterInfo:
+        request = load_adapter_request(adapter_id, source, pin=pin, in_store=in_store)
+        return AdapterInfo.from_proto(await self._call(self.stub.LoadAdapter, request, timeout=300))
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self._call(
+            self.stub.UnloadAdapter, generator_pb2.UnloadAdapterRequest(adapter_id=adapter_id)
+        )
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        reply = await self._call(self.stub.ListAdapters, generator_pb2.ListAdaptersRequest())
+        return [AdapterInfo.from_proto(a) for a in reply.adapters]
