@@ -1,38 +1,133 @@
-"""The main job (``make demo``): both services on the embedded default model, end to end.
+"""The main job (``make demo``): train a PTI LoRA and render it at several scales, end to end.
 
-Runs offline on CPU. Starts the trainer and the generator as real server processes on loopback
-ports, waits until both report SERVING on grpc.health.v1, and shuts them down with SIGTERM.
+Offline on CPU with the embedded tiny model (or ``--model`` on a GPU machine):
+
+1. starts the trainer and the generator as real server processes on loopback ports;
+2. trains a pivotal-tuning LoRA (token ``<s1>``) on a small generated image set, streaming
+   the progress bar through the thin client;
+3. loads the resulting bundle into the generator and renders one prompt and seed at UNet
+   scales 0, 0.5 and 1.0, with the text encoder at the same scale and at half of it;
+4. writes one labelled grid PNG, prints where it is, and stops both services with SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
+from loraforge_client import GeneratorClient, TrainerClient
+from loraforge_client.cli import ProgressPrinter
 from loraforge_core.launch import ServerProcess
+
+SCALES = (0.0, 0.5, 1.0)
+TILE = 128
+
+
+def make_instance_images(folder: Path, count: int = 5) -> Path:
+    """A concept the base model was never shown: a purple five-pointed star, slightly varied."""
+    import math
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (64, 64), "white")
+        draw = ImageDraw.Draw(image)
+        cx, cy, outer = 32 + (i % 3 - 1) * 3, 32 + (i % 2) * 3, 24 - i
+        points = []
+        for k in range(10):
+            radius = outer if k % 2 == 0 else outer * 0.45
+            angle = -math.pi / 2 + k * math.pi / 5 + i * 0.08
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        draw.polygon(points, fill=(128, 0, 160))
+        image.save(folder / f"star_{i}.png")
+    return folder
+
+
+def grid(rows: list[tuple[str, list[bytes]]], columns: list[str]) -> Image.Image:
+    font = ImageFont.load_default()
+    label_width, header = 150, 24
+    canvas = Image.new(
+        "RGB", (label_width + TILE * len(columns), header + TILE * len(rows)), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(columns):
+        draw.text((label_width + c * TILE + 6, 6), title, fill="black", font=font)
+    for r, (label, images) in enumerate(rows):
+        y = header + r * TILE
+        draw.text((6, y + TILE // 2 - 6), label, fill="black", font=font)
+        for c, data in enumerate(images):
+            tile = (
+                Image.open(io.BytesIO(data))
+                .convert("RGB")
+                .resize((TILE, TILE), Image.Resampling.NEAREST)
+            )
+            canvas.paste(tile, (label_width + c * TILE, y))
+    return canvas
+
+
+def run(args: argparse.Namespace, data_dir: Path) -> Path:
+    images = make_instance_images(data_dir / "instance-images")
+    trainer = ServerProcess("trainer", data_dir=data_dir / "trainer", model=args.model)
+    generator = ServerProcess("generator", data_dir=data_dir / "generator", model=args.model)
+    with trainer, generator:
+        print(f"trainer on {trainer.target}, generator on {generator.target}")
+        with TrainerClient(trainer.target) as client:
+            job = client.create_job_from_folder(
+                images, placeholder_tokens=["<s1>"], initializer_tokens=["star"],
+                template="object", max_train_steps_ti=args.steps_ti,
+                max_train_steps_tuning=args.steps_tuning, save_steps=args.steps_tuning,
+                gradient_accumulation_steps=1, learning_rate_ti=5e-3, learning_rate_unet=3e-3,
+                learning_rate_text=3e-4, lora_rank=8, seed=0,
+            )  # fmt: skip
+            print(f"training job {job.job_id}")
+            printer = ProgressPrinter(sys.stdout)
+            for event in client.watch(job.job_id):
+                printer.event(event)
+            printer.close()
+            job = client.wait(job.job_id)
+            bundle = client.download_artifact(job.final_artifact_id, data_dir / "bundle")
+        with GeneratorClient(generator.target, timeout=300) as client:
+            info = client.load_adapter("star", bundle)
+            print(f"loaded adapter 'star' (rank {info.rank}, tokens {info.tokens})")
+            rows = []
+            for te_label, te_factor in (("text enc = scale", 1.0), ("text enc = scale/2", 0.5)):
+                row = []
+                for scale in SCALES:
+                    image = client.generate(
+                        args.prompt, adapters=[("star", scale, scale * te_factor)],
+                        seed=args.seed, steps=args.inference_steps,
+                    )[0]  # fmt: skip
+                    row.append(image.data)
+                rows.append((te_label, row))
+        columns = [f"unet scale {s:g}" for s in SCALES]
+        picture = grid(rows, columns)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "lora_scales_grid.png"
+        picture.save(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     parser.add_argument("--model", default="", help="base model (default: the tiny model)")
+    parser.add_argument("--prompt", default="a photo of a <s1>")
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--steps-ti", type=int, default=60)
+    parser.add_argument("--steps-tuning", type=int, default=150)
+    parser.add_argument("--inference-steps", type=int, default=20)
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(tempfile.mkdtemp(prefix="loraforge-demo-"))
     started = time.monotonic()
-    trainer = ServerProcess("trainer", data_dir=data_dir / "trainer", model=args.model)
-    generator = ServerProcess("generator", data_dir=data_dir / "generator", model=args.model)
-    try:
-        for server in (trainer.start(), generator.start()):
-            server.wait_serving(timeout=300)
-            print(f"{server.kind:9s} serving on {server.target}")
-    finally:
-        codes = {s.kind: s.terminate() for s in (generator, trainer)}
-    print(f"both services stopped cleanly in {time.monotonic() - started:.1f}s: {codes}")
-    return 0 if not any(codes.values()) else 1
+    with tempfile.TemporaryDirectory(prefix="loraforge-demo-") as tmp:
+        path = run(args, Path(tmp))
+    print(f"grid of scales written to {path.resolve()}")
+    print(f"demo finished in {time.monotonic() - started:.0f}s; both services stopped")
+    return 0
 
 
 if __name__ == "__main__":
