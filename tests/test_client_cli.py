@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from loraforge_client import (
     AsyncGeneratorClient,
     AsyncTrainerClient,
@@ -20,6 +18,8 @@ from loraforge_client import (
     NotFoundError,
     TrainerClient,
 )
+from PIL import Image
+
 from loraforge_core.launch import ServerProcess
 from tests.helpers import shape_png
 

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
 from loraforge_client import GeneratorClient, TrainerClient
 from loraforge_client.cli import ProgressPrinter
+from PIL import Image, ImageDraw, ImageFont
+
 from loraforge_core.launch import ServerProcess
 
 SCALES = (0.0, 0.5, 1.0)
