@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     from loraforge_core.logs import configure_logging
 
     settings = ServerSettings.from_args(args)
+    try:
+        settings.validate()
+    except ValueError as err:
+        build_parser().error(str(err))
     configure_logging(settings.log_level)
     sys.exit(
         asyncio.run(

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from loraforge_core import errors
+from loraforge_core.auth import AuthInterceptor, read_tokens, server_credentials
 from loraforge_core.settings import ServerSettings
 
 log = logging.getLogger("loraforge.grpc")
@@ -174,8 +175,11 @@ async def serve(
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
 ) -> int:
     """Run a service until SIGTERM/SIGINT; return the process exit code."""
+    interceptors = list(interceptors or [])
+    if settings.auth_token_file is not None:
+        interceptors.append(AuthInterceptor(read_tokens(settings.auth_token_file)))
     server = grpc.aio.server(
-        interceptors=[*(interceptors or []), ErrorInterceptor()],
+        interceptors=[*interceptors, ErrorInterceptor()],
         options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
@@ -185,12 +189,26 @@ async def serve(
         (*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     await _set_health(
         health_servicer, service.service_names, health_pb2.HealthCheckResponse.NOT_SERVING
     )
     await server.start()
-    log.info("listening", extra={"address": address, "port": port})
+    log.info(
+        "listening",
+        extra={
+            "address": address,
+            "port": port,
+            "tls": settings.tls_cert is not None,
+            "auth": settings.auth_token_file is not None,
+        },
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

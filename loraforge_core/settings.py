@@ -75,6 +75,10 @@ class ServerSettings:
     grace_period: float = 10.0
     log_level: str = "info"
     max_message_mb: int = 64
+    auth_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, *, default_port: int) -> None:
@@ -116,6 +120,23 @@ class ServerSettings:
             help="largest gRPC message accepted or sent, in MiB",
         )
 
+        add_setting(
+            parser,
+            "--auth-token-file",
+            default=None,
+            type=Path,
+            help="file of bearer tokens, one per line; unset: no auth",
+        )
+        add_setting(parser, "--tls-cert", default=None, type=Path, help="PEM certificate")
+        add_setting(parser, "--tls-key", default=None, type=Path, help="PEM private key")
+        add_setting(
+            parser,
+            "--tls-client-ca",
+            default=None,
+            type=Path,
+            help="PEM CA of client certificates (mutual TLS)",
+        )
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:
         return cls(
@@ -127,4 +148,23 @@ class ServerSettings:
             grace_period=args.grace_period,
             log_level=args.log_level,
             max_message_mb=args.max_message_mb,
+            auth_token_file=args.auth_token_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
         )
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work together."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        if self.auth_token_file is not None:
+            from loraforge_core.auth import read_tokens
+
+            read_tokens(self.auth_token_file)

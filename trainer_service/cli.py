@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     from trainer_service.server import TrainerService
 
     settings = ServerSettings.from_args(args)
+    try:
+        settings.validate()
+    except ValueError as err:
+        build_parser().error(str(err))
     configure_logging(settings.log_level)
     sys.exit(
         asyncio.run(serve(TrainerService(settings, num_processes=args.num_processes), settings))
