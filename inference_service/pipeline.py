@@ -178,9 +178,12 @@ class GeneratorEngine:
         )
 
     def _entry_from_store(self, adapter_id: str, uri: str) -> AdapterEntry:
+        """From a path in the store; a bare id also finds the trainer's ``artifacts/<id>``."""
         relative = uri.removeprefix("file://")
         try:
             path = safe_child(self.store_dir, relative)
+            if not path.exists() and "/" not in relative:
+                path = safe_child(self.store_dir / "artifacts", relative)
         except ValueError as err:
             raise InvalidArgument(str(err), "uri") from err
         if (path / bundles.MANIFEST_FILE).is_file():

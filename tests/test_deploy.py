@@ -1,0 +1,156 @@
+"""deploy/: every overlay renders, validates against the Kubernetes schemas offline, meets our
+policy, and its servers start with exactly the manifests' args and environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from loraforge_core.launch import free_port, health_status
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("cpu-dev", "gpu")
+K8S_VERSION = "1.30.0"
+
+
+def render(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with kustomize) is needed to render deploy/k8s"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict]]:
+    return request.param, render(request.param)
+
+
+def test_every_object_validates_against_the_kubernetes_schemas(rendered) -> None:
+    _, objects = rendered
+    assert {o["kind"] for o in objects} >= {
+        "Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret",
+        "PodDisruptionBudget", "HorizontalPodAutoscaler",
+    }  # fmt: skip
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_policy_probes_security_resources_and_secrets(rendered) -> None:
+    overlay, objects = rendered
+    for deployment in by_kind(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["terminationGracePeriodSeconds"] > 30  # the servers drain for 30 s
+        for container in pod["containers"]:
+            port = container["ports"][0]["containerPort"]
+            assert container["args"][container["args"].index("--port") + 1] == str(port)
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["port"] == port, probe
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+            resources = container["resources"]
+            assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+            assert resources["limits"]["memory"]
+            gpus = resources["limits"].get("nvidia.com/gpu")
+            assert (gpus == "1") == (overlay == "gpu")
+    for secret in by_kind(objects, "Secret"):
+        assert not secret.get("data") and not secret.get("stringData"), "no inlined tokens"
+    headless = [s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"]
+    assert headless, "a headless Service for client-side round-robin over generators"
+
+
+def _container_env(objects: list[dict], container: dict) -> dict[str, str]:
+    config = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind(objects, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(config[source["configMapRef"]["name"]])
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"]
+    return env
+
+
+@pytest.mark.parametrize("name", ["loraforge-generator", "loraforge-trainer"])
+def test_servers_start_with_the_manifests_args_and_env(name: str, tmp_path: Path) -> None:
+    """The cpu-dev overlay's command line and ConfigMap, as the kubelet would pass them."""
+    objects = render("cpu-dev")
+    deployment = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"] == name)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = _container_env(objects, container)
+    mounts = {m["mountPath"]: tmp_path / m["name"] for m in container["volumeMounts"]}
+    for key, value in env.items():  # the pod's volumes become folders under tmp_path
+        for mount, local in mounts.items():
+            if value.startswith(mount + "/") or value == mount:
+                env[key] = str(local) + value[len(mount) :]
+    args = list(container["args"])
+    port = free_port()
+    args[args.index("--port") + 1] = str(port)
+    executable = Path(sys.executable).parent / args[0]
+    process = subprocess.Popen(
+        [str(executable), *args[1:]],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(600):
+            if health_status(f"127.0.0.1:{port}") == 1:
+                break
+            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            time.sleep(0.2)
+        else:
+            pytest.fail("server did not become healthy")
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0
+
+
+def test_dockerfiles_lint_clean_and_copy_only_what_exists() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    dockerfiles = sorted((DEPLOY / "docker").glob("Dockerfile*"))
+    assert len(dockerfiles) == 2
+    result = subprocess.run(
+        [
+            str(hadolint),
+            "--config",
+            str(DEPLOY / "docker" / "hadolint.yaml"),
+            *map(str, dockerfiles),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for dockerfile in dockerfiles:
+        for line in dockerfile.read_text().splitlines():
+            match = re.match(r"COPY (?!--from)(.+) \S+$", line.strip())
+            if match:
+                for source in match.group(1).split():
+                    assert (ROOT / source).exists(), f"{dockerfile.name}: {source} missing"
+
+
+def test_compose_file_uses_the_cpu_image_and_one_shared_volume() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert (ROOT / services["trainer"]["build"]["dockerfile"]).exists()
+    for service in services.values():
+        assert "data:/data" in service["volumes"]
