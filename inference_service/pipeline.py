@@ -30,7 +30,6 @@ log = logging.getLogger("loraforge.generator.pipeline")
 SCHEDULERS = ("default", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras",
               "pndm")  # fmt: skip
 MAX_SCALE = 4.0
-SAFETENSORS_FILE = "adapter.safetensors"
 
 
 @dataclass
@@ -71,7 +70,7 @@ class GeneratedImage:
 @dataclass
 class AdapterEntry:
     adapter_id: str
-    source_format: str  # bundle | safetensors
+    source_format: str  # bundle, or what it was imported from: kohya | diffusers | ...
     path: Path
     tokens: list[str]
     embeddings: dict[str, torch.Tensor]
@@ -94,8 +93,11 @@ def _is_safetensors(data: bytes) -> bool:
 class GeneratorEngine:
     """Owns the pipeline; every method that touches it runs on the one executor thread."""
 
-    def __init__(self, pipe, store_dir: Path, *, max_resident: int = 8) -> None:
+    def __init__(
+        self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = ""
+    ) -> None:
         self.pipe = pipe
+        self.model_name = model_name
         self.store_dir = Path(store_dir)
         self.adapters_dir = self.store_dir / "adapters"
         self.max_resident = max_resident
@@ -122,29 +124,31 @@ class GeneratorEngine:
                 f"and {self.cross_dim}"
             )
         lora_state = bundle.lora_state_dict()
+        source_format = manifest.method.split(":", 1)[1] if ":" in manifest.method else "bundle"
         return AdapterEntry(
-            adapter_id=adapter_id, source_format="bundle", path=path, tokens=manifest.tokens,
+            adapter_id=adapter_id, source_format=source_format, path=path,
+            tokens=manifest.tokens,
             embeddings=bundle.embeddings(), rank=manifest.rank, size_bytes=bundle.size_bytes(),
             sha256=bundle.sha256(), has_lora=bool(lora_state),
             has_text_encoder=any(k.startswith("text_encoder.") for k in lora_state),
         )  # fmt: skip
 
-    def _entry_from_file(self, adapter_id: str, path: Path) -> AdapterEntry:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def _import(self, adapter_id: str, source: Path) -> AdapterEntry:
+        """A LoRA file in any supported format -> a bundle under adapters/<id> (via interop)."""
+        from loraforge_core import interop
 
+        folder = safe_child(self.adapters_dir, adapter_id)
         try:
-            state = load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise InvalidArgument(f"not a readable safetensors file: {err}", "data") from err
-        ranks = [v.shape[0] for k, v in state.items() if "down" in k or "lora_A" in k]
-        return AdapterEntry(
-            adapter_id=adapter_id, source_format="safetensors", path=path, tokens=[],
-            embeddings={}, rank=int(max(ranks)) if ranks else 0,
-            size_bytes=path.stat().st_size, sha256=bundles.sha256_file(path), has_lora=True,
-            has_text_encoder=any("te" in k.split(".")[0] or k.startswith("text_encoder")
-                                 for k in state),
-        )  # fmt: skip
+            bundle = interop.import_file(
+                source, self.pipe, self.adapters_dir / ".imports", base_model=self.model_name
+            )
+        except interop.ArchitectureMismatch as err:
+            raise FailedPrecondition(f"adapter {adapter_id!r}: {err}") from err
+        except interop.FormatError as err:
+            raise InvalidArgument(str(err), "data") from err
+        shutil.rmtree(folder, ignore_errors=True)
+        bundle.path.rename(folder)
+        return self._entry_from_bundle(adapter_id, folder)
 
     def register(
         self, adapter_id: str, *, data: bytes | None = None, uri: str = "", pin: bool = False
@@ -170,9 +174,12 @@ class GeneratorEngine:
                 raise InvalidArgument(str(err), "data") from err
             return self._entry_from_bundle(adapter_id, folder)
         if _is_safetensors(data):
-            shutil.rmtree(folder, ignore_errors=True)
-            atomic_write_bytes(folder / SAFETENSORS_FILE, data)
-            return self._entry_from_file(adapter_id, folder / SAFETENSORS_FILE)
+            upload = self.adapters_dir / ".uploads" / f"{adapter_id}.safetensors"
+            atomic_write_bytes(upload, data)
+            try:
+                return self._import(adapter_id, upload)
+            finally:
+                upload.unlink(missing_ok=True)
         raise InvalidArgument(
             "give a bundle archive or a LoRA .safetensors file (no pickle)", "data"
         )
@@ -192,19 +199,13 @@ class GeneratorEngine:
             except bundles.BundleError as err:
                 raise InvalidArgument(str(err), "uri") from err
         if path.is_file() and path.suffix == ".safetensors":
-            return self._entry_from_file(adapter_id, path)
-        if (path / SAFETENSORS_FILE).is_file():
-            return self._entry_from_file(adapter_id, path / SAFETENSORS_FILE)
+            return self._import(adapter_id, path)
         raise NotFound("adapter", adapter_id, f"nothing loadable at {relative!r} in the store")
 
     def _make_resident(self, entry: AdapterEntry) -> None:
         self._evict_for_one()
         if entry.has_lora:
-            source = (
-                entry.path
-                if entry.source_format == "safetensors"
-                else entry.path / (bundles.LORA_FILE)
-            )
+            source = entry.path / bundles.LORA_FILE
             try:
                 self.pipe.load_lora_weights(str(source), adapter_name=entry.adapter_id)
             except Exception as err:

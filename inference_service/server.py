@@ -107,8 +107,9 @@ class GeneratorService:
         device = resolve_device(self.settings.device)
         pipe = await asyncio.to_thread(load_pipeline, self.settings.model, device=device)
         self.engine = GeneratorEngine(
-            pipe, Path(self.settings.data_dir), max_resident=self.max_resident
-        )
+            pipe, Path(self.settings.data_dir), max_resident=self.max_resident,
+            model_name=self.settings.model or "loraforge/tiny",
+        )  # fmt: skip
         for adapter_id in self.preload:
             await self.run(self.engine.register, adapter_id, pin=True)
         log.info(

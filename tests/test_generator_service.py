@@ -205,3 +205,54 @@ def test_same_request_same_bytes_and_pickle_is_refused(stub):
             generator_pb2.LoadAdapterRequest(adapter_id="evil", data=b"\x80\x04pickle...")
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_kohya_and_diffusers_files_load_and_apply(fmt, stub, bundles, tiny_model, tmp_path):
+    from safetensors.torch import save
+
+    from loraforge_core import interop
+
+    bundle = bundles["a1"]
+    if fmt == "kohya":
+        state, metadata = interop.export_kohya(bundle)
+        data = save(state, metadata=metadata)
+    else:
+        data = bundle.lora_path.read_bytes()
+    info = stub.LoadAdapter(
+        generator_pb2.LoadAdapterRequest(adapter_id=f"file-{fmt}", data=data), timeout=60
+    )
+    assert info.source_format == fmt and info.rank == 4
+    assert list(info.tokens) == (["<t1>"] if fmt == "kohya" else [])
+    pipe = stock_pipeline(tiny_model)
+    pipe.load_lora_weights(bundle.lora_path)
+    expected = stock_render(pipe, "a red circle")
+    served = generate(stub, request("a red circle", adapters=[(f"file-{fmt}", 1.0)]))
+    assert np.abs(served - expected).mean() <= 1e-3
+
+
+def test_adapter_for_another_architecture_is_failed_precondition(stub, tmp_path):
+    import copy
+
+    from safetensors.torch import save
+
+    from loraforge_core import interop
+    from loraforge_core.architectures import TINY
+    from loraforge_core.models import build_pipeline
+
+    other = copy.deepcopy(TINY)
+    other["text_encoder"]["hidden_size"] = 32
+    other["unet"]["cross_attention_dim"] = 32
+    build_pipeline(other).save_pretrained(tmp_path / "other")
+    foreign = random_bundle(str(tmp_path / "other"), tmp_path / "store", seed=1)
+    for data in (pack(foreign.path), save(*interop.export_kohya(foreign))):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.LoadAdapter(
+                generator_pb2.LoadAdapterRequest(adapter_id="foreign", data=data), timeout=60
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "another architecture" in caught.value.details() or "hidden size" in (
+            caught.value.details()
+        )
+    # The server still serves.
+    generate(stub, request("a red circle"))

@@ -24,6 +24,34 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="training processes per job (accelerate data parallel; one per GPU)",
     )
+    export = commands.add_parser("export", help="export a bundle for other tools")
+    export.add_argument("bundle", type=Path, help="bundle folder")
+    export.add_argument(
+        "--format", required=True, choices=["kohya", "diffusers", "embeddings-a1111"]
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="file (kohya, diffusers) or folder (embeddings-a1111)",
+    )
+    imp = commands.add_parser(
+        "import",
+        help="turn a kohya/A1111, diffusers/peft or "
+        "cloneofsimo lora_diffusion .safetensors into a bundle",
+    )
+    imp.add_argument("files", type=Path, nargs="+")
+    imp.add_argument(
+        "--model", default="", help="base model the LoRA was made for (default: the tiny model)"
+    )
+    imp.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="artifact store folder; each bundle lands in OUTPUT/<bundle id>",
+    )
     tiny = commands.add_parser("tiny-model", help="write the tiny offline SD model to a folder")
     tiny.add_argument("output", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -32,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command in ("export", "import"):
+        from trainer_service.interop_cli import run_export, run_import
+
+        try:
+            for line in (run_export if args.command == "export" else run_import)(args):
+                print(line)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        return
     if args.command == "tiny-model":
         from loraforge_core.models import save_tiny_model
 

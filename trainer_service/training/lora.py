@@ -52,17 +52,14 @@ def diffusers_lora_state(
 ) -> dict[str, torch.Tensor]:
     """peft states -> one ``pytorch_lora_weights`` dict (``unet.`` / ``text_encoder.`` keys).
 
+    Keys keep peft's ``lora_A`` / ``lora_B`` names (what ``load_lora_weights`` reads first).
     diffusers' files carry no alpha and loaders assume alpha == rank, so alpha/rank is folded
-    into the up (B) matrices: the loaded delta W equals the trained one for any alpha.
+    into the B matrices: the loaded delta W equals the trained one for any alpha.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     scale = alpha / rank
     packed: dict[str, torch.Tensor] = {}
     for prefix, state in (("unet", unet_state), ("text_encoder", text_encoder_state or {})):
-        if not state:
-            continue
-        folded = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
-        for key, value in convert_state_dict_to_diffusers(folded).items():
+        for key, value in state.items():
+            value = value * scale if "lora_B" in key else value
             packed[f"{prefix}.{key}"] = value.float().contiguous()
     return packed

@@ -1,0 +1,300 @@
+"""Import and export of LoRA formats: kohya/A1111, diffusers/peft, cloneofsimo ``lora_diffusion``.
+
+Our bundles hold peft-format keys (``unet.<module>.lora_A.weight``) with alpha folded into B.
+Exports rename those keys; imports go through diffusers' own loaders where they exist
+(diffusers/peft, kohya), then read the effective weights back out of the peft layers, so that
+every per-module alpha and scale ends up folded into a plain bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from loraforge_core.bundle import Bundle, Manifest, store_bundle
+
+KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.string_to_param\.\*$")
+LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_(A|B)\.weight$")
+# Every key form diffusers' converters produce: peft (lora_A/B) and older diffusers names.
+ANY_LORA_KEY = re.compile(
+    r"^(unet|text_encoder)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$"
+)
+# diffusers' attention-processor form: <attention>.processor.to_k_lora.down.weight
+PROCESSOR_KEY = re.compile(
+    r"^(unet)\.(.+?)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)"
+    r"\.weight$"
+)
+_SHAPE_ERROR = re.compile(
+    r"copying a param with shape (torch\.Size\(\[[\d, ]+\]\)) from "
+    r"checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]+\]\))"
+)
+CLONEOFSIMO_KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
+CLONEOFSIMO_UNET_TARGETS = ("CrossAttention", "Attention", "GEGLU")
+CLONEOFSIMO_CLIP_TARGETS = ("CLIPAttention", "CLIPSdpaAttention")
+
+
+class FormatError(ValueError):
+    """A file this module cannot read as a LoRA."""
+
+
+class ArchitectureMismatch(ValueError):
+    """A LoRA made for another model architecture."""
+
+
+# ------------------------------------------------------------------------------ reading ours
+def lora_pairs(
+    state: dict[str, torch.Tensor],
+) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """{(component, module path): (down, up)} from a bundle's peft-format state."""
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = LORA_KEY.match(key)
+        if not match:
+            raise FormatError(f"unexpected key {key!r} in a loraforge bundle")
+        component, module, which = match.groups()
+        pairs.setdefault((component, module), {})[which] = value
+    return {k: (v["A"], v["B"]) for k, v in pairs.items()}
+
+
+def _kohya_module(component: str, module: str) -> str:
+    if component == "unet":
+        return "lora_unet_" + module.replace(".", "_")
+    # transformers 5.x's CLIPTextModel has no "text_model." level; kohya/A1111 names do.
+    if not module.startswith("text_model."):
+        module = "text_model." + module
+    return "lora_te_" + module.replace(".", "_")
+
+
+def export_kohya(bundle: Bundle) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One file A1111/ComfyUI load: ``lora_unet_*``/``lora_te_*`` with ``.alpha``, and the
+    learned tokens as ``bundle_emb.<token>.string_to_param.*``."""
+    state: dict[str, torch.Tensor] = {}
+    for (component, module), (down, up) in lora_pairs(bundle.lora_state_dict()).items():
+        name = _kohya_module(component, module)
+        state[f"{name}.lora_down.weight"] = down.contiguous()
+        state[f"{name}.lora_up.weight"] = up.contiguous()
+        # Alpha is folded into up already: alpha == rank means a multiplier of 1.
+        state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    for token, embedding in bundle.embeddings().items():
+        state[f"bundle_emb.{token}.string_to_param.*"] = embedding.reshape(1, -1).contiguous()
+    manifest = bundle.manifest
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(manifest.rank),
+        "ss_network_alpha": str(manifest.rank),
+        "ss_base_model_version": "sd_v1" if manifest.cross_attention_dim == 768 else "sd_v2",
+        "ss_sd_model_name": manifest.base_model,
+        "ss_training_comment": f"loraforge {manifest.method}, tokens {manifest.tokens}",
+        "ss_output_name": bundle.id,
+        "ss_steps": str(manifest.global_step),
+        "loraforge_bundle_id": bundle.id,
+    }
+    return state, metadata
+
+
+def export_a1111_embeddings(bundle: Bundle) -> dict[str, dict[str, torch.Tensor]]:
+    """One A1111 embedding per token: ``{file stem: {"emb_params": [1, dim]}}``."""
+    files = {}
+    for token, embedding in bundle.embeddings().items():
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+        files[stem] = {"emb_params": embedding.reshape(1, -1).contiguous()}
+    return files
+
+
+# ------------------------------------------------------------------------------ importing
+def detect_format(state: dict[str, torch.Tensor]) -> str:
+    keys = list(state)
+    if any(CLONEOFSIMO_KEY.match(k) for k in keys):
+        return "lora_diffusion"
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        return "kohya"
+    if any("lora" in k for k in keys):
+        return "diffusers"
+    raise FormatError("no LoRA keys in this file (every LoRA key names 'lora')")
+
+
+def _linear_walk(model: torch.nn.Module, ancestor_classes: tuple[str, ...]) -> Iterator[str]:
+    """cloneofsimo's module order: every Linear under each target-class module, in
+    registration order of the ancestors (``model.modules()``), then of their children.
+
+    A Linear that peft already wrapped (it has a ``base_layer``) counts as that Linear.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    for ancestor in model.modules():
+        if type(ancestor).__name__ not in ancestor_classes:
+            continue
+        base = names[ancestor]
+        wrapped: list[str] = []
+        for child_name, child in ancestor.named_modules():
+            if any(child_name.startswith(w + ".") for w in wrapped):
+                continue
+            is_wrapped = isinstance(getattr(child, "base_layer", None), torch.nn.Linear)
+            if is_wrapped:
+                wrapped.append(child_name)
+            if is_wrapped or isinstance(child, torch.nn.Linear):
+                yield f"{base}.{child_name}" if base else child_name
+
+
+def cloneofsimo_to_diffusers(
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Positional ``unet:{i}:up|down`` pairs -> peft keys on this architecture; tokens apart."""
+    lora: dict[str, torch.Tensor] = {}
+    tokens = {k: v for k, v in state.items() if not CLONEOFSIMO_KEY.match(k)}
+    for component, model, default in (
+        ("unet", unet, CLONEOFSIMO_UNET_TARGETS),
+        ("text_encoder", text_encoder, CLONEOFSIMO_CLIP_TARGETS),
+    ):
+        count = sum(1 for k in state if k.startswith(f"{component}:") and k.endswith(":up"))
+        if not count:
+            continue
+        targets = tuple(json.loads(metadata[component])) if component in metadata else default
+        # Current class names of the targets cloneofsimo knew under older names.
+        targets += ("Attention",) if "CrossAttention" in targets else ()
+        targets += ("CLIPSdpaAttention",) if "CLIPAttention" in targets else ()
+        modules = list(_linear_walk(model, targets))
+        if len(modules) != count:
+            raise ArchitectureMismatch(
+                f"the file has {count} {component} LoRA layers, this model has {len(modules)} "
+                f"Linear layers under {sorted(set(targets))}: another architecture"
+            )
+        for index, module in enumerate(modules):
+            down, up = state[f"{component}:{index}:down"], state[f"{component}:{index}:up"]
+            lora[f"{component}.{module}.lora_A.weight"] = down.float()
+            lora[f"{component}.{module}.lora_B.weight"] = up.float()
+    return lora, tokens
+
+
+def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """An adapter loaded into the pipeline's peft layers, read back with its scaling folded
+    into B (so alpha == rank), in our bundle's key format."""
+    state: dict[str, torch.Tensor] = {}
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component)
+        for name, module in model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict) or adapter_name not in lora_a:
+                continue
+            down = lora_a[adapter_name].weight.detach().float().cpu()
+            up = module.lora_B[adapter_name].weight.detach().float().cpu()
+            scale = float(module.scaling[adapter_name])
+            state[f"{component}.{name}.lora_A.weight"] = down.clone()
+            state[f"{component}.{name}.lora_B.weight"] = (up * scale).clone()
+    return state
+
+
+def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
+    """Refuse, naming the first mismatch, a LoRA whose shapes do not fit this model."""
+    modules = {c: dict(getattr(pipe, c).named_modules()) for c in ("unet", "text_encoder")}
+    for key, value in lora.items():
+        match = ANY_LORA_KEY.match(key)
+        processor = PROCESSOR_KEY.match(key)
+        if processor:
+            component, attention, projection, old_side = processor.groups()
+            suffix = "to_out.0" if projection == "to_out" else projection
+            path, peft_side = f"{attention}.{suffix}", None
+        elif match and value.ndim == 2:
+            component, path, peft_side, old_side = match.groups()
+        else:
+            continue
+        down = peft_side == "A" or old_side == "down"
+        path = path.removeprefix("text_model.") if component == "text_encoder" else path
+        module = modules[component].get(path)
+        if module is not None and hasattr(module, "base_layer"):
+            module = module.base_layer
+        if module is None or not hasattr(module, "in_features"):
+            raise ArchitectureMismatch(
+                f"{component} has no layer {path!r}: the LoRA was made for another architecture"
+            )
+        expected, actual = (
+            (module.in_features, value.shape[1]) if down else (module.out_features, value.shape[0])
+        )
+        if expected != actual:
+            raise ArchitectureMismatch(
+                f"{component} layer {path} has {expected} features, the LoRA has {actual}: it "
+                "was made for another architecture"
+            )
+
+
+def _discard(pipe: Any, adapter_name: str) -> None:
+    """Remove whatever part of an adapter got injected (a failed load never lingers)."""
+    for component in (pipe.unet, pipe.text_encoder):
+        if adapter_name in (getattr(component, "peft_config", None) or {}):
+            pipe.delete_adapters(adapter_name)
+            return
+
+
+def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundle:
+    """Any supported LoRA .safetensors -> a bundle in ``store`` (via the base pipeline)."""
+    from safetensors import safe_open
+
+    try:
+        state = load_file(path)
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:
+        raise FormatError(f"{path}: not a readable safetensors file ({err})") from err
+    kind = detect_format(state)
+    tokens: dict[str, torch.Tensor] = {}
+    if kind == "lora_diffusion":
+        lora, tokens = cloneofsimo_to_diffusers(state, metadata, pipe.unet, pipe.text_encoder)
+        check_shapes(pipe, lora)
+        source: Any = lora
+    else:
+        for key in list(state):
+            match = KOHYA_EMBEDDING.match(key)
+            if match:
+                tokens[match.group(1)] = state.pop(key).reshape(-1)
+        source = state
+        try:
+            converted = pipe.lora_state_dict(dict(state))[0]
+        except (ValueError, KeyError) as err:
+            raise FormatError(f"{path.name}: diffusers cannot read this LoRA ({err})") from err
+        check_shapes(pipe, converted)
+    name = "loraforge_import"
+    try:
+        pipe.load_lora_weights(source, adapter_name=name)
+        lora = effective_lora(pipe, name)
+    except (ValueError, RuntimeError, KeyError) as err:
+        shapes = _SHAPE_ERROR.search(str(err))
+        reason = (
+            f"a layer of the LoRA has shape {shapes.group(1)} where this model needs "
+            f"{shapes.group(2)}: it was made for another architecture"
+            if shapes
+            else str(err).splitlines()[0]
+        )
+        raise ArchitectureMismatch(f"cannot apply {path.name} to this model: {reason}") from err
+    finally:
+        _discard(pipe, name)
+    if not lora:
+        raise FormatError(f"{path.name}: no LoRA layer of it matched this model")
+    tokens = {t: v.reshape(-1).float() for t, v in tokens.items()}
+    hidden = pipe.text_encoder.config.hidden_size
+    for token, vector in tokens.items():
+        if vector.numel() != hidden:
+            raise ArchitectureMismatch(
+                f"token {token} has {vector.numel()} dimensions, this model's text encoder {hidden}"
+            )
+    ranks = {v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")}
+    manifest = Manifest(
+        base_model=base_model, method=f"import:{kind}", tokens=sorted(tokens),
+        rank=max(ranks), alpha=float(max(ranks)),
+        unet_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
+                                    for k in lora if k.startswith("unet.")}),
+        text_encoder_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
+                                            for k in lora if k.startswith("text_encoder.")}),
+        global_step=0, text_hidden_size=int(hidden),
+        cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
+        training_config={"imported_from": path.name, "source_format": kind,
+                         "source_metadata": metadata},
+    )  # fmt: skip
+    return store_bundle(store, lora, tokens, manifest)

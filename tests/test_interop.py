@@ -1,0 +1,152 @@
+"""Interop: kohya/A1111, diffusers and cloneofsimo formats in and out, and architecture checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from loraforge_core import interop
+from loraforge_core.architectures import TINY
+from loraforge_core.bundle import read_bundle
+from loraforge_core.models import build_pipeline
+from tests.helpers import random_bundle
+
+PROMPT = "a photo of a <k1>"
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    return random_bundle(str(tiny_model), tmp_path_factory.mktemp("store"), seed=11, token="<k1>")
+
+
+@pytest.fixture()
+def pipe(tiny_model: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe: StableDiffusionPipeline) -> np.ndarray:
+    return pipe(
+        PROMPT,
+        num_inference_steps=5,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+
+
+def render_bundle(tiny_model: Path, folder: Path) -> np.ndarray:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    b = read_bundle(folder)
+    pipe.load_lora_weights(b.lora_path)
+    pipe.load_textual_inversion(list(b.embeddings().values()), token=list(b.embeddings()))
+    return render(pipe)
+
+
+def run_cli(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer_service", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_export_then_import_round_trips_to_the_same_images(fmt, bundle, tiny_model, tmp_path):
+    exported = tmp_path / f"{fmt}.safetensors"
+    run_cli("export", str(bundle.path), "--format", fmt, "-o", str(exported))
+    out = run_cli("import", str(exported), "--model", str(tiny_model), "-o", str(tmp_path / "s"))
+    imported = Path(out.split()[0])
+    manifest = read_bundle(imported).manifest
+    assert manifest.method == f"import:{fmt}" and manifest.rank == 4
+    if fmt == "kohya":
+        assert manifest.tokens == ["<k1>"]
+    else:  # the plain diffusers file carries no tokens: add them for the comparison
+        save_file(bundle.embeddings(), imported / "learned_embeds.safetensors")
+    original = render_bundle(tiny_model, bundle.path)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(imported / "pytorch_lora_weights.safetensors")
+    pipe.load_textual_inversion(list(bundle.embeddings().values()), token=["<k1>"])
+    assert np.abs(render(pipe) - original).mean() <= 1e-3
+
+
+def test_kohya_export_loads_in_stock_diffusers_like_the_bundle(bundle, tiny_model, pipe):
+    state, metadata = interop.export_kohya(bundle)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_module"] == "networks.lora"
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0") for k in state)
+    assert "bundle_emb.<k1>.string_to_param.*" in state
+    lora = {k: v for k, v in state.items() if not k.startswith("bundle_emb.")}
+    pipe.load_lora_weights(lora)
+    pipe.load_textual_inversion(state["bundle_emb.<k1>.string_to_param.*"][0], token="<k1>")
+    assert np.abs(render(pipe) - render_bundle(tiny_model, bundle.path)).mean() <= 1e-3
+
+
+def test_a1111_embeddings_export(bundle, tmp_path):
+    out = run_cli("export", str(bundle.path), "--format", "embeddings-a1111", "-o", str(tmp_path))
+    files = [Path(line) for line in out.split()]
+    assert [f.name for f in files] == ["k1.safetensors"]
+    assert load_file(files[0])["emb_params"].shape == (1, 64)
+
+
+def cloneofsimo_file(bundle, pipe, path: Path) -> dict[str, torch.Tensor]:
+    """Written as lora_diffusion.save_safeloras_with_embeds writes it: positional
+    ``{model}:{i}:up|down`` in traversal order of the target classes, target lists and ranks in
+    the metadata, embeddings under their token names."""
+    pairs = interop.lora_pairs(bundle.lora_state_dict())
+    state: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for component, model, targets in (
+        ("unet", pipe.unet, ["CrossAttention", "Attention", "GEGLU"]),
+        ("text_encoder", pipe.text_encoder, ["CLIPAttention"]),
+    ):
+        metadata[component] = json.dumps(targets)
+        walk = list(interop._linear_walk(model, (*targets, "CLIPSdpaAttention")))
+        for i, module in enumerate(walk):
+            down, up = pairs[(component, module)]
+            state[f"{component}:{i}:down"] = down.half()
+            state[f"{component}:{i}:up"] = up.half()
+            metadata[f"{component}:{i}:rank"] = str(down.shape[0])
+    for token, embedding in bundle.embeddings().items():
+        state[token] = embedding
+    save_file(state, path, metadata=metadata)
+    return state
+
+
+def test_cloneofsimo_file_imports_with_the_same_delta_w(bundle, tiny_model, pipe, tmp_path):
+    source = tmp_path / "lora_diffusion.safetensors"
+    state = cloneofsimo_file(bundle, pipe, source)
+    imported = interop.import_file(source, pipe, tmp_path / "store", base_model="tiny")
+    assert imported.manifest.tokens == ["<k1>"]
+    walk = list(interop._linear_walk(pipe.unet, ("Attention", "GEGLU")))
+    pairs = interop.lora_pairs(imported.lora_state_dict())
+    for i, module in enumerate(walk):
+        expected = state[f"unet:{i}:up"].float() @ state[f"unet:{i}:down"].float()
+        down, up = pairs[("unet", module)]
+        torch.testing.assert_close(up @ down, expected, atol=1e-5, rtol=1e-4)
+    assert len(pairs) == len(interop.lora_pairs(bundle.lora_state_dict()))
+
+
+def test_lora_for_another_architecture_is_refused_clearly(tiny_model, pipe, tmp_path):
+    other = copy.deepcopy(TINY)
+    other["text_encoder"]["hidden_size"] = 32
+    other["unet"]["cross_attention_dim"] = 32
+    build_pipeline(other).save_pretrained(tmp_path / "other")
+    foreign = random_bundle(str(tmp_path / "other"), tmp_path / "store", seed=1, token="<x>")
+    state, metadata = interop.export_kohya(foreign)
+    save_file(state, tmp_path / "foreign.safetensors", metadata=metadata)
+    with pytest.raises(interop.ArchitectureMismatch, match=r"another architecture"):
+        interop.import_file(tmp_path / "foreign.safetensors", pipe, tmp_path / "s", base_model="")
+    assert not getattr(pipe.unet, "peft_config", None), "nothing left half-loaded"

@@ -1,0 +1,40 @@
+"""``loraforge-trainer export`` and ``import``: bundles to and from other tools' formats."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+from loraforge_core import interop
+from loraforge_core.bundle import LORA_FILE, read_bundle
+from loraforge_core.files import atomic_write_bytes
+
+
+def run_export(args: argparse.Namespace) -> Iterator[str]:
+    from safetensors.torch import save, save_file
+
+    bundle = read_bundle(args.bundle)
+    if args.format == "kohya":
+        state, metadata = interop.export_kohya(bundle)
+        atomic_write_bytes(args.output, save(state, metadata=metadata))
+        yield str(args.output)
+    elif args.format == "diffusers":
+        atomic_write_bytes(args.output, (bundle.path / LORA_FILE).read_bytes())
+        yield str(args.output)
+    else:
+        args.output.mkdir(parents=True, exist_ok=True)
+        for stem, state in interop.export_a1111_embeddings(bundle).items():
+            path = args.output / f"{stem}.safetensors"
+            save_file(state, path)
+            yield str(path)
+
+
+def run_import(args: argparse.Namespace) -> Iterator[str]:
+    from loraforge_core.models import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    for path in args.files:
+        bundle = interop.import_file(
+            path, pipe, args.output, base_model=args.model or "loraforge/tiny"
+        )
+        yield f"{bundle.path}  tokens={bundle.manifest.tokens} rank={bundle.manifest.rank}"
