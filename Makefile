@@ -25,6 +25,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+bench: $(STAMP)
+	$(PY) -m bench.serving
+	$(PY) -m bench.training
+
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py
 

@@ -1,9 +1,10 @@
 """The warm pipeline and its adapters: one executor thread owns both.
 
-Resident adapters stay loaded in the peft-wrapped UNet and text encoder under their ids; a
-request activates its set with its scales (``set_adapters``), which costs milliseconds, and the
-base weights never change. Learned tokens are added to the tokenizer only for the duration of a
-request that names their adapter, so a token means nothing in a request without it.
+Resident adapters stay loaded in the peft-wrapped UNet and text encoder, in pre-shaped slots
+(slots.py: loading is a weight copy) or under their own names; a request activates its set with
+its scales (``set_adapters``), which costs milliseconds, and the base weights never change.
+Learned tokens are added to the tokenizer only for the duration of a request that names their
+adapter, so a token means nothing in a request without it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from inference_service.slots import SlotPool
 from loraforge_core import bundle as bundles
+from loraforge_core import interop
 from loraforge_core.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from loraforge_core.files import atomic_write_bytes, safe_child
 
@@ -81,6 +84,7 @@ class AdapterEntry:
     has_text_encoder: bool
     pinned: bool = False
     resident: bool = False
+    peft_name: str = ""  # the name its weights have in the peft layers (a slot, or its own)
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -94,8 +98,9 @@ class GeneratorEngine:
     """Owns the pipeline; every method that touches it runs on the one executor thread."""
 
     def __init__(
-        self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = ""
-    ) -> None:
+        self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = "",
+        slot_rank: int = 16,
+    ) -> None:  # fmt: skip
         self.pipe = pipe
         self.model_name = model_name
         self.store_dir = Path(store_dir)
@@ -108,6 +113,8 @@ class GeneratorEngine:
         self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
         self.text_hidden = int(pipe.text_encoder.config.hidden_size)
         self.cross_dim = int(pipe.unet.config.cross_attention_dim)
+        # Pre-shaped slots (rank slot_rank, default targets): loading becomes a weight copy.
+        self.slots = SlotPool(pipe, max_resident, slot_rank) if slot_rank > 0 else None
 
     # ------------------------------------------------------------------ adapters
     def _entry_from_bundle(self, adapter_id: str, path: Path) -> AdapterEntry:
@@ -203,31 +210,38 @@ class GeneratorEngine:
         raise NotFound("adapter", adapter_id, f"nothing loadable at {relative!r} in the store")
 
     def _make_resident(self, entry: AdapterEntry) -> None:
+        """Load the adapter's weights: into a pre-shaped slot when it fits, else generally."""
         self._evict_for_one()
         if entry.has_lora:
-            source = entry.path / bundles.LORA_FILE
+            pairs = interop.lora_pairs(
+                bundles.read_bundle(entry.path, verify=False).lora_state_dict()
+            )
+            slot = (
+                self.slots.acquire(entry.adapter_id)
+                if (self.slots is not None and self.slots.fits(pairs))
+                else None
+            )
             try:
-                self.pipe.load_lora_weights(str(source), adapter_name=entry.adapter_id)
+                if slot is not None:
+                    self.slots.fill(slot, pairs)
+                    entry.peft_name = slot
+                else:
+                    entry.peft_name = f"adapter-{entry.adapter_id}"
+                    self.pipe.load_lora_weights(
+                        str(entry.path / bundles.LORA_FILE), adapter_name=entry.peft_name
+                    )
             except Exception as err:
-                self._forget_adapter_weights(entry.adapter_id)
-                raise InvalidArgument(
-                    f"cannot apply adapter {entry.adapter_id!r} to this model: {err}", "adapter"
+                if slot is not None:
+                    self.slots.release(slot)
+                else:
+                    interop.discard_adapter(self.pipe, entry.peft_name)
+                raise FailedPrecondition(
+                    f"cannot apply adapter {entry.adapter_id!r} to this model: {err}"
                 ) from err
         entry.resident = True
         self.entries[entry.adapter_id] = entry
         self.lru[entry.adapter_id] = None
         self.lru.move_to_end(entry.adapter_id)
-
-    def _forget_adapter_weights(self, adapter_id: str) -> None:
-        """Remove whatever part of an adapter got injected (never leave it half-loaded)."""
-        for component in (self.pipe.unet, self.pipe.text_encoder):
-            config = getattr(component, "peft_config", None) or {}
-            if adapter_id in config:
-                try:
-                    self.pipe.delete_adapters(adapter_id)
-                except Exception:  # pragma: no cover - best effort clean-up
-                    log.exception("could not delete half-loaded adapter")
-                return
 
     def _evict_for_one(self) -> None:
         """Make room for one more resident adapter by evicting the least recently used."""
@@ -245,7 +259,11 @@ class GeneratorEngine:
         """Drop the adapter's weights from the model; it stays known and reloads on demand."""
         entry = self.entries[adapter_id]
         if entry.resident and entry.has_lora:
-            self.pipe.delete_adapters(adapter_id)
+            if entry.peft_name.startswith("slot-"):
+                assert self.slots is not None
+                self.slots.release(entry.peft_name)  # overwritten by the next fill
+            else:
+                self.pipe.delete_adapters(entry.peft_name)
         entry.resident = False
         log.info("adapter evicted", extra={"adapter_id": adapter_id})
 
@@ -311,11 +329,13 @@ class GeneratorEngine:
         if with_lora:
             self.pipe.enable_lora()
             self.pipe.set_adapters(
-                [e.adapter_id for e, _ in with_lora],
+                [e.peft_name for e, _ in with_lora],
                 adapter_weights=[{"unet": a.scale, "text_encoder": a.te_scale}
                                  for _, a in with_lora],
             )  # fmt: skip
-        elif self.entries and any(e.has_lora and e.resident for e in self.entries.values()):
+        elif self.slots is not None or any(
+            e.has_lora and e.resident for e in self.entries.values()
+        ):
             self.pipe.disable_lora()
         tokens: list[str] = []
         for entry in entries:

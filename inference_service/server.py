@@ -88,12 +88,14 @@ class GeneratorService:
         max_resident_adapters: int = 8,
         queue_size: int = 16,
         preload: tuple[str, ...] = (),
+        slot_rank: int = 16,
     ) -> None:
         validate_device(settings.device)
         self.settings = settings
         self.max_resident = max_resident_adapters
         self.queue_size = queue_size
         self.preload = preload
+        self.slot_rank = slot_rank
         self.engine: GeneratorEngine | None = None
         # One thread owns the pipeline: requests run one at a time, in arrival order.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
@@ -108,7 +110,7 @@ class GeneratorService:
         pipe = await asyncio.to_thread(load_pipeline, self.settings.model, device=device)
         self.engine = GeneratorEngine(
             pipe, Path(self.settings.data_dir), max_resident=self.max_resident,
-            model_name=self.settings.model or "loraforge/tiny",
+            model_name=self.settings.model or "loraforge/tiny", slot_rank=self.slot_rank,
         )  # fmt: skip
         for adapter_id in self.preload:
             await self.run(self.engine.register, adapter_id, pin=True)

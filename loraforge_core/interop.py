@@ -225,7 +225,7 @@ def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
             )
 
 
-def _discard(pipe: Any, adapter_name: str) -> None:
+def discard_adapter(pipe: Any, adapter_name: str) -> None:
     """Remove whatever part of an adapter got injected (a failed load never lingers)."""
     for component in (pipe.unet, pipe.text_encoder):
         if adapter_name in (getattr(component, "peft_config", None) or {}):
@@ -274,7 +274,7 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
         )
         raise ArchitectureMismatch(f"cannot apply {path.name} to this model: {reason}") from err
     finally:
-        _discard(pipe, name)
+        discard_adapter(pipe, name)
     if not lora:
         raise FormatError(f"{path.name}: no LoRA layer of it matched this model")
     tokens = {t: v.reshape(-1).float() for t, v in tokens.items()}

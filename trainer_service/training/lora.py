@@ -63,3 +63,50 @@ def diffusers_lora_state(
             value = value * scale if "lora_B" in key else value
             packed[f"{prefix}.{key}"] = value.float().contiguous()
     return packed
+
+
+def random_lora_bundle(
+    model: str,
+    root,
+    *,
+    seed: int,
+    token: str | None = None,
+    text_encoder: bool = True,
+    rank: int = 4,
+    std: float = 0.15,
+):
+    """A real bundle (default targets, UNet and text encoder) with random non-zero weights.
+
+    Made with the same injection and export code as training, for serving tests and benchmarks
+    where what the adapter has learned does not matter.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from loraforge_core.bundle import Manifest, store_bundle
+    from loraforge_core.models import resolve_model
+    from trainer_service.config import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS
+
+    model = resolve_model(model)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    add_unet_lora(unet, lora_config(rank, rank, list(DEFAULT_UNET_TARGETS), 0.0))
+    text = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    if text_encoder:
+        add_text_encoder_lora(text, lora_config(rank, rank, list(DEFAULT_CLIP_TARGETS), 0.0))
+    with torch.no_grad():
+        for module in (unet, text):
+            for param in lora_parameters(module):
+                param.normal_(0, std / max(1, (param.shape[-1] / 64) ** 0.5))
+    state = diffusers_lora_state(
+        peft_state(unet), peft_state(text) if text_encoder else None, rank, rank
+    )
+    embeddings = {token: torch.randn(text.config.hidden_size) * 0.4} if token else {}
+    manifest = Manifest(
+        base_model=model, method="pti", tokens=[token] if token else [], rank=rank,
+        alpha=rank, unet_target_modules=list(DEFAULT_UNET_TARGETS),
+        text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS) if text_encoder else [],
+        global_step=0, text_hidden_size=text.config.hidden_size,
+        cross_attention_dim=unet.config.cross_attention_dim,
+    )  # fmt: skip
+    return store_bundle(root, state, embeddings, manifest)

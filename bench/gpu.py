@@ -1,0 +1,180 @@
+"""GPU figures on the SD 2.1-base architecture with random weights (no download).
+
+    bash bench/gpu.sh                       # on a GPU machine: 512x512, fp16
+    python -m bench.gpu --arch tiny --size 64 --dtype fp32 --device cpu   # syntax check on CPU
+
+Reports denoising steps/s with 0, 1 and 4 adapters, the time to switch between resident
+adapters and to load a new one (ours and diffusers'), LoRA training steps/s (batch 1), and
+peak GPU memory. Random weights give real shapes and real costs, not meaningful images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import median_ms, report
+from inference_service.pipeline import AdapterRequest, GenerationSpec, GeneratorEngine
+from loraforge_core.architectures import ARCHITECTURES
+from loraforge_core.bundle import pack
+from loraforge_core.models import build_pipeline
+from trainer_service.training.lora import random_lora_bundle
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd21-base", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    model_dir = work / "model"
+    build_pipeline(ARCHITECTURES[args.arch], seed=0).save_pretrained(model_dir)
+    print(f"built {args.arch} in {time.monotonic() - started:.0f}s", flush=True)
+    bundles = [
+        random_lora_bundle(str(model_dir), work / "store", seed=i, token=f"<g{i}>", rank=8)
+        for i in range(6)
+    ]
+    print(f"made adapters at {time.monotonic() - started:.0f}s", flush=True)
+    rows = serving_rows(model_dir, work, bundles, args)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rows += train_rows(model_dir, args)
+    rows.append(("wall time of this script", time.monotonic() - started, "s"))
+    report(f"gpu-{args.arch}-{args.size}", rows, args.out)
+
+
+def serving_rows(
+    model_dir: Path, work: Path, bundles: list, args: argparse.Namespace
+) -> list[tuple[str, float, str]]:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, torch_dtype=DTYPES[args.dtype], safety_checker=None,
+        requires_safety_checker=False,
+    ).to(args.device)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    engine = GeneratorEngine(pipe, work, max_resident=8)
+    for i in range(4):
+        engine.register(f"a{i}", data=pack(bundles[i].path))
+
+    def spec(n: int) -> GenerationSpec:
+        return GenerationSpec(
+            prompt="a photo",
+            width=args.size,
+            height=args.size,
+            steps=args.steps,
+            seed=0,
+            adapters=[AdapterRequest(f"a{i}", 0.8) for i in range(n)],
+        )
+
+    def generate(n: int) -> None:
+        engine.generate(spec(n))
+        synchronize()
+
+    rows: list[tuple[str, float, str]] = []
+    base_ms = None
+    for n in (0, 1, 4):
+        ms = median_ms(lambda n=n: generate(n), repeat=3, warmup=1)
+        base_ms = base_ms or ms
+        rows.append(
+            (
+                f"denoising steps/s, {n} adapters ({args.size}px, CFG)",
+                args.steps / ms * 1000,
+                "steps/s",
+            )
+        )
+        rows.append((f"  {n} adapters vs base", ms / base_ms, "x"))
+
+    flip = iter(range(10**9))
+
+    def switch() -> None:
+        i = next(flip)
+        name = f"a{i % 2}"
+        request = GenerationSpec(prompt="x", adapters=[AdapterRequest(name, 0.5 + (i % 3) / 4)])
+        tokens = engine._activate([engine.entries[name]], request)
+        pipe.unload_textual_inversion(tokens)
+        synchronize()
+
+    rows.append(("switch resident adapter + scales", median_ms(switch, repeat=15), "ms"))
+    fresh = iter(bundles[4:] * 50)
+    counter = iter(range(10**9))
+
+    def load_ours() -> None:
+        name = f"n{next(counter)}"
+        engine.register(name, uri=str(next(fresh).path.relative_to(work)))
+        engine.unload(name)
+        synchronize()
+
+    def load_stock() -> None:
+        name = f"s{next(counter)}"
+        pipe.load_lora_weights(next(fresh).lora_path, adapter_name=name)
+        pipe.delete_adapters(name)
+        synchronize()
+
+    rows.append(("load new adapter + unload (ours)", median_ms(load_ours, repeat=5), "ms"))
+    rows.append(("load new adapter + delete (diffusers)", median_ms(load_stock, repeat=5), "ms"))
+    if torch.cuda.is_available():
+        rows.append(("peak GPU memory, serving", torch.cuda.max_memory_allocated() / 2**20, "MiB"))
+    return rows
+
+
+def train_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, float, str]]:
+    from PIL import Image
+
+    from trainer_service.config import TrainingConfig
+    from trainer_service.training.data import InstanceExample
+    from trainer_service.training.engine import RunPaths, Trainer
+    from trainer_service.training.events import ListReporter
+
+    precision = {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[args.dtype]
+    images = [
+        InstanceExample(Image.new("RGB", (args.size, args.size), c), f"{c}.png")
+        for c in ("red", "green", "blue")
+    ]
+    rows = []
+    for phase_steps, label in [((args.train_steps, args.train_steps), "PTI")]:
+        config = TrainingConfig(
+            pretrained_model_name_or_path=str(model_dir), max_train_steps_ti=phase_steps[0],
+            max_train_steps_tuning=phase_steps[1], save_steps=10**6, resolution=args.size,
+            mixed_precision=precision, gradient_accumulation_steps=1, seed=0,
+            device="cpu" if args.device == "cpu" else "auto",
+        )  # fmt: skip
+        reporter = ListReporter()
+        with tempfile.TemporaryDirectory() as tmp:
+            Trainer(config, images, RunPaths(Path(tmp) / "c", Path(tmp) / "a"), reporter).run()
+        for phase in ("inversion", "tuning"):
+            last = [e for e in reporter.events if e["event"] == "progress" and e["phase"] == phase][
+                -1
+            ]
+            rows.append(
+                (
+                    f"{label} {phase} steps/s (batch 1, {args.size}px, {precision})",
+                    last["steps_per_second"],
+                    "steps/s",
+                )
+            )
+    if torch.cuda.is_available():
+        rows.append(("peak GPU memory, training", torch.cuda.max_memory_allocated() / 2**20, "MiB"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

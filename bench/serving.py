@@ -1,0 +1,163 @@
+"""Generator costs against stock diffusers, in one process and one run.
+
+    python -m bench.serving [--model M] [--size 64] [--steps 10] [--out bench/results]
+
+Rows: adapter activation (our per-request switch vs diffusers ``set_adapters``), loading a
+never-seen adapter (ours vs ``load_lora_weights``), generation with 0/1/2 adapters and fused,
+and Generate over gRPC on loopback vs the same generation in-process. Every figure is a
+median after warm-up; ratios compare to a baseline measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.common import median_ms, report
+from inference_service.pipeline import AdapterRequest, GenerationSpec, GeneratorEngine
+from loraforge_core.bundle import pack
+from loraforge_core.launch import ServerProcess
+from loraforge_core.models import load_pipeline, resolve_model
+from trainer_service.training.lora import random_lora_bundle
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = resolve_model(args.model)
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    bundles = [random_lora_bundle(model, work / "store", seed=i, token=f"<b{i}>") for i in range(6)]
+    pipe = load_pipeline(model, device=device)
+    engine = GeneratorEngine(pipe, work / "generator", max_resident=8)
+    for i, bundle in enumerate(bundles[:3]):
+        engine.register(f"a{i}", data=pack(bundle.path))
+    size, steps, repeat = args.size, args.steps, args.repeat
+
+    def spec(*adapters: tuple[str, float]) -> GenerationSpec:
+        return GenerationSpec(
+            prompt="a red circle",
+            width=size,
+            height=size,
+            steps=steps,
+            seed=0,
+            adapters=[AdapterRequest(a, s) for a, s in adapters],
+        )
+
+    rows: list[tuple[str, float, str]] = []
+    gen = {n: median_ms(lambda s=s: engine.generate(s), repeat=repeat) for n, s in (
+        ("0 adapters", spec()), ("1 adapter", spec(("a0", 1.0))),
+        ("2 adapters", spec(("a0", 0.7), ("a1", 0.5))),
+    )}  # fmt: skip
+    for name, ms in gen.items():
+        rows.append((f"generate {size}x{size} {steps} steps, {name}", ms, "ms"))
+    rows.append(("  overhead of 1 adapter vs base", gen["1 adapter"] / gen["0 adapters"], "x"))
+    rows.append(("  overhead of 2 adapters vs base", gen["2 adapters"] / gen["0 adapters"], "x"))
+
+    # Fused: one adapter set repeating, folded into the weights.
+    pipe.set_adapters(["a0"], [1.0])
+    pipe.fuse_lora(adapter_names=["a0"])
+    pipe.disable_lora()  # the fused weights stay; the unfused path is off
+    fused = median_ms(
+        lambda: pipe(
+            "a red circle",
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ),
+        repeat=repeat,
+    )
+    pipe.enable_lora()
+    pipe.unfuse_lora()
+    rows.append((f"generate {size}x{size} {steps} steps, 1 adapter fused", fused, "ms"))
+    rows.append(("  fused overhead vs base", fused / gen["0 adapters"], "x"))
+
+    # Switching between resident adapters: ours per request vs diffusers' set_adapters.
+    flip = iter(range(10**9))
+
+    def ours() -> None:
+        i = next(flip)
+        name = f"a{i % 2}"
+        request = spec((name, 0.5 + (i % 3) * 0.25))
+        tokens = engine._activate([engine.entries[name]], request)
+        pipe.unload_textual_inversion(tokens)
+
+    def stock() -> None:
+        i = next(flip)
+        pipe.set_adapters([f"a{i % 2}"], [{"unet": 0.5 + (i % 3) * 0.25, "text_encoder": 1.0}])
+
+    switch_ours = median_ms(ours, repeat=21, warmup=3)
+    switch_stock = median_ms(stock, repeat=21, warmup=3)
+    rows += [
+        ("switch adapter + scales (ours, incl. tokens)", switch_ours, "ms"),
+        ("switch adapter + scales (diffusers set_adapters)", switch_stock, "ms"),
+        ("  ours / diffusers", switch_ours / switch_stock, "x"),
+        ("  ours / one generation", switch_ours / gen["1 adapter"], "x (target <= 0.01)"),
+    ]
+
+    # Loading a never-seen adapter: ours (verify + load + register) vs load_lora_weights.
+    fresh = iter(bundles[3:] * 100)
+    counter = iter(range(10**9))
+
+    def load_ours() -> None:
+        bundle = next(fresh)
+        name = f"n{next(counter)}"
+        engine.register(name, uri=str(bundle.path.relative_to(work / "generator")))
+        engine.unload(name)
+
+    def load_stock() -> None:
+        bundle = next(fresh)
+        name = f"s{next(counter)}"
+        pipe.load_lora_weights(bundle.lora_path, adapter_name=name)
+        pipe.delete_adapters(name)
+
+    (work / "generator" / "store").symlink_to(work / "store")
+    load_o = median_ms(load_ours, repeat=repeat)
+    load_s = median_ms(load_stock, repeat=repeat)
+    rows += [
+        ("load new adapter incl. unload (ours)", load_o, "ms"),
+        ("load new adapter incl. delete (diffusers)", load_s, "ms"),
+        ("  ours / diffusers", load_o / load_s, "x (target <= 0.25)"),
+    ]
+
+    # Serving overhead: Generate over gRPC on loopback vs the same call in-process.
+    with ServerProcess("generator", data_dir=work / "server", model=args.model) as server:
+        from loraforge_client import GeneratorClient
+
+        with GeneratorClient(server.target, timeout=600) as client:
+            client.load_adapter("a0", bundles[0].path)
+            remote = median_ms(lambda: client.generate(
+                "a red circle", adapters=[("a0", 1.0)], width=size, height=size, steps=steps,
+                seed=0), repeat=repeat)  # fmt: skip
+    pipe.enable_lora()
+    pipe.set_adapters(["a0"], [1.0])
+    local = median_ms(
+        lambda: pipe(
+            "a red circle",
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        repeat=repeat,
+    )
+    rows += [
+        ("Generate over gRPC, 1 adapter", remote, "ms"),
+        ("same generation, in-process diffusers", local, "ms"),
+        ("  gRPC / in-process", remote / local, "x (target <= 1.05)"),
+    ]
+    report("serving", rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
