@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import shutil
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from inference_service.slots import SlotPool
+from inference_service.slots import SlotPool, TokenPool
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
 from loraforge_core.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
@@ -85,6 +86,7 @@ class AdapterEntry:
     pinned: bool = False
     resident: bool = False
     peft_name: str = ""  # the name its weights have in the peft layers (a slot, or its own)
+    token_map: dict[str, str] = field(default_factory=dict)  # learned token -> private name
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -115,6 +117,7 @@ class GeneratorEngine:
         self.cross_dim = int(pipe.unet.config.cross_attention_dim)
         # Pre-shaped slots (rank slot_rank, default targets): loading becomes a weight copy.
         self.slots = SlotPool(pipe, max_resident, slot_rank) if slot_rank > 0 else None
+        self.tokens = TokenPool(pipe)
 
     # ------------------------------------------------------------------ adapters
     def _entry_from_bundle(self, adapter_id: str, path: Path) -> AdapterEntry:
@@ -158,8 +161,9 @@ class GeneratorEngine:
         return self._entry_from_bundle(adapter_id, folder)
 
     def register(
-        self, adapter_id: str, *, data: bytes | None = None, uri: str = "", pin: bool = False
-    ) -> AdapterEntry:
+        self, adapter_id: str, *, data: bytes | None = None, uri: str = "", pin: bool = False,
+        keep: frozenset[str] | set[str] = frozenset(),
+    ) -> AdapterEntry:  # fmt: skip
         """Make an adapter known and resident (from inline bytes or the artifact store)."""
         with self.lock:
             if adapter_id in self.entries:
@@ -169,7 +173,7 @@ class GeneratorEngine:
             else:
                 entry = self._entry_from_store(adapter_id, uri or adapter_id)
             entry.pinned = pin
-            self._make_resident(entry)
+            self._make_resident(entry, keep)
             return entry
 
     def _store_inline(self, adapter_id: str, data: bytes) -> AdapterEntry:
@@ -209,9 +213,11 @@ class GeneratorEngine:
             return self._import(adapter_id, path)
         raise NotFound("adapter", adapter_id, f"nothing loadable at {relative!r} in the store")
 
-    def _make_resident(self, entry: AdapterEntry) -> None:
+    def _make_resident(
+        self, entry: AdapterEntry, keep: frozenset[str] | set[str] = frozenset()
+    ) -> None:
         """Load the adapter's weights: into a pre-shaped slot when it fits, else generally."""
-        self._evict_for_one()
+        self._evict_for_one(keep)
         if entry.has_lora:
             pairs = interop.lora_pairs(
                 bundles.read_bundle(entry.path, verify=False).lora_state_dict()
@@ -238,16 +244,26 @@ class GeneratorEngine:
                 raise FailedPrecondition(
                     f"cannot apply adapter {entry.adapter_id!r} to this model: {err}"
                 ) from err
+        if entry.embeddings:
+            try:
+                names = self.tokens.acquire(list(entry.embeddings.values()))
+            except ValueError as err:
+                self._drop_weights(entry)
+                raise FailedPrecondition(f"adapter {entry.adapter_id!r}: {err}") from err
+            entry.token_map = dict(zip(entry.embeddings, names, strict=True))
         entry.resident = True
         self.entries[entry.adapter_id] = entry
         self.lru[entry.adapter_id] = None
         self.lru.move_to_end(entry.adapter_id)
 
-    def _evict_for_one(self) -> None:
-        """Make room for one more resident adapter by evicting the least recently used."""
+    def _evict_for_one(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
+        """Make room for one more resident adapter by evicting the least recently used
+        (never a pinned one, nor one in ``keep``: the other adapters of the same request)."""
         resident = [a for a in self.lru if self.entries[a].resident]
         while len(resident) >= self.max_resident:
-            victim = next((a for a in resident if not self.entries[a].pinned), None)
+            victim = next(
+                (a for a in resident if not self.entries[a].pinned and a not in keep), None
+            )
             if victim is None:
                 raise FailedPrecondition(
                     f"all {self.max_resident} resident adapters are pinned; unload one first"
@@ -255,15 +271,22 @@ class GeneratorEngine:
             self._evict(victim)
             resident.remove(victim)
 
+    def _drop_weights(self, entry: AdapterEntry) -> None:
+        if not entry.has_lora or not entry.peft_name:
+            return
+        if entry.peft_name.startswith("slot-"):
+            assert self.slots is not None
+            self.slots.release(entry.peft_name)  # overwritten by the next fill
+        else:
+            self.pipe.delete_adapters(entry.peft_name)
+
     def _evict(self, adapter_id: str) -> None:
         """Drop the adapter's weights from the model; it stays known and reloads on demand."""
         entry = self.entries[adapter_id]
-        if entry.resident and entry.has_lora:
-            if entry.peft_name.startswith("slot-"):
-                assert self.slots is not None
-                self.slots.release(entry.peft_name)  # overwritten by the next fill
-            else:
-                self.pipe.delete_adapters(entry.peft_name)
+        if entry.resident:
+            self._drop_weights(entry)
+            self.tokens.release(list(entry.token_map.values()))
+            entry.token_map = {}
         entry.resident = False
         log.info("adapter evicted", extra={"adapter_id": adapter_id})
 
@@ -283,17 +306,19 @@ class GeneratorEngine:
         with self.lock:
             return list(self.entries.values())
 
-    def ensure_resident(self, adapter_id: str) -> AdapterEntry:
+    def ensure_resident(
+        self, adapter_id: str, keep: frozenset[str] | set[str] = frozenset()
+    ) -> AdapterEntry:
         """Resident adapter by id, loading it from the artifact store on demand."""
         with self.lock:
             entry = self.entries.get(adapter_id)
             if entry is not None:
                 if not entry.resident:
-                    self._make_resident(entry)
+                    self._make_resident(entry, keep)
                 self.lru.move_to_end(adapter_id)
                 return entry
         try:
-            return self.register(adapter_id)
+            return self.register(adapter_id, keep=keep)
         except NotFound:
             raise NotFound(
                 "adapter", adapter_id, "load it with LoadAdapter or put it in the artifact store"
@@ -323,8 +348,9 @@ class GeneratorEngine:
         }
         return classes[name].from_config(config)
 
-    def _activate(self, entries: list[AdapterEntry], spec: GenerationSpec) -> list[str]:
-        """Set the request's adapters and scales; add its learned tokens. Returns the tokens."""
+    def _activate(self, entries: list[AdapterEntry], spec: GenerationSpec) -> tuple[str, str]:
+        """Set the request's adapters and scales; return its prompts with the learned tokens
+        of its adapters rewritten to their private names."""
         with_lora = [(e, a) for e, a in zip(entries, spec.adapters, strict=True) if e.has_lora]
         if with_lora:
             self.pipe.enable_lora()
@@ -337,13 +363,12 @@ class GeneratorEngine:
             e.has_lora and e.resident for e in self.entries.values()
         ):
             self.pipe.disable_lora()
-        tokens: list[str] = []
+        prompt, negative = spec.prompt, spec.negative_prompt
         for entry in entries:
-            if entry.embeddings:
-                names = list(entry.embeddings)
-                self.pipe.load_textual_inversion(list(entry.embeddings.values()), token=names)
-                tokens += names
-        return tokens
+            for public, private in entry.token_map.items():
+                prompt = prompt.replace(public, private)
+                negative = negative.replace(public, private)
+        return prompt, negative
 
     def generate(
         self,
@@ -351,7 +376,12 @@ class GeneratorEngine:
         on_step: Callable[[int, int], None] = lambda step, total: None,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> list[GeneratedImage]:
-        entries = [self.ensure_resident(a.adapter_id) for a in spec.adapters]
+        if len(spec.adapters) > self.max_resident:
+            raise InvalidArgument(
+                f"at most {self.max_resident} adapters per request on this server", "adapters"
+            )
+        requested = {a.adapter_id for a in spec.adapters}
+        entries = [self.ensure_resident(a.adapter_id, keep=requested) for a in spec.adapters]
         seen: dict[str, str] = {}
         for entry in entries:
             for token in entry.tokens:
@@ -366,29 +396,25 @@ class GeneratorEngine:
         height = spec.height or self.default_size
         with self.lock:
             self.pipe.scheduler = self._scheduler(spec.scheduler)
-            tokens = self._activate(entries, spec)
-            try:
-                generators = [
-                    torch.Generator().manual_seed(spec.seed + i) for i in range(spec.num_images)
-                ]
+            prompt, negative = self._activate(entries, spec)
+            generators = [
+                torch.Generator().manual_seed(spec.seed + i) for i in range(spec.num_images)
+            ]
 
-                def step_end(pipe, step, timestep, kwargs):
-                    on_step(step + 1, spec.steps)
-                    if is_cancelled():
-                        raise Cancelled("the caller cancelled the request")
-                    return kwargs
+            def step_end(pipe, step, timestep, kwargs):
+                on_step(step + 1, spec.steps)
+                if is_cancelled():
+                    raise Cancelled("the caller cancelled the request")
+                return kwargs
 
-                started = time.perf_counter()
-                result = self.pipe(
-                    spec.prompt, negative_prompt=spec.negative_prompt or None, width=width,
-                    height=height, num_inference_steps=spec.steps,
-                    guidance_scale=spec.guidance_scale, num_images_per_prompt=spec.num_images,
-                    generator=generators, callback_on_step_end=step_end,
-                )  # fmt: skip
-                log.debug("generated", extra={"seconds": time.perf_counter() - started})
-            finally:
-                if tokens:
-                    self.pipe.unload_textual_inversion(tokens)
+            started = time.perf_counter()
+            result = self.pipe(
+                prompt, negative_prompt=negative or None, width=width,
+                height=height, num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale, num_images_per_prompt=spec.num_images,
+                generator=generators, callback_on_step_end=step_end,
+            )  # fmt: skip
+            log.debug("generated", extra={"seconds": time.perf_counter() - started})
             for entry in entries:
                 if entry.adapter_id in self.lru:
                     self.lru.move_to_end(entry.adapter_id)
@@ -405,6 +431,17 @@ class GeneratorEngine:
         return GeneratedImage(buffer.getvalue(), seed, image.width, image.height, fmt)
 
 
+_ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_adapter_id(adapter_id: str, field_name: str) -> None:
+    if not _ADAPTER_ID.match(adapter_id):
+        raise InvalidArgument(
+            "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            field_name,
+        )
+
+
 def validate_spec(
     spec: GenerationSpec,
     *,
@@ -418,6 +455,12 @@ def validate_spec(
     v = Violations()
     v.check(bool(spec.prompt.strip()), "prompt", "give a prompt")
     v.check(len(spec.prompt) <= max_prompt, "prompt", f"at most {max_prompt} characters")
+    for name in ("prompt", "negative_prompt"):
+        v.check(
+            TokenPool.PREFIX not in getattr(spec, name),
+            name,
+            f"{TokenPool.PREFIX!r} is reserved for the server's token names",
+        )
     v.check(
         len(spec.negative_prompt) <= max_prompt,
         "negative_prompt",
@@ -442,7 +485,11 @@ def validate_spec(
     v.check(len(ids) == len(set(ids)), "adapters", "name each adapter once")
     v.check(len(ids) <= 8, "adapters", "at most 8 adapters per request")
     for i, adapter in enumerate(spec.adapters):
-        v.check(bool(adapter.adapter_id), f"adapters[{i}].adapter_id", "give an adapter id")
+        v.check(
+            bool(_ADAPTER_ID.match(adapter.adapter_id)),
+            f"adapters[{i}].adapter_id",
+            "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
         for name, value in (("scale", adapter.scale), ("text_encoder_scale", adapter.te_scale)):
             v.check(
                 math.isfinite(value) and -MAX_SCALE <= value <= MAX_SCALE,

@@ -18,6 +18,7 @@ from inference_service.pipeline import (
     AdapterRequest,
     GenerationSpec,
     GeneratorEngine,
+    validate_adapter_id,
     validate_spec,
 )
 from loraforge_core.devices import resolve_device, validate_device
@@ -128,10 +129,16 @@ class GeneratorService:
                 f"{self.waiting} requests are waiting (queue of {self.queue_size}); retry later",
                 retry_after_seconds=1.0,
             )
+
+        def guarded():
+            # Requests still queued when a drain starts are refused; the running one finishes.
+            if self.draining:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            return fn(*args, **kwargs)
+
         self.waiting += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+            return await asyncio.get_running_loop().run_in_executor(self.executor, guarded)
         finally:
             self.waiting -= 1
 
@@ -187,8 +194,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             yield generator_pb2.GenerateStreamResponse(image=image)
 
     async def LoadAdapter(self, request, context):
-        if not request.adapter_id:
-            raise InvalidArgument("give an adapter id", "adapter_id")
+        validate_adapter_id(request.adapter_id, "adapter_id")
         source = request.WhichOneof("source")
         if source is None:
             raise InvalidArgument("give a uri in the artifact store or the file's bytes", "source")
@@ -200,6 +206,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         return adapter_to_proto(entry)
 
     async def UnloadAdapter(self, request, context):
+        validate_adapter_id(request.adapter_id, "adapter_id")
         await self.service.run(self.engine.unload, request.adapter_id)
         return generator_pb2.UnloadAdapterResponse()
 

@@ -113,3 +113,49 @@ class SlotPool:
         for layer in self.layers[slot].values():
             layer.lora_A[slot].weight.zero_()
             layer.lora_B[slot].weight.zero_()
+
+
+class TokenPool:
+    """Learned tokens live in the text encoder under private names while their adapter is
+    resident; a request's prompt is rewritten to the private names of its own adapters' tokens.
+
+    So activating an adapter's tokens costs a string replacement, not an embedding resize, and
+    a token means nothing in a request that does not name its adapter. Freed names are reused;
+    new ones are added in chunks to resize the embedding rarely.
+    """
+
+    PREFIX = "<|lf"
+    CHUNK = 16
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.free: list[str] = []
+        self.count = 0
+
+    def _grow(self) -> None:
+        names = [f"{self.PREFIX}{self.count + i}|>" for i in range(self.CHUNK)]
+        self.count += self.CHUNK
+        self.pipe.tokenizer.add_tokens(names)
+        self.pipe.text_encoder.resize_token_embeddings(
+            len(self.pipe.tokenizer), mean_resizing=False
+        )
+        self.free.extend(reversed(names))
+
+    @torch.no_grad()
+    def acquire(self, vectors: list[torch.Tensor]) -> list[str]:
+        while len(self.free) < len(vectors):
+            self._grow()
+        names = [self.free.pop() for _ in vectors]
+        weight = self.pipe.text_encoder.get_input_embeddings().weight
+        for name, vector in zip(names, vectors, strict=True):
+            if vector.numel() != weight.shape[1]:
+                self.release(names)
+                raise ValueError(
+                    f"a learned token has {vector.numel()} dimensions, this "
+                    f"model's text encoder {weight.shape[1]}"
+                )
+            weight[self.pipe.tokenizer.convert_tokens_to_ids(name)] = vector.to(weight)
+        return names
+
+    def release(self, names: list[str]) -> None:
+        self.free.extend(names)

@@ -256,3 +256,16 @@ def test_adapter_for_another_architecture_is_failed_precondition(stub, tmp_path)
         )
     # The server still serves.
     generate(stub, request("a red circle"))
+
+
+def test_a_learned_token_means_nothing_without_its_adapter(stub, bundles, tiny_model):
+    """<t0> belongs to a0: in a request with only a1 it is plain text, as in a stock pipeline
+    that never loaded it."""
+    pipe = stock_pipeline(tiny_model)
+    pipe.load_lora_weights(bundles["a1"].path, adapter_name="a1")
+    expected = stock_render(pipe, "a photo of a <t0>")
+    served = generate(stub, request("a photo of a <t0>", adapters=[("a1", 1.0)]))
+    assert np.abs(served - expected).mean() <= 1e-3
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(request("a <|lf0|> circle"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

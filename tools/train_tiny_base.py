@@ -68,7 +68,7 @@ def train_vae(vae, seconds: float, steps: int, seed: int) -> dict:
     }
 
 
-def train_denoiser(pipe, seconds: float, steps: int, seed: int) -> dict:
+def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4) -> dict:
     from diffusers import DDPMScheduler
 
     unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
@@ -98,7 +98,7 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int) -> dict:
     )
     scaling = vae.config.scaling_factor
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     generator = torch.Generator().manual_seed(seed)
@@ -137,7 +137,7 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int) -> dict:
         if time.monotonic() - started > seconds:
             break
     pipe.unet, pipe.text_encoder = ema_unet.eval(), ema_text.eval()
-    return {"denoiser_steps": step + 1, "denoiser_seconds": time.monotonic() - started}
+    return {"denoiser_steps": step + 1, "denoiser_seconds": time.monotonic() - started, "lr": lr}
 
 
 def prompt_accuracy(pipe, seeds: range, guidance: float = 5.0, steps: int = 20) -> dict:
@@ -168,15 +168,32 @@ def main() -> None:
     parser.add_argument("--unet-seconds", type=float, default=480)
     parser.add_argument("--unet-steps", type=int, default=1600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="continue the denoiser of a model this script saved (no VAE stage)",
+    )
+    parser.add_argument("--lr", type=float, default=5e-4)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    pipe = build_pipeline(TINY, seed=args.seed)
+    history: list = []
+    if args.resume:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.resume)
+        previous = json.loads((args.resume / "loraforge_model.json").read_text())
+        history = [*previous.get("history", []), previous["report"]]
+        report: dict = {}
+    else:
+        pipe = build_pipeline(TINY, seed=args.seed)
+        report = train_vae(pipe.vae, args.vae_seconds, args.vae_steps, args.seed)
+        pipe.vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
     pipe.set_progress_bar_config(disable=True)
-    report = train_vae(pipe.vae, args.vae_seconds, args.vae_steps, args.seed)
-    pipe.vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
     pipe.vae.requires_grad_(False)
-    report |= train_denoiser(pipe, args.unet_seconds, args.unet_steps, args.seed)
+    report |= train_denoiser(
+        pipe, args.unet_seconds, args.unet_steps, args.seed + len(history), lr=args.lr
+    )
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False)
     report |= {"held_out_seeds": prompt_accuracy(pipe, range(10_000, 10_064))}

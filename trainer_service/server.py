@@ -15,7 +15,7 @@ from loraforge.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_core import bundle as bundles
 from loraforge_core.devices import resolve_device, validate_device
-from loraforge_core.errors import InvalidArgument, NotFound
+from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted
 from loraforge_core.models import resolve_model
 from loraforge_core.settings import ServerSettings
 from trainer_service import jobs
@@ -63,6 +63,7 @@ _SCALAR_OPTIONS = [
 _STRING_OPTIONS = ("instance_prompt", "class_prompt", "validation_prompt")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 CHUNK_SIZE, MAX_CHUNK_SIZE = 1024 * 1024, 4 * 1024 * 1024
+MAX_WATCHERS = 256
 
 
 def _enum(mapping: dict[int, str], value: int, field_name: str) -> str:
@@ -200,6 +201,7 @@ class TrainerService:
         self.store: JobStore | None = None
         self.runner: JobRunner | None = None
         self._changed = asyncio.Condition()
+        self.watchers = 0
 
     def register(self, server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self), server)
@@ -295,8 +297,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             raise InvalidArgument(f"at most {MAX_PAGE_SIZE}", "page_size")
         try:
             offset = int(request.page_token or "0")
+            if not 0 <= offset < 10**9:
+                raise ValueError
         except ValueError:
             raise InvalidArgument("not a token from a previous page", "page_token") from None
+        if request.state and request.state not in PROTO_TO_STATE:
+            raise InvalidArgument(f"unknown state {request.state}", "state")
         state = PROTO_TO_STATE.get(request.state) if request.state else None
         found = self.store.list_jobs(state=state, limit=size + 1, offset=offset)
         return trainer_pb2.ListJobsResponse(
@@ -312,7 +318,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     async def WatchJob(self, request, context) -> AsyncIterator[trainer_pb2.JobEvent]:
         job = self.service.job(request.job_id)
-        after = request.after_sequence
+        if self.service.watchers >= MAX_WATCHERS:
+            raise ResourceExhausted(f"{MAX_WATCHERS} streams are open; retry later", 5.0)
+        self.service.watchers += 1
+        try:
+            async for event in self._events(job.job_id, request.after_sequence):
+                yield event
+        finally:
+            self.service.watchers -= 1
+
+    async def _events(self, job_id: str, after: int) -> AsyncIterator[trainer_pb2.JobEvent]:
+        job = self.service.job(job_id)
         while True:
             events = self.store.events_after(job.job_id, after)
             for event in events:

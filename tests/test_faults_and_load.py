@@ -1,0 +1,140 @@
+"""Faults and load: SIGKILL at random points of a job, a burst of clients against a small
+queue, and a drain that finishes what runs and refuses what waits."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+from loraforge_core.bundle import read_bundle
+from loraforge_core.launch import ServerProcess, health_status
+from tests.test_trainer_service import job_request
+
+
+def kill_tree(server: ServerProcess) -> None:
+    """SIGKILL the server and its training process at the same moment (no clean-up at all)."""
+    assert server.process is not None
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    for process in children:
+        process.kill()
+    server.kill()
+    psutil.wait_procs(children, timeout=10)
+
+
+def test_sigkill_at_random_points_then_the_job_finishes_with_a_gapless_log(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    rng = random.Random(7)
+    port = None
+    job_id = ""
+    kills = 0
+    state = trainer_pb2.JOB_STATE_UNSPECIFIED
+    for round_ in range(8):
+        server = ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model), port=port)
+        port = server.port
+        with server, grpc.insecure_channel(server.target) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            if not job_id:
+                # save_steps=1: a checkpoint (state file and bundle) is written at every step,
+                # so most kills land in or near a checkpoint write.
+                job_id = stub.CreateJob(
+                    job_request(
+                        "faults", max_train_steps_ti=8, max_train_steps_tuning=30, save_steps=1
+                    ),
+                    timeout=30,
+                ).job_id
+            if round_ < 4:
+                time.sleep(rng.uniform(2.5, 6.0))  # start-up, then some training steps
+                kill_tree(server)
+                kills += 1
+                continue
+            events = list(stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300))
+            job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job_id))
+            state = job.state
+            break
+    assert kills == 4
+    assert state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    resumed = [e for e in events if e.WhichOneof("kind") == "log" and "resum" in e.log.message]
+    assert resumed, "the job resumed from a checkpoint after a kill"
+    bundle = read_bundle(tmp_path / "artifacts" / job.final_artifact_id)  # verifies sha256
+    assert bundle.manifest.global_step == 38
+
+
+def test_a_burst_of_64_clients_against_a_queue_of_16(tiny_model: Path, tmp_path: Path) -> None:
+    with (
+        ServerProcess(
+            "generator", data_dir=tmp_path, model=str(tiny_model), extra_args=["--queue-size", "16"]
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        request = generator_pb2.GenerateRequest(
+            prompt="a red circle", width=32, height=32, num_inference_steps=4, seed=0
+        )
+
+        def call(_: int) -> tuple[str, float]:
+            started = time.monotonic()
+            try:
+                stub.Generate(request, timeout=120)
+                return "image", time.monotonic() - started
+            except grpc.RpcError as err:
+                return err.code().name, time.monotonic() - started
+
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(call, range(64)))
+        outcomes = {name for name, _ in results}
+        assert outcomes <= {"image", "RESOURCE_EXHAUSTED"}, outcomes
+        images = sum(1 for name, _ in results if name == "image")
+        refused = [t for name, t in results if name == "RESOURCE_EXHAUSTED"]
+        assert images >= 16 and refused, (images, len(refused))
+        assert max(refused) < 5.0, "refusals are quick, not queued"
+        assert health_status(server.target) == 1
+        print(
+            f"burst of 64: {images} images, {len(refused)} RESOURCE_EXHAUSTED, "
+            f"slowest refusal {max(refused) * 1000:.0f} ms"
+        )
+
+
+@pytest.mark.parametrize("grace", [20])
+def test_drain_finishes_running_work_and_refuses_queued(tiny_model, tmp_path, grace) -> None:
+    server = (
+        ServerProcess(
+            "generator",
+            data_dir=tmp_path,
+            model=str(tiny_model),
+            extra_args=["--grace-period", str(grace)],
+        )
+        .start()
+        .wait_serving()
+    )
+    results: dict[int, str] = {}
+    with grpc.insecure_channel(server.target) as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        slow = generator_pb2.GenerateRequest(
+            prompt="a red circle", width=64, height=64, num_inference_steps=60, seed=0
+        )
+
+        def call(i: int) -> None:
+            try:
+                stub.Generate(slow, timeout=120)
+                results[i] = "image"
+            except grpc.RpcError as err:
+                results[i] = err.code().name
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.3)
+        server.terminate(timeout=grace + 30)
+        for thread in threads:
+            thread.join()
+    assert sorted(results.values()) == ["UNAVAILABLE", "UNAVAILABLE", "image"], results
