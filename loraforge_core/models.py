@@ -23,8 +23,11 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
-TINY_MODEL_VERSION = "tiny-sd-v1"
+RANDOM_TINY_NAMES = ("tiny-random", "loraforge/tiny-random")
+TINY_MODEL_VERSION = "tiny-sd-v2"
 CACHE_ENV = "LORAFORGE_CACHE"
+# The tiny model trained on the toy world (tools/train_tiny_base.py), shipped in the package.
+TRAINED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
 
 
 def cache_dir() -> Path:
@@ -50,31 +53,45 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
+def _bpe(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(word) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        word = [*word[:i], word[i] + word[i + 1], *word[i + 2 :]]
+    return word
+
+
 def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = TINY_VOCAB_WORDS) -> int:
     """Write a CLIP BPE vocabulary (vocab.json, merges.txt) that spells any text; return its size.
 
-    The 256 byte symbols and their end-of-word forms make every text encodable; merges build
-    the listed words into single tokens, each merge's parts being tokens already.
+    The 256 byte symbols and their end-of-word forms make every text encodable. Each listed
+    word becomes one token: BPE applies merges by rank, so for every word we run BPE with the
+    merges so far and append a merge for what is left until the word is a single token.
     """
     symbols = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for token in symbols + [s + "</w>" for s in symbols]:
         vocab[token] = len(vocab)
-    merges: list[str] = []
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        pieces = [*list(word[:-1]), word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merged = current + piece
-            if merged not in vocab:
-                merges.append(f"{current} {piece}")
-                vocab[merged] = len(vocab)
-            current = merged
+        pieces = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = _bpe(pieces, ranks)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n"
+    )
     return len(vocab)
 
 
@@ -142,8 +159,9 @@ def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def default_model_path() -> Path:
-    """The tiny model's folder in the cache, built on first use (safe across processes)."""
+def random_tiny_model_path() -> Path:
+    """The untrained tiny model's folder in the cache, built on first use (safe across
+    processes): same architecture as the shipped one, random weights, for plumbing tests."""
     folder = cache_dir() / "models" / TINY_MODEL_VERSION
     if (folder / "model_index.json").exists():
         return folder
@@ -154,11 +172,19 @@ def default_model_path() -> Path:
     return folder
 
 
+def default_model_path() -> Path:
+    """The embedded default: the tiny model trained on the toy world, shipped in the package."""
+    return TRAINED_TINY_MODEL
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """The ``from_pretrained`` argument for a model setting: the tiny model when unset."""
-    if name_or_path is None or name_or_path.strip() in TINY_MODEL_NAMES:
+    name = (name_or_path or "").strip()
+    if name in TINY_MODEL_NAMES:
         return str(default_model_path())
-    return name_or_path.strip()
+    if name in RANDOM_TINY_NAMES:
+        return str(random_tiny_model_path())
+    return name
 
 
 def load_pipeline(

@@ -9,7 +9,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from loraforge_core.architectures import ARCHITECTURES
-from loraforge_core.models import build_pipeline, default_model_path, resolve_model
+from loraforge_core.models import (
+    build_pipeline,
+    default_model_path,
+    random_tiny_model_path,
+    resolve_model,
+)
 
 
 def _render(pipe: StableDiffusionPipeline, prompt: str = "a red circle") -> np.ndarray:
@@ -44,18 +49,22 @@ def test_tiny_tokenizer_spells_prompts_and_keeps_words_whole(tiny_model: Path) -
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
-    assert tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
+    assert tokenizer.tokenize("a green triangle") == ["a</w>", "green</w>", "triangle</w>"]
+    from loraforge_core.architectures import TINY_VOCAB_WORDS
+
+    assert all(len(tokenizer.tokenize(word)) == 1 for word in TINY_VOCAB_WORDS)
     # Unknown words are spelt with byte symbols, never dropped.
     assert "".join(tokenizer.tokenize("zebra")).replace("</w>", "") == "zebra"
     assert tokenizer.add_tokens(["<s1>"]) == 1
 
 
-def test_default_model_is_built_once_into_the_cache(isolated_cache: Path) -> None:
-    first = default_model_path()
+def test_random_tiny_model_is_built_once_into_the_cache(isolated_cache: Path) -> None:
+    first = random_tiny_model_path()
     assert first.is_relative_to(isolated_cache)
     stamp = (first / "model_index.json").stat().st_mtime_ns
-    assert resolve_model("") == str(first) == resolve_model("tiny")
+    assert resolve_model("tiny-random") == str(first)
     assert (first / "model_index.json").stat().st_mtime_ns == stamp
+    assert resolve_model("") == str(default_model_path()) == resolve_model("tiny")
     assert resolve_model("stabilityai/stable-diffusion-2-1-base") == (
         "stabilityai/stable-diffusion-2-1-base"
     )

@@ -199,11 +199,9 @@ def main() -> None:
     report |= {"held_out_seeds": prompt_accuracy(pipe, range(10_000, 10_064))}
     print(json.dumps(report, indent=2))
     pipe.save_pretrained(args.out, safe_serialization=True)
-    (args.out / "loraforge_model.json").write_text(
-        json.dumps(
-            {"name": "loraforge/tiny", "trained_on": "toy world", "report": report}, indent=2
-        )
-    )
+    (args.out / "loraforge_model.json").write_text(json.dumps(
+        {"name": "loraforge/tiny", "trained_on": "toy world", "report": report,
+         "history": history}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
