@@ -8,6 +8,7 @@ a hub model) with small configs, so every code path that loads a model by
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -56,7 +57,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _bpe(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
     while len(word) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+        pairs = [
+            (ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(word))
+        ]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
