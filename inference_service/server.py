@@ -155,7 +155,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     @property
     def engine(self) -> GeneratorEngine:
-        assert self.service.engine is not None
+        if self.service.engine is None:
+            raise Unavailable("the model is still loading (health: NOT_SERVING); retry shortly")
         return self.service.engine
 
     async def _generate(self, request, context, on_step=lambda step, total: None):

@@ -3,8 +3,8 @@
 Offline on CPU with the embedded tiny model (or ``--model`` on a GPU machine):
 
 1. starts the trainer and the generator as real server processes on loopback ports;
-2. trains a pivotal-tuning LoRA (token ``<s1>``) on a small generated image set, streaming
-   the progress bar through the thin client;
+2. trains a pivotal-tuning LoRA (token ``<s1>``) on toy-world images of a colour the base
+   model never saw, streaming the progress bar through the thin client;
 3. loads the resulting bundle into the generator and renders one prompt and seed at UNet
    scales 0, 0.5 and 1.0, with the text encoder at the same scale and at half of it;
 4. writes one labelled grid PNG, prints where it is, and stops both services with SIGTERM.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import random
 import sys
 import tempfile
 import time
@@ -23,28 +24,23 @@ from loraforge_client import GeneratorClient, TrainerClient
 from loraforge_client.cli import ProgressPrinter
 from PIL import Image, ImageDraw, ImageFont
 
+from loraforge_core import toyworld
 from loraforge_core.launch import ServerProcess
 
 SCALES = (0.0, 0.5, 1.0)
+CONCEPT_COLOR = "purple"
 TILE = 128
 
 
-def make_instance_images(folder: Path, count: int = 5) -> Path:
-    """A concept the base model was never shown: a purple five-pointed star, slightly varied."""
-    import math
-
+def make_instance_images(folder: Path, count: int = 6) -> Path:
+    """A colour the base model was never shown (purple) on the shapes it knows, captioned
+    "a <s1> circle": the token must learn the colour, the rest of the prompt keeps the shape."""
     folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(5)
     for i in range(count):
-        image = Image.new("RGB", (64, 64), "white")
-        draw = ImageDraw.Draw(image)
-        cx, cy, outer = 32 + (i % 3 - 1) * 3, 32 + (i % 2) * 3, 24 - i
-        points = []
-        for k in range(10):
-            radius = outer if k % 2 == 0 else outer * 0.45
-            angle = -math.pi / 2 + k * math.pi / 5 + i * 0.08
-            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
-        draw.polygon(points, fill=(128, 0, 160))
-        image.save(folder / f"star_{i}.png")
+        shape = toyworld.BASE_SHAPES[i % len(toyworld.BASE_SHAPES)]
+        toyworld.render(CONCEPT_COLOR, shape, rng).save(folder / f"{shape}_{i}.png")
+        (folder / f"{shape}_{i}.txt").write_text(f"a <s1> {shape}")
     return folder
 
 
@@ -78,11 +74,11 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
         print(f"trainer on {trainer.target}, generator on {generator.target}")
         with TrainerClient(trainer.target) as client:
             job = client.create_job_from_folder(
-                images, placeholder_tokens=["<s1>"], initializer_tokens=["star"],
-                template="object", max_train_steps_ti=args.steps_ti,
+                images, placeholder_tokens=["<s1>"], initializer_tokens=["red"],
+                template="none", max_train_steps_ti=args.steps_ti,
                 max_train_steps_tuning=args.steps_tuning, save_steps=args.steps_tuning,
-                gradient_accumulation_steps=1, learning_rate_ti=5e-3, learning_rate_unet=3e-3,
-                learning_rate_text=3e-4, lora_rank=8, seed=0,
+                gradient_accumulation_steps=1, train_batch_size=4, learning_rate_ti=1e-3,
+                learning_rate_unet=3e-3, learning_rate_text=1e-4, lora_rank=8, seed=0,
             )  # fmt: skip
             print(f"training job {job.job_id}")
             printer = ProgressPrinter(sys.stdout)
@@ -92,17 +88,22 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
             job = client.wait(job.job_id)
             bundle = client.download_artifact(job.final_artifact_id, data_dir / "bundle")
         with GeneratorClient(generator.target, timeout=300) as client:
-            info = client.load_adapter("star", bundle)
-            print(f"loaded adapter 'star' (rank {info.rank}, tokens {info.tokens})")
+            info = client.load_adapter("purple", bundle)
+            print(f"loaded adapter 'purple' (rank {info.rank}, tokens {info.tokens})")
             rows = []
             for te_label, te_factor in (("text enc = scale", 1.0), ("text enc = scale/2", 0.5)):
                 row = []
                 for scale in SCALES:
                     image = client.generate(
-                        args.prompt, adapters=[("star", scale, scale * te_factor)],
+                        args.prompt, adapters=[("purple", scale, scale * te_factor)],
                         seed=args.seed, steps=args.inference_steps,
                     )[0]  # fmt: skip
                     row.append(image.data)
+                    reading = toyworld.check(Image.open(io.BytesIO(image.data)))
+                    print(
+                        f"  unet scale {scale:g}, {te_label}: the checker sees "
+                        f"{reading.color or 'no colour'} {reading.shape or 'no shape'}"
+                    )
                 rows.append((te_label, row))
         columns = [f"unet scale {s:g}" for s in SCALES]
         picture = grid(rows, columns)
@@ -116,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     parser.add_argument("--model", default="", help="base model (default: the tiny model)")
-    parser.add_argument("--prompt", default="a photo of a <s1>")
+    parser.add_argument("--prompt", default="a <s1> square")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--steps-ti", type=int, default=60)
-    parser.add_argument("--steps-tuning", type=int, default=150)
+    parser.add_argument("--steps-tuning", type=int, default=400)
     parser.add_argument("--inference-steps", type=int, default=20)
     args = parser.parse_args(argv)
     started = time.monotonic()

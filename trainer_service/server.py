@@ -15,7 +15,7 @@ from loraforge.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_core import bundle as bundles
 from loraforge_core.devices import resolve_device, validate_device
-from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted
+from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from loraforge_core.models import resolve_model
 from loraforge_core.settings import ServerSettings
 from trainer_service import jobs
@@ -240,16 +240,19 @@ class TrainerService:
         if self.store is not None:
             self.store.close()
 
+    def ready_store(self) -> JobStore:
+        if self.store is None or self.runner is None:
+            raise Unavailable("the trainer is still starting (health: NOT_SERVING); retry shortly")
+        return self.store
+
     def job(self, job_id: str) -> JobRecord:
-        assert self.store is not None
-        job = self.store.get_job(job_id) if job_id else None
+        job = self.ready_store().get_job(job_id) if job_id else None
         if job is None:
             raise NotFound("job", job_id, "list jobs with ListJobs")
         return job
 
     def artifact_path(self, artifact_id: str) -> Path:
-        assert self.store is not None
-        record = self.store.get_artifact(artifact_id) if artifact_id else None
+        record = self.ready_store().get_artifact(artifact_id) if artifact_id else None
         if record is None:
             raise NotFound("artifact", artifact_id)
         return self.artifacts_dir / record.path
@@ -261,8 +264,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     @property
     def store(self) -> JobStore:
-        assert self.service.store is not None
-        return self.service.store
+        return self.service.ready_store()
 
     async def CreateJob(self, request, context):
         device = "cpu" if self.service.device.type == "cpu" else "auto"
