@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    bundles = [random_lora_bundle(model, work / "store", seed=i, token=f"<b{i}>") for i in range(6)]
+    bundles = [
+        random_lora_bundle(model, work / "generator" / "artifacts", seed=i, token=f"<b{i}>")
+        for i in range(6)
+    ]
     pipe = load_pipeline(model, device=device)
     engine = GeneratorEngine(pipe, work / "generator", max_resident=8)
     for i, bundle in enumerate(bundles[:3]):
@@ -65,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("  overhead of 2 adapters vs base", gen["2 adapters"] / gen["0 adapters"], "x"))
 
     # Fused: one adapter set repeating, folded into the weights.
-    pipe.set_adapters(["a0"], [1.0])
-    pipe.fuse_lora(adapter_names=["a0"])
+    slot = engine.entries["a0"].peft_name  # the adapter's name inside the peft layers
+    pipe.enable_lora()
+    pipe.set_adapters([slot], [1.0])
+    pipe.fuse_lora(adapter_names=[slot])
     pipe.disable_lora()  # the fused weights stay; the unfused path is off
     fused = median_ms(
         lambda: pipe(
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def stock() -> None:
         i = next(flip)
-        pipe.set_adapters([f"a{i % 2}"], [{"unet": 0.5 + (i % 3) * 0.25, "text_encoder": 1.0}])
+        name = engine.entries[f"a{i % 2}"].peft_name
+        pipe.set_adapters([name], [{"unet": 0.5 + (i % 3) * 0.25, "text_encoder": 1.0}])
 
     switch_ours = median_ms(ours, repeat=21, warmup=3)
     switch_stock = median_ms(stock, repeat=21, warmup=3)
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     def load_ours() -> None:
         bundle = next(fresh)
         name = f"n{next(counter)}"
-        engine.register(name, uri=str(bundle.path.relative_to(work / "generator")))
+        engine.register(name, uri=f"artifacts/{bundle.path.name}")
         engine.unload(name)
 
     def load_stock() -> None:
@@ -122,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
         pipe.load_lora_weights(bundle.lora_path, adapter_name=name)
         pipe.delete_adapters(name)
 
-    (work / "generator" / "store").symlink_to(work / "store")
     load_o = median_ms(load_ours, repeat=repeat)
     load_s = median_ms(load_stock, repeat=repeat)
     rows += [
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 "a red circle", adapters=[("a0", 1.0)], width=size, height=size, steps=steps,
                 seed=0), repeat=repeat)  # fmt: skip
     pipe.enable_lora()
-    pipe.set_adapters(["a0"], [1.0])
+    pipe.set_adapters([engine.entries["a0"].peft_name], [1.0])
     local = median_ms(
         lambda: pipe(
             "a red circle",
