@@ -47,6 +47,16 @@ class Service(Protocol):
         """Release resources after the server stopped."""
 
 
+# Status details travel in trailing metadata, which gRPC caps (8 KiB by default): echoes of
+# hostile input are cut so that the client always receives the real status.
+MAX_VIOLATIONS = 20
+MAX_TEXT = 300
+
+
+def _cut(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _status_for(err: errors.ServiceError) -> status_pb2.Status:
     detail = None
     if isinstance(err, errors.InvalidArgument):
@@ -54,16 +64,16 @@ def _status_for(err: errors.ServiceError) -> status_pb2.Status:
         detail = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_cut(v.field, 100), description=_cut(v.description)
                 )
-                for v in err.violations
+                for v in err.violations[:MAX_VIOLATIONS]
             ]
         )
     elif isinstance(err, errors.NotFound):
         code = code_pb2.NOT_FOUND
         detail = error_details_pb2.ResourceInfo(
-            resource_type=err.resource_type, resource_name=err.resource_name,
-            description=err.message,
+            resource_type=err.resource_type, resource_name=_cut(err.resource_name, 200),
+            description=_cut(err.message),
         )  # fmt: skip
     elif isinstance(err, errors.FailedPrecondition):
         code = code_pb2.FAILED_PRECONDITION
@@ -79,7 +89,7 @@ def _status_for(err: errors.ServiceError) -> status_pb2.Status:
         code = code_pb2.CANCELLED
     else:
         code = code_pb2.UNKNOWN
-    status = status_pb2.Status(code=code, message=err.message)
+    status = status_pb2.Status(code=code, message=_cut(err.message, 1000))
     if detail is not None:
         status.details.add().Pack(detail)
     return status

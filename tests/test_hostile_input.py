@@ -18,10 +18,11 @@ from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer
 from loraforge_core.launch import ServerProcess, health_status
 from tests.helpers import shape_png
 
+# Calls go one at a time, so the queue is never full: RESOURCE_EXHAUSTED here would mean an
+# error status too large for gRPC's trailing metadata (hostile input echoed back).
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
 }  # fmt: skip
 OUTCOMES: Counter[str] = Counter()
 EXAMPLES = 220
