@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -143,5 +143,5 @@ def from_rpc_error(err: grpc.RpcError) -> LoraforgeError:
 
 
 __all__ = [name for name in dir() if name.endswith("Error")] + [
-    "RETRYABLE", "FieldViolation", "from_rpc_error", "code_pb2",
+    "RETRYABLE", "FieldViolation", "from_rpc_error",
 ]  # fmt: skip
