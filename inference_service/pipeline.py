@@ -133,14 +133,17 @@ class GeneratorEngine:
                 f"{manifest.cross_attention_dim}; this server's model has {self.text_hidden} "
                 f"and {self.cross_dim}"
             )
-        lora_state = bundle.lora_state_dict()
+        from safetensors import safe_open
+
+        with safe_open(bundle.lora_path, "pt") as handle:  # key names only: the weights are
+            lora_keys = list(handle.keys())  # read once, when the adapter becomes resident
         source_format = manifest.method.split(":", 1)[1] if ":" in manifest.method else "bundle"
         return AdapterEntry(
             adapter_id=adapter_id, source_format=source_format, path=path,
             tokens=manifest.tokens,
             embeddings=bundle.embeddings(), rank=manifest.rank, size_bytes=bundle.size_bytes(),
-            sha256=bundle.sha256(), has_lora=bool(lora_state),
-            has_text_encoder=any(k.startswith("text_encoder.") for k in lora_state),
+            sha256=bundle.sha256(), has_lora=bool(lora_keys),
+            has_text_encoder=any(k.startswith("text_encoder.") for k in lora_keys),
         )  # fmt: skip
 
     def _import(self, adapter_id: str, source: Path) -> AdapterEntry:

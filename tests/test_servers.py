@@ -40,7 +40,7 @@ def test_server_is_healthy_reflects_and_stops_on_sigterm(
 
 
 def test_settings_come_from_the_environment(tiny_model: Path, tmp_path: Path) -> None:
-    """LORAFORGE_MODEL / LORAFORGE_DEVICE stand in for flags (here: the default tiny model)."""
+    """LORAFORGE_MODEL stands in for the --model flag."""
     server = ServerProcess("generator", data_dir=tmp_path)
     # Drop the --model flag: the model must come from the environment.
     index = server.args.index("--model")

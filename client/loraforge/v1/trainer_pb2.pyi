@@ -249,7 +249,7 @@ class TrainingConfig(_message.Message):
     VALIDATION_PROMPT_FIELD_NUMBER: _builtins.int
     VALIDATION_STEPS_FIELD_NUMBER: _builtins.int
     resolution: _builtins.int
-    """512 (tiny model: its sample size)"""
+    """the model's native size (512 for SD 1.5)"""
     train_batch_size: _builtins.int
     """1"""
     gradient_accumulation_steps: _builtins.int
