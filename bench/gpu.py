@@ -4,7 +4,8 @@
     python -m bench.gpu --arch tiny --size 64 --dtype fp32 --device cpu   # syntax check on CPU
 
 Reports denoising steps/s with 0, 1 and 4 adapters, the time to switch between resident
-adapters and to load a new one (ours and diffusers'), LoRA training steps/s (batch 1), and
+adapters and to load a new one (ours and diffusers'), a mixed batch of 4 requests with 4
+adapters vs the same requests one after another, LoRA training steps/s (batch 1), and
 peak GPU memory. Random weights give real shapes and real costs, not meaningful images.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import median_ms, report
+from bench.serving import mixed_batches, switch_to
 from inference_service.pipeline import AdapterRequest, GenerationSpec, GeneratorEngine
 from loraforge_core.architectures import ARCHITECTURES
 from loraforge_core.bundle import pack
@@ -110,11 +112,17 @@ def serving_rows(
     def switch() -> None:
         i = next(flip)
         name = f"a{i % 2}"
-        request = GenerationSpec(prompt="x", adapters=[AdapterRequest(name, 0.5 + (i % 3) / 4)])
-        engine._activate([engine.entries[name]], request)
+        switch_to(engine, GenerationSpec("x", adapters=[AdapterRequest(name, 0.5 + (i % 3) / 4)]))
         synchronize()
 
     rows.append(("switch resident adapter + scales", median_ms(switch, repeat=15), "ms"))
+
+    def one_adapter_spec(*adapters: tuple[str, float]) -> GenerationSpec:
+        request = spec(0)
+        request.adapters = [AdapterRequest(a, s) for a, s in adapters]
+        return request
+
+    rows += mixed_batches(engine, one_adapter_spec, 3, counts=(4,), sync=synchronize)
     fresh = iter(bundles[4:] * 50)
     counter = iter(range(10**9))
 

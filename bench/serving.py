@@ -3,21 +3,31 @@
     python -m bench.serving [--model M] [--size 64] [--steps 10] [--out bench/results]
 
 Rows: adapter activation (our per-request switch vs diffusers ``set_adapters``), loading a
-never-seen adapter (ours vs ``load_lora_weights``), generation with 0/1/2 adapters and fused,
-and Generate over gRPC on loopback vs the same generation in-process. Every figure is a
-median after warm-up; ratios compare to a baseline measured in this run.
+never-seen adapter (ours vs ``load_lora_weights``), generation with 0/1/2 adapters, stock
+diffusers unfused and fused for reference, mixed-adapter batches of 4 and 8 requests vs the
+same requests one after another, and Generate over gRPC on loopback vs the same generation
+in-process. Every figure is a median after warm-up; ratios compare to a baseline measured in
+this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from bench.common import median_ms, report
-from inference_service.pipeline import AdapterRequest, GenerationSpec, GeneratorEngine
+from inference_service.pipeline import (
+    AdapterRequest,
+    GenerationJob,
+    GenerationSpec,
+    GeneratorEngine,
+)
 from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess
 from loraforge_core.models import load_pipeline, resolve_model
@@ -37,11 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     bundles = [
         random_lora_bundle(model, work / "generator" / "artifacts", seed=i, token=f"<b{i}>")
-        for i in range(6)
+        for i in range(11)
     ]
     pipe = load_pipeline(model, device=device)
     engine = GeneratorEngine(pipe, work / "generator", max_resident=8)
-    for i, bundle in enumerate(bundles[:3]):
+    for i, bundle in enumerate(bundles[:8]):
         engine.register(f"a{i}", data=pack(bundle.path))
     size, steps, repeat = args.size, args.steps, args.repeat
 
@@ -67,44 +77,18 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("  overhead of 1 adapter vs base", gen["1 adapter"] / gen["0 adapters"], "x"))
     rows.append(("  overhead of 2 adapters vs base", gen["2 adapters"] / gen["0 adapters"], "x"))
 
-    # Fused: one adapter set repeating, folded into the weights.
-    slot = engine.entries["a0"].peft_name  # the adapter's name inside the peft layers
-    pipe.enable_lora()
-    pipe.set_adapters([slot], [1.0])
-    pipe.fuse_lora(adapter_names=[slot])
-    pipe.disable_lora()  # the fused weights stay; the unfused path is off
-    fused = median_ms(
-        lambda: pipe(
-            "a red circle",
-            width=size,
-            height=size,
-            num_inference_steps=steps,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        ),
-        repeat=repeat,
-    )
-    pipe.enable_lora()
-    pipe.unfuse_lora()
-    rows.append((f"generate {size}x{size} {steps} steps, 1 adapter fused", fused, "ms"))
-    rows.append(("  fused overhead vs base", fused / gen["0 adapters"], "x"))
+    stock_rows, switch_stock = stock_reference(model, device, bundles[:2], size, steps, repeat)
+    rows += stock_rows
+    rows += mixed_batches(engine, spec, repeat)
 
     # Switching between resident adapters: ours per request vs diffusers' set_adapters.
     flip = iter(range(10**9))
 
     def ours() -> None:
         i = next(flip)
-        name = f"a{i % 2}"
-        request = spec((name, 0.5 + (i % 3) * 0.25))
-        engine._activate([engine.entries[name]], request)
-
-    def stock() -> None:
-        i = next(flip)
-        name = engine.entries[f"a{i % 2}"].peft_name
-        pipe.set_adapters([name], [{"unet": 0.5 + (i % 3) * 0.25, "text_encoder": 1.0}])
+        switch_to(engine, spec((f"a{i % 2}", 0.5 + (i % 3) * 0.25)))
 
     switch_ours = median_ms(ours, repeat=21, warmup=3)
-    switch_stock = median_ms(stock, repeat=21, warmup=3)
     rows += [
         ("switch adapter + scales (ours, incl. tokens)", switch_ours, "ms"),
         ("switch adapter + scales (diffusers set_adapters)", switch_stock, "ms"),
@@ -113,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     # Loading a never-seen adapter: ours (verify + load + register) vs load_lora_weights.
-    fresh = iter(bundles[3:] * 100)
+    fresh = iter(bundles[8:] * 100)
     counter = iter(range(10**9))
 
     def load_ours() -> None:
@@ -145,24 +129,99 @@ def main(argv: list[str] | None = None) -> None:
             remote = median_ms(lambda: client.generate(
                 "a red circle", adapters=[("a0", 1.0)], width=size, height=size, steps=steps,
                 seed=0), repeat=repeat)  # fmt: skip
-    pipe.enable_lora()
-    pipe.set_adapters([engine.entries["a0"].peft_name], [1.0])
-    local = median_ms(
-        lambda: pipe(
-            "a red circle",
-            width=size,
-            height=size,
-            num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(0),
-        ),
-        repeat=repeat,
-    )
+    local = median_ms(lambda: engine.generate(spec(("a0", 1.0))), repeat=repeat)
     rows += [
         ("Generate over gRPC, 1 adapter", remote, "ms"),
-        ("same generation, in-process diffusers", local, "ms"),
+        ("same generation, in-process engine", local, "ms"),
         ("  gRPC / in-process", remote / local, "x (target <= 1.05)"),
     ]
     report("serving", rows, args.out)
+
+
+def switch_to(engine: GeneratorEngine, request: GenerationSpec) -> None:
+    """What a request does to its adapters before denoising: private token names in its
+    prompt, its UNet and text-encoder weights in the mixer."""
+    entries = [engine.entries[a.adapter_id] for a in request.adapters]
+    engine._private_prompts(entries, request)
+    for component in ("unet", "text_encoder"):
+        engine.mixer.set(component, engine._lora_weights(entries, request, component))
+    engine.mixer.clear()
+
+
+def stock_reference(
+    model, device, bundles, size: int, steps: int, repeat: int
+) -> tuple[list, float]:
+    """Stock diffusers on its own pipeline: switching with ``set_adapters``, base, one adapter
+    unfused, and fused + unloaded (diffusers' advice for one fixed adapter), with what fusing
+    costs each time the set changes."""
+    import time
+
+    pipe = load_pipeline(model, device=device)
+
+    def run() -> None:
+        pipe("a red circle", width=size, height=size, num_inference_steps=steps,
+             output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    base = median_ms(run, repeat=repeat)
+    for i, bundle in enumerate(bundles):
+        pipe.load_lora_weights(bundle.lora_path, adapter_name=f"x{i}")
+    flip = iter(range(10**9))
+
+    def switch() -> None:
+        i = next(flip)
+        pipe.set_adapters([f"x{i % 2}"], [{"unet": 0.5 + (i % 3) * 0.25, "text_encoder": 1.0}])
+
+    switch_ms = median_ms(switch, repeat=21, warmup=3)
+    pipe.set_adapters(["x0"])
+    unfused = median_ms(run, repeat=repeat)
+    started = time.perf_counter()
+    pipe.fuse_lora(adapter_names=["x0"])
+    pipe.unload_lora_weights()
+    fuse_ms = (time.perf_counter() - started) * 1000
+    fused = median_ms(run, repeat=repeat)
+    return [
+        ("stock diffusers: base", base, "ms"),
+        ("stock diffusers: 1 adapter unfused", unfused, "ms"),
+        ("  stock unfused / base", unfused / base, "x"),
+        ("stock diffusers: fused and unloaded", fused, "ms"),
+        ("  stock fused / base", fused / base, "x"),
+        ("  fuse + unload, paid at each change of adapter set", fuse_ms, "ms"),
+    ], switch_ms
+
+
+def mixed_batches(
+    engine: GeneratorEngine, spec, repeat: int, counts=(4, 8), sync=lambda: None
+) -> list:
+    """N requests with N different adapters and scales: one mixed batch vs one by one."""
+    rows = []
+    for count in counts:
+        specs = [spec((f"a{i}", 0.6 + 0.1 * i)) for i in range(count)]
+        for i, s in enumerate(specs):
+            s.seed = i
+        jobs = [GenerationJob(s) for s in specs]
+        alone = [engine.generate(s)[0] for s in specs]
+        together = [out[0] for out in engine.generate_batch(jobs)]
+        difference = max(
+            float(np.abs(_pixels(a) - _pixels(b)).mean())
+            for a, b in zip(alone, together, strict=True)
+        )
+        sequential = median_ms(lambda specs=specs: ([engine.generate(s) for s in specs], sync()),
+                               repeat=max(3, repeat // 2), warmup=1)  # fmt: skip
+        batched = median_ms(lambda jobs=jobs: (engine.generate_batch(jobs), sync()),
+                            repeat=max(3, repeat // 2), warmup=1)  # fmt: skip
+        rows += [
+            (f"{count} requests, {count} adapters, one after another", sequential, "ms"),
+            (f"{count} requests, {count} adapters, one mixed batch", batched, "ms"),
+            (f"  batched throughput / sequential ({count})", sequential / batched,
+             "x (target >= 1.3 at 4)"),
+            (f"  max mean abs pixel difference, batched vs alone ({count})", difference,
+             "(target <= 1e-3)"),
+        ]  # fmt: skip
+    return rows
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image.data)), dtype=np.float32) / 255
 
 
 if __name__ == "__main__":

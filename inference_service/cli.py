@@ -32,6 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting(
         serve,
+        "--adapter-slot-rank",
+        default=16,
+        type=int,
+        help="rank of the pre-shaped adapter slots (loading one up to it is a weight copy); "
+        "0: no slots, every adapter takes diffusers' general path",
+    )
+    add_setting(
+        serve,
+        "--max-batch-images",
+        default=8,
+        type=int,
+        help="images that waiting requests with different adapters may share in one denoising "
+        "batch (same size, steps, guidance and scheduler); 1 turns batching off",
+    )
+    add_setting(
+        serve,
         "--preload",
         default="",
         help="comma-separated adapter ids (in the artifact store) to load and pin",
@@ -58,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                     settings,
                     max_resident_adapters=args.max_resident_adapters,
                     queue_size=args.queue_size,
+                    max_batch_images=args.max_batch_images,
+                    slot_rank=args.adapter_slot_rank,
                     preload=tuple(a for a in args.preload.split(",") if a),
                 ),
                 settings,

@@ -1,10 +1,12 @@
 """The warm pipeline and its adapters: one executor thread owns both.
 
 Resident adapters stay loaded in the peft-wrapped UNet and text encoder, in pre-shaped slots
-(slots.py: loading is a weight copy) or under their own names; a request activates its set with
-its scales (``set_adapters``), which costs milliseconds, and the base weights never change.
-Learned tokens are added to the tokenizer only for the duration of a request that names their
-adapter, so a token means nothing in a request without it.
+(slots.py: loading is a weight copy) or under their own names, and the base weights never
+change. A request's adapters and scales are weights in the LoRA mixer (mixing.py): setting them
+is an assignment, and requests that share size, steps, guidance and scheduler are denoised in
+one batch, each row with its own request's adapters. Learned tokens live under private names
+(slots.TokenPool), and a request's prompt is rewritten to the names of its own adapters' tokens,
+so a token means nothing in a request that does not name its adapter.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from inference_service.mixing import LoraMixer, row_weights
 from inference_service.slots import SlotPool, TokenPool
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
@@ -60,6 +63,15 @@ class GenerationSpec:
     num_images: int = 1
     adapters: list[AdapterRequest] = field(default_factory=list)
     output_format: str = "png"
+
+
+@dataclass
+class GenerationJob:
+    """One request in a denoising batch, with its progress and cancellation callbacks."""
+
+    spec: GenerationSpec
+    on_step: Callable[[int, int], None] = lambda step, total: None
+    is_cancelled: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -118,6 +130,7 @@ class GeneratorEngine:
         # Pre-shaped slots (rank slot_rank, default targets): loading becomes a weight copy.
         self.slots = SlotPool(pipe, max_resident, slot_rank) if slot_rank > 0 else None
         self.tokens = TokenPool(pipe)
+        self.mixer = LoraMixer(pipe)
 
     # ------------------------------------------------------------------ adapters
     def _entry_from_bundle(self, adapter_id: str, path: Path) -> AdapterEntry:
@@ -159,6 +172,8 @@ class GeneratorEngine:
             raise FailedPrecondition(f"adapter {adapter_id!r}: {err}") from err
         except interop.FormatError as err:
             raise InvalidArgument(str(err), "data") from err
+        finally:
+            self.mixer.refresh()  # the import loaded and dropped a temporary adapter
         shutil.rmtree(folder, ignore_errors=True)
         bundle.path.rename(folder)
         return self._entry_from_bundle(adapter_id, folder)
@@ -239,6 +254,7 @@ class GeneratorEngine:
                     self.pipe.load_lora_weights(
                         str(entry.path / bundles.LORA_FILE), adapter_name=entry.peft_name
                     )
+                    self.mixer.refresh()  # hook the layers diffusers just made
             except Exception as err:
                 if slot is not None:
                     self.slots.release(slot)
@@ -351,40 +367,13 @@ class GeneratorEngine:
         }
         return classes[name].from_config(config)
 
-    def _activate(self, entries: list[AdapterEntry], spec: GenerationSpec) -> tuple[str, str]:
-        """Set the request's adapters and scales; return its prompts with the learned tokens
-        of its adapters rewritten to their private names."""
-        with_lora = [(e, a) for e, a in zip(entries, spec.adapters, strict=True) if e.has_lora]
-        if with_lora:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters(
-                [e.peft_name for e, _ in with_lora],
-                adapter_weights=[{"unet": a.scale, "text_encoder": a.te_scale}
-                                 for _, a in with_lora],
-            )  # fmt: skip
-        elif self.slots is not None or any(
-            e.has_lora and e.resident for e in self.entries.values()
-        ):
-            self.pipe.disable_lora()
-        prompt, negative = spec.prompt, spec.negative_prompt
-        for entry in entries:
-            for public, private in entry.token_map.items():
-                prompt = prompt.replace(public, private)
-                negative = negative.replace(public, private)
-        return prompt, negative
-
-    def generate(
-        self,
-        spec: GenerationSpec,
-        on_step: Callable[[int, int], None] = lambda step, total: None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> list[GeneratedImage]:
+    def _resolve(self, spec: GenerationSpec, keep: set[str]) -> list[AdapterEntry]:
+        """The request's adapters, resident, with no learned token defined twice."""
         if len(spec.adapters) > self.max_resident:
             raise InvalidArgument(
                 f"at most {self.max_resident} adapters per request on this server", "adapters"
             )
-        requested = {a.adapter_id for a in spec.adapters}
-        entries = [self.ensure_resident(a.adapter_id, keep=requested) for a in spec.adapters]
+        entries = [self.ensure_resident(a.adapter_id, keep=keep) for a in spec.adapters]
         seen: dict[str, str] = {}
         for entry in entries:
             for token in entry.tokens:
@@ -395,36 +384,141 @@ class GeneratorEngine:
                         "adapters",
                     )
                 seen[token] = entry.adapter_id
-        width = spec.width or self.default_size
-        height = spec.height or self.default_size
+        return entries
+
+    @staticmethod
+    def _private_prompts(entries: list[AdapterEntry], spec: GenerationSpec) -> tuple[str, str]:
+        """The request's prompts with its adapters' learned tokens under their private names."""
+        prompt, negative = spec.prompt, spec.negative_prompt
+        for entry in entries:
+            for public, private in entry.token_map.items():
+                prompt = prompt.replace(public, private)
+                negative = negative.replace(public, private)
+        return prompt, negative
+
+    @staticmethod
+    def _lora_weights(
+        entries: list[AdapterEntry], spec: GenerationSpec, component: str
+    ) -> dict[str, float]:
+        return {
+            e.peft_name: (a.scale if component == "unet" else a.te_scale)
+            for e, a in zip(entries, spec.adapters, strict=True)
+            if e.has_lora
+        }
+
+    def generate(
+        self,
+        spec: GenerationSpec,
+        on_step: Callable[[int, int], None] = lambda step, total: None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> list[GeneratedImage]:
+        outcome = self.generate_batch([GenerationJob(spec, on_step, is_cancelled)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def generate_batch(self, jobs: list[GenerationJob]) -> list[list[GeneratedImage] | Exception]:
+        """Serve requests that share size, steps, guidance and scheduler in one denoising
+        batch, each with its own adapters and scales; a request that cannot be served (an
+        unknown adapter, say) gets its error and the others go on."""
+        keep = {a.adapter_id for job in jobs for a in job.spec.adapters}
+        outcomes: list[list[GeneratedImage] | Exception] = [[] for _ in jobs]
+        ready: list[tuple[int, GenerationJob, list[AdapterEntry]]] = []
+        for index, job in enumerate(jobs):
+            try:
+                ready.append((index, job, self._resolve(job.spec, keep)))
+            except Exception as err:  # this request's own problem: the others go on
+                outcomes[index] = err
+        if not ready:
+            return outcomes
+        try:
+            images = self._denoise([(job, entries) for _, job, entries in ready])
+        except Exception as err:
+            images = [err] * len(ready)
+        for (index, _, _), result in zip(ready, images, strict=True):
+            outcomes[index] = result
+        return outcomes
+
+    def _encode_prompts(
+        self, batch: list[tuple[GenerationJob, list[AdapterEntry]]], guided: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Generator], dict[str, list[float]]]:
+        """Each request's prompts through the text encoder at its own scales; the batch's
+        embeddings, one generator per image, and each adapter's UNet scale per image."""
+        device = self.pipe._execution_device
+        positives, negatives, generators = [], [], []
+        unet_scales: dict[str, list[float]] = {}
+        for job, entries in batch:
+            spec = job.spec
+            prompt, negative = self._private_prompts(entries, spec)
+            self.mixer.set("text_encoder", self._lora_weights(entries, spec, "text_encoder"))
+            positive, negative_embeds = self.pipe.encode_prompt(
+                prompt, device, spec.num_images, guided, negative or None
+            )
+            positives.append(positive)
+            negatives.append(negative_embeds)
+            first_image = len(generators)
+            seeds = range(spec.seed, spec.seed + spec.num_images)
+            generators += [torch.Generator().manual_seed(seed) for seed in seeds]
+            for name, scale in self._lora_weights(entries, spec, "unet").items():
+                column = unet_scales.setdefault(name, [])
+                column += [0.0] * (first_image - len(column)) + [scale] * spec.num_images
+        self.mixer.set("text_encoder", {})
+        for column in unet_scales.values():
+            column += [0.0] * (len(generators) - len(column))
+        return (
+            torch.cat(positives),
+            torch.cat(negatives) if guided else None,
+            generators,
+            unet_scales,
+        )
+
+    def _denoise(
+        self, batch: list[tuple[GenerationJob, list[AdapterEntry]]]
+    ) -> list[list[GeneratedImage]]:
+        first = batch[0][0].spec
+        guided = first.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+        def step_end(pipe, step, timestep, kwargs):
+            for job, _ in batch:
+                job.on_step(step + 1, first.steps)
+            if all(job.is_cancelled() for job, _ in batch):
+                raise Cancelled("the caller cancelled the request")
+            return kwargs
+
         with self.lock:
-            self.pipe.scheduler = self._scheduler(spec.scheduler)
-            prompt, negative = self._activate(entries, spec)
-            generators = [
-                torch.Generator().manual_seed(spec.seed + i) for i in range(spec.num_images)
-            ]
-
-            def step_end(pipe, step, timestep, kwargs):
-                on_step(step + 1, spec.steps)
-                if is_cancelled():
-                    raise Cancelled("the caller cancelled the request")
-                return kwargs
-
-            started = time.perf_counter()
-            result = self.pipe(
-                prompt, negative_prompt=negative or None, width=width,
-                height=height, num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance_scale, num_images_per_prompt=spec.num_images,
-                generator=generators, callback_on_step_end=step_end,
-            )  # fmt: skip
-            log.debug("generated", extra={"seconds": time.perf_counter() - started})
-            for entry in entries:
-                if entry.adapter_id in self.lru:
-                    self.lru.move_to_end(entry.adapter_id)
+            self.pipe.scheduler = self._scheduler(first.scheduler)
+            try:
+                positive, negative, generators, unet_scales = self._encode_prompts(batch, guided)
+                # Classifier-free guidance runs the negative and the positive halves together.
+                device = self.pipe._execution_device
+                self.mixer.set("unet", {
+                    name: row_weights(column, repeats=2 if guided else 1, device=device)
+                    for name, column in unet_scales.items()
+                })  # fmt: skip
+                started = time.perf_counter()
+                result = self.pipe(
+                    prompt_embeds=positive, negative_prompt_embeds=negative,
+                    width=first.width or self.default_size,
+                    height=first.height or self.default_size,
+                    num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
+                    generator=generators, callback_on_step_end=step_end,
+                )  # fmt: skip
+            finally:
+                self.mixer.clear()
+            log.debug(
+                "generated",
+                extra={"seconds": time.perf_counter() - started, "requests": len(batch)},
+            )
+            for _, entries in batch:
+                for entry in entries:
+                    if entry.adapter_id in self.lru:
+                        self.lru.move_to_end(entry.adapter_id)
+        images = iter(result.images)
         return [
-            self._encode(image, spec.seed + i, spec.output_format)
-            for i, image in enumerate(result.images)
-        ]
+            [self._encode(next(images), job.spec.seed + i, job.spec.output_format)
+             for i in range(job.spec.num_images)]
+            for job, _ in batch
+        ]  # fmt: skip
 
     @staticmethod
     def _encode(image, seed: int, fmt: str) -> GeneratedImage:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -16,13 +18,15 @@ from loraforge.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from inference_service.pipeline import (
     AdapterEntry,
     AdapterRequest,
+    GeneratedImage,
+    GenerationJob,
     GenerationSpec,
     GeneratorEngine,
     validate_adapter_id,
     validate_spec,
 )
 from loraforge_core.devices import resolve_device, validate_device
-from loraforge_core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from loraforge_core.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
 from loraforge_core.models import load_pipeline, resolve_model
 from loraforge_core.settings import ServerSettings
 
@@ -77,8 +81,27 @@ def adapter_to_proto(entry: AdapterEntry) -> generator_pb2.AdapterInfo:
     )  # fmt: skip
 
 
+@dataclass(eq=False)  # compared by identity
+class PendingGeneration:
+    """A Generate request waiting for the pipeline thread (ticket: its place in arrival order)."""
+
+    job: GenerationJob
+    ticket: int
+    result: Future = field(default_factory=Future)
+
+    def batch_key(self) -> tuple:
+        spec = self.job.spec
+        return (spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler)
+
+
 class GeneratorService:
-    """Owns the warm pipeline, its executor and the request queue."""
+    """Owns the warm pipeline, its executor and the request queue.
+
+    Requests run on one thread in arrival order. Generate requests that wait together and
+    share size, steps, guidance and scheduler are served in one denoising batch (up to
+    ``max_batch_images`` images), each with its own adapters and scales; a batch never
+    overtakes an adapter load or unload that arrived before one of its requests.
+    """
 
     service_names = (generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name,)
 
@@ -90,8 +113,16 @@ class GeneratorService:
         queue_size: int = 16,
         preload: tuple[str, ...] = (),
         slot_rank: int = 16,
+        max_batch_images: int = 8,
     ) -> None:
         validate_device(settings.device)
+        if max_batch_images < 1:
+            raise ValueError("max_batch_images must be at least 1 (1: no batching)")
+        self.max_batch_images = max_batch_images
+        self.pending: list[PendingGeneration] = []
+        self.barriers: set[int] = set()  # tickets of queued adapter loads and unloads
+        self.tickets = 0
+        self.pending_lock = threading.Lock()
         self.settings = settings
         self.max_resident = max_resident_adapters
         self.queue_size = queue_size
@@ -120,8 +151,7 @@ class GeneratorService:
             extra={"model": resolve_model(self.settings.model), "device": str(device)},
         )
 
-    async def run(self, fn, *args, **kwargs):
-        """Run fn on the pipeline thread, behind the bounded queue."""
+    def _admit(self) -> None:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         if self.waiting >= self.queue_size:
@@ -130,17 +160,109 @@ class GeneratorService:
                 retry_after_seconds=1.0,
             )
 
+    async def _on_pipeline_thread(self, fn: Callable):
         def guarded():
             # Requests still queued when a drain starts are refused; the running one finishes.
             if self.draining:
                 raise Unavailable("the server is shutting down; retry on another replica")
-            return fn(*args, **kwargs)
+            return fn()
 
         self.waiting += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, guarded)
         finally:
             self.waiting -= 1
+
+    def _next_ticket(self) -> int:
+        with self.pending_lock:
+            self.tickets += 1
+            return self.tickets
+
+    async def run(self, fn, *args, **kwargs):
+        """Run fn on the pipeline thread, behind the bounded queue (a barrier to batching)."""
+        self._admit()
+        ticket = self._next_ticket()
+        with self.pending_lock:
+            self.barriers.add(ticket)
+
+        def call():
+            with self.pending_lock:
+                self.barriers.discard(ticket)
+            return fn(*args, **kwargs)
+
+        try:
+            return await self._on_pipeline_thread(call)
+        finally:
+            with self.pending_lock:
+                self.barriers.discard(ticket)
+
+    async def generate(self, job: GenerationJob) -> list[GeneratedImage]:
+        """Queue a Generate request; whichever batch takes it first serves it."""
+        self._admit()
+        item = PendingGeneration(job, self._next_ticket())
+        with self.pending_lock:
+            self.pending.append(item)
+        try:
+            await self._on_pipeline_thread(lambda: self._serve_next_batch(item.ticket))
+        except Exception:
+            if not item.result.done():  # a drain refuses this turn, yet an earlier batch
+                raise  # may have served the request already: then its images are returned
+        finally:
+            with self.pending_lock:
+                if item in self.pending:  # refused on drain, or the caller went away
+                    self.pending.remove(item)
+        # Served by now: each queued request's turn serves the oldest waiting one (if it is
+        # not younger than the turn), so by this request's own turn it has been taken.
+        return item.result.result(timeout=0)
+
+    def _take_batch(self, turn: int) -> list[PendingGeneration]:
+        """On the turn of ticket ``turn``: the oldest waiting request, unless it is younger
+        than the turn (it was queued behind an adapter operation that has not run yet), and
+        the requests after it that can share its batch."""
+        with self.pending_lock:
+            for item in [i for i in self.pending if i.job.is_cancelled()]:
+                self.pending.remove(item)  # the caller went away while it waited
+                item.result.set_exception(Cancelled("the caller cancelled the request"))
+            if not self.pending or self.pending[0].ticket > turn:
+                return []
+            head = self.pending[0]
+            before = min(self.barriers, default=math.inf)
+            batch, images, adapters = [], 0, set()
+            for item in self.pending:
+                spec = item.job.spec
+                names = adapters | {a.adapter_id for a in spec.adapters}
+                if item is not head and (
+                    item.ticket > before
+                    or item.batch_key() != head.batch_key()
+                    or images + spec.num_images > self.max_batch_images
+                    or len(names) > self.max_resident
+                ):
+                    continue
+                batch.append(item)
+                images += spec.num_images
+                adapters = names
+            for item in batch:
+                self.pending.remove(item)
+            return batch
+
+    def _serve_next_batch(self, turn: int) -> None:
+        batch = self._take_batch(turn)
+        if not batch:
+            return
+        try:
+            outcomes = self.engine_or_raise().generate_batch([item.job for item in batch])
+        except Exception as err:
+            outcomes = [err] * len(batch)
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                item.result.set_exception(outcome)
+            else:
+                item.result.set_result(outcome)
+
+    def engine_or_raise(self) -> GeneratorEngine:
+        if self.engine is None:
+            raise Unavailable("the model is still loading (health: NOT_SERVING); retry shortly")
+        return self.engine
 
     async def drain(self) -> None:
         self.draining = True
@@ -155,15 +277,14 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     @property
     def engine(self) -> GeneratorEngine:
-        if self.service.engine is None:
-            raise Unavailable("the model is still loading (health: NOT_SERVING); retry shortly")
-        return self.service.engine
+        return self.service.engine_or_raise()
 
     async def _generate(self, request, context, on_step=lambda step, total: None):
         spec = spec_from_request(request)
         cancelled = threading.Event()
         context.add_done_callback(lambda _: cancelled.set())
-        images = await self.service.run(self.engine.generate, spec, on_step, cancelled.is_set)
+        self.service.engine_or_raise()  # UNAVAILABLE until the model is loaded
+        images = await self.service.generate(GenerationJob(spec, on_step, cancelled.is_set))
         return [
             common_pb2.Image(data=i.data, format=FORMAT_TO_PROTO[i.format], width=i.width,
                              height=i.height, seed=i.seed)

@@ -50,10 +50,18 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+NAME_MAX = 255  # bytes per path component on Linux file systems; longer ones fail in stat()
+PATH_MAX = 1024  # far below Linux's 4096, leaving room for the root
+
+
 def safe_child(root: Path, name: str) -> Path:
     """``root / name`` if it stays inside root (no '..', no absolute path, no symlink out)."""
     if not name or name.startswith(("/", "\\")) or "\x00" in name:
         raise ValueError(f"invalid relative path {name!r}")
+    if len(name.encode()) > PATH_MAX or any(
+        len(part.encode()) > NAME_MAX for part in name.split("/")
+    ):
+        raise ValueError(f"path too long: at most {PATH_MAX} bytes, {NAME_MAX} bytes per component")
     root = Path(root).resolve()
     candidate = (root / name).resolve()
     if candidate != root and root not in candidate.parents:

@@ -190,6 +190,15 @@ def test_bad_requests_get_clear_errors(stub, req, code):
     assert caught.value.code() == code
 
 
+@pytest.mark.parametrize("uri", ["x" * 300, "a/" * 600, "../outside"])
+def test_load_from_an_unusable_store_path_is_invalid_argument(stub, uri):
+    """Found by the fuzz test: a 300-byte name made stat() fail and the call INTERNAL."""
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.LoadAdapter(generator_pb2.LoadAdapterRequest(adapter_id="p", uri=uri), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "path" in caught.value.details()
+
+
 def test_stream_reports_each_step_then_images_with_seeds(stub):
     replies = list(stub.GenerateStream(request(num_images=2, seed=40), timeout=120))
     steps = [r.progress.step for r in replies if r.WhichOneof("kind") == "progress"]

@@ -1,0 +1,134 @@
+"""Mixed-adapter batching: requests naming different adapters at different scales share one
+denoising batch, and each gets the image it would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from inference_service.pipeline import (
+    AdapterRequest,
+    GenerationJob,
+    GenerationSpec,
+    GeneratorEngine,
+)
+from inference_service.server import GeneratorService
+from loraforge_core.bundle import pack
+from loraforge_core.settings import ServerSettings
+from trainer_service.training.lora import random_lora_bundle
+
+ADAPTERS = 4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> GeneratorEngine:
+    root = tmp_path_factory.mktemp("batching")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    engine = GeneratorEngine(pipe, root / "generator", max_resident=ADAPTERS + 1, slot_rank=8)
+    for i in range(ADAPTERS):
+        bundle = random_lora_bundle(str(tiny_model), root / "bundles", seed=i, token=f"<t{i}>")
+        engine.register(f"a{i}", data=pack(bundle.path))
+    # One adapter of a larger rank than the slots: the general path, mixed in too.
+    large = random_lora_bundle(str(tiny_model), root / "bundles", seed=9, rank=16)
+    assert engine.register("large", data=pack(large.path)).peft_name == "adapter-large"
+    return engine
+
+
+def specs() -> list[GenerationSpec]:
+    """Different adapters, scales, text-encoder scales, image counts and prompts."""
+
+    def spec(prompt, adapters, seed, num_images=1):
+        return GenerationSpec(
+            prompt=prompt, width=32, height=32, steps=5, guidance_scale=5.0, seed=seed,
+            num_images=num_images,
+            adapters=[AdapterRequest(a, s, t) for a, s, t in adapters],
+        )  # fmt: skip
+
+    return [
+        spec("a <t0> circle", [("a0", 1.0, None)], 1),
+        spec("a red <t1>", [("a1", 0.5, 1.5)], 2, num_images=2),
+        spec("a green square", [], 3),
+        spec("a <t2> and a <t3>", [("a2", 1.2, 0.0), ("a3", -0.7, None)], 4),
+        spec("a blue circle", [("large", 0.8, None), ("a0", 0.3, None)], 5),
+        spec("a <t3> square", [("a3", 1.0, None)], 6),
+    ]
+
+
+def pixels(images) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(i.data)), dtype=np.float32) / 255 for i in images]
+
+
+def test_a_mixed_batch_gives_each_request_its_unbatched_images(engine):
+    alone = [pixels(engine.generate(spec)) for spec in specs()]
+    batched = engine.generate_batch([GenerationJob(spec) for spec in specs()])
+    for spec, single, outcome in zip(specs(), alone, batched, strict=True):
+        assert not isinstance(outcome, Exception), outcome
+        together = pixels(outcome)
+        assert len(together) == spec.num_images
+        for a, b in zip(single, together, strict=True):
+            assert np.abs(a - b).mean() <= 1e-3, spec.prompt
+    # The adapters really act: the requests with adapters differ from the base render.
+    base = pixels(engine.generate(GenerationSpec("a <t0> circle", width=32, height=32, steps=5,
+                                                 guidance_scale=5.0, seed=1)))  # fmt: skip
+    assert np.abs(base[0] - alone[0][0]).mean() > 1e-2
+
+
+def test_a_request_that_cannot_be_served_does_not_fail_its_batch(engine):
+    good, bad = specs()[0], specs()[0]
+    bad.adapters = [AdapterRequest("missing")]
+    outcomes = engine.generate_batch([GenerationJob(bad), GenerationJob(good)])
+    assert "missing" in str(outcomes[0])
+    assert np.abs(pixels(outcomes[1])[0] - pixels(engine.generate(good))[0]).mean() <= 1e-3
+
+
+@pytest.mark.parametrize("max_batch_images", [8, 1])
+def test_waiting_requests_share_batches_unless_batching_is_off(
+    engine, tiny_model, tmp_path, max_batch_images
+):
+    service = GeneratorService(
+        ServerSettings(model=str(tiny_model), data_dir=tmp_path),
+        max_batch_images=max_batch_images,
+        max_resident_adapters=ADAPTERS + 1,
+    )
+    service.engine = engine
+    sizes: list[int] = []
+    real = engine.generate_batch
+
+    def recording(jobs):
+        sizes.append(len(jobs))
+        return real(jobs)
+
+    engine.generate_batch = recording  # the real engine runs; only the batch sizes are noted
+    try:
+        outcomes = asyncio.run(_submit_while_busy(service, specs()))
+    finally:
+        del engine.generate_batch
+        service.executor.shutdown()
+    for spec, outcome in zip(specs(), outcomes, strict=True):
+        assert len(outcome) == spec.num_images
+    # Three requests, an adapter operation, three more: the operation splits the batches.
+    assert sizes == ([3, 3] if max_batch_images == 8 else [1] * 6)
+
+
+async def _submit_while_busy(service: GeneratorService, all_specs: list[GenerationSpec]):
+    gate = threading.Event()
+    service.executor.submit(gate.wait)  # the pipeline thread is busy; everything queues
+    tasks = [asyncio.create_task(service.generate(GenerationJob(s))) for s in all_specs[:3]]
+    tasks.append(asyncio.create_task(service.run(engine_list, service)))
+    tasks += [asyncio.create_task(service.generate(GenerationJob(s))) for s in all_specs[3:]]
+    await asyncio.sleep(0.1)
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    return results[:3] + results[4:]
+
+
+def engine_list(service: GeneratorService):
+    return service.engine.list()
