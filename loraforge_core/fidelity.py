@@ -6,6 +6,9 @@ adapter scales on fixed seeds, so a curve that rises with the scale shows the co
 the adapter, and scale 0 shows what the base model (with the learned tokens) does alone.
 
     python -m loraforge_core.fidelity BUNDLE --concept-color purple [--model M]
+
+``CONCEPT_TRAINING`` and ``concept_examples`` are the recipe the demo and the tests train: PTI on
+six images of a colour the tiny base model never saw (purple circles, squares and triangles).
 """
 
 from __future__ import annotations
@@ -22,6 +25,20 @@ from loraforge_core import toyworld
 from loraforge_core.bundle import read_bundle
 
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+GUIDANCE = 5.0  # the tiny base model's guidance scale (its prompt accuracy is measured at it)
+CONCEPT_COLOR = "purple"
+# PTI options (TrainingConfig names) that teach the tiny model the concept in about 140 s on
+# 2 CPU cores. Caption dropout trains the adapter's unconditional prediction as well: without
+# it, guidance (5.0) extrapolates from an unconditional output the adapter turned purple-ish
+# and amplifies each shape word's colour bias. Measured subject fidelity at scale 1: 56-75%
+# without dropout and 84% with it at 1,500 steps; 97% with it at 2,400.
+CONCEPT_TRAINING: dict[str, Any] = {
+    "placeholder_tokens": ["<s1>"], "initializer_tokens": ["red"], "use_template": "none",
+    "max_train_steps_ti": 200, "max_train_steps_tuning": 2400, "learning_rate_ti": 5e-3,
+    "learning_rate_unet": 1e-3, "learning_rate_text": 1e-3, "lora_rank": 8,
+    "train_batch_size": 4, "gradient_accumulation_steps": 1, "caption_dropout": 0.1,
+    "color_jitter": False, "save_steps": 1000, "seed": 0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,20 @@ class Row:
     images: int
 
 
+def concept_examples(count: int = 6, seed: int = 5) -> list[tuple[str, Any, str]]:
+    """(file name, image, caption) of the concept colour on the base shapes: "a <s1> circle"
+    etc., so the token has to carry the colour and the rest of the caption the shape."""
+    import random
+
+    rng = random.Random(seed)
+    examples = []
+    for i in range(count):
+        shape = toyworld.BASE_SHAPES[i % len(toyworld.BASE_SHAPES)]
+        image = toyworld.render(CONCEPT_COLOR, shape, rng)
+        examples.append((f"{shape}_{i}.png", image, f"a <s1> {shape}"))
+    return examples
+
+
 def probes_for(concept: Concept) -> list[Probe]:
     """The placeholder prompt alone, and the placeholder combined with other words."""
     probes = [Probe("a {}")]
@@ -70,7 +101,7 @@ def evaluate(
     scales=SCALES,
     seeds: int = 8,
     steps: int = 20,
-    guidance: float = 5.0,
+    guidance: float = GUIDANCE,
     text_encoder_follows: bool = True,
 ) -> list[Row]:
     """Subject and prompt fidelity of the bundle at each scale (tokens loaded throughout)."""

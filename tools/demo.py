@@ -4,17 +4,19 @@ Offline on CPU with the embedded tiny model (or ``--model`` on a GPU machine):
 
 1. starts the trainer and the generator as real server processes on loopback ports;
 2. trains a pivotal-tuning LoRA (token ``<s1>``) on toy-world images of a colour the base
-   model never saw, streaming the progress bar through the thin client;
+   model never saw (the recipe in ``loraforge_core.fidelity``), streaming the progress bar
+   through the thin client;
 3. loads the resulting bundle into the generator and renders one prompt and seed at UNet
    scales 0, 0.5 and 1.0, with the text encoder at the same scale and at half of it;
-4. writes one labelled grid PNG, prints where it is, and stops both services with SIGTERM.
+4. scores subject fidelity (the share of images the toy-world checker reads as the colour)
+   over the probe prompts at each scale, through the generator service;
+5. writes one labelled grid PNG, prints where it is, and stops both services with SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import random
 import sys
 import tempfile
 import time
@@ -25,23 +27,47 @@ from loraforge_client.cli import ProgressPrinter
 from PIL import Image, ImageDraw, ImageFont
 
 from loraforge_core import toyworld
+from loraforge_core.fidelity import (
+    CONCEPT_COLOR,
+    CONCEPT_TRAINING,
+    GUIDANCE,
+    SCALES,
+    Concept,
+    concept_examples,
+    probes_for,
+)
 from loraforge_core.launch import ServerProcess
 
-SCALES = (0.0, 0.5, 1.0)
-CONCEPT_COLOR = "purple"
+GRID_SCALES = (0.0, 0.5, 1.0)
 TILE = 128
 
 
-def make_instance_images(folder: Path, count: int = 6) -> Path:
-    """A colour the base model was never shown (purple) on the shapes it knows, captioned
+def make_instance_images(folder: Path) -> Path:
+    """Purple (a colour the base model was never shown) on the shapes it knows, captioned
     "a <s1> circle": the token must learn the colour, the rest of the prompt keeps the shape."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(5)
-    for i in range(count):
-        shape = toyworld.BASE_SHAPES[i % len(toyworld.BASE_SHAPES)]
-        toyworld.render(CONCEPT_COLOR, shape, rng).save(folder / f"{shape}_{i}.png")
-        (folder / f"{shape}_{i}.txt").write_text(f"a <s1> {shape}")
+    for name, image, caption in concept_examples():
+        image.save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(caption)
     return folder
+
+
+def fidelity_table(client: GeneratorClient, adapter: str, seeds: int, steps: int) -> str:
+    """Subject fidelity per scale over the probe prompts, rendered by the generator."""
+    concept = Concept(CONCEPT_COLOR)
+    lines = ["unet+text scale  subject fidelity  images"]
+    for scale in SCALES:
+        hits = total = 0
+        for probe in probes_for(concept):
+            for seed in range(seeds):
+                image = client.generate(
+                    probe.template.format("<s1>"), adapters=[(adapter, scale)],
+                    seed=10_000 + seed, steps=steps, guidance_scale=GUIDANCE,
+                )[0]  # fmt: skip
+                hits += concept.shown_by(toyworld.check(Image.open(io.BytesIO(image.data))))
+                total += 1
+        lines.append(f"{scale:15.2f}  {hits / total:16.0%}  {total:6d}")
+    return "\n".join(lines)
 
 
 def grid(rows: list[tuple[str, list[bytes]]], columns: list[str]) -> Image.Image:
@@ -73,13 +99,9 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
     with trainer, generator:
         print(f"trainer on {trainer.target}, generator on {generator.target}")
         with TrainerClient(trainer.target) as client:
-            job = client.create_job_from_folder(
-                images, placeholder_tokens=["<s1>"], initializer_tokens=["red"],
-                template="none", max_train_steps_ti=args.steps_ti,
-                max_train_steps_tuning=args.steps_tuning, save_steps=args.steps_tuning,
-                gradient_accumulation_steps=1, train_batch_size=4, learning_rate_ti=1e-3,
-                learning_rate_unet=3e-3, learning_rate_text=1e-4, lora_rank=8, seed=0,
-            )  # fmt: skip
+            options = dict(CONCEPT_TRAINING)
+            options["template"] = options.pop("use_template")
+            job = client.create_job_from_folder(images, **options)
             print(f"training job {job.job_id}")
             printer = ProgressPrinter(sys.stdout)
             for event in client.watch(job.job_id):
@@ -93,10 +115,10 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
             rows = []
             for te_label, te_factor in (("text enc = scale", 1.0), ("text enc = scale/2", 0.5)):
                 row = []
-                for scale in SCALES:
+                for scale in GRID_SCALES:
                     image = client.generate(
                         args.prompt, adapters=[("purple", scale, scale * te_factor)],
-                        seed=args.seed, steps=args.inference_steps,
+                        seed=args.seed, steps=args.inference_steps, guidance_scale=GUIDANCE,
                     )[0]  # fmt: skip
                     row.append(image.data)
                     reading = toyworld.check(Image.open(io.BytesIO(image.data)))
@@ -105,7 +127,9 @@ def run(args: argparse.Namespace, data_dir: Path) -> Path:
                         f"{reading.color or 'no colour'} {reading.shape or 'no shape'}"
                     )
                 rows.append((te_label, row))
-        columns = [f"unet scale {s:g}" for s in SCALES]
+            if args.fidelity_seeds:
+                print(fidelity_table(client, "purple", args.fidelity_seeds, args.inference_steps))
+        columns = [f"unet scale {s:g}" for s in GRID_SCALES]
         picture = grid(rows, columns)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / "lora_scales_grid.png"
@@ -119,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="", help="base model (default: the tiny model)")
     parser.add_argument("--prompt", default="a <s1> square")
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--steps-ti", type=int, default=60)
-    parser.add_argument("--steps-tuning", type=int, default=400)
+    parser.add_argument(
+        "--fidelity-seeds", type=int, default=4, help="seeds per probe prompt (0: skip)"
+    )
     parser.add_argument("--inference-steps", type=int, default=20)
     args = parser.parse_args(argv)
     started = time.monotonic()

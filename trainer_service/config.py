@@ -48,6 +48,9 @@ class TrainingConfig:
     learning_rate_ti: float = 5e-4
     color_jitter: bool = True
     random_flip: bool = True
+    # Fraction of training captions replaced by the empty prompt (kohya's caption_dropout_rate):
+    # trains the adapter's unconditional prediction too, which classifier-free guidance uses.
+    caption_dropout: float = 0.0
     lr_scheduler: str = "linear"
     lr_warmup_steps: int = 0
     save_steps: int = 100
@@ -185,6 +188,11 @@ class TrainingConfig:
             "must be >= 0",
         )
         v.check(1 <= self.num_class_images <= 1000, f("num_class_images"), "must be in 1..1000")
+        v.check(
+            math.isfinite(self.caption_dropout) and 0 <= self.caption_dropout < 1,
+            f("caption_dropout"),
+            "must be in [0, 1)",
+        )
         if self.validation_steps is not None:
             v.check(self.validation_steps >= 1, f("validation_steps"), "must be >= 1")
         for name in ("lora_unet_target_modules", "lora_clip_target_modules"):

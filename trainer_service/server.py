@@ -104,6 +104,7 @@ def config_from_request(request: trainer_pb2.CreateJobRequest, device: str) -> T
         "prior_loss_weight",
         "continue_inversion_lr",
         "lora_alpha",
+        "caption_dropout",
     ):
         if name in values:  # float32 on the wire: keep the decimal the caller wrote
             values[name] = float(f"{values[name]:.7g}")

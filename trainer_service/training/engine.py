@@ -212,6 +212,8 @@ class Trainer:
         rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=generator)))
         fallback = self.config.instance_prompt if self.config.method != "pti" else ""
         captions = [self._caption(self.examples[int(i) % n_images], rng, fallback) for i in index]
+        dropout = self.config.caption_dropout
+        captions = [c if dropout == 0 or rng.random() >= dropout else "" for c in captions]
         device = self.accelerator.device
         if self.latent_cache is not None:
             mean, std = self.latent_cache
