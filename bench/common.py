@@ -24,6 +24,23 @@ def median_ms(fn: Callable[[], Any], *, repeat: int = 7, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, repeat: int = 7, warmup: int = 1
+) -> dict[str, float]:
+    """Median ms of each function, timed round-robin so that a drift in the machine's speed
+    (tens of percent over minutes on shared machines) hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def machine() -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d"),

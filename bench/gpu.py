@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from bench.adapters import mixed_batches, switch_to
 from bench.common import median_ms, report
-from bench.serving import mixed_batches, switch_to
 from inference_service.pipeline import AdapterRequest, GenerationSpec, GeneratorEngine
 from loraforge_core.architectures import ARCHITECTURES
 from loraforge_core.bundle import pack

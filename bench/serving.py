@@ -13,18 +13,15 @@ this run.
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bench.common import median_ms, report
+from bench.adapters import mixed_batches, switch_to
+from bench.common import interleaved_medians, median_ms, report
 from inference_service.pipeline import (
     AdapterRequest,
-    GenerationJob,
     GenerationSpec,
     GeneratorEngine,
 )
@@ -68,16 +65,18 @@ def main(argv: list[str] | None = None) -> None:
     for warm in (spec(), spec(("a0", 1.0)), spec(("a0", 0.7), ("a1", 0.5))):
         engine.generate(warm)  # first calls pay one-time kernel selection; keep them out
     rows: list[tuple[str, float, str]] = []
-    gen = {n: median_ms(lambda s=s: engine.generate(s), repeat=repeat) for n, s in (
+    gen = interleaved_medians({n: (lambda s=s: engine.generate(s)) for n, s in (
         ("0 adapters", spec()), ("1 adapter", spec(("a0", 1.0))),
         ("2 adapters", spec(("a0", 0.7), ("a1", 0.5))),
-    )}  # fmt: skip
+    )}, repeat=repeat)  # fmt: skip
     for name, ms in gen.items():
         rows.append((f"generate {size}x{size} {steps} steps, {name}", ms, "ms"))
     rows.append(("  overhead of 1 adapter vs base", gen["1 adapter"] / gen["0 adapters"], "x"))
     rows.append(("  overhead of 2 adapters vs base", gen["2 adapters"] / gen["0 adapters"], "x"))
 
-    stock_rows, switch_stock = stock_reference(model, device, bundles[:2], size, steps, repeat)
+    stock_rows, switch_stock, stock_one_adapter = stock_reference(
+        model, device, bundles[:2], size, steps, repeat
+    )
     rows += stock_rows
     rows += mixed_batches(engine, spec, repeat)
 
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
     switch_ours = median_ms(ours, repeat=21, warmup=3)
     rows += [
-        ("switch adapter + scales (ours, incl. tokens)", switch_ours, "ms"),
+        ("switch adapter + scales (ours: mixer weights, token names)", switch_ours, "ms"),
         ("switch adapter + scales (diffusers set_adapters)", switch_stock, "ms"),
         ("  ours / diffusers", switch_ours / switch_stock, "x"),
         ("  ours / one generation", switch_ours / gen["1 adapter"], "x (target <= 0.01)"),
@@ -126,31 +125,25 @@ def main(argv: list[str] | None = None) -> None:
 
         with GeneratorClient(server.target, timeout=600) as client:
             client.load_adapter("a0", bundles[0].path)
-            remote = median_ms(lambda: client.generate(
-                "a red circle", adapters=[("a0", 1.0)], width=size, height=size, steps=steps,
-                seed=0), repeat=repeat)  # fmt: skip
-    local = median_ms(lambda: engine.generate(spec(("a0", 1.0))), repeat=repeat)
+            timed = interleaved_medians({
+                "remote": lambda: client.generate(
+                    "a red circle", adapters=[("a0", 1.0)], width=size, height=size,
+                    steps=steps, seed=0),
+                "local": lambda: engine.generate(spec(("a0", 1.0))),
+            }, repeat=repeat)  # fmt: skip
+    remote, local = timed["remote"], timed["local"]
     rows += [
         ("Generate over gRPC, 1 adapter", remote, "ms"),
         ("same generation, in-process engine", local, "ms"),
         ("  gRPC / in-process", remote / local, "x (target <= 1.05)"),
+        ("  gRPC / stock diffusers in-process, same adapter", remote / stock_one_adapter, "x"),
     ]
     report("serving", rows, args.out)
 
 
-def switch_to(engine: GeneratorEngine, request: GenerationSpec) -> None:
-    """What a request does to its adapters before denoising: private token names in its
-    prompt, its UNet and text-encoder weights in the mixer."""
-    entries = [engine.entries[a.adapter_id] for a in request.adapters]
-    engine._private_prompts(entries, request)
-    for component in ("unet", "text_encoder"):
-        engine.mixer.set(component, engine._lora_weights(entries, request, component))
-    engine.mixer.clear()
-
-
 def stock_reference(
     model, device, bundles, size: int, steps: int, repeat: int
-) -> tuple[list, float]:
+) -> tuple[list, float, float]:
     """Stock diffusers on its own pipeline: switching with ``set_adapters``, base, one adapter
     unfused, and fused + unloaded (diffusers' advice for one fixed adapter), with what fusing
     costs each time the set changes."""
@@ -179,49 +172,18 @@ def stock_reference(
     pipe.unload_lora_weights()
     fuse_ms = (time.perf_counter() - started) * 1000
     fused = median_ms(run, repeat=repeat)
-    return [
-        ("stock diffusers: base", base, "ms"),
-        ("stock diffusers: 1 adapter unfused", unfused, "ms"),
-        ("  stock unfused / base", unfused / base, "x"),
-        ("stock diffusers: fused and unloaded", fused, "ms"),
-        ("  stock fused / base", fused / base, "x"),
-        ("  fuse + unload, paid at each change of adapter set", fuse_ms, "ms"),
-    ], switch_ms
-
-
-def mixed_batches(
-    engine: GeneratorEngine, spec, repeat: int, counts=(4, 8), sync=lambda: None
-) -> list:
-    """N requests with N different adapters and scales: one mixed batch vs one by one."""
-    rows = []
-    for count in counts:
-        specs = [spec((f"a{i}", 0.6 + 0.1 * i)) for i in range(count)]
-        for i, s in enumerate(specs):
-            s.seed = i
-        jobs = [GenerationJob(s) for s in specs]
-        alone = [engine.generate(s)[0] for s in specs]
-        together = [out[0] for out in engine.generate_batch(jobs)]
-        difference = max(
-            float(np.abs(_pixels(a) - _pixels(b)).mean())
-            for a, b in zip(alone, together, strict=True)
-        )
-        sequential = median_ms(lambda specs=specs: ([engine.generate(s) for s in specs], sync()),
-                               repeat=max(3, repeat // 2), warmup=1)  # fmt: skip
-        batched = median_ms(lambda jobs=jobs: (engine.generate_batch(jobs), sync()),
-                            repeat=max(3, repeat // 2), warmup=1)  # fmt: skip
-        rows += [
-            (f"{count} requests, {count} adapters, one after another", sequential, "ms"),
-            (f"{count} requests, {count} adapters, one mixed batch", batched, "ms"),
-            (f"  batched throughput / sequential ({count})", sequential / batched,
-             "x (target >= 1.3 at 4)"),
-            (f"  max mean abs pixel difference, batched vs alone ({count})", difference,
-             "(target <= 1e-3)"),
-        ]  # fmt: skip
-    return rows
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(image.data)), dtype=np.float32) / 255
+    return (
+        [
+            ("stock diffusers: base", base, "ms"),
+            ("stock diffusers: 1 adapter unfused", unfused, "ms"),
+            ("  stock unfused / base", unfused / base, "x"),
+            ("stock diffusers: fused and unloaded", fused, "ms"),
+            ("  stock fused / base", fused / base, "x"),
+            ("  fuse + unload, paid at each change of adapter set", fuse_ms, "ms"),
+        ],
+        switch_ms,
+        unfused,
+    )
 
 
 if __name__ == "__main__":

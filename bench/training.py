@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,9 +79,8 @@ def reference_loop(model: str, steps: int, rank: int) -> float:
         return_tensors="pt",
     ).input_ids
     generator = torch.Generator().manual_seed(0)
-    times = []
+    ends = []
     for _ in range(steps):
-        started = time.perf_counter()
         batch = pixels[torch.randint(0, len(pixels), (1,), generator=generator)]
         latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
@@ -98,9 +98,17 @@ def reference_loop(model: str, steps: int, rank: int) -> float:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        times.append(time.perf_counter() - started)
-    steady = sorted(times[steps // 4 :])
-    return 1.0 / steady[len(steady) // 2]
+        ends.append(time.perf_counter())
+    # The engine's own statistic (steps per second over the last 20 steps, after each step),
+    # summarised the same way as the engine's: the median over the second half of the run.
+    rates = [19 / (ends[i] - ends[i - 19]) for i in range(19, len(ends))]
+    return steady_rate(rates)
+
+
+def steady_rate(rates: list[float]) -> float:
+    """The median of a run's rolling rates over its second half."""
+    second_half = sorted(rates[len(rates) // 2 :])
+    return second_half[len(second_half) // 2]
 
 
 def ours(model: str, steps: int, rank: int, *, cached: bool, pti: bool) -> dict[str, float]:
@@ -123,8 +131,8 @@ def ours(model: str, steps: int, rank: int, *, cached: bool, pti: bool) -> dict[
     rates: dict[str, float] = {}
     for phase in ("inversion", "tuning"):
         progress = [e for e in reporter.events if e["event"] == "progress" and e["phase"] == phase]
-        if progress:  # the engine's rate over its last 20 steps: steady state
-            rates[phase] = progress[-1]["steps_per_second"]
+        if progress:  # the engine's rolling rate (last 20 steps), median over the second half
+            rates[phase] = steady_rate([e["steps_per_second"] for e in progress])
     return rates
 
 
@@ -143,8 +151,9 @@ def run_variant(variant: str, model: str, steps: int, rank: int) -> dict[str, fl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant (internal)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -154,27 +163,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, model, args.steps, args.rank)))
         return
-    results = {}
-    for variant in VARIANTS:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.training",
-                "--variant",
-                variant,
-                "--model",
-                model,
-                "--steps",
-                str(args.steps),
-                "--rank",
-                str(args.rank),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    # Each variant in its own process, the variants interleaved over rounds (this machine's
+    # speed drifts by tens of percent over minutes); each figure is the median over rounds.
+    runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            command = [sys.executable, "-m", "bench.training", "--variant", variant, "--model",
+                       model, "--steps", str(args.steps), "--rank", str(args.rank)]  # fmt: skip
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {
+        variant: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        for variant, rounds in runs.items()
+    }
     ref = results["reference"]["tuning"]
     rows = [
         ("reference loop (diffusers dreambooth_lora style), steps/s", ref, "steps/s"),
