@@ -169,6 +169,7 @@ def test_duplicate_request_id_returns_the_same_job(stub) -> None:
             "config.learning_rate_unet",
         ),
         (lambda r: r.initializer_tokens.append("extra"), "initializer_tokens"),
+        (lambda r: r.config.__setattr__("caption_dropout", 1.0), "config.caption_dropout"),
     ],
 )
 def test_bad_requests_get_invalid_argument_with_the_field_and_queue_nothing(stub, mutate, field):
