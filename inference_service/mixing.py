@@ -10,7 +10,8 @@ and a hook on each LoRA layer adds
     output += sum over adapters a of  w_a * scaling_a * B_a(A_a(x))
 
 where ``w_a`` is one number for the whole batch (a single request) or one number per row (a
-mixed batch: the rows of requests that do not name ``a`` are skipped). Activating a request's
+mixed batch: only the runs of rows whose requests name ``a`` are computed, as slices, so no
+gather or scatter copies). Activating a request's
 adapters is then an assignment, and the maths is peft's own (``scaling`` = alpha / r).
 """
 
@@ -27,10 +28,10 @@ COMPONENTS = ("unet", "text_encoder")
 
 @dataclass(frozen=True)
 class RowWeights:
-    """An adapter's weight for the rows of a batch that use it (rows=None: every row)."""
+    """An adapter's weights in a mixed batch: (start, stop, one weight per row) for each run
+    of consecutive rows that use it (a request's images are consecutive rows)."""
 
-    rows: torch.Tensor | None
-    factors: torch.Tensor  # one weight per used row
+    runs: tuple[tuple[int, int, torch.Tensor], ...]
 
 
 Weight = float | RowWeights
@@ -43,11 +44,16 @@ def row_weights(
     halves of classifier-free guidance): one number when every row has the same."""
     if len(set(per_sample)) == 1:
         return float(per_sample[0])
-    values = torch.tensor(list(per_sample) * repeats, dtype=torch.float32)
-    used = torch.nonzero(values).flatten()
-    if used.numel() == values.numel():
-        return RowWeights(None, values.to(device))
-    return RowWeights(used.to(device), values[used].to(device))
+    values = list(per_sample) * repeats
+    runs, start = [], None
+    for row, value in enumerate([*values, 0.0]):
+        if value != 0.0 and start is None:
+            start = row
+        elif value == 0.0 and start is not None:
+            factors = torch.tensor(values[start:row], dtype=torch.float32, device=device)
+            runs.append((start, row, factors))
+            start = None
+    return RowWeights(tuple(runs))
 
 
 def _lora_layer_types() -> tuple[type, ...]:
@@ -111,14 +117,12 @@ def _add_deltas(
         scaling = module.scaling[name]
         inputs = x.to(down.weight.dtype)
         if isinstance(weight, RowWeights):
-            if weight.rows is not None:
-                inputs = inputs[weight.rows]
+            if torch.is_grad_enabled():  # the slices below are added in place
+                output = output.clone()
             shape = (-1,) + (1,) * (output.dim() - 1)
-            delta = up(down(inputs)) * (weight.factors.to(output).view(shape) * scaling)
-            if weight.rows is None:
-                output = output + delta.to(output.dtype)
-            else:
-                output = output.index_add(0, weight.rows, delta.to(output.dtype))
+            for start, stop, factors in weight.runs:
+                delta = up(down(inputs[start:stop])) * (factors.to(output).view(shape) * scaling)
+                output[start:stop] += delta.to(output.dtype)
         else:
             output = output + (up(down(inputs)) * (weight * scaling)).to(output.dtype)
     return output
