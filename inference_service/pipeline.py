@@ -65,6 +65,11 @@ class GenerationSpec:
     output_format: str = "png"
 
 
+def batch_key(spec: GenerationSpec) -> tuple:
+    """What requests must share to be denoised in one batch."""
+    return (spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler)
+
+
 @dataclass
 class GenerationJob:
     """One request in a denoising batch, with its progress and cancellation callbacks."""
@@ -420,7 +425,18 @@ class GeneratorEngine:
     def generate_batch(self, jobs: list[GenerationJob]) -> list[list[GeneratedImage] | Exception]:
         """Serve requests that share size, steps, guidance and scheduler in one denoising
         batch, each with its own adapters and scales; a request that cannot be served (an
-        unknown adapter, say) gets its error and the others go on."""
+        unknown adapter, say) gets its error and the others go on. Jobs that do not share
+        those settings are served in separate batches."""
+        groups: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(batch_key(job.spec), []).append(index)
+        if len(groups) > 1:
+            outcomes: list[list[GeneratedImage] | Exception] = [[] for _ in jobs]
+            for indexes in groups.values():
+                served = self.generate_batch([jobs[i] for i in indexes])
+                for i, outcome in zip(indexes, served, strict=True):
+                    outcomes[i] = outcome
+            return outcomes
         keep = {a.adapter_id for job in jobs for a in job.spec.adapters}
         outcomes: list[list[GeneratedImage] | Exception] = [[] for _ in jobs]
         ready: list[tuple[int, GenerationJob, list[AdapterEntry]]] = []

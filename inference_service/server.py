@@ -22,6 +22,7 @@ from inference_service.pipeline import (
     GenerationJob,
     GenerationSpec,
     GeneratorEngine,
+    batch_key,
     validate_adapter_id,
     validate_spec,
 )
@@ -90,8 +91,7 @@ class PendingGeneration:
     result: Future = field(default_factory=Future)
 
     def batch_key(self) -> tuple:
-        spec = self.job.spec
-        return (spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler)
+        return batch_key(self.job.spec)
 
 
 class GeneratorService:

@@ -81,6 +81,14 @@ def test_a_mixed_batch_gives_each_request_its_unbatched_images(engine):
     assert np.abs(base[0] - alone[0][0]).mean() > 1e-2
 
 
+def test_requests_with_other_settings_are_served_in_their_own_batch(engine):
+    other = specs()[0]
+    other.steps = 3
+    outcomes = engine.generate_batch([GenerationJob(specs()[0]), GenerationJob(other)])
+    for spec, outcome in zip([specs()[0], other], outcomes, strict=True):
+        assert np.abs(pixels(outcome)[0] - pixels(engine.generate(spec))[0]).mean() <= 1e-3
+
+
 def test_a_request_that_cannot_be_served_does_not_fail_its_batch(engine):
     good, bad = specs()[0], specs()[0]
     bad.adapters = [AdapterRequest("missing")]
