@@ -90,9 +90,6 @@ class PendingGeneration:
     ticket: int
     result: Future = field(default_factory=Future)
 
-    def batch_key(self) -> tuple:
-        return batch_key(self.job.spec)
-
 
 class GeneratorService:
     """Owns the warm pipeline, its executor and the request queue.
@@ -226,6 +223,7 @@ class GeneratorService:
             if not self.pending or self.pending[0].ticket > turn:
                 return []
             head = self.pending[0]
+            key = batch_key(head.job.spec)
             before = min(self.barriers, default=math.inf)
             batch, images, adapters = [], 0, set()
             for item in self.pending:
@@ -233,7 +231,7 @@ class GeneratorService:
                 names = adapters | {a.adapter_id for a in spec.adapters}
                 if item is not head and (
                     item.ticket > before
-                    or item.batch_key() != head.batch_key()
+                    or batch_key(spec) != key
                     or images + spec.num_images > self.max_batch_images
                     or len(names) > self.max_resident
                 ):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,28 @@ def probes_for(concept: Concept) -> list[Probe]:
     return probes
 
 
+Render = Callable[[str, float, int], Any]  # (prompt, adapter scale, seed) -> PIL image
+FIRST_SEED = 10_000  # probes use seeds FIRST_SEED, FIRST_SEED + 1, ...
+
+
+def score(
+    render: Render, concept: Concept, tokens: str, *, scales=SCALES, seeds: int = 8
+) -> list[Row]:
+    """Subject and prompt fidelity at each scale of images drawn by ``render``."""
+    rows = []
+    for scale in scales:
+        subject = prompt = total = 0
+        for probe in probes_for(concept):
+            for seed in range(FIRST_SEED, FIRST_SEED + seeds):
+                reading = toyworld.check(render(probe.template.format(tokens), scale, seed))
+                shows = concept.shown_by(reading)
+                subject += shows
+                prompt += shows and reading.matches(probe.color, probe.shape)
+                total += 1
+        rows.append(Row(scale, subject / total, prompt / total, total))
+    return rows
+
+
 def evaluate(
     pipe: Any,
     bundle_path: Path,
@@ -104,41 +127,31 @@ def evaluate(
     guidance: float = GUIDANCE,
     text_encoder_follows: bool = True,
 ) -> list[Row]:
-    """Subject and prompt fidelity of the bundle at each scale (tokens loaded throughout)."""
+    """Fidelity of the bundle loaded into a stock diffusers pipeline (tokens loaded
+    throughout)."""
     bundle = read_bundle(bundle_path)
     embeddings = bundle.embeddings()
-    tokens = "".join(embeddings)
     name = "fidelity"
     pipe.load_lora_weights(bundle.lora_path, adapter_name=name)
     if embeddings:
         pipe.load_textual_inversion(list(embeddings.values()), token=list(embeddings))
-    rows = []
+
+    active: list[float] = []
+
+    def render(text: str, scale: float, seed: int) -> Any:
+        if active != [scale]:  # set_adapters walks every module: once per scale
+            te_scale = scale if text_encoder_follows else 1.0
+            pipe.set_adapters([name], [{"unet": scale, "text_encoder": te_scale}])
+            active[:] = [scale]
+        return pipe(text, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
+
     try:
-        for scale in scales:
-            pipe.set_adapters(
-                [name], [{"unet": scale, "text_encoder": scale if text_encoder_follows else 1.0}]
-            )
-            subject = prompt = total = 0
-            for probe in probes_for(concept):
-                text = probe.template.format(tokens)
-                for seed in range(seeds):
-                    image = pipe(
-                        text,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
-                        generator=torch.Generator().manual_seed(10_000 + seed),
-                    ).images[0]
-                    reading = toyworld.check(image)
-                    shows = concept.shown_by(reading)
-                    subject += shows
-                    prompt += shows and reading.matches(probe.color, probe.shape)
-                    total += 1
-            rows.append(Row(scale, subject / total, prompt / total, total))
+        return score(render, concept, "".join(embeddings), scales=scales, seeds=seeds)
     finally:
         pipe.delete_adapters(name)
         if embeddings:
             pipe.unload_textual_inversion(list(embeddings))
-    return rows
 
 
 def format_table(rows: list[Row]) -> str:

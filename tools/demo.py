@@ -8,8 +8,8 @@ Offline on CPU with the embedded tiny model (or ``--model`` on a GPU machine):
    through the thin client;
 3. loads the resulting bundle into the generator and renders one prompt and seed at UNet
    scales 0, 0.5 and 1.0, with the text encoder at the same scale and at half of it;
-4. scores subject fidelity (the share of images the toy-world checker reads as the colour)
-   over the probe prompts at each scale, through the generator service;
+4. scores subject and prompt fidelity over the probe prompts at each scale
+   (``fidelity.score``), with the images drawn by the generator service;
 5. writes one labelled grid PNG, prints where it is, and stops both services with SIGTERM.
 """
 
@@ -31,10 +31,10 @@ from loraforge_core.fidelity import (
     CONCEPT_COLOR,
     CONCEPT_TRAINING,
     GUIDANCE,
-    SCALES,
     Concept,
     concept_examples,
-    probes_for,
+    format_table,
+    score,
 )
 from loraforge_core.launch import ServerProcess
 
@@ -53,21 +53,15 @@ def make_instance_images(folder: Path) -> Path:
 
 
 def fidelity_table(client: GeneratorClient, adapter: str, seeds: int, steps: int) -> str:
-    """Subject fidelity per scale over the probe prompts, rendered by the generator."""
-    concept = Concept(CONCEPT_COLOR)
-    lines = ["unet+text scale  subject fidelity  images"]
-    for scale in SCALES:
-        hits = total = 0
-        for probe in probes_for(concept):
-            for seed in range(seeds):
-                image = client.generate(
-                    probe.template.format("<s1>"), adapters=[(adapter, scale)],
-                    seed=10_000 + seed, steps=steps, guidance_scale=GUIDANCE,
-                )[0]  # fmt: skip
-                hits += concept.shown_by(toyworld.check(Image.open(io.BytesIO(image.data))))
-                total += 1
-        lines.append(f"{scale:15.2f}  {hits / total:16.0%}  {total:6d}")
-    return "\n".join(lines)
+    """Fidelity per scale (UNet and text encoder together) over the probe prompts, with the
+    images drawn by the generator service."""
+
+    def render(prompt: str, scale: float, seed: int) -> Image.Image:
+        image = client.generate(prompt, adapters=[(adapter, scale)], seed=seed, steps=steps,
+                                guidance_scale=GUIDANCE)[0]  # fmt: skip
+        return Image.open(io.BytesIO(image.data))
+
+    return format_table(score(render, Concept(CONCEPT_COLOR), "<s1>", seeds=seeds))
 
 
 def grid(rows: list[tuple[str, list[bytes]]], columns: list[str]) -> Image.Image:
