@@ -9,13 +9,14 @@ import numpy as np
 from PIL import Image
 
 from bench.common import interleaved_medians
-from inference_service.pipeline import GenerationJob, GenerationSpec, GeneratorEngine
+from inference_service.engine import GeneratorEngine
+from inference_service.requests import GenerationJob, GenerationSpec
 
 
 def switch_to(engine: GeneratorEngine, request: GenerationSpec) -> None:
     """What a request does to its adapters before denoising: private token names in its
     prompt, its UNet and text-encoder weights in the mixer."""
-    entries = [engine.entries[a.adapter_id] for a in request.adapters]
+    entries = [engine.adapters.entries[a.adapter_id] for a in request.adapters]
     engine._private_prompts(entries, request)
     for component in ("unet", "text_encoder"):
         engine.mixer.set(component, engine._lora_weights(entries, request, component))

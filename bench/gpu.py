@@ -20,7 +20,8 @@ import torch
 
 from bench.adapters import mixed_batches, switch_to
 from bench.common import median_ms, report
-from inference_service.pipeline import AdapterRequest, GenerationSpec, GeneratorEngine
+from inference_service.engine import GeneratorEngine
+from inference_service.requests import AdapterRequest, GenerationSpec
 from loraforge_core.architectures import ARCHITECTURES
 from loraforge_core.bundle import pack
 from loraforge_core.models import build_pipeline
@@ -75,7 +76,7 @@ def serving_rows(
     pipe.set_progress_bar_config(disable=True)
     engine = GeneratorEngine(pipe, work, max_resident=8)
     for i in range(4):
-        engine.register(f"a{i}", data=pack(bundles[i].path))
+        engine.adapters.register(f"a{i}", data=pack(bundles[i].path))
 
     def spec(n: int) -> GenerationSpec:
         return GenerationSpec(
@@ -128,8 +129,8 @@ def serving_rows(
 
     def load_ours() -> None:
         name = f"n{next(counter)}"
-        engine.register(name, uri=str(next(fresh).path.relative_to(work)))
-        engine.unload(name)
+        engine.adapters.register(name, uri=str(next(fresh).path.relative_to(work)))
+        engine.adapters.unload(name)
         synchronize()
 
     def load_stock() -> None:

@@ -20,11 +20,8 @@ import torch
 
 from bench.adapters import mixed_batches, switch_to
 from bench.common import interleaved_medians, median_ms, report
-from inference_service.pipeline import (
-    AdapterRequest,
-    GenerationSpec,
-    GeneratorEngine,
-)
+from inference_service.engine import GeneratorEngine
+from inference_service.requests import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess
 from loraforge_core.models import load_pipeline, resolve_model
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(model, device=device)
     engine = GeneratorEngine(pipe, work / "generator", max_resident=8)
     for i, bundle in enumerate(bundles[:8]):
-        engine.register(f"a{i}", data=pack(bundle.path))
+        engine.adapters.register(f"a{i}", data=pack(bundle.path))
     size, steps, repeat = args.size, args.steps, args.repeat
 
     def spec(*adapters: tuple[str, float]) -> GenerationSpec:
@@ -102,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     def load_ours() -> None:
         bundle = next(fresh)
         name = f"n{next(counter)}"
-        engine.register(name, uri=f"artifacts/{bundle.path.name}")
-        engine.unload(name)
+        engine.adapters.register(name, uri=f"artifacts/{bundle.path.name}")
+        engine.adapters.unload(name)
 
     def load_stock() -> None:
         bundle = next(fresh)

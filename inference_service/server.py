@@ -4,49 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 from loraforge.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
-from inference_service.pipeline import (
-    AdapterEntry,
+from inference_service.adapter_store import AdapterEntry
+from inference_service.batching import BatchQueue, PendingGeneration
+from inference_service.engine import GeneratorEngine
+from inference_service.requests import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
     AdapterRequest,
     GeneratedImage,
     GenerationJob,
     GenerationSpec,
-    GeneratorEngine,
-    batch_key,
     validate_adapter_id,
     validate_spec,
 )
 from loraforge_core.devices import resolve_device, validate_device
-from loraforge_core.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
+from loraforge_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loraforge_core.models import load_pipeline, resolve_model
+from loraforge_core.protomaps import enum_names, enum_numbers
 from loraforge_core.settings import ServerSettings
 
 log = logging.getLogger("loraforge.generator")
 
-SCHEDULER_NAMES = {
-    generator_pb2.SCHEDULER_UNSPECIFIED: "default", generator_pb2.SCHEDULER_DDIM: "ddim",
-    generator_pb2.SCHEDULER_EULER: "euler",
-    generator_pb2.SCHEDULER_EULER_ANCESTRAL: "euler_ancestral",
-    generator_pb2.SCHEDULER_DPMPP_2M: "dpmpp_2m",
-    generator_pb2.SCHEDULER_DPMPP_2M_KARRAS: "dpmpp_2m_karras",
-    generator_pb2.SCHEDULER_PNDM: "pndm",
-}  # fmt: skip
-FORMATS = {
-    common_pb2.IMAGE_FORMAT_UNSPECIFIED: "png", common_pb2.IMAGE_FORMAT_PNG: "png",
-    common_pb2.IMAGE_FORMAT_JPEG: "jpeg", common_pb2.IMAGE_FORMAT_WEBP: "webp",
-}  # fmt: skip
-FORMAT_TO_PROTO = {"png": common_pb2.IMAGE_FORMAT_PNG, "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
-                   "webp": common_pb2.IMAGE_FORMAT_WEBP}  # fmt: skip
+SCHEDULER_NAMES = enum_names(generator_pb2.Scheduler, "SCHEDULER_", DEFAULT_SCHEDULER)
+FORMATS = enum_names(common_pb2.ImageFormat, "IMAGE_FORMAT_", "png")
+FORMAT_TO_PROTO = enum_numbers(common_pb2.ImageFormat, "IMAGE_FORMAT_")
 
 
 def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
@@ -56,8 +47,9 @@ def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
         raise InvalidArgument(f"unknown format {request.output_format}", "output_format")
     spec = GenerationSpec(
         prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
-        height=request.height, steps=request.num_inference_steps or 30,
-        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else 7.5,
+        height=request.height, steps=request.num_inference_steps or DEFAULT_STEPS,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale")
+        else DEFAULT_GUIDANCE,
         scheduler=SCHEDULER_NAMES[request.scheduler],
         seed=request.seed if request.HasField("seed") else random.randrange(2**31),
         num_images=request.num_images or 1, output_format=FORMATS[request.output_format],
@@ -82,22 +74,11 @@ def adapter_to_proto(entry: AdapterEntry) -> generator_pb2.AdapterInfo:
     )  # fmt: skip
 
 
-@dataclass(eq=False)  # compared by identity
-class PendingGeneration:
-    """A Generate request waiting for the pipeline thread (ticket: its place in arrival order)."""
-
-    job: GenerationJob
-    ticket: int
-    result: Future = field(default_factory=Future)
-
-
 class GeneratorService:
     """Owns the warm pipeline, its executor and the request queue.
 
-    Requests run on one thread in arrival order. Generate requests that wait together and
-    share size, steps, guidance and scheduler are served in one denoising batch (up to
-    ``max_batch_images`` images), each with its own adapters and scales; a batch never
-    overtakes an adapter load or unload that arrived before one of its requests.
+    Calls run on one thread in arrival order; which Generate requests share a denoising batch
+    is batching.py's to decide (its docstring has the ordering rules).
     """
 
     service_names = (generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name,)
@@ -113,13 +94,7 @@ class GeneratorService:
         max_batch_images: int = 8,
     ) -> None:
         validate_device(settings.device)
-        if max_batch_images < 1:
-            raise ValueError("max_batch_images must be at least 1 (1: no batching)")
-        self.max_batch_images = max_batch_images
-        self.pending: list[PendingGeneration] = []
-        self.barriers: set[int] = set()  # tickets of queued adapter loads and unloads
-        self.tickets = 0
-        self.pending_lock = threading.Lock()
+        self.queue = BatchQueue(max_images=max_batch_images, max_adapters=max_resident_adapters)
         self.settings = settings
         self.max_resident = max_resident_adapters
         self.queue_size = queue_size
@@ -142,7 +117,7 @@ class GeneratorService:
             model_name=self.settings.model or "loraforge/tiny", slot_rank=self.slot_rank,
         )  # fmt: skip
         for adapter_id in self.preload:
-            await self.run(self.engine.register, adapter_id, pin=True)
+            await self.run(self.engine.adapters.register, adapter_id, pin=True)
         log.info(
             "pipeline loaded",
             extra={"model": resolve_model(self.settings.model), "device": str(device)},
@@ -170,81 +145,37 @@ class GeneratorService:
         finally:
             self.waiting -= 1
 
-    def _next_ticket(self) -> int:
-        with self.pending_lock:
-            self.tickets += 1
-            return self.tickets
-
     async def run(self, fn, *args, **kwargs):
         """Run fn on the pipeline thread, behind the bounded queue (a barrier to batching)."""
         self._admit()
-        ticket = self._next_ticket()
-        with self.pending_lock:
-            self.barriers.add(ticket)
+        ticket = self.queue.add_barrier()
 
         def call():
-            with self.pending_lock:
-                self.barriers.discard(ticket)
+            self.queue.lift_barrier(ticket)
             return fn(*args, **kwargs)
 
         try:
             return await self._on_pipeline_thread(call)
         finally:
-            with self.pending_lock:
-                self.barriers.discard(ticket)
+            self.queue.lift_barrier(ticket)
 
     async def generate(self, job: GenerationJob) -> list[GeneratedImage]:
         """Queue a Generate request; whichever batch takes it first serves it."""
         self._admit()
-        item = PendingGeneration(job, self._next_ticket())
-        with self.pending_lock:
-            self.pending.append(item)
+        item = self.queue.add(job)
         try:
             await self._on_pipeline_thread(lambda: self._serve_next_batch(item.ticket))
         except Exception:
             if not item.result.done():  # a drain refuses this turn, yet an earlier batch
                 raise  # may have served the request already: then its images are returned
         finally:
-            with self.pending_lock:
-                if item in self.pending:  # refused on drain, or the caller went away
-                    self.pending.remove(item)
+            self.queue.discard(item)  # refused on drain, or the caller went away
         # Served by now: each queued request's turn serves the oldest waiting one (if it is
         # not younger than the turn), so by this request's own turn it has been taken.
         return item.result.result(timeout=0)
 
-    def _take_batch(self, turn: int) -> list[PendingGeneration]:
-        """On the turn of ticket ``turn``: the oldest waiting request, unless it is younger
-        than the turn (it was queued behind an adapter operation that has not run yet), and
-        the requests after it that can share its batch."""
-        with self.pending_lock:
-            for item in [i for i in self.pending if i.job.is_cancelled()]:
-                self.pending.remove(item)  # the caller went away while it waited
-                item.result.set_exception(Cancelled("the caller cancelled the request"))
-            if not self.pending or self.pending[0].ticket > turn:
-                return []
-            head = self.pending[0]
-            key = batch_key(head.job.spec)
-            before = min(self.barriers, default=math.inf)
-            batch, images, adapters = [], 0, set()
-            for item in self.pending:
-                spec = item.job.spec
-                names = adapters | {a.adapter_id for a in spec.adapters}
-                if item is not head and (
-                    item.ticket > before
-                    or batch_key(spec) != key
-                    or images + spec.num_images > self.max_batch_images
-                    or len(names) > self.max_resident
-                ):
-                    continue
-                batch.append(item)
-                images += spec.num_images
-                adapters = names
-            for item in batch:
-                self.pending.remove(item)
-            return batch
-
     def _serve_next_batch(self, turn: int) -> None:
-        batch = self._take_batch(turn)
+        batch: list[PendingGeneration] = self.queue.take(turn)
         if not batch:
             return
         try:
@@ -319,7 +250,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         if source is None:
             raise InvalidArgument("give a uri in the artifact store or the file's bytes", "source")
         entry = await self.service.run(
-            self.engine.register, request.adapter_id,
+            self.engine.adapters.register, request.adapter_id,
             data=request.data if source == "data" else None,
             uri=request.uri if source == "uri" else "", pin=request.pin,
         )  # fmt: skip
@@ -327,10 +258,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     async def UnloadAdapter(self, request, context):
         validate_adapter_id(request.adapter_id, "adapter_id")
-        await self.service.run(self.engine.unload, request.adapter_id)
+        await self.service.run(self.engine.adapters.unload, request.adapter_id)
         return generator_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
         return generator_pb2.ListAdaptersResponse(
-            adapters=[adapter_to_proto(e) for e in self.engine.list()]
+            adapters=[adapter_to_proto(e) for e in self.engine.adapters.list()]
         )

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from inference_service.requests import RESERVED_TOKEN_PREFIX
+
 Pairs = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
@@ -83,6 +85,9 @@ class SlotPool:
     def release(self, slot: str) -> None:
         self.owner[slot] = None
 
+    def owns(self, peft_name: str) -> bool:
+        return peft_name in self.owner
+
     @torch.no_grad()
     def fill(self, slot: str, pairs: Pairs) -> None:
         """Copy the adapter into the slot in place; on any error the slot is left all zeros."""
@@ -124,7 +129,7 @@ class TokenPool:
     new ones are added in chunks to resize the embedding rarely.
     """
 
-    PREFIX = "<|lf"
+    PREFIX = RESERVED_TOKEN_PREFIX
     CHUNK = 16
 
     def __init__(self, pipe: Any) -> None:

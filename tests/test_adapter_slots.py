@@ -12,7 +12,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from inference_service.pipeline import AdapterRequest, GenerationSpec, GeneratorEngine
+from inference_service.engine import GeneratorEngine
+from inference_service.requests import AdapterRequest, GenerationSpec
 from loraforge_core import interop
 from loraforge_core.bundle import pack
 from loraforge_core.errors import FailedPrecondition
@@ -56,15 +57,15 @@ def stock(tiny_model: Path, bundle) -> np.ndarray:
 def test_slots_and_general_path_both_match_a_fresh_diffusers_load(engine, tiny_model, tmp_path):
     small = random_lora_bundle(str(tiny_model), tmp_path / "s", seed=1, rank=4)
     large = random_lora_bundle(str(tiny_model), tmp_path / "s", seed=2, rank=16)
-    assert engine.register("small", data=pack(small.path)).peft_name.startswith("slot-")
-    assert engine.register("large", data=pack(large.path)).peft_name == "adapter-large"
+    assert engine.adapters.register("small", data=pack(small.path)).peft_name.startswith("slot-")
+    assert engine.adapters.register("large", data=pack(large.path)).peft_name == "adapter-large"
     for name, bundle in (("small", small), ("large", large)):
         assert np.abs(render(engine, (name, 1.0)) - stock(tiny_model, bundle)).mean() <= 1e-3
     # Eviction hands the slot over: a third adapter reuses it by copying weights.
     third = random_lora_bundle(str(tiny_model), tmp_path / "s", seed=3, rank=2)
-    entry = engine.register("third", data=pack(third.path))
+    entry = engine.adapters.register("third", data=pack(third.path))
     assert entry.peft_name.startswith("slot-")
-    assert not engine.entries["small"].resident
+    assert not engine.adapters.entries["small"].resident
     assert np.abs(render(engine, ("third", 1.0)) - stock(tiny_model, third)).mean() <= 1e-3
     assert np.abs(render(engine, ("small", 1.0)) - stock(tiny_model, small)).mean() <= 1e-3
 
@@ -76,11 +77,11 @@ def test_a_failed_fill_leaves_the_slot_empty_and_the_adapter_unloaded(engine, ti
     key = next(iter(pairs))
     down, up = pairs[key]
     pairs[key] = (torch.zeros(down.shape[0], down.shape[1] + 1), up)  # wrong input size
-    slot = engine.slots.acquire("broken")
+    slot = engine.adapters.slots.acquire("broken")
     with pytest.raises(ValueError, match="another architecture"):
-        engine.slots.fill(slot, pairs)
-    engine.slots.release(slot)
-    for layer in engine.slots.layers[slot].values():
+        engine.adapters.slots.fill(slot, pairs)
+    engine.adapters.slots.release(slot)
+    for layer in engine.adapters.slots.layers[slot].values():
         assert not layer.lora_A[slot].weight.any() and not layer.lora_B[slot].weight.any()
     assert np.array_equal(render(engine), base)
 
@@ -88,8 +89,8 @@ def test_a_failed_fill_leaves_the_slot_empty_and_the_adapter_unloaded(engine, ti
 def test_pinned_adapters_are_never_evicted(engine, tiny_model, tmp_path):
     for i in range(2):
         bundle = random_lora_bundle(str(tiny_model), tmp_path / "s", seed=10 + i)
-        engine.register(f"p{i}", data=pack(bundle.path), pin=True)
+        engine.adapters.register(f"p{i}", data=pack(bundle.path), pin=True)
     extra = random_lora_bundle(str(tiny_model), tmp_path / "s", seed=12)
     with pytest.raises(FailedPrecondition, match="pinned"):
-        engine.register("extra", data=pack(extra.path))
-    assert all(engine.entries[f"p{i}"].resident for i in range(2))
+        engine.adapters.register("extra", data=pack(extra.path))
+    assert all(engine.adapters.entries[f"p{i}"].resident for i in range(2))

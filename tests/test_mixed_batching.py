@@ -13,12 +13,8 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from inference_service.pipeline import (
-    AdapterRequest,
-    GenerationJob,
-    GenerationSpec,
-    GeneratorEngine,
-)
+from inference_service.engine import GeneratorEngine
+from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
 from inference_service.server import GeneratorService
 from loraforge_core.bundle import pack
 from loraforge_core.settings import ServerSettings
@@ -35,10 +31,10 @@ def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Genera
     engine = GeneratorEngine(pipe, root / "generator", max_resident=ADAPTERS + 1, slot_rank=8)
     for i in range(ADAPTERS):
         bundle = random_lora_bundle(str(tiny_model), root / "bundles", seed=i, token=f"<t{i}>")
-        engine.register(f"a{i}", data=pack(bundle.path))
+        engine.adapters.register(f"a{i}", data=pack(bundle.path))
     # One adapter of a larger rank than the slots: the general path, mixed in too.
     large = random_lora_bundle(str(tiny_model), root / "bundles", seed=9, rank=16)
-    assert engine.register("large", data=pack(large.path)).peft_name == "adapter-large"
+    assert engine.adapters.register("large", data=pack(large.path)).peft_name == "adapter-large"
     return engine
 
 
@@ -139,4 +135,4 @@ async def _submit_while_busy(service: GeneratorService, all_specs: list[Generati
 
 
 def engine_list(service: GeneratorService):
-    return service.engine.list()
+    return service.engine.adapters.list()

@@ -1,0 +1,139 @@
+"""Where adapters come from: pushed bytes or the artifact store, turned into bundle folders.
+
+A pushed bundle archive is unpacked under ``adapters/<id>``; a pushed or stored LoRA file in
+any supported format (kohya/A1111, diffusers/peft, cloneofsimo) is converted into a bundle
+there (loraforge_core.interop); a bundle in the artifact store is read where it lies. The
+result is an ``AdapterEntry``: what the server knows of an adapter, resident or not.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraforge_core import bundle as bundles
+from loraforge_core import interop
+from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraforge_core.files import atomic_write_bytes, safe_child
+
+
+@dataclass
+class AdapterEntry:
+    adapter_id: str
+    source_format: str  # bundle, or what it was imported from: kohya | diffusers | ...
+    path: Path
+    tokens: list[str]
+    embeddings: dict[str, torch.Tensor]
+    rank: int
+    size_bytes: int
+    sha256: str
+    has_lora: bool
+    has_text_encoder: bool
+    pinned: bool = False
+    resident: bool = False
+    peft_name: str = ""  # the name its weights have in the peft layers (a slot, or its own)
+    token_map: dict[str, str] = field(default_factory=dict)  # learned token -> private name
+
+
+def _is_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    header = int.from_bytes(data[:8], "little")
+    return 0 < header < len(data) and data[8:9] == b"{"
+
+
+class AdapterStore:
+    """Adapter sources under ``store_dir`` (the generator's ``--data-dir``)."""
+
+    def __init__(self, pipe: Any, store_dir: Path, model_name: str = "") -> None:
+        self.pipe = pipe  # imports check the file against the model's architecture
+        self.model_name = model_name
+        self.store_dir = Path(store_dir)
+        self.adapters_dir = self.store_dir / "adapters"
+        self.text_hidden = int(pipe.text_encoder.config.hidden_size)
+        self.cross_dim = int(pipe.unet.config.cross_attention_dim)
+
+    def open(self, adapter_id: str, *, data: bytes | None = None, uri: str = "") -> AdapterEntry:
+        """The adapter from inline bytes, else from ``uri`` (or its id) in the artifact store."""
+        if data is not None:
+            return self._from_bytes(adapter_id, data)
+        return self._from_store(adapter_id, uri or adapter_id)
+
+    def _from_bytes(self, adapter_id: str, data: bytes) -> AdapterEntry:
+        folder = safe_child(self.adapters_dir, adapter_id)
+        if bundles.is_archive(data):
+            try:
+                bundles.unpack(data, folder)
+            except bundles.BundleError as err:
+                raise InvalidArgument(str(err), "data") from err
+            return self._from_bundle(adapter_id, folder)
+        if _is_safetensors(data):
+            upload = self.adapters_dir / ".uploads" / f"{adapter_id}.safetensors"
+            atomic_write_bytes(upload, data)
+            try:
+                return self._import(adapter_id, upload)
+            finally:
+                upload.unlink(missing_ok=True)
+        raise InvalidArgument(
+            "give a bundle archive or a LoRA .safetensors file (no pickle)", "data"
+        )
+
+    def _from_store(self, adapter_id: str, uri: str) -> AdapterEntry:
+        """From a path in the store; a bare id also finds the trainer's ``artifacts/<id>``."""
+        relative = uri.removeprefix("file://")
+        try:
+            path = safe_child(self.store_dir, relative)
+            if not path.exists() and "/" not in relative:
+                path = safe_child(self.store_dir / "artifacts", relative)
+        except ValueError as err:
+            raise InvalidArgument(str(err), "uri") from err
+        if (path / bundles.MANIFEST_FILE).is_file():
+            try:
+                return self._from_bundle(adapter_id, path)
+            except bundles.BundleError as err:
+                raise InvalidArgument(str(err), "uri") from err
+        if path.is_file() and path.suffix == ".safetensors":
+            return self._import(adapter_id, path)
+        raise NotFound("adapter", adapter_id, f"nothing loadable at {relative!r} in the store")
+
+    def _import(self, adapter_id: str, source: Path) -> AdapterEntry:
+        """A LoRA file in any supported format -> a bundle under adapters/<id>."""
+        folder = safe_child(self.adapters_dir, adapter_id)
+        try:
+            bundle = interop.import_file(
+                source, self.pipe, self.adapters_dir / ".imports", base_model=self.model_name
+            )
+        except interop.ArchitectureMismatch as err:
+            raise FailedPrecondition(f"adapter {adapter_id!r}: {err}") from err
+        except interop.FormatError as err:
+            raise InvalidArgument(str(err), "data") from err
+        shutil.rmtree(folder, ignore_errors=True)
+        bundle.path.rename(folder)
+        return self._from_bundle(adapter_id, folder)
+
+    def _from_bundle(self, adapter_id: str, path: Path) -> AdapterEntry:
+        bundle = bundles.read_bundle(path)
+        manifest = bundle.manifest
+        trained_for = (manifest.text_hidden_size, manifest.cross_attention_dim)
+        if trained_for != (self.text_hidden, self.cross_dim):
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r} was trained for a model with text hidden size "
+                f"{manifest.text_hidden_size} and cross-attention dim "
+                f"{manifest.cross_attention_dim}; this server's model has {self.text_hidden} "
+                f"and {self.cross_dim}"
+            )
+        from safetensors import safe_open
+
+        with safe_open(bundle.lora_path, "pt") as handle:  # key names only: the weights are
+            lora_keys = list(handle.keys())  # read once, when the adapter becomes resident
+        source_format = manifest.method.split(":", 1)[1] if ":" in manifest.method else "bundle"
+        return AdapterEntry(
+            adapter_id=adapter_id, source_format=source_format, path=path,
+            tokens=manifest.tokens, embeddings=bundle.embeddings(), rank=manifest.rank,
+            size_bytes=bundle.size_bytes(), sha256=bundle.sha256(), has_lora=bool(lora_keys),
+            has_text_encoder=any(k.startswith("text_encoder.") for k in lora_keys),
+        )  # fmt: skip

@@ -1,0 +1,193 @@
+"""Which adapters the server knows and which are resident in the model.
+
+A known adapter (``AdapterEntry``, from adapter_store.py) is resident when its LoRA weights sit
+in the peft layers (in a pre-shaped slot, slots.py, or under its own name) and its learned
+tokens in the text encoder under private names (slots.TokenPool). At most ``max_resident``
+are resident; the least recently used unpinned one is evicted to make room (never one that the
+same batch needs) and reloads on demand. Every method runs on the pipeline thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from inference_service.adapter_store import AdapterEntry, AdapterStore
+from inference_service.mixing import LoraMixer
+from inference_service.requests import AdapterRequest
+from inference_service.slots import SlotPool, TokenPool
+from loraforge_core import bundle as bundles
+from loraforge_core import interop
+from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger("loraforge.generator.adapters")
+
+Keep = frozenset[str] | set[str]
+
+
+class AdapterRegistry:
+    def __init__(
+        self, pipe: Any, store_dir: Path, mixer: LoraMixer, *, max_resident: int = 8,
+        model_name: str = "", slot_rank: int = 16,
+    ) -> None:  # fmt: skip
+        self.pipe = pipe
+        self.mixer = mixer
+        self.store = AdapterStore(pipe, store_dir, model_name)
+        self.max_resident = max_resident
+        self.entries: dict[str, AdapterEntry] = {}
+        self.lru: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.RLock()
+        # Pre-shaped slots (rank slot_rank, default targets): loading becomes a weight copy.
+        self.slots = SlotPool(pipe, max_resident, slot_rank) if slot_rank > 0 else None
+        self.tokens = TokenPool(pipe)
+
+    def register(
+        self, adapter_id: str, *, data: bytes | None = None, uri: str = "", pin: bool = False,
+        keep: Keep = frozenset(),
+    ) -> AdapterEntry:  # fmt: skip
+        """Make an adapter known and resident (from inline bytes or the artifact store)."""
+        with self.lock:
+            if adapter_id in self.entries:
+                self._forget(adapter_id)
+            try:
+                entry = self.store.open(adapter_id, data=data, uri=uri)
+            finally:
+                self.mixer.refresh()  # an import loads and drops a temporary adapter
+            entry.pinned = pin
+            self._make_resident(entry, keep)
+            return entry
+
+    def unload(self, adapter_id: str) -> None:
+        with self.lock:
+            if adapter_id not in self.entries:
+                raise NotFound("adapter", adapter_id)
+            self._forget(adapter_id)
+
+    def list(self) -> list[AdapterEntry]:
+        with self.lock:
+            return list(self.entries.values())
+
+    def ensure_resident(self, adapter_id: str, keep: Keep = frozenset()) -> AdapterEntry:
+        """Resident adapter by id, loading it from the artifact store on demand."""
+        with self.lock:
+            entry = self.entries.get(adapter_id)
+            if entry is not None:
+                if not entry.resident:
+                    self._make_resident(entry, keep)
+                self.lru.move_to_end(adapter_id)
+                return entry
+        try:
+            return self.register(adapter_id, keep=keep)
+        except NotFound:
+            raise NotFound(
+                "adapter", adapter_id, "load it with LoadAdapter or put it in the artifact store"
+            ) from None
+
+    def resolve(self, adapters: list[AdapterRequest], keep: Keep) -> list[AdapterEntry]:
+        """A request's adapters, resident, with no learned token defined twice."""
+        if len(adapters) > self.max_resident:
+            raise InvalidArgument(
+                f"at most {self.max_resident} adapters per request on this server", "adapters"
+            )
+        entries = [self.ensure_resident(a.adapter_id, keep=keep) for a in adapters]
+        seen: dict[str, str] = {}
+        for entry in entries:
+            for token in entry.tokens:
+                if token in seen:
+                    raise InvalidArgument(
+                        f"adapters {seen[token]!r} and {entry.adapter_id!r} both define the token "
+                        f"{token}; use one of them per request",
+                        "adapters",
+                    )
+                seen[token] = entry.adapter_id
+        return entries
+
+    def touch(self, entries: Iterable[AdapterEntry]) -> None:
+        """Mark adapters as just used (the eviction order)."""
+        for entry in entries:
+            if entry.adapter_id in self.lru:
+                self.lru.move_to_end(entry.adapter_id)
+
+    # ------------------------------------------------------------------ residency
+    def _make_resident(self, entry: AdapterEntry, keep: Keep = frozenset()) -> None:
+        """Load the adapter's weights: into a pre-shaped slot when it fits, else generally."""
+        self._evict_for_one(keep)
+        if entry.has_lora:
+            self._load_weights(entry)
+        if entry.embeddings:
+            try:
+                names = self.tokens.acquire(list(entry.embeddings.values()))
+            except ValueError as err:
+                self._drop_weights(entry)
+                raise FailedPrecondition(f"adapter {entry.adapter_id!r}: {err}") from err
+            entry.token_map = dict(zip(entry.embeddings, names, strict=True))
+        entry.resident = True
+        self.entries[entry.adapter_id] = entry
+        self.lru[entry.adapter_id] = None
+        self.lru.move_to_end(entry.adapter_id)
+
+    def _load_weights(self, entry: AdapterEntry) -> None:
+        pairs = interop.lora_pairs(bundles.read_bundle(entry.path, verify=False).lora_state_dict())
+        fits = self.slots is not None and self.slots.fits(pairs)
+        slot = self.slots.acquire(entry.adapter_id) if fits else None
+        try:
+            if slot is not None:
+                self.slots.fill(slot, pairs)
+                entry.peft_name = slot
+            else:
+                entry.peft_name = f"adapter-{entry.adapter_id}"
+                self.pipe.load_lora_weights(
+                    str(entry.path / bundles.LORA_FILE), adapter_name=entry.peft_name
+                )
+                self.mixer.refresh()  # hook the layers diffusers just made
+        except Exception as err:
+            if slot is not None:
+                self.slots.release(slot)
+            else:
+                interop.discard_adapter(self.pipe, entry.peft_name)
+            raise FailedPrecondition(
+                f"cannot apply adapter {entry.adapter_id!r} to this model: {err}"
+            ) from err
+
+    def _evict_for_one(self, keep: Keep = frozenset()) -> None:
+        """Make room for one more resident adapter by evicting the least recently used
+        (never a pinned one, nor one in ``keep``: the other adapters of the same batch)."""
+        resident = [a for a in self.lru if self.entries[a].resident]
+        while len(resident) >= self.max_resident:
+            victim = next(
+                (a for a in resident if not self.entries[a].pinned and a not in keep), None
+            )
+            if victim is None:
+                raise FailedPrecondition(
+                    f"all {self.max_resident} resident adapters are pinned; unload one first"
+                )
+            self._evict(victim)
+            resident.remove(victim)
+
+    def _drop_weights(self, entry: AdapterEntry) -> None:
+        if not entry.has_lora or not entry.peft_name:
+            return
+        if self.slots is not None and self.slots.owns(entry.peft_name):
+            self.slots.release(entry.peft_name)  # overwritten by the next fill
+        else:
+            self.pipe.delete_adapters(entry.peft_name)
+
+    def _evict(self, adapter_id: str) -> None:
+        """Drop the adapter's weights from the model; it stays known and reloads on demand."""
+        entry = self.entries[adapter_id]
+        if entry.resident:
+            self._drop_weights(entry)
+            self.tokens.release(list(entry.token_map.values()))
+            entry.token_map = {}
+        entry.resident = False
+        log.info("adapter evicted", extra={"adapter_id": adapter_id})
+
+    def _forget(self, adapter_id: str) -> None:
+        if adapter_id in self.entries:
+            self._evict(adapter_id)
+        self.entries.pop(adapter_id, None)
+        self.lru.pop(adapter_id, None)

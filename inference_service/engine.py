@@ -1,0 +1,211 @@
+"""The warm pipeline: denoising batches of requests, each with its own adapters and scales.
+
+Resident adapters (adapters.py) stay loaded in the peft-wrapped UNet and text encoder and the
+base weights never change. A request's adapters and scales are weights in the LoRA mixer
+(mixing.py): setting them is an assignment, and requests that share size, steps, guidance and
+scheduler (batching.plan) are denoised in one batch, each row with its own request's adapters.
+A request's prompt is rewritten to the private names of its own adapters' learned tokens, so
+a token means nothing in a request that does not name its adapter. Every method that touches
+the pipeline runs on the one pipeline thread.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from inference_service.adapter_store import AdapterEntry
+from inference_service.adapters import AdapterRegistry
+from inference_service.batching import plan
+from inference_service.mixing import LoraMixer, row_weights
+from inference_service.requests import (
+    IMAGE_FORMATS,
+    SCHEDULERS,
+    GeneratedImage,
+    GenerationJob,
+    GenerationSpec,
+)
+from loraforge_core.errors import Cancelled
+
+log = logging.getLogger("loraforge.generator.engine")
+
+Outcome = list[GeneratedImage] | Exception
+Batch = list[tuple[GenerationJob, list[AdapterEntry]]]
+
+
+class GeneratorEngine:
+    """Owns the pipeline and its adapters (``self.adapters``)."""
+
+    def __init__(
+        self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = "",
+        slot_rank: int = 16,
+    ) -> None:  # fmt: skip
+        self.pipe = pipe
+        self.lock = threading.Lock()
+        # Requests swap the pipeline's scheduler: "default" means the model's own.
+        self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
+        self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        self.mixer = LoraMixer(pipe)
+        self.adapters = AdapterRegistry(
+            pipe, store_dir, self.mixer, max_resident=max_resident, model_name=model_name,
+            slot_rank=slot_rank,
+        )  # fmt: skip
+
+    def generate(
+        self,
+        spec: GenerationSpec,
+        on_step: Callable[[int, int], None] = lambda step, total: None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> list[GeneratedImage]:
+        outcome = self.generate_batch([GenerationJob(spec, on_step, is_cancelled)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def generate_batch(self, jobs: list[GenerationJob]) -> list[Outcome]:
+        """Serve requests in as few denoising batches as ``batching.plan`` allows, each with
+        its own adapters and scales; a request that cannot be served (an unknown adapter, say)
+        gets its error and the others go on."""
+        outcomes: list[Outcome] = [[] for _ in jobs]
+        groups = plan([job.spec for job in jobs], max_adapters=self.adapters.max_resident)
+        for indexes in groups:
+            for i, outcome in zip(indexes, self._serve([jobs[i] for i in indexes]), strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    def _serve(self, jobs: list[GenerationJob]) -> list[Outcome]:
+        """One denoising batch (the jobs share batch_key)."""
+        keep = {a.adapter_id for job in jobs for a in job.spec.adapters}
+        outcomes: list[Outcome] = [[] for _ in jobs]
+        ready: list[tuple[int, GenerationJob, list[AdapterEntry]]] = []
+        for index, job in enumerate(jobs):
+            try:
+                ready.append((index, job, self.adapters.resolve(job.spec.adapters, keep)))
+            except Exception as err:  # this request's own problem: the others go on
+                outcomes[index] = err
+        if not ready:
+            return outcomes
+        try:
+            images: list[Outcome] = self._denoise([(job, entries) for _, job, entries in ready])
+        except Exception as err:
+            images = [err] * len(ready)
+        for (index, _, _), result in zip(ready, images, strict=True):
+            outcomes[index] = result
+        return outcomes
+
+    def _scheduler(self, name: str):
+        import diffusers
+
+        class_name, options = SCHEDULERS[name]
+        base_class, config = self.base_scheduler
+        cls = getattr(diffusers, class_name) if class_name else base_class
+        return cls.from_config(config, **options)
+
+    @staticmethod
+    def _private_prompts(entries: list[AdapterEntry], spec: GenerationSpec) -> tuple[str, str]:
+        """The request's prompts with its adapters' learned tokens under their private names."""
+        prompt, negative = spec.prompt, spec.negative_prompt
+        for entry in entries:
+            for public, private in entry.token_map.items():
+                prompt = prompt.replace(public, private)
+                negative = negative.replace(public, private)
+        return prompt, negative
+
+    @staticmethod
+    def _lora_weights(
+        entries: list[AdapterEntry], spec: GenerationSpec, component: str
+    ) -> dict[str, float]:
+        return {
+            e.peft_name: (a.scale if component == "unet" else a.te_scale)
+            for e, a in zip(entries, spec.adapters, strict=True)
+            if e.has_lora
+        }
+
+    def _encode_prompts(
+        self, batch: Batch, guided: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Generator], dict[str, list[float]]]:
+        """Each request's prompts through the text encoder at its own scales; the batch's
+        embeddings, one generator per image, and each adapter's UNet scale per image."""
+        device = self.pipe._execution_device
+        positives, negatives, generators = [], [], []
+        unet_scales: dict[str, list[float]] = {}
+        for job, entries in batch:
+            spec = job.spec
+            prompt, negative = self._private_prompts(entries, spec)
+            self.mixer.set("text_encoder", self._lora_weights(entries, spec, "text_encoder"))
+            positive, negative_embeds = self.pipe.encode_prompt(
+                prompt, device, spec.num_images, guided, negative or None
+            )
+            positives.append(positive)
+            negatives.append(negative_embeds)
+            first_image = len(generators)
+            seeds = range(spec.seed, spec.seed + spec.num_images)
+            generators += [torch.Generator().manual_seed(seed) for seed in seeds]
+            for name, scale in self._lora_weights(entries, spec, "unet").items():
+                column = unet_scales.setdefault(name, [])
+                column += [0.0] * (first_image - len(column)) + [scale] * spec.num_images
+        self.mixer.set("text_encoder", {})
+        for column in unet_scales.values():
+            column += [0.0] * (len(generators) - len(column))
+        return (
+            torch.cat(positives),
+            torch.cat(negatives) if guided else None,
+            generators,
+            unet_scales,
+        )
+
+    def _denoise(self, batch: Batch) -> list[list[GeneratedImage]]:
+        first = batch[0][0].spec
+        guided = first.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+        def step_end(pipe, step, timestep, kwargs):
+            for job, _ in batch:
+                job.on_step(step + 1, first.steps)
+            if all(job.is_cancelled() for job, _ in batch):
+                raise Cancelled("the caller cancelled the request")
+            return kwargs
+
+        with self.lock:
+            self.pipe.scheduler = self._scheduler(first.scheduler)
+            try:
+                positive, negative, generators, unet_scales = self._encode_prompts(batch, guided)
+                # Classifier-free guidance runs the negative and the positive halves together.
+                device = self.pipe._execution_device
+                self.mixer.set("unet", {
+                    name: row_weights(column, repeats=2 if guided else 1, device=device)
+                    for name, column in unet_scales.items()
+                })  # fmt: skip
+                started = time.perf_counter()
+                result = self.pipe(
+                    prompt_embeds=positive, negative_prompt_embeds=negative,
+                    width=first.width or self.default_size,
+                    height=first.height or self.default_size,
+                    num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
+                    generator=generators, callback_on_step_end=step_end,
+                )  # fmt: skip
+            finally:
+                self.mixer.clear()
+            log.debug(
+                "generated",
+                extra={"seconds": time.perf_counter() - started, "requests": len(batch)},
+            )
+        self.adapters.touch(entry for _, entries in batch for entry in entries)
+        images = iter(result.images)
+        return [
+            [_encode(next(images), job.spec.seed + i, job.spec.output_format)
+             for i in range(job.spec.num_images)]
+            for job, _ in batch
+        ]  # fmt: skip
+
+
+def _encode(image, seed: int, fmt: str) -> GeneratedImage:
+    buffer = io.BytesIO()
+    options = {"quality": 95} if fmt != "png" else {}
+    image.save(buffer, format=IMAGE_FORMATS[fmt], **options)
+    return GeneratedImage(buffer.getvalue(), seed, image.width, image.height, fmt)

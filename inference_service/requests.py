@@ -1,0 +1,143 @@
+"""What a Generate request is, its defaults and limits, and how it is validated.
+
+The one home of the facts the edge, the engine and the scheduler share: default steps and
+guidance, the scheduler names (and the diffusers class each one means), the image formats, the
+limits on sizes and adapters, and what an adapter id may look like.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loraforge_core.errors import InvalidArgument, Violations
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SCHEDULER = "default"  # the model's own scheduler
+# Scheduler name -> (diffusers class, extra config); "default" keeps the model's own class.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    DEFAULT_SCHEDULER: ("", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "pndm": ("PNDMScheduler", {}),
+}
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # ours -> PIL's
+MAX_SIDE = 1024
+MAX_STEPS = 150
+MAX_IMAGES = 8
+MAX_PROMPT_CHARS = 2000
+MAX_ADAPTERS_PER_REQUEST = 8
+MAX_SCALE = 4.0
+RESERVED_TOKEN_PREFIX = "<|lf"  # the server's private names of learned tokens
+_ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+@dataclass
+class AdapterRequest:
+    adapter_id: str
+    scale: float = 1.0
+    text_encoder_scale: float | None = None
+
+    @property
+    def te_scale(self) -> float:
+        return self.scale if self.text_encoder_scale is None else self.text_encoder_scale
+
+
+@dataclass
+class GenerationSpec:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    scheduler: str = DEFAULT_SCHEDULER
+    seed: int = 0
+    num_images: int = 1
+    adapters: list[AdapterRequest] = field(default_factory=list)
+    output_format: str = "png"
+
+
+def batch_key(spec: GenerationSpec) -> tuple:
+    """The settings that requests must share to be denoised in one batch."""
+    return (spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler)
+
+
+@dataclass
+class GenerationJob:
+    """One request in a denoising batch, with its progress and cancellation callbacks."""
+
+    spec: GenerationSpec
+    on_step: Callable[[int, int], None] = lambda step, total: None
+    is_cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class GeneratedImage:
+    data: bytes
+    seed: int
+    width: int
+    height: int
+    format: str
+
+
+def is_adapter_id(adapter_id: str) -> bool:
+    return bool(_ADAPTER_ID.match(adapter_id))
+
+
+def validate_adapter_id(adapter_id: str, field_name: str) -> None:
+    if not is_adapter_id(adapter_id):
+        raise InvalidArgument(ADAPTER_ID_RULE, field_name)
+
+
+def validate_spec(spec: GenerationSpec) -> None:
+    """Raise InvalidArgument naming every field of the request that is out of range."""
+    v = Violations()
+    v.check(bool(spec.prompt.strip()), "prompt", "give a prompt")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(spec, name)
+        v.check(len(text) <= MAX_PROMPT_CHARS, name, f"at most {MAX_PROMPT_CHARS} characters")
+        v.check(
+            RESERVED_TOKEN_PREFIX not in text,
+            name,
+            f"{RESERVED_TOKEN_PREFIX!r} is reserved for the server's token names",
+        )
+    for name in ("width", "height"):
+        value = getattr(spec, name)
+        v.check(
+            value == 0 or (value % 8 == 0 and 8 <= value <= MAX_SIDE),
+            name,
+            f"a multiple of 8 in 8..{MAX_SIDE} (0: the model's size)",
+        )
+    v.check(1 <= spec.steps <= MAX_STEPS, "num_inference_steps", f"in 1..{MAX_STEPS}")
+    v.check(
+        math.isfinite(spec.guidance_scale) and 0 <= spec.guidance_scale <= 50,
+        "guidance_scale",
+        "in 0..50",
+    )
+    v.check(1 <= spec.num_images <= MAX_IMAGES, "num_images", f"in 1..{MAX_IMAGES}")
+    v.check(spec.scheduler in SCHEDULERS, "scheduler", f"one of {tuple(SCHEDULERS)}")
+    v.check(spec.output_format in IMAGE_FORMATS, "output_format", f"one of {tuple(IMAGE_FORMATS)}")
+    ids = [a.adapter_id for a in spec.adapters]
+    v.check(len(ids) == len(set(ids)), "adapters", "name each adapter once")
+    v.check(
+        len(ids) <= MAX_ADAPTERS_PER_REQUEST,
+        "adapters",
+        f"at most {MAX_ADAPTERS_PER_REQUEST} adapters per request",
+    )
+    for i, adapter in enumerate(spec.adapters):
+        v.check(is_adapter_id(adapter.adapter_id), f"adapters[{i}].adapter_id", ADAPTER_ID_RULE)
+        for name, value in (("scale", adapter.scale), ("text_encoder_scale", adapter.te_scale)):
+            v.check(
+                math.isfinite(value) and -MAX_SCALE <= value <= MAX_SCALE,
+                f"adapters[{i}].{name}",
+                f"in [-{MAX_SCALE:g}, {MAX_SCALE:g}]",
+            )
+    v.raise_if_any()
