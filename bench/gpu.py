@@ -150,9 +150,9 @@ def train_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, flo
     from PIL import Image
 
     from trainer_service.config import TrainingConfig
+    from trainer_service.events import ListReporter, Progress
     from trainer_service.training.data import InstanceExample
     from trainer_service.training.engine import RunPaths, Trainer
-    from trainer_service.training.events import ListReporter
 
     precision = {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[args.dtype]
     images = [
@@ -171,9 +171,7 @@ def train_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, flo
         with tempfile.TemporaryDirectory() as tmp:
             Trainer(config, images, RunPaths(Path(tmp) / "c", Path(tmp) / "a"), reporter).run()
         for phase in ("inversion", "tuning"):
-            last = [e for e in reporter.events if e["event"] == "progress" and e["phase"] == phase][
-                -1
-            ]
+            last = [e for e in reporter.events if isinstance(e, Progress) and e.phase == phase][-1]
             rows.append(
                 (
                     f"{label} {phase} steps/s (batch 1, {args.size}px, {precision})",

@@ -113,9 +113,9 @@ def steady_rate(rates: list[float]) -> float:
 
 def ours(model: str, steps: int, rank: int, *, cached: bool, pti: bool) -> dict[str, float]:
     from trainer_service.config import TrainingConfig
+    from trainer_service.events import ListReporter, Progress
     from trainer_service.training.data import InstanceExample
     from trainer_service.training.engine import RunPaths, Trainer
-    from trainer_service.training.events import ListReporter
 
     config = TrainingConfig(
         pretrained_model_name_or_path=model, method="pti" if pti else "dreambooth_lora",
@@ -130,9 +130,9 @@ def ours(model: str, steps: int, rank: int, *, cached: bool, pti: bool) -> dict[
         Trainer(config, examples, RunPaths(Path(tmp) / "c", Path(tmp) / "a"), reporter).run()
     rates: dict[str, float] = {}
     for phase in ("inversion", "tuning"):
-        progress = [e for e in reporter.events if e["event"] == "progress" and e["phase"] == phase]
+        progress = [e for e in reporter.events if isinstance(e, Progress) and e.phase == phase]
         if progress:  # the engine's rolling rate (last 20 steps), median over the second half
-            rates[phase] = steady_rate([e["steps_per_second"] for e in progress])
+            rates[phase] = steady_rate([e.steps_per_second for e in progress])
     return rates
 
 

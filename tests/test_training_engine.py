@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,11 @@ from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import free_port
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
+from trainer_service.events import Checkpoint, FinalArtifact, ListReporter, Progress, parse_line
+from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.training.data import InstanceExample
 from trainer_service.training.engine import RunPaths, Trainer
 from trainer_service.training.evaluate import denoising_loss
-from trainer_service.training.events import ListReporter
 
 
 def test_overfitting_one_image_lowers_its_denoising_loss(tiny_model: Path, tmp_path: Path) -> None:
@@ -42,13 +42,7 @@ def test_overfitting_one_image_lowers_its_denoising_loss(tiny_model: Path, tmp_p
 
 
 def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
-    job = tmp_path / "job"
-    (job / "images").mkdir(parents=True)
-    index = []
-    for i in range(4):
-        (job / "images" / f"{i}.png").write_bytes(shape_png("green", offset=i))
-        index.append({"stored_as": f"{i}.png", "filename": f"green_{i}.png", "caption": ""})
-    (job / "images.json").write_text(json.dumps(index))
+    job = JobDir(tmp_path / "job")
     config = TrainingConfig(
         pretrained_model_name_or_path=str(tiny_model),
         max_train_steps_ti=2,
@@ -58,21 +52,22 @@ def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) 
         seed=3,
         device="cpu",
     )
-    (job / "config.json").write_text(config.to_json())
+    images = [ImageUpload(shape_png("green", offset=i), f"green_{i}.png") for i in range(4)]
+    job.create(config, images)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
          "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision",
          "no", "--dynamo_backend", "no", "-m", "trainer_service.training.run",
-         "--job-dir", str(job), "--artifacts-dir", str(tmp_path / "art")],
+         "--job-dir", str(job.path), "--artifacts-dir", str(tmp_path / "art")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    finals = [e for e in events if e["event"] == "final"]
+    events = [parse_line(line) for line in result.stdout.splitlines()]
+    finals = [e for e in events if isinstance(e, FinalArtifact)]
     assert len(finals) == 1, "only the main process reports"
-    progress = [e["global_step"] for e in events if e["event"] == "progress"]
+    progress = [e.global_step for e in events if isinstance(e, Progress)]
     assert progress == [1, 2, 3, 4, 5]
-    bundle = read_bundle(Path(finals[0]["bundle"]))
+    bundle = read_bundle(tmp_path / "art" / finals[0].artifact_id)
     assert bundle.manifest.tokens == ["<s1>"] and bundle.manifest.global_step == 5
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.load_lora_weights(bundle.path)
@@ -98,7 +93,7 @@ def test_events_and_checkpoints_of_a_library_run(tiny_model: Path, tmp_path: Pat
         "step-0000003.pt",
         "step-0000006.pt",
     ]
-    kinds = [e["event"] for e in reporter.events]
-    assert kinds.count("checkpoint") == 2 and kinds[-1] == "final"
+    kinds = [type(e) for e in reporter.events]
+    assert kinds.count(Checkpoint) == 2 and kinds[-1] is FinalArtifact
     # The inversion moved the zero-initialised token away from zero.
     assert bundle.embeddings()["<s1>"].norm() > 0

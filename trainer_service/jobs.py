@@ -5,18 +5,17 @@ Nothing is written for a request that fails validation.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge_core.errors import Violations
-from loraforge_core.files import atomic_write_bytes
 from trainer_service.config import TrainingConfig
+from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.store import JobRecord, JobStore
 from trainer_service.training.data import decode_image
-from trainer_service.training.run import IMAGES_INDEX
 
 MAX_IMAGES = 200
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -26,22 +25,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 @dataclass
-class ImageUpload:
-    data: bytes
-    filename: str = ""
-    caption: str = ""
-
-
-@dataclass
 class JobSpec:
     request_id: str
     config: TrainingConfig
     images: list[ImageUpload] = field(default_factory=list)
-
-
-def _safe_name(index: int, filename: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name)[-80:] or "image"
-    return f"{index:04d}-{stem}"
 
 
 def validate(spec: JobSpec) -> None:
@@ -85,21 +72,10 @@ def create_job(store: JobStore, jobs_dir: Path, spec: JobSpec) -> tuple[JobRecor
         if existing is not None:
             return existing, False
     validate(spec)
-    import uuid
-
     job_id = "job-" + uuid.uuid4().hex[:16]
-    job_dir = jobs_dir / job_id
+    job_dir = JobDir(jobs_dir / job_id)
     try:
-        (job_dir / "images").mkdir(parents=True)
-        index = []
-        for i, image in enumerate(spec.images):
-            stored_as = _safe_name(i, image.filename or f"image-{i}.png")
-            atomic_write_bytes(job_dir / "images" / stored_as, image.data)
-            index.append(
-                {"stored_as": stored_as, "filename": image.filename, "caption": image.caption}
-            )
-        atomic_write_bytes(job_dir / IMAGES_INDEX, json.dumps(index).encode())
-        atomic_write_bytes(job_dir / "config.json", spec.config.to_json().encode())
+        job_dir.create(spec.config, spec.images)
         return store.create_job(
             request_id=spec.request_id, method=spec.config.method,
             base_model=spec.config.pretrained_model_name_or_path,
@@ -107,5 +83,5 @@ def create_job(store: JobStore, jobs_dir: Path, spec: JobSpec) -> tuple[JobRecor
             config=spec.config.to_dict(), job_id=job_id,
         )  # fmt: skip
     except BaseException:
-        shutil.rmtree(job_dir, ignore_errors=True)
+        shutil.rmtree(job_dir.path, ignore_errors=True)
         raise

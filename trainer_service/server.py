@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import dataclasses
 import logging
+import random
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -17,44 +19,26 @@ from loraforge_core import bundle as bundles
 from loraforge_core.devices import resolve_device, validate_device
 from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from loraforge_core.models import resolve_model
+from loraforge_core.protomaps import enum_names, enum_numbers
 from loraforge_core.settings import ServerSettings
-from trainer_service import jobs
+from trainer_service import events, jobs
 from trainer_service.config import TrainingConfig
-from trainer_service.store import TERMINAL, JobRecord, JobStore
+from trainer_service.events import Progress
+from trainer_service.jobdir import ImageUpload
+from trainer_service.store import TERMINAL, EventRecord, JobRecord, JobStore
 from trainer_service.worker import JobRunner
 
 log = logging.getLogger("loraforge.trainer")
 
-STATE_TO_PROTO = {
-    "queued": trainer_pb2.JOB_STATE_QUEUED, "running": trainer_pb2.JOB_STATE_RUNNING,
-    "succeeded": trainer_pb2.JOB_STATE_SUCCEEDED, "failed": trainer_pb2.JOB_STATE_FAILED,
-    "cancelled": trainer_pb2.JOB_STATE_CANCELLED,
-}  # fmt: skip
-PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
-PHASE_TO_PROTO = {
-    "preparing": trainer_pb2.TRAINING_PHASE_PREPARING,
-    "inversion": trainer_pb2.TRAINING_PHASE_INVERSION,
-    "tuning": trainer_pb2.TRAINING_PHASE_TUNING, "saving": trainer_pb2.TRAINING_PHASE_SAVING,
-}  # fmt: skip
-METHODS = {
-    trainer_pb2.TRAINING_METHOD_UNSPECIFIED: "pti", trainer_pb2.TRAINING_METHOD_PTI: "pti",
-    trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA: "dreambooth_lora",
-}  # fmt: skip
-TEMPLATES = {
-    trainer_pb2.CAPTION_TEMPLATE_UNSPECIFIED: "object",
-    trainer_pb2.CAPTION_TEMPLATE_OBJECT: "object", trainer_pb2.CAPTION_TEMPLATE_STYLE: "style",
-    trainer_pb2.CAPTION_TEMPLATE_NONE: "none",
-}  # fmt: skip
-PRECISIONS = {
-    trainer_pb2.MIXED_PRECISION_UNSPECIFIED: "no", trainer_pb2.MIXED_PRECISION_NO: "no",
-    trainer_pb2.MIXED_PRECISION_FP16: "fp16", trainer_pb2.MIXED_PRECISION_BF16: "bf16",
-}  # fmt: skip
-LR_SCHEDULERS = {
-    trainer_pb2.LR_SCHEDULER_UNSPECIFIED: "linear", trainer_pb2.LR_SCHEDULER_LINEAR: "linear",
-    trainer_pb2.LR_SCHEDULER_CONSTANT: "constant",
-    trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP: "constant_with_warmup",
-    trainer_pb2.LR_SCHEDULER_COSINE: "cosine",
-}  # fmt: skip
+STATE_TO_PROTO = enum_numbers(trainer_pb2.JobState, "JOB_STATE_")
+PROTO_TO_STATE = enum_names(trainer_pb2.JobState, "JOB_STATE_")
+PHASE_TO_PROTO = enum_numbers(trainer_pb2.TrainingPhase, "TRAINING_PHASE_")
+METHODS = enum_names(trainer_pb2.TrainingMethod, "TRAINING_METHOD_", "pti")
+METHOD_TO_PROTO = enum_numbers(trainer_pb2.TrainingMethod, "TRAINING_METHOD_")
+TEMPLATES = enum_names(trainer_pb2.CaptionTemplate, "CAPTION_TEMPLATE_", "object")
+PRECISIONS = enum_names(trainer_pb2.MixedPrecision, "MIXED_PRECISION_", "no")
+LR_SCHEDULERS = enum_names(trainer_pb2.LrScheduler, "LR_SCHEDULER_", "linear")
+ARTIFACT_KIND_TO_PROTO = enum_numbers(trainer_pb2.ArtifactKind, "ARTIFACT_KIND_")
 # TrainingConfig proto fields that map one to one onto the dataclass (optional scalars).
 _SCALAR_OPTIONS = [
     f.name for f in trainer_pb2.TrainingConfig.DESCRIPTOR.fields
@@ -72,7 +56,7 @@ def _enum(mapping: dict[int, str], value: int, field_name: str) -> str:
     return mapping[value]
 
 
-def config_from_request(request: trainer_pb2.CreateJobRequest, device: str) -> TrainingConfig:
+def config_from_request(request: trainer_pb2.CreateJobRequest) -> TrainingConfig:
     """Map a CreateJobRequest onto the one TrainingConfig (unset fields keep their defaults)."""
     message = request.config
     values: dict[str, object] = {
@@ -92,7 +76,6 @@ def config_from_request(request: trainer_pb2.CreateJobRequest, device: str) -> T
     if request.placeholder_tokens:
         values["placeholder_tokens"] = list(request.placeholder_tokens)
     values["initializer_tokens"] = list(request.initializer_tokens)
-    values["device"] = device
     for name in (
         "learning_rate_unet",
         "learning_rate_text",
@@ -120,8 +103,12 @@ def config_to_proto(config: dict) -> trainer_pb2.TrainingConfig:
         setattr(message, name, config.get(name) or "")
     message.lora_unet_target_modules.extend(config.get("lora_unet_target_modules", []))
     message.lora_clip_target_modules.extend(config.get("lora_clip_target_modules", []))
-    message.lr_scheduler = {v: k for k, v in LR_SCHEDULERS.items() if k}[config["lr_scheduler"]]
-    message.mixed_precision = {v: k for k, v in PRECISIONS.items() if k}[config["mixed_precision"]]
+    message.lr_scheduler = trainer_pb2.LrScheduler.Value(
+        "LR_SCHEDULER_" + config["lr_scheduler"].upper()
+    )
+    message.mixed_precision = trainer_pb2.MixedPrecision.Value(
+        "MIXED_PRECISION_" + config["mixed_precision"].upper()
+    )
     return message
 
 
@@ -133,56 +120,51 @@ def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def progress_to_proto(progress: dict) -> trainer_pb2.TrainingProgress:
-    if not progress:
+def progress_to_proto(progress: Progress | None) -> trainer_pb2.TrainingProgress:
+    if progress is None:
         return trainer_pb2.TrainingProgress()
-    return trainer_pb2.TrainingProgress(
-        phase=PHASE_TO_PROTO.get(progress["phase"], 0), step=progress["step"],
-        total_steps=progress["total_steps"], loss=progress["loss"], lr=progress["lr"],
-        steps_per_second=progress["steps_per_second"], eta_seconds=progress["eta_seconds"],
-        global_step=progress["global_step"],
-    )  # fmt: skip
+    fields = {**asdict(progress), "phase": PHASE_TO_PROTO.get(progress.phase, 0)}
+    return trainer_pb2.TrainingProgress(**fields)
 
 
 def job_to_proto(job: JobRecord) -> trainer_pb2.Job:
     return trainer_pb2.Job(
         job_id=job.job_id, request_id=job.request_id, state=STATE_TO_PROTO[job.state],
-        method={"pti": trainer_pb2.TRAINING_METHOD_PTI,
-                "dreambooth_lora": trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA}[job.method],
-        base_model=job.base_model, placeholder_tokens=job.tokens,
-        created_at=_timestamp(job.created_at), started_at=_timestamp(job.started_at),
-        finished_at=_timestamp(job.finished_at), failure_reason=job.failure_reason,
-        progress=progress_to_proto(job.progress), final_artifact_id=job.final_artifact_id,
+        method=METHOD_TO_PROTO[job.method], base_model=job.base_model,
+        placeholder_tokens=job.tokens, created_at=_timestamp(job.created_at),
+        started_at=_timestamp(job.started_at), finished_at=_timestamp(job.finished_at),
+        failure_reason=job.failure_reason, progress=progress_to_proto(job.progress),
+        final_artifact_id=job.final_artifact_id,
         checkpoint_artifact_ids=job.checkpoint_artifact_ids, num_instance_images=job.num_images,
         config=config_to_proto(job.config), last_event_sequence=job.last_sequence,
     )  # fmt: skip
 
 
-def event_to_proto(event) -> trainer_pb2.JobEvent:
+def event_to_proto(record: EventRecord) -> trainer_pb2.JobEvent:
     message = trainer_pb2.JobEvent(
-        job_id=event.job_id, sequence=event.sequence, time=_timestamp(event.time)
+        job_id=record.job_id, sequence=record.sequence, time=_timestamp(record.time)
     )
-    p = event.payload
-    if event.kind == "state":
-        message.state_change.state = STATE_TO_PROTO[p["state"]]
-        message.state_change.reason = p.get("reason", "")
-    elif event.kind == "progress":
-        message.progress.CopyFrom(progress_to_proto(p))
-    elif event.kind == "checkpoint":
-        message.checkpoint.global_step = p["global_step"]
-        message.checkpoint.artifact_id = p["artifact_id"]
-    elif event.kind == "final_artifact":
-        message.final_artifact.artifact_id = p["artifact_id"]
-    elif event.kind == "preview":
-        message.preview.global_step = p["global_step"]
-        message.preview.prompt = p["prompt"]
-        message.preview.image.CopyFrom(common_pb2.Image(
-            data=base64.b64decode(p["png"]), format=common_pb2.IMAGE_FORMAT_PNG,
-            width=p["width"], height=p["height"],
-        ))  # fmt: skip
-    else:
-        message.log.level = p.get("level", "info")
-        message.log.message = p.get("message", "")
+    match record.event:
+        case events.StateChange(state=state, reason=reason):
+            message.state_change.state = STATE_TO_PROTO[state]
+            message.state_change.reason = reason
+        case events.Progress() as progress:
+            message.progress.CopyFrom(progress_to_proto(progress))
+        case events.Checkpoint(artifact_id=artifact_id, global_step=step):
+            message.checkpoint.artifact_id = artifact_id
+            message.checkpoint.global_step = step
+        case events.FinalArtifact(artifact_id=artifact_id):
+            message.final_artifact.artifact_id = artifact_id
+        case events.Preview() as preview:
+            message.preview.global_step = preview.global_step
+            message.preview.prompt = preview.prompt
+            message.preview.image.CopyFrom(common_pb2.Image(
+                data=preview.png, format=common_pb2.IMAGE_FORMAT_PNG, width=preview.width,
+                height=preview.height,
+            ))  # fmt: skip
+        case events.Log(level=level, message=text):
+            message.log.level = level
+            message.log.message = text
     return message
 
 
@@ -220,6 +202,29 @@ class TrainerService:
         )  # fmt: skip
         self.runner.start()
         log.info("trainer ready", extra={"base_model": self.base_model})
+
+    async def create_job(
+        self, request_id: str, config: TrainingConfig, images: list[ImageUpload]
+    ) -> JobRecord:
+        """Queue a job (idempotent on ``request_id``); the server's defaults fill what the
+        request left unset: the base model, the device and a seed, recorded with the job."""
+        config = dataclasses.replace(
+            config,
+            pretrained_model_name_or_path=config.pretrained_model_name_or_path
+            or self.settings.model,
+            device="cpu" if self.device.type == "cpu" else "auto",
+            seed=config.seed if config.seed is not None else random.randrange(2**31),
+        )
+        spec = jobs.JobSpec(request_id=request_id, config=config, images=images)
+        job, created = await asyncio.to_thread(
+            jobs.create_job, self.ready_store(), self.jobs_dir, spec
+        )
+        if created:
+            log.info("job created", extra={"job_id": job.job_id, "images": job.num_images})
+            assert self.runner is not None
+            self.runner.wake()
+            self._notify(job.job_id)
+        return job
 
     def _notify(self, job_id: str) -> None:
         async def notify() -> None:
@@ -268,27 +273,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return self.service.ready_store()
 
     async def CreateJob(self, request, context):
-        device = "cpu" if self.service.device.type == "cpu" else "auto"
-        config = config_from_request(request, device)
-        if not config.pretrained_model_name_or_path:
-            config.pretrained_model_name_or_path = self.service.settings.model
-        if config.seed is None:
-            import random
-
-            config.seed = random.randrange(2**31)
-        spec = jobs.JobSpec(
-            request_id=request.request_id, config=config,
-            images=[jobs.ImageUpload(i.data, i.filename, i.caption)
-                    for i in request.instance_images],
+        job = await self.service.create_job(
+            request.request_id, config_from_request(request),
+            [ImageUpload(i.data, i.filename, i.caption) for i in request.instance_images],
         )  # fmt: skip
-        job, created = await asyncio.to_thread(
-            jobs.create_job, self.store, self.service.jobs_dir, spec
-        )
-        if created:
-            log.info("job created", extra={"job_id": job.job_id, "images": job.num_images})
-            assert self.service.runner is not None
-            self.service.runner.wake()
-            self.service._notify(job.job_id)
         return job_to_proto(job)
 
     async def GetJob(self, request, context):
@@ -352,8 +340,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         manifest = bundle.manifest
         return trainer_pb2.Artifact(
             artifact_id=record.artifact_id, job_id=record.job_id,
-            kind=trainer_pb2.ARTIFACT_KIND_FINAL if record.kind == "final"
-            else trainer_pb2.ARTIFACT_KIND_CHECKPOINT,
+            kind=ARTIFACT_KIND_TO_PROTO[record.kind],
             global_step=record.global_step, base_model=manifest.base_model,
             tokens=manifest.tokens, rank=manifest.rank, size_bytes=bundle.size_bytes(),
             sha256=bundle.sha256(), created_at=_timestamp(record.created_at),

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer_service.events import JobEvent, Progress, StateChange, from_payload, to_payload
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled",
 )  # fmt: skip
@@ -72,7 +74,7 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     failure_reason: str = ""
-    progress: dict[str, Any] = field(default_factory=dict)
+    progress: Progress | None = None
     final_artifact_id: str = ""
     last_sequence: int = 0
     checkpoint_artifact_ids: list[str] = field(default_factory=list)
@@ -83,8 +85,7 @@ class EventRecord:
     job_id: str
     sequence: int
     time: float
-    kind: str
-    payload: dict[str, Any]
+    event: JobEvent
 
 
 @dataclass
@@ -136,7 +137,7 @@ class JobStore:
                 (job_id, request_id or job_id, QUEUED, method, base_model, json.dumps(tokens),
                  num_images, json.dumps(config), now),
             )  # fmt: skip
-            self._append(job_id, "state", {"state": QUEUED, "reason": ""}, now)
+            self._append(job_id, StateChange(QUEUED), now)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -158,7 +159,7 @@ class JobStore:
             num_images=row["num_images"], config=json.loads(row["config"]),
             created_at=row["created_at"], started_at=row["started_at"],
             finished_at=row["finished_at"], failure_reason=row["failure_reason"],
-            progress=json.loads(row["progress"]), final_artifact_id=row["final_artifact_id"],
+            progress=_progress(row["progress"]), final_artifact_id=row["final_artifact_id"],
             last_sequence=row["last_sequence"], checkpoint_artifact_ids=checkpoints,
         )  # fmt: skip
 
@@ -201,7 +202,7 @@ class JobStore:
                 sets += ["finished_at=?", "failure_reason=?"]
                 params += [now, reason if state == FAILED else ""]
             self.db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id=?", (*params, job_id))
-            self._append(job_id, "state", {"state": state, "reason": reason}, now)
+            self._append(job_id, StateChange(state, reason), now)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -211,25 +212,24 @@ class JobStore:
         return job
 
     # ------------------------------------------------------------------ events
-    def _append(self, job_id: str, kind: str, payload: dict[str, Any], now: float) -> int:
+    def _append(self, job_id: str, event: JobEvent, now: float) -> int:
+        payload = json.dumps(to_payload(event))
         sequence = self.db.execute(
             "UPDATE jobs SET last_sequence = last_sequence + 1 WHERE job_id=?"
             " RETURNING last_sequence", (job_id,),
         ).fetchone()[0]  # fmt: skip
         self.db.execute(
             "INSERT INTO events (job_id, sequence, time, kind, payload) VALUES (?,?,?,?,?)",
-            (job_id, sequence, now, kind, json.dumps(payload)),
+            (job_id, sequence, now, event.kind, payload),
         )
-        if kind == "progress":
-            self.db.execute(
-                "UPDATE jobs SET progress=? WHERE job_id=?", (json.dumps(payload), job_id)
-            )
+        if isinstance(event, Progress):
+            self.db.execute("UPDATE jobs SET progress=? WHERE job_id=?", (payload, job_id))
         return sequence
 
-    def append_event(self, job_id: str, kind: str, payload: dict[str, Any]) -> int:
+    def append_event(self, job_id: str, event: JobEvent) -> int:
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            sequence = self._append(job_id, kind, payload, time.time())
+            sequence = self._append(job_id, event, time.time())
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -242,7 +242,7 @@ class JobStore:
             (job_id, after, limit),
         )
         return [
-            EventRecord(r["job_id"], r["sequence"], r["time"], r["kind"], json.loads(r["payload"]))
+            EventRecord(r["job_id"], r["sequence"], r["time"], _event(r["kind"], r["payload"]))
             for r in rows
         ]
 
@@ -278,3 +278,11 @@ class JobStore:
             "SELECT * FROM artifacts WHERE artifact_id=?", (artifact_id,)
         ).fetchone()
         return ArtifactRecord(**dict(row)) if row else None
+
+
+def _event(kind: str, payload: str) -> JobEvent:
+    return from_payload(kind, json.loads(payload))
+
+
+def _progress(payload: str) -> Progress | None:
+    return _event(Progress.kind, payload) if payload != "{}" else None

@@ -16,10 +16,10 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, parse_line
+from trainer_service.jobdir import JobDir
 from trainer_service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
-from trainer_service.training.events import parse_event_line
 from trainer_service.training.run import EXIT_CANCELLED
 
 log = logging.getLogger("loraforge.trainer.worker")
@@ -54,11 +54,10 @@ class JobRunner:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         for job in self.store.jobs_in_state(RUNNING):
-            self.store.append_event(job.job_id, "log", {
-                "level": "warning",
-                "message": "the server restarted during this job; resuming from its last "
-                           "checkpoint",
-            })  # fmt: skip
+            self.store.append_event(job.job_id, Log(
+                "warning", "the server restarted during this job; resuming from its last "
+                "checkpoint",
+            ))  # fmt: skip
             self.store.set_state(job.job_id, QUEUED, "resuming after a server restart")
             self.on_event(job.job_id)
         self._task = asyncio.create_task(self._loop(), name="job-runner")
@@ -127,12 +126,12 @@ class JobRunner:
                 self.store.set_state(job.job_id, FAILED, "internal error in the job runner")
                 self.on_event(job.job_id)
 
-    def _command(self, job_dir: Path) -> list[str]:
+    def _command(self, job_dir: JobDir) -> list[str]:
         run = [
             "-m",
             "trainer_service.training.run",
             "--job-dir",
-            str(job_dir),
+            str(job_dir.path),
             "--artifacts-dir",
             str(self.artifacts_dir),
         ]
@@ -159,10 +158,10 @@ class JobRunner:
         return env
 
     async def _run(self, job_id: str) -> None:
-        job_dir = self.jobs_dir / job_id
+        job_dir = JobDir(self.jobs_dir / job_id)
         self.store.set_state(job_id, RUNNING)
         self.on_event(job_id)
-        with open(job_dir / "train.log", "ab") as stderr:
+        with open(job_dir.log, "ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 env=self._environment(), limit=MAX_EVENT_LINE, start_new_session=True,
@@ -173,19 +172,19 @@ class JobRunner:
         try:
             assert process.stdout is not None
             async for raw in process.stdout:
-                event = parse_event_line(raw.decode(errors="replace"))
+                event = parse_line(raw.decode(errors="replace"))
                 if event is None:
                     continue
-                if event["event"] == "error":
-                    error = event.get("message", "")
-                finished |= event["event"] == "final"
+                if isinstance(event, Log) and event.level == "error":
+                    error = event.message
+                finished |= isinstance(event, FinalArtifact)
                 self._record(job_id, event)
             code = await process.wait()
         finally:
             self._current = None
         self._finish(job_id, code, finished, error, job_dir)
 
-    def _finish(self, job_id: str, code: int, finished: bool, error: str, job_dir: Path) -> None:
+    def _finish(self, job_id: str, code: int, finished: bool, error: str, job_dir: JobDir) -> None:
         if job_id in self._cancelled:
             self._cancelled.discard(job_id)
             state, reason = CANCELLED, "cancelled by request"
@@ -203,52 +202,22 @@ class JobRunner:
         self.on_event(job_id)
 
     @staticmethod
-    def _exit_reason(code: int, job_dir: Path) -> str:
+    def _exit_reason(code: int, job_dir: JobDir) -> str:
         if code < 0:
             name = signal.Signals(-code).name
             hint = " (out of memory?)" if name == "SIGKILL" else ""
             return f"training process was killed by {name}{hint}"
-        tail = (job_dir / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
-        return f"training process exited with code {code}" + (f": {tail[0]}" if tail else "")
+        tail = job_dir.last_log_line()
+        return f"training process exited with code {code}" + (f": {tail}" if tail else "")
 
-    def _record(self, job_id: str, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "progress":
-            fields = (
-                "phase",
-                "step",
-                "total_steps",
-                "loss",
-                "lr",
-                "steps_per_second",
-                "eta_seconds",
-                "global_step",
-            )
-            self.store.append_event(job_id, "progress", {k: event[k] for k in fields})
-        elif kind == "phase":
-            message = f"phase {event['phase']} ({event['total_steps']} steps)"
-            self.store.append_event(job_id, "log", {"level": "info", "message": message})
-        elif kind in ("checkpoint", "final"):
-            path = Path(event["bundle"])
+    def _record(self, job_id: str, event: JobEvent) -> None:
+        """Persist an event; a bundle it reports also becomes an artifact record."""
+        if isinstance(event, (Checkpoint, FinalArtifact)):
+            final = isinstance(event, FinalArtifact)
             self.store.add_artifact(
-                artifact_id=event["artifact_id"], job_id=job_id,
-                kind="final" if kind == "final" else "checkpoint",
-                global_step=event["global_step"], path=path.name, final=kind == "final",
+                artifact_id=event.artifact_id, job_id=job_id,
+                kind="final" if final else "checkpoint", global_step=event.global_step,
+                path=event.artifact_id, final=final,
             )  # fmt: skip
-            self.store.append_event(
-                job_id, "final_artifact" if kind == "final" else "checkpoint",
-                {"artifact_id": event["artifact_id"], "global_step": event["global_step"]},
-            )  # fmt: skip
-        elif kind == "preview":
-            import base64
-
-            self.store.append_event(job_id, "preview", {
-                "global_step": event["global_step"], "prompt": event["prompt"],
-                "png": base64.b64encode(event["png"]).decode(), "width": event["width"],
-                "height": event["height"],
-            })  # fmt: skip
-        elif kind in ("log", "error"):
-            self.store.append_event(job_id, "log", {
-                "level": event.get("level", "error"), "message": event.get("message", ""),
-            })  # fmt: skip
+        self.store.append_event(job_id, event)
         self.on_event(job_id)

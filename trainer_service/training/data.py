@@ -7,10 +7,14 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from trainer_service.config import TrainingConfig
 
 OBJECT_TEMPLATES = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -110,3 +114,85 @@ def color_jitter(
     mean = image.mean()
     image = (image - mean) * factors[1] + mean
     return image.clamp(0, 1) * 2 - 1
+
+
+class TrainingData:
+    """The instance images as training batches: pixels per image (and its mirror), with
+    cached latents their VAE posteriors, and for prior preservation the class images.
+
+    ``batch`` draws everything from the step's generator, so a step replays exactly."""
+
+    def __init__(
+        self, config: TrainingConfig, examples: list[InstanceExample], vae: Any,
+        resolution: int, device: torch.device, class_pixels: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.examples = examples
+        self.vae = vae
+        self.device = device
+        pixels = [to_tensor(e.image, resolution) for e in examples]
+        if config.random_flip:
+            pixels += [p.flip(-1) for p in pixels]
+        self.pixels = torch.stack(pixels)
+        self.latent_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.cached_latents:
+            with torch.no_grad():
+                dist = vae.encode(self.pixels.to(device)).latent_dist
+            self.latent_cache = (dist.mean, dist.std)
+        self.class_pixels = class_pixels
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Scaled latents and captions for one micro-batch."""
+        config = self.config
+        index = torch.randint(0, len(self.pixels), (config.train_batch_size,), generator=generator)
+        rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        captions = [self._caption(self.examples[int(i) % len(self.examples)], rng) for i in index]
+        dropout = config.caption_dropout
+        captions = [c if dropout == 0 or rng.random() >= dropout else "" for c in captions]
+        if self.latent_cache is not None:
+            mean, std = self.latent_cache
+            eps = torch.randn(mean[index].shape, generator=generator).to(self.device)
+            latents = mean[index] + std[index] * eps
+        else:
+            pixels = self.pixels[index]
+            if config.color_jitter:
+                pixels = torch.stack([color_jitter(p, generator) for p in pixels])
+            with torch.no_grad():
+                latents = self.vae.encode(pixels.to(self.device)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor, captions
+
+    def _caption(self, example: InstanceExample, rng: random.Random) -> str:
+        config = self.config
+        if config.method == "pti":
+            return caption_for(example, config.use_template, config.learned_tokens, rng)
+        return example.caption or config.instance_prompt
+
+    def class_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Latents and captions of prior-preservation images (when there are any)."""
+        assert self.class_pixels is not None
+        size = self.config.train_batch_size
+        index = torch.randint(0, len(self.class_pixels), (size,), generator=generator)
+        with torch.no_grad():
+            dist = self.vae.encode(self.class_pixels[index].to(self.device)).latent_dist
+        return dist.mean * self.vae.config.scaling_factor, [self.config.class_prompt] * size
+
+
+def generate_class_images(
+    model_path: str, config: TrainingConfig, resolution: int, seed: int, device: torch.device
+) -> torch.Tensor:
+    """Prior-preservation images of the class prompt, drawn by the base model."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path, safety_checker=None, requires_safety_checker=False
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    images = [
+        pipe(
+            config.class_prompt, height=resolution, width=resolution, num_inference_steps=25,
+            generator=generator,
+        ).images[0]
+        for _ in range(config.num_class_images)
+    ]  # fmt: skip
+    return torch.stack([to_tensor(image, resolution) for image in images])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from trainer_service.training.data import to_tensor
+from trainer_service.training.loss import add_noise, prediction_loss
+from trainer_service.training.models import encode_prompts
 
 
 @torch.no_grad()
@@ -29,24 +30,8 @@ def denoising_loss(
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     latents = latents.repeat(samples, 1, 1, 1)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latents.shape, generator=generator).to(pipe.device)
-    total = pipe.scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, total, (samples,), generator=generator).to(pipe.device)
-    from diffusers import DDPMScheduler
-
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    ids = pipe.tokenizer(
-        [prompt] * samples,
-        padding="max_length",
-        truncation=True,
-        max_length=pipe.tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids.to(pipe.device)
-    hidden = pipe.text_encoder(ids)[0]
+    noise, timesteps, noisy = add_noise(scheduler, latents, generator)
+    hidden = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * samples, pipe.device)
     prediction = pipe.unet(noisy, timesteps, hidden).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float()).item()
+    return prediction_loss(prediction, scheduler, latents, noise, timesteps).item()

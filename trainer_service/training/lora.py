@@ -33,7 +33,10 @@ def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights in peft's key format (lora_A / lora_B), for checkpoints."""
+    """The adapter weights in peft's key format (lora_A / lora_B), for checkpoints; empty
+    for a module without LoRA."""
+    if not getattr(module, "peft_config", None):
+        return {}
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
 
 

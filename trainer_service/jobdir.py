@@ -1,0 +1,90 @@
+"""One job's folder under ``data-dir/jobs/<id>``: what CreateJob stored and what training writes.
+
+images/           the instance images, under safe names
+images.json       [{stored_as, filename, caption}] in upload order
+config.json       the job's TrainingConfig
+train.log         the training process's stderr
+train.lock        held by the job's one training process (an old one may still be stopping)
+checkpoints/      training state for resume (training/checkpoint.py)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from loraforge_core.files import atomic_write_bytes
+from trainer_service.config import TrainingConfig
+
+if TYPE_CHECKING:
+    from trainer_service.training.data import InstanceExample
+
+
+@dataclass
+class ImageUpload:
+    data: bytes
+    filename: str = ""
+    caption: str = ""
+
+
+def _safe_name(index: int, filename: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name)[-80:] or "image"
+    return f"{index:04d}-{stem}"
+
+
+class JobDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.images = self.path / "images"
+        self.index = self.path / "images.json"
+        self.config_file = self.path / "config.json"
+        self.log = self.path / "train.log"
+        self.lock_file = self.path / "train.lock"
+        self.checkpoints = self.path / "checkpoints"
+
+    def create(self, config: TrainingConfig, images: list[ImageUpload]) -> None:
+        """Write a new job's images, index and config (each file atomically)."""
+        self.images.mkdir(parents=True)
+        index = []
+        for i, image in enumerate(images):
+            stored_as = _safe_name(i, image.filename or f"image-{i}.png")
+            atomic_write_bytes(self.images / stored_as, image.data)
+            index.append(
+                {"stored_as": stored_as, "filename": image.filename, "caption": image.caption}
+            )
+        atomic_write_bytes(self.index, json.dumps(index).encode())
+        atomic_write_bytes(self.config_file, config.to_json().encode())
+
+    def config(self) -> TrainingConfig:
+        return TrainingConfig.from_json(self.config_file.read_text())
+
+    def examples(self) -> list[InstanceExample]:
+        """The instance images with their file names and captions, in upload order."""
+        from PIL import Image
+
+        from trainer_service.training.data import InstanceExample
+
+        examples = []
+        for item in json.loads(self.index.read_text()):
+            with Image.open(self.images / item["stored_as"]) as image:
+                examples.append(
+                    InstanceExample(image.convert("RGB"), item["filename"], item.get("caption", ""))
+                )
+        return examples
+
+    def lock(self) -> IO[str]:
+        """Hold the job's training lock until the returned file is closed (or the process
+        exits); waits while another process holds it."""
+        handle = open(self.lock_file, "a+")  # noqa: SIM115 - the caller holds it
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle
+
+    def last_log_line(self) -> str:
+        if not self.log.is_file():
+            return ""
+        lines = self.log.read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""

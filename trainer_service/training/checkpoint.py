@@ -1,0 +1,51 @@
+"""Training state for resume: one object, saved and loaded in one place.
+
+A checkpoint holds what a resumed run needs to continue as the uninterrupted one would: the
+step and phase, the seed, the learned token rows, the LoRA weights, the optimizer and LR
+schedule states and the torch RNG. It is written to a temporary file, fsynced and renamed
+(``step-0000100.pt`` in the job's checkpoints folder), and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GLOB = "step-*.pt"
+
+
+@dataclass
+class TrainingState:
+    global_step: int
+    phase: str  # inversion | tuning
+    seed: int
+    embeddings: torch.Tensor  # the learned tokens' rows, in config order
+    unet_lora: dict[str, torch.Tensor]
+    text_lora: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    torch_rng: torch.Tensor
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"step-{self.global_step:07d}.pt"
+        tmp = final.with_suffix(".tmp")
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        return final
+
+    @classmethod
+    def load(cls, path: Path) -> TrainingState:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**state)
+
+    @staticmethod
+    def latest(folder: Path) -> Path | None:
+        found = sorted(folder.glob(GLOB))
+        return found[-1] if found else None

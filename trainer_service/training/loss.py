@@ -1,0 +1,49 @@
+"""The denoising objective, shared by training and by evaluation.
+
+A latent is noised at a random timestep (``add_noise``) and the model's prediction is compared
+with what the scheduler's prediction type asks for: the noise (epsilon) or the velocity
+(v-prediction, as zero-terminal-SNR models use). The draws come from a caller's generator, so
+a run that replays a step draws the same noise and timesteps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def add_noise(
+    scheduler: Any, latents: torch.Tensor, generator: torch.Generator, t_fraction: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, timesteps, noisy latents), timesteps drawn from the first ``t_fraction`` of the
+    schedule."""
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    t_max = max(1, int(scheduler.config.num_train_timesteps * t_fraction))
+    timesteps = torch.randint(0, t_max, (latents.shape[0],), generator=generator).to(device)
+    return noise, timesteps, scheduler.add_noise(latents, noise, timesteps)
+
+
+def prediction_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction type {kind!r} is not supported for training")
+
+
+def prediction_loss(
+    prediction: torch.Tensor,
+    scheduler: Any,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Mean squared error of the prediction to its target, in float32."""
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    return F.mse_loss(prediction.float(), target.float())

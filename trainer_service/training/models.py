@@ -1,0 +1,73 @@
+"""The base model's parts as training uses them: loaded once, frozen, on the training device.
+
+These modules are never replaced: a phase hands accelerate its own references to wrap (for
+data parallelism), and everything that reads weights (checkpoints, bundles, previews) reads
+these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from loraforge_core.models import resolve_model
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BaseModel:
+    path: str
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    weight_dtype: torch.dtype  # of the frozen UNet; the VAE stays float32
+
+    @classmethod
+    def load(cls, name_or_path: str, accelerator: Accelerator, checkpointing: bool) -> BaseModel:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        path = resolve_model(name_or_path)
+        model = cls(
+            path=path,
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            weight_dtype=DTYPES.get(accelerator.mixed_precision, torch.float32),
+        )
+        for module in (model.text_encoder, model.vae, model.unet):
+            module.requires_grad_(False)
+        device = accelerator.device
+        model.vae.to(device, dtype=torch.float32)
+        model.unet.to(device, dtype=model.weight_dtype)
+        model.text_encoder.to(device)
+        if checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            model.text_encoder.gradient_checkpointing_enable()
+        return model
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.vae.config.sample_size)
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.text_encoder.get_input_embeddings().weight
+
+
+def encode_prompts(
+    tokenizer: Any, text_encoder: Any, prompts: list[str], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The text encoder's hidden states for prompts padded to the tokenizer's length."""
+    ids = tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(device)  # fmt: skip
+    return text_encoder(ids)[0]
