@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import mimetypes
 import random
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,36 +13,19 @@ from typing import Any
 import grpc
 from loraforge.v1 import generator_pb2, trainer_pb2
 
-from loraforge_client.types import AdapterRef
+from loraforge_client.enums import (
+    IMAGE_FORMATS,
+    JOB_STATES,
+    METHODS,
+    SCHEDULERS,
+    TEMPLATES,
+    TRAINING_ENUMS,
+)
+from loraforge_client.errors import RETRYABLE, JobFailedError, from_rpc_error
+from loraforge_client.types import AdapterRef, Job, JobEvent
 
 DEFAULT_TIMEOUT = 60.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-METHODS = {
-    "pti": trainer_pb2.TRAINING_METHOD_PTI,
-    "dreambooth_lora": trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA,
-}
-TEMPLATES = {
-    "object": trainer_pb2.CAPTION_TEMPLATE_OBJECT,
-    "style": trainer_pb2.CAPTION_TEMPLATE_STYLE,
-    "none": trainer_pb2.CAPTION_TEMPLATE_NONE,
-}
-SCHEDULERS = {
-    "default": generator_pb2.SCHEDULER_UNSPECIFIED, "ddim": generator_pb2.SCHEDULER_DDIM,
-    "euler": generator_pb2.SCHEDULER_EULER,
-    "euler_ancestral": generator_pb2.SCHEDULER_EULER_ANCESTRAL,
-    "dpmpp_2m": generator_pb2.SCHEDULER_DPMPP_2M,
-    "dpmpp_2m_karras": generator_pb2.SCHEDULER_DPMPP_2M_KARRAS,
-    "pndm": generator_pb2.SCHEDULER_PNDM,
-}  # fmt: skip
-_ENUM_OPTIONS = {
-    "lr_scheduler": {"linear": trainer_pb2.LR_SCHEDULER_LINEAR,
-                     "constant": trainer_pb2.LR_SCHEDULER_CONSTANT,
-                     "constant_with_warmup": trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP,
-                     "cosine": trainer_pb2.LR_SCHEDULER_COSINE},
-    "mixed_precision": {"no": trainer_pb2.MIXED_PRECISION_NO,
-                        "fp16": trainer_pb2.MIXED_PRECISION_FP16,
-                        "bf16": trainer_pb2.MIXED_PRECISION_BF16},
-}  # fmt: skip
 TRAINING_OPTIONS = tuple(f.name for f in trainer_pb2.TrainingConfig.DESCRIPTOR.fields)
 
 
@@ -128,8 +111,8 @@ def create_job_request(
     for name, value in options.items():
         if value is None:
             continue
-        if name in _ENUM_OPTIONS:
-            value = _ENUM_OPTIONS[name][value]
+        if name in TRAINING_ENUMS:
+            value = TRAINING_ENUMS[name][value]
         if isinstance(value, (list, tuple)):
             getattr(config, name).extend(value)
         else:
@@ -165,13 +148,12 @@ def generate_request(
 ) -> generator_pb2.GenerateRequest:
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}")
-    formats = {"png": 1, "jpeg": 2, "webp": 3}
-    if output_format not in formats:
-        raise ValueError(f"output_format must be one of {sorted(formats)}")
+    if output_format not in IMAGE_FORMATS:
+        raise ValueError(f"output_format must be one of {sorted(IMAGE_FORMATS)}")
     request = generator_pb2.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
         num_inference_steps=steps, scheduler=SCHEDULERS[scheduler], num_images=num_images,
-        output_format=formats[output_format],
+        output_format=IMAGE_FORMATS[output_format],
         adapters=[AdapterRef.coerce(a).to_proto() for a in adapters],
     )  # fmt: skip
     if guidance_scale is not None:
@@ -203,5 +185,93 @@ def load_adapter_request(
     return request
 
 
-def guess_type(path: str) -> str:
-    return mimetypes.guess_type(path)[0] or "application/octet-stream"
+# ---------------------------------------------------------------------- what both twins share
+class ClientBase:
+    """Channel, credentials, deadline and retry budget; ``transport`` is ``grpc`` (sync) or
+    ``grpc.aio``, which make channels with the same signatures."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: TLS | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 4,
+        max_message_mb: int = 64,
+        transport: Any = grpc,
+    ) -> None:
+        options = channel_options(max_message_mb)
+        self.channel = (
+            transport.secure_channel(target, tls.credentials(), options)
+            if tls
+            else transport.insecure_channel(target, options)
+        )
+        self.metadata = call_metadata(token)
+        self.timeout = timeout
+        self.retries = retries
+
+    def _retrying(self, retry: bool = True) -> Retrying:
+        return Retrying(self.retries if retry else 0)
+
+
+class Retrying:
+    """One call's retries: transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED) retry after an
+    exponential backoff with jitter, or after the server's retry_after when it is longer."""
+
+    def __init__(self, retries: int) -> None:
+        self.delays = backoff_delays(retries)
+
+    def delay_after(self, err: grpc.RpcError) -> float:
+        """Seconds to wait before the next try; raises the typed error when none is left."""
+        error = from_rpc_error(err)
+        if err.code() not in RETRYABLE or not self.delays:
+            raise error from None
+        return max(self.delays.pop(0), getattr(error, "retry_after", None) or 0)
+
+
+class WatchCursor:
+    """A job's event stream across reconnects: resumes after the last sequence seen, so no
+    event is missed or repeated; gives up after ``reconnect_for`` seconds unreachable."""
+
+    RECONNECT_DELAY = 0.5
+
+    def __init__(self, job_id: str, after_sequence: int, reconnect_for: float) -> None:
+        self.job_id = job_id
+        self.last = after_sequence
+        self.reconnect_for = reconnect_for
+        self.deadline: float | None = None
+
+    def request(self) -> trainer_pb2.WatchJobRequest:
+        return trainer_pb2.WatchJobRequest(job_id=self.job_id, after_sequence=self.last)
+
+    def accept(self, message: trainer_pb2.JobEvent) -> JobEvent | None:
+        """The event, or None for one already seen."""
+        self.deadline = None
+        if message.sequence <= self.last:
+            return None
+        self.last = message.sequence
+        return JobEvent.from_proto(message)
+
+    def delay_after(self, err: grpc.RpcError) -> float:
+        """Seconds to wait before reconnecting; raises the typed error when the stream
+        cannot go on."""
+        if err.code() != grpc.StatusCode.UNAVAILABLE:
+            raise from_rpc_error(err) from None
+        self.deadline = self.deadline or time.monotonic() + self.reconnect_for
+        if time.monotonic() > self.deadline:
+            raise from_rpc_error(err) from None
+        return self.RECONNECT_DELAY
+
+
+def finished_job(job: Job) -> Job:
+    """The job if it succeeded; JobFailedError if it failed or was cancelled."""
+    if job.state != "succeeded":
+        raise JobFailedError(f"job {job.job_id} {job.state}: {job.failure_reason}", job)
+    return job
+
+
+def list_jobs_request(state: str | None, page_size: int, token: str) -> trainer_pb2.ListJobsRequest:
+    return trainer_pb2.ListJobsRequest(
+        page_size=page_size, page_token=token, state=JOB_STATES[state] if state else 0
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -12,55 +11,36 @@ import grpc
 from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_client._common import (
-    DEFAULT_TIMEOUT,
-    TLS,
+    ClientBase,
     ImageFile,
-    backoff_delays,
-    call_metadata,
-    channel_options,
+    WatchCursor,
     create_job_request,
+    finished_job,
     generate_request,
     images_from_folder,
+    list_jobs_request,
     load_adapter_request,
 )
-from loraforge_client.clients import STATE_FILTERS
-from loraforge_client.errors import RETRYABLE, JobFailedError, from_rpc_error
+from loraforge_client.errors import from_rpc_error
 from loraforge_client.types import AdapterInfo, GeneratedImage, Job, JobEvent, unpack_bundle
 
 
-class _AsyncBase:
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: TLS | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retries: int = 4,
-        max_message_mb: int = 64,
-    ) -> None:
-        options = channel_options(max_message_mb)
-        self.channel = (
-            grpc.aio.secure_channel(target, tls.credentials(), options)
-            if tls
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self.metadata = call_metadata(token)
-        self.timeout = timeout
-        self.retries = retries
+class _AsyncBase(ClientBase):
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, transport=grpc.aio, **kwargs)
 
-    async def _call(self, method: Any, request: Any, *, timeout: float | None = None) -> Any:
-        delays = backoff_delays(self.retries)
+    async def _call(
+        self, method: Any, request: Any, *, timeout: float | None = None, retry: bool = True
+    ) -> Any:
+        """A unary call with a deadline; transient failures retry with backoff."""
+        retrying = self._retrying(retry)
         while True:
             try:
                 return await method(
                     request, timeout=timeout or self.timeout, metadata=self.metadata
                 )
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE or not delays:
-                    raise from_rpc_error(err) from None
-                error = from_rpc_error(err)
-                await asyncio.sleep(max(delays.pop(0), getattr(error, "retry_after", None) or 0))
+                await asyncio.sleep(retrying.delay_after(err))
 
     async def close(self) -> None:
         await self.channel.close()
@@ -96,9 +76,7 @@ class AsyncTrainerClient(_AsyncBase):
     ) -> AsyncIterator[Job]:
         token = ""
         while True:
-            page = await self._call(self.stub.ListJobs, trainer_pb2.ListJobsRequest(
-                page_size=page_size, page_token=token,
-                state=STATE_FILTERS[state] if state else 0))  # fmt: skip
+            page = await self._call(self.stub.ListJobs, list_jobs_request(state, page_size, token))
             for job in page.jobs:
                 yield Job.from_proto(job)
             token = page.next_page_token
@@ -115,35 +93,21 @@ class AsyncTrainerClient(_AsyncBase):
     async def watch(
         self, job_id: str, *, after_sequence: int = 0, reconnect_for: float = 300.0
     ) -> AsyncIterator[JobEvent]:
-        last = after_sequence
-        deadline = None
+        cursor = WatchCursor(job_id, after_sequence, reconnect_for)
         while True:
             try:
-                stream = self.stub.WatchJob(
-                    trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=last),
-                    metadata=self.metadata)  # fmt: skip
-                async for message in stream:
-                    deadline = None
-                    if message.sequence <= last:
-                        continue
-                    last = message.sequence
-                    yield JobEvent.from_proto(message)
+                async for message in self.stub.WatchJob(cursor.request(), metadata=self.metadata):
+                    event = cursor.accept(message)
+                    if event is not None:
+                        yield event
                 return
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(err) from None
-                deadline = deadline or time.monotonic() + reconnect_for
-                if time.monotonic() > deadline:
-                    raise from_rpc_error(err) from None
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(cursor.delay_after(err))
 
     async def wait(self, job_id: str) -> Job:
         async for _ in self.watch(job_id):
             pass
-        job = await self.get_job(job_id)
-        if job.state != "succeeded":
-            raise JobFailedError(f"job {job_id} {job.state}: {job.failure_reason}", job)
-        return job
+        return finished_job(await self.get_job(job_id))
 
     async def download_artifact(self, artifact_id: str, dest: str | Path) -> Path:
         chunks = []

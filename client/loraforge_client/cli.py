@@ -15,8 +15,8 @@ from typing import Any
 
 from loraforge.v1 import trainer_pb2
 
-from loraforge_client._common import _ENUM_OPTIONS, SCHEDULERS, TEMPLATES
 from loraforge_client.clients import GeneratorClient, TrainerClient
+from loraforge_client.enums import SCHEDULERS, TEMPLATES, TRAINING_ENUMS
 from loraforge_client.errors import InvalidArgumentError, LoraforgeError
 from loraforge_client.types import AdapterRef, JobEvent
 
@@ -31,8 +31,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         if field.name in _SKIP_OPTIONS:
             continue
         flag = "--" + field.name.replace("_", "-")
-        if field.name in _ENUM_OPTIONS:
-            group.add_argument(flag, choices=sorted(_ENUM_OPTIONS[field.name]))
+        if field.name in TRAINING_ENUMS:
+            group.add_argument(flag, choices=sorted(TRAINING_ENUMS[field.name]))
         elif field.type == field.TYPE_BOOL:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif field.type == field.TYPE_STRING and field.is_repeated:

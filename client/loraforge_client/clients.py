@@ -11,18 +11,17 @@ import grpc
 from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_client._common import (
-    DEFAULT_TIMEOUT,
-    TLS,
+    ClientBase,
     ImageFile,
-    backoff_delays,
-    call_metadata,
-    channel_options,
+    WatchCursor,
     create_job_request,
+    finished_job,
     generate_request,
     images_from_folder,
+    list_jobs_request,
     load_adapter_request,
 )
-from loraforge_client.errors import RETRYABLE, JobFailedError, from_rpc_error
+from loraforge_client.errors import from_rpc_error
 from loraforge_client.types import (
     AdapterInfo,
     AdapterRef,
@@ -32,43 +31,21 @@ from loraforge_client.types import (
     unpack_bundle,
 )
 
-STATE_FILTERS = {"queued": 1, "running": 2, "succeeded": 3, "failed": 4, "cancelled": 5}
 
-
-class _Base:
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: TLS | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        retries: int = 4,
-        max_message_mb: int = 64,
-    ) -> None:
-        options = channel_options(max_message_mb)
-        self.channel = (
-            grpc.secure_channel(target, tls.credentials(), options)
-            if tls
-            else grpc.insecure_channel(target, options)
-        )
-        self.metadata = call_metadata(token)
-        self.timeout = timeout
-        self.retries = retries
+class _Base(ClientBase):
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        super().__init__(target, transport=grpc, **kwargs)
 
     def _call(
         self, method: Any, request: Any, *, timeout: float | None = None, retry: bool = True
     ) -> Any:
         """A unary call with a deadline; transient failures retry with backoff."""
-        delays = backoff_delays(self.retries) if retry else []
+        retrying = self._retrying(retry)
         while True:
             try:
                 return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or not delays:
-                    raise from_rpc_error(err) from None
-                error = from_rpc_error(err)
-                time.sleep(max(delays.pop(0), getattr(error, "retry_after", None) or 0))
+                time.sleep(retrying.delay_after(err))
 
     def close(self) -> None:
         self.channel.close()
@@ -104,9 +81,7 @@ class TrainerClient(_Base):
         """Every job (optionally in one state), fetching pages as it goes."""
         token = ""
         while True:
-            page = self._call(self.stub.ListJobs, trainer_pb2.ListJobsRequest(
-                page_size=page_size, page_token=token,
-                state=STATE_FILTERS[state] if state else 0))  # fmt: skip
+            page = self._call(self.stub.ListJobs, list_jobs_request(state, page_size, token))
             for job in page.jobs:
                 yield Job.from_proto(job)
             token = page.next_page_token
@@ -124,36 +99,22 @@ class TrainerClient(_Base):
         self, job_id: str, *, after_sequence: int = 0, reconnect_for: float = 300.0
     ) -> Iterator[JobEvent]:
         """The job's events until it ends; reconnects on UNAVAILABLE without gaps or repeats."""
-        last = after_sequence
-        deadline = None
+        cursor = WatchCursor(job_id, after_sequence, reconnect_for)
         while True:
             try:
-                stream = self.stub.WatchJob(
-                    trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=last),
-                    metadata=self.metadata)  # fmt: skip
-                for message in stream:
-                    deadline = None
-                    if message.sequence <= last:
-                        continue
-                    last = message.sequence
-                    yield JobEvent.from_proto(message)
+                for message in self.stub.WatchJob(cursor.request(), metadata=self.metadata):
+                    event = cursor.accept(message)
+                    if event is not None:
+                        yield event
                 return
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise from_rpc_error(err) from None
-                deadline = deadline or time.monotonic() + reconnect_for
-                if time.monotonic() > deadline:
-                    raise from_rpc_error(err) from None
-                time.sleep(0.5)
+                time.sleep(cursor.delay_after(err))
 
     def wait(self, job_id: str) -> Job:
         """Block until the job ends; return it, or raise JobFailedError."""
         for _ in self.watch(job_id):
             pass
-        job = self.get_job(job_id)
-        if job.state != "succeeded":
-            raise JobFailedError(f"job {job_id} {job.state}: {job.failure_reason}", job)
-        return job
+        return finished_job(self.get_job(job_id))
 
     def download_artifact(self, artifact_id: str, dest: str | Path) -> Path:
         """Download a bundle and extract it into the folder ``dest``."""

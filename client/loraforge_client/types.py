@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import io
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from loraforge.v1 import common_pb2, generator_pb2, trainer_pb2
 
-JOB_STATES = {
-    trainer_pb2.JOB_STATE_QUEUED: "queued", trainer_pb2.JOB_STATE_RUNNING: "running",
-    trainer_pb2.JOB_STATE_SUCCEEDED: "succeeded", trainer_pb2.JOB_STATE_FAILED: "failed",
-    trainer_pb2.JOB_STATE_CANCELLED: "cancelled",
-}  # fmt: skip
+from loraforge_client.enums import IMAGE_FORMATS, JOB_STATES, PHASES, name_of
+
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-PHASES = {
-    trainer_pb2.TRAINING_PHASE_PREPARING: "preparing",
-    trainer_pb2.TRAINING_PHASE_INVERSION: "inversion",
-    trainer_pb2.TRAINING_PHASE_TUNING: "tuning", trainer_pb2.TRAINING_PHASE_SAVING: "saving",
-}  # fmt: skip
-IMAGE_FORMATS = {
-    common_pb2.IMAGE_FORMAT_PNG: "png",
-    common_pb2.IMAGE_FORMAT_JPEG: "jpeg",
-    common_pb2.IMAGE_FORMAT_WEBP: "webp",
-    common_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
-}
 
 
 @dataclass
@@ -41,16 +27,8 @@ class Progress:
 
     @classmethod
     def from_proto(cls, p: trainer_pb2.TrainingProgress) -> Progress:
-        return cls(
-            PHASES.get(p.phase, "unknown"),
-            p.step,
-            p.total_steps,
-            p.loss,
-            p.lr,
-            p.steps_per_second,
-            p.eta_seconds,
-            p.global_step,
-        )
+        values = {f.name: getattr(p, f.name) for f in fields(cls)}
+        return cls(**{**values, "phase": name_of(PHASES, p.phase)})
 
 
 @dataclass
@@ -74,7 +52,7 @@ class Job:
     @classmethod
     def from_proto(cls, job: trainer_pb2.Job) -> Job:
         return cls(
-            job.job_id, job.request_id, JOB_STATES.get(job.state, "unknown"), job.base_model,
+            job.job_id, job.request_id, name_of(JOB_STATES, job.state), job.base_model,
             list(job.placeholder_tokens), job.failure_reason,
             Progress.from_proto(job.progress) if job.HasField("progress") else None,
             job.final_artifact_id, list(job.checkpoint_artifact_ids), job.last_event_sequence,
@@ -103,7 +81,7 @@ class JobEvent:
         kind = e.WhichOneof("kind") or "log"
         event = cls(e.job_id, e.sequence, "state" if kind == "state_change" else kind)
         if kind == "state_change":
-            event.state = JOB_STATES.get(e.state_change.state, "unknown")
+            event.state = name_of(JOB_STATES, e.state_change.state)
             event.reason = e.state_change.reason
         elif kind == "progress":
             event.progress = Progress.from_proto(e.progress)
@@ -147,7 +125,7 @@ class GeneratedImage:
             image.seed,
             image.width,
             image.height,
-            IMAGE_FORMATS.get(image.format, "png"),
+            name_of(IMAGE_FORMATS, image.format, unknown="png"),
         )
 
 

@@ -1,0 +1,121 @@
+"""The training event protocol and the job store, without a server or a model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from loraforge_client.types import JobEvent as ClientEvent
+
+from trainer_service import events
+from trainer_service.server import event_to_proto
+from trainer_service.store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore
+
+EXAMPLES = [
+    events.StateChange("failed", "training process was killed by SIGKILL"),
+    events.Progress("tuning", 3, 10, 0.25, 1e-4, 2.5, 2.8, 13),
+    events.Checkpoint("ab12", 10),
+    events.FinalArtifact("cd34", 20),
+    events.Preview(10, "a <s1> circle", b"\x89PNG\r\n\x1a\nbytes", 32, 32),
+    events.Log("warning", "resuming from step 10"),
+]
+
+
+@pytest.mark.parametrize("event", EXAMPLES, ids=lambda e: e.kind)
+def test_every_event_survives_the_json_line_and_the_store_payload(event) -> None:
+    assert events.parse_line(events.to_line(event)) == event
+    assert events.from_payload(event.kind, events.to_payload(event)) == event
+
+
+def test_output_that_is_not_an_event_is_ignored() -> None:
+    for line in ["", "loading weights...", "{not json", '{"event": "nope"}', "[1, 2]"]:
+        assert events.parse_line(line) is None
+
+
+@pytest.mark.parametrize("event", EXAMPLES, ids=lambda e: e.kind)
+def test_the_client_reads_back_what_the_server_sends(event) -> None:
+    received = ClientEvent.from_proto(event_to_proto(EventRecord("job-1", 7, 1.0, event)))
+    assert (received.job_id, received.sequence, received.kind) == ("job-1", 7, event.kind)
+    if isinstance(event, events.Progress):
+        assert received.progress is not None
+        assert asdict(received.progress) == pytest.approx(asdict(event))
+    elif isinstance(event, events.Preview):
+        assert received.preview_png == event.png and received.global_step == event.global_step
+    elif isinstance(event, events.Log):
+        assert (received.level, received.message) == (event.level, event.message)
+    elif isinstance(event, events.StateChange):
+        assert (received.state, received.reason) == (event.state, event.reason)
+    else:
+        assert received.artifact_id == event.artifact_id
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    yield store
+    store.close()
+
+
+def new_job(store: JobStore, request_id: str = "") -> str:
+    job, created = store.create_job(
+        request_id=request_id, method="pti", base_model="tiny", tokens=["<s1>"], num_images=2,
+        config={"seed": 1},
+    )  # fmt: skip
+    assert created
+    return job.job_id
+
+
+def test_events_get_consecutive_sequences_and_replay_after_any_of_them(store) -> None:
+    job_id = new_job(store)
+    for event in EXAMPLES[1:]:
+        store.append_event(job_id, event)
+    store.set_state(job_id, CANCELLED, "cancelled by request")
+    replay = store.events_after(job_id, 0)
+    assert [r.sequence for r in replay] == list(range(1, len(EXAMPLES) + 2))
+    assert [r.event for r in replay[1:-1]] == EXAMPLES[1:]
+    assert replay[0].event == events.StateChange(QUEUED)
+    assert [r.sequence for r in store.events_after(job_id, 4)] == [5, 6, 7]
+    assert store.get_job(job_id).last_sequence == 7
+
+
+def test_the_job_shows_its_latest_progress_and_state_times(store) -> None:
+    job_id = new_job(store)
+    assert store.get_job(job_id).progress is None
+    store.set_state(job_id, RUNNING)
+    store.append_event(job_id, EXAMPLES[1])
+    job = store.get_job(job_id)
+    assert job.progress == EXAMPLES[1] and job.started_at is not None
+    failed = store.set_state(job_id, "failed", "out of memory")
+    assert failed.failure_reason == "out of memory" and failed.finished_at is not None
+
+
+def test_a_request_id_creates_one_job(store) -> None:
+    job_id = new_job(store, "req-1")
+    again, created = store.create_job(
+        request_id="req-1", method="pti", base_model="other", tokens=[], num_images=1, config={}
+    )
+    assert not created and again.job_id == job_id
+    assert store.job_by_request("req-1").job_id == job_id
+
+
+def test_artifacts_are_recorded_once_and_the_final_one_marks_the_job(store) -> None:
+    job_id = new_job(store)
+    for _ in range(2):  # a resumed job reports its checkpoint again
+        store.add_artifact(
+            artifact_id="ck", job_id=job_id, kind="checkpoint", global_step=3, path="ck"
+        )
+    store.add_artifact(
+        artifact_id="fin", job_id=job_id, kind="final", global_step=6, path="fin", final=True
+    )
+    job = store.get_job(job_id)
+    assert job.checkpoint_artifact_ids == ["ck"] and job.final_artifact_id == "fin"
+    assert store.get_artifact("fin").global_step == 6 and store.get_artifact("nope") is None
+
+
+def test_list_jobs_pages_in_creation_order_and_filters_by_state(store) -> None:
+    ids = [new_job(store) for _ in range(5)]
+    store.set_state(ids[1], RUNNING)
+    assert [j.job_id for j in store.list_jobs(state=None, limit=2, offset=2)] == ids[2:4]
+    assert [j.job_id for j in store.list_jobs(state=RUNNING, limit=10, offset=0)] == [ids[1]]
+    assert store.next_queued().job_id == ids[0]

@@ -1,0 +1,78 @@
+"""What the job runner makes of a training process's events and exit (no process started)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from trainer_service.events import Checkpoint, FinalArtifact
+from trainer_service.jobdir import JobDir
+from trainer_service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from trainer_service.training.run import EXIT_CANCELLED
+from trainer_service.worker import JobRunner
+
+
+@pytest.fixture
+def runner(tmp_path: Path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    notified: list[str] = []
+    runner = JobRunner(store, tmp_path / "jobs", tmp_path / "artifacts", on_event=notified.append)
+    runner.notified = notified  # type: ignore[attr-defined]
+    yield runner
+    store.close()
+
+
+def running_job(runner: JobRunner) -> tuple[str, JobDir]:
+    job, _ = runner.store.create_job(
+        request_id="", method="pti", base_model="tiny", tokens=[], num_images=1, config={}
+    )
+    runner.store.set_state(job.job_id, RUNNING)
+    job_dir = JobDir(runner.jobs_dir / job.job_id)
+    job_dir.path.mkdir(parents=True)
+    return job.job_id, job_dir
+
+
+def test_reported_bundles_become_artifact_records_and_events(runner) -> None:
+    job_id, _ = running_job(runner)
+    runner._record(job_id, Checkpoint("ck", 5))
+    runner._record(job_id, FinalArtifact("fin", 10))
+    job = runner.store.get_job(job_id)
+    assert job.checkpoint_artifact_ids == ["ck"] and job.final_artifact_id == "fin"
+    assert runner.store.get_artifact("fin").path == "fin"
+    kinds = [r.event.kind for r in runner.store.events_after(job_id, 0)]
+    assert kinds[-2:] == ["checkpoint", "final_artifact"]
+    assert runner.notified == [job_id, job_id]
+
+
+@pytest.mark.parametrize(
+    ("code", "finished", "error", "state", "reason"),
+    [
+        (0, True, "", SUCCEEDED, ""),
+        (EXIT_CANCELLED, False, "", QUEUED, "resuming from its checkpoint"),
+        (-signal.SIGKILL, False, "", FAILED, "killed by SIGKILL (out of memory?)"),
+        (1, False, "ValueError: bad initializer", FAILED, "ValueError: bad initializer"),
+        (1, False, "", FAILED, "exited with code 1: CUDA error: device-side assert"),
+        (0, False, "", FAILED, "exited with code 0"),  # ended without its final artifact
+    ],
+)
+def test_the_exit_decides_the_jobs_state(runner, code, finished, error, state, reason) -> None:
+    job_id, job_dir = running_job(runner)
+    job_dir.log.write_text("loading\nCUDA error: device-side assert\n")
+    runner._finish(job_id, code, finished, error, job_dir)
+    job = runner.store.get_job(job_id)
+    assert job.state == state
+    last = runner.store.events_after(job_id, 0)[-1].event
+    assert reason in last.reason
+
+
+def test_a_cancel_wins_and_a_shutdown_leaves_the_job_to_resume(runner) -> None:
+    job_id, job_dir = running_job(runner)
+    runner._cancelled.add(job_id)
+    runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
+    assert runner.store.get_job(job_id).state == CANCELLED
+    job_id, job_dir = running_job(runner)
+    runner._stopping = True
+    runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
+    assert runner.store.get_job(job_id).state == RUNNING  # resumed on the next start
