@@ -28,10 +28,11 @@ SEEDS = 4  # per probe: 16 images per scale
 class EpsilonTargetTrainer(Trainer):
     """Deliberately broken: it regresses the noise while the model predicts the velocity."""
 
-    def _load_models(self) -> None:
-        super()._load_models()
-        assert self.noise_scheduler.config.prediction_type == "v_prediction"
-        self.noise_scheduler.register_to_config(prediction_type="epsilon")
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        scheduler = self.model.noise_scheduler
+        assert scheduler.config.prediction_type == "v_prediction"
+        scheduler.register_to_config(prediction_type="epsilon")
 
 
 def train(tmp_path: Path, trainer_class: type[Trainer] = Trainer) -> Bundle:

@@ -6,10 +6,12 @@ resumes after sequence N gets exactly the events it missed, also after a restart
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,17 @@ class JobStore:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (taken at once, so concurrent writers queue)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
     # ------------------------------------------------------------------ jobs
     def create_job(
         self,
@@ -129,8 +142,7 @@ class JobStore:
                 return existing, False
         job_id = job_id or "job-" + uuid.uuid4().hex[:16]
         now = time.time()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self.db.execute(
                 "INSERT INTO jobs (job_id, request_id, state, method, base_model, tokens,"
                 " num_images, config, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -138,13 +150,7 @@ class JobStore:
                  num_images, json.dumps(config), now),
             )  # fmt: skip
             self._append(job_id, StateChange(QUEUED), now)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        job = self.get_job(job_id)
-        assert job is not None
-        return job, True
+        return self._existing(job_id), True
 
     def _row_to_job(self, row: sqlite3.Row) -> JobRecord:
         checkpoints = [
@@ -166,6 +172,11 @@ class JobStore:
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return self._row_to_job(row) if row else None
+
+    def _existing(self, job_id: str) -> JobRecord:
+        job = self.get_job(job_id)
+        assert job is not None, job_id
+        return job
 
     def job_by_request(self, request_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE request_id=?", (request_id,)).fetchone()
@@ -191,8 +202,7 @@ class JobStore:
     def set_state(self, job_id: str, state: str, reason: str = "") -> JobRecord:
         """Change state and log a state event, in one transaction."""
         now = time.time()
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             sets = ["state=?"]
             params: list[Any] = [state]
             if state == RUNNING:
@@ -203,13 +213,7 @@ class JobStore:
                 params += [now, reason if state == FAILED else ""]
             self.db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id=?", (*params, job_id))
             self._append(job_id, StateChange(state, reason), now)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        job = self.get_job(job_id)
-        assert job is not None
-        return job
+        return self._existing(job_id)
 
     # ------------------------------------------------------------------ events
     def _append(self, job_id: str, event: JobEvent, now: float) -> int:
@@ -227,13 +231,8 @@ class JobStore:
         return sequence
 
     def append_event(self, job_id: str, event: JobEvent) -> int:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             sequence = self._append(job_id, event, time.time())
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return sequence
 
     def events_after(self, job_id: str, after: int, limit: int = 500) -> list[EventRecord]:
@@ -258,8 +257,7 @@ class JobStore:
         final: bool = False,
     ) -> None:
         """Record an artifact (idempotent: a resumed job may report the same one again)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self.db.execute(
                 "INSERT OR IGNORE INTO artifacts VALUES (?,?,?,?,?,?)",
                 (artifact_id, job_id, kind, global_step, path, time.time()),
@@ -268,10 +266,6 @@ class JobStore:
                 self.db.execute(
                     "UPDATE jobs SET final_artifact_id=? WHERE job_id=?", (artifact_id, job_id)
                 )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def get_artifact(self, artifact_id: str) -> ArtifactRecord | None:
         row = self.db.execute(

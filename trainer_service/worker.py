@@ -1,7 +1,7 @@
 """Runs queued jobs one at a time, each in its own training process.
 
 A child process per job means a cancel is a clean stop, a crash or OOM fails only the job, and
-GPU memory is returned. The child reports JSON lines on stdout (training/events.py); this module
+GPU memory is returned. The child reports events (events.py) as JSON lines on stdout; this module
 turns them into persisted job events and artifact records. A job found RUNNING at start-up (the
 server died under it) is queued again and its new process resumes from the last checkpoint.
 """

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--negative-prompt", default="")
     generate.add_argument("--width", type=int, default=0)
     generate.add_argument("--height", type=int, default=0)
-    generate.add_argument("--steps", type=int, default=0, help="0: the server's default (30)")
+    generate.add_argument("--steps", type=int, default=0, help="0: the server's default")
     generate.add_argument("--guidance-scale", type=float)
     generate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="default")
     generate.add_argument("--seed", type=int)

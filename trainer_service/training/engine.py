@@ -194,6 +194,17 @@ class Trainer:
             num_training_steps=max(steps, 1) * processes,
         )  # fmt: skip
 
+    def _prepare(
+        self, modules: list[Any], optimizer: Any, scheduler: Any, resume: TrainingState | None
+    ) -> tuple[list[Any], Any, Any]:
+        """accelerate's wrappers of a phase's trained modules, optimizer and schedule; with
+        ``resume``, the optimizer and the schedule continue from the checkpoint."""
+        *wrapped, optimizer, scheduler = self.accelerator.prepare(*modules, optimizer, scheduler)
+        if resume is not None:
+            optimizer.load_state_dict(resume.optimizer)
+            scheduler.load_state_dict(resume.lr_scheduler)
+        return wrapped, optimizer, scheduler
+
     def _check_stop(self) -> None:
         if self.should_stop():
             raise StopRequested()
@@ -254,24 +265,7 @@ class Trainer:
         every = config.validation_steps or config.save_steps
         if not config.validation_prompt or self.global_step % every or not self.is_main:
             return
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-        model = self.model
-        pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-            unet=model.unet, scheduler=DDIMScheduler.from_config(model.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        was_training = model.unet.training, model.text_encoder.training
-        model.unet.eval()
-        model.text_encoder.eval()
-        image = pipe(
-            config.validation_prompt, height=self.resolution, width=self.resolution,
-            num_inference_steps=20, generator=torch.Generator().manual_seed(self.seed),
-        ).images[0]  # fmt: skip
-        model.unet.train(was_training[0])
-        model.text_encoder.train(was_training[1])
+        image = self.model.render(config.validation_prompt, self.resolution, self.seed)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         self.emit(Preview(
@@ -299,12 +293,9 @@ class Trainer:
         accumulation = config.gradient_accumulation_steps
         # The schedule counts optimizer steps (one per accumulation window).
         scheduler = self._scheduler(optimizer, math.ceil(steps / accumulation))
-        text_encoder, optimizer, scheduler = self.accelerator.prepare(
-            self.model.text_encoder, optimizer, scheduler
+        (text_encoder,), optimizer, scheduler = self._prepare(
+            [self.model.text_encoder], optimizer, scheduler, resume
         )
-        if resume is not None:
-            optimizer.load_state_dict(resume.optimizer)
-            scheduler.load_state_dict(resume.lr_scheduler)
         text_encoder.train()
         started = time.monotonic()
         self._phase_started("inversion", steps)
@@ -369,18 +360,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay_lora)
         scheduler = self._scheduler(optimizer, steps)
         trains_text = config.train_text_encoder or invert
-        text_encoder = self.model.text_encoder
-        if trains_text:
-            unet, text_encoder, optimizer, scheduler = self.accelerator.prepare(
-                self.model.unet, text_encoder, optimizer, scheduler
-            )
-        else:
-            unet, optimizer, scheduler = self.accelerator.prepare(
-                self.model.unet, optimizer, scheduler
-            )
-        if resume is not None:
-            optimizer.load_state_dict(resume.optimizer)
-            scheduler.load_state_dict(resume.lr_scheduler)
+        trained = [self.model.unet, self.model.text_encoder][: 2 if trains_text else 1]
+        wrapped, optimizer, scheduler = self._prepare(trained, optimizer, scheduler, resume)
+        unet, text_encoder = wrapped[0], wrapped[1] if trains_text else self.model.text_encoder
         unet.train()
         text_encoder.train(trains_text)
         params = [p for group in groups for p in group["params"]]

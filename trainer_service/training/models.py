@@ -61,6 +61,30 @@ class BaseModel:
     def embedding_weight(self) -> torch.Tensor:
         return self.text_encoder.get_input_embeddings().weight
 
+    @torch.no_grad()
+    def render(self, prompt: str, resolution: int, seed: int, steps: int = 20) -> Any:
+        """One image of ``prompt`` with the weights as they are now (a training preview); the
+        modules' train/eval modes are left as they were."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            unet=self.unet, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        modes = self.unet.training, self.text_encoder.training
+        self.unet.eval()
+        self.text_encoder.eval()
+        try:
+            return pipe(
+                prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed),
+            ).images[0]  # fmt: skip
+        finally:
+            self.unet.train(modes[0])
+            self.text_encoder.train(modes[1])
+
 
 def encode_prompts(
     tokenizer: Any, text_encoder: Any, prompts: list[str], device: torch.device | str = "cpu"
