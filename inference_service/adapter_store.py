@@ -9,6 +9,7 @@ result is an ``AdapterEntry``: what the server knows of an adapter, resident or 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,13 @@ def _is_safetensors(data: bytes) -> bool:
 class AdapterStore:
     """Adapter sources under ``store_dir`` (the generator's ``--data-dir``)."""
 
-    def __init__(self, pipe: Any, store_dir: Path, model_name: str = "") -> None:
+    def __init__(
+        self, pipe: Any, store_dir: Path, model_name: str = "",
+        after_import: Callable[[], None] = lambda: None,
+    ) -> None:  # fmt: skip
         self.pipe = pipe  # imports check the file against the model's architecture
         self.model_name = model_name
+        self.after_import = after_import  # an import loads and drops a temporary adapter
         self.store_dir = Path(store_dir)
         self.adapters_dir = self.store_dir / "adapters"
         self.text_hidden = int(pipe.text_encoder.config.hidden_size)
@@ -111,6 +116,8 @@ class AdapterStore:
             raise FailedPrecondition(f"adapter {adapter_id!r}: {err}") from err
         except interop.FormatError as err:
             raise InvalidArgument(str(err), "data") from err
+        finally:
+            self.after_import()
         shutil.rmtree(folder, ignore_errors=True)
         bundle.path.rename(folder)
         return self._from_bundle(adapter_id, folder)

@@ -36,13 +36,14 @@ class AdapterRegistry:
     ) -> None:  # fmt: skip
         self.pipe = pipe
         self.mixer = mixer
-        self.store = AdapterStore(pipe, store_dir, model_name)
+        self.store = AdapterStore(pipe, store_dir, model_name, after_import=mixer.refresh)
         self.max_resident = max_resident
         self.entries: dict[str, AdapterEntry] = {}
         self.lru: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.RLock()
         # Pre-shaped slots (rank slot_rank, default targets): loading becomes a weight copy.
         self.slots = SlotPool(pipe, max_resident, slot_rank) if slot_rank > 0 else None
+        mixer.refresh()  # the mixer applies the slots' layers, not peft
         self.tokens = TokenPool(pipe)
 
     def register(
@@ -53,10 +54,7 @@ class AdapterRegistry:
         with self.lock:
             if adapter_id in self.entries:
                 self._forget(adapter_id)
-            try:
-                entry = self.store.open(adapter_id, data=data, uri=uri)
-            finally:
-                self.mixer.refresh()  # an import loads and drops a temporary adapter
+            entry = self.store.open(adapter_id, data=data, uri=uri)
             entry.pinned = pin
             self._make_resident(entry, keep)
             return entry
