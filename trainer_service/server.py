@@ -37,7 +37,9 @@ METHODS = enum_names(trainer_pb2.TrainingMethod, "TRAINING_METHOD_", "pti")
 METHOD_TO_PROTO = enum_numbers(trainer_pb2.TrainingMethod, "TRAINING_METHOD_")
 TEMPLATES = enum_names(trainer_pb2.CaptionTemplate, "CAPTION_TEMPLATE_", "object")
 PRECISIONS = enum_names(trainer_pb2.MixedPrecision, "MIXED_PRECISION_", "no")
+PRECISION_TO_PROTO = enum_numbers(trainer_pb2.MixedPrecision, "MIXED_PRECISION_")
 LR_SCHEDULERS = enum_names(trainer_pb2.LrScheduler, "LR_SCHEDULER_", "linear")
+LR_SCHEDULER_TO_PROTO = enum_numbers(trainer_pb2.LrScheduler, "LR_SCHEDULER_")
 ARTIFACT_KIND_TO_PROTO = enum_numbers(trainer_pb2.ArtifactKind, "ARTIFACT_KIND_")
 # TrainingConfig proto fields that map one to one onto the dataclass (optional scalars).
 _SCALAR_OPTIONS = [
@@ -103,12 +105,8 @@ def config_to_proto(config: dict) -> trainer_pb2.TrainingConfig:
         setattr(message, name, config.get(name) or "")
     message.lora_unet_target_modules.extend(config.get("lora_unet_target_modules", []))
     message.lora_clip_target_modules.extend(config.get("lora_clip_target_modules", []))
-    message.lr_scheduler = trainer_pb2.LrScheduler.Value(
-        "LR_SCHEDULER_" + config["lr_scheduler"].upper()
-    )
-    message.mixed_precision = trainer_pb2.MixedPrecision.Value(
-        "MIXED_PRECISION_" + config["mixed_precision"].upper()
-    )
+    message.lr_scheduler = LR_SCHEDULER_TO_PROTO[config["lr_scheduler"]]
+    message.mixed_precision = PRECISION_TO_PROTO[config["mixed_precision"]]
     return message
 
 
@@ -208,6 +206,7 @@ class TrainerService:
     ) -> JobRecord:
         """Queue a job (idempotent on ``request_id``); the server's defaults fill what the
         request left unset: the base model, the device and a seed, recorded with the job."""
+        store = self.ready_store()
         config = dataclasses.replace(
             config,
             pretrained_model_name_or_path=config.pretrained_model_name_or_path
@@ -216,9 +215,7 @@ class TrainerService:
             seed=config.seed if config.seed is not None else random.randrange(2**31),
         )
         spec = jobs.JobSpec(request_id=request_id, config=config, images=images)
-        job, created = await asyncio.to_thread(
-            jobs.create_job, self.ready_store(), self.jobs_dir, spec
-        )
+        job, created = await asyncio.to_thread(jobs.create_job, store, self.jobs_dir, spec)
         if created:
             log.info("job created", extra={"job_id": job.job_id, "images": job.num_images})
             assert self.runner is not None
