@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from loraforge_client.types import JobEvent as ClientEvent
 
+from tests.helpers import shape_png
 from trainer_service import events
+from trainer_service.config import TrainingConfig
+from trainer_service.jobdir import ImageUpload
+from trainer_service.jobs import JobSpec, create_job
 from trainer_service.server import event_to_proto
 from trainer_service.store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore
 
@@ -119,3 +125,51 @@ def test_list_jobs_pages_in_creation_order_and_filters_by_state(store) -> None:
     assert [j.job_id for j in store.list_jobs(state=None, limit=2, offset=2)] == ids[2:4]
     assert [j.job_id for j in store.list_jobs(state=RUNNING, limit=10, offset=0)] == [ids[1]]
     assert store.next_queued().job_id == ids[0]
+
+
+def test_threads_sharing_the_store_never_interleave_transactions(store) -> None:
+    job_id = new_job(store)
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def writer() -> None:
+        try:
+            start.wait()
+            for _ in range(100):
+                store.append_event(job_id, EXAMPLES[5])
+                store.events_after(job_id, 0, limit=5)
+                store.get_job(job_id)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    sequences = [r.sequence for r in store.events_after(job_id, 0, limit=1000)]
+    assert sequences == list(range(1, 402))
+
+
+def test_concurrent_creates_with_one_request_id_make_one_job(store, tmp_path: Path) -> None:
+    spec = JobSpec(
+        request_id="same", config=TrainingConfig(seed=1), images=[ImageUpload(shape_png())]
+    )
+    start = threading.Barrier(4)
+
+    def create() -> tuple[str, bool]:
+        start.wait()
+        job, created = create_job(store, tmp_path / "jobs", spec)
+        return job.job_id, created
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: create(), range(4)))
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert [p.name for p in (tmp_path / "jobs").iterdir()] == [results[0][0]]
+
+
+def test_a_resume_point_past_any_sequence_gives_no_events(store) -> None:
+    job_id = new_job(store)
+    assert store.events_after(job_id, 2**64 - 1) == []

@@ -76,7 +76,7 @@ def create_job(store: JobStore, jobs_dir: Path, spec: JobSpec) -> tuple[JobRecor
     job_dir = JobDir(jobs_dir / job_id)
     try:
         job_dir.create(spec.config, spec.images)
-        return store.create_job(
+        job, created = store.create_job(
             request_id=spec.request_id, method=spec.config.method,
             base_model=spec.config.pretrained_model_name_or_path,
             tokens=spec.config.learned_tokens, num_images=len(spec.images),
@@ -85,3 +85,6 @@ def create_job(store: JobStore, jobs_dir: Path, spec: JobSpec) -> tuple[JobRecor
     except BaseException:
         shutil.rmtree(job_dir.path, ignore_errors=True)
         raise
+    if not created:  # a concurrent request with the same request_id won
+        shutil.rmtree(job_dir.path, ignore_errors=True)
+    return job, created

@@ -7,11 +7,13 @@ resumes after sequence N gets exactly the events it missed, also after a restart
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled",
 )  # fmt: skip
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+SQLITE_MAX_INTEGER = 2**63 - 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -100,8 +103,21 @@ class ArtifactRecord:
     created_at: float
 
 
+def _locked(method: Callable) -> Callable:
+    """Serialise a method on the store's one connection (the event loop and worker threads
+    share it; sqlite3 connections are not safe to use from two threads at once)."""
+
+    @functools.wraps(method)
+    def locked(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
+        self._lock = threading.RLock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
@@ -109,19 +125,21 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
 
+    @_locked
     def close(self) -> None:
         self.db.close()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """One write transaction (taken at once, so concurrent writers queue)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     # ------------------------------------------------------------------ jobs
     def create_job(
@@ -135,14 +153,16 @@ class JobStore:
         config: dict[str, Any],
         job_id: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Insert a QUEUED job; with a known request_id return that job instead (created=False)."""
-        if request_id:
-            existing = self.job_by_request(request_id)
-            if existing is not None:
-                return existing, False
+        """Insert a QUEUED job; with a known request_id return that job instead (created=False).
+
+        The request_id is looked up inside the inserting transaction, so two concurrent
+        requests with one request_id create one job."""
         job_id = job_id or "job-" + uuid.uuid4().hex[:16]
         now = time.time()
         with self._transaction():
+            existing = self.job_by_request(request_id) if request_id else None
+            if existing is not None:
+                return existing, False
             self.db.execute(
                 "INSERT INTO jobs (job_id, request_id, state, method, base_model, tokens,"
                 " num_images, config, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -169,6 +189,7 @@ class JobStore:
             last_sequence=row["last_sequence"], checkpoint_artifact_ids=checkpoints,
         )  # fmt: skip
 
+    @_locked
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return self._row_to_job(row) if row else None
@@ -178,10 +199,12 @@ class JobStore:
         assert job is not None, job_id
         return job
 
+    @_locked
     def job_by_request(self, request_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE request_id=?", (request_id,)).fetchone()
         return self._row_to_job(row) if row else None
 
+    @_locked
     def list_jobs(self, *, state: str | None, limit: int, offset: int) -> list[JobRecord]:
         where, params = ("WHERE state=?", [state]) if state else ("", [])
         rows = self.db.execute(
@@ -193,6 +216,7 @@ class JobStore:
     def jobs_in_state(self, state: str) -> list[JobRecord]:
         return self.list_jobs(state=state, limit=1_000_000, offset=0)
 
+    @_locked
     def next_queued(self) -> JobRecord | None:
         row = self.db.execute(
             "SELECT * FROM jobs WHERE state=? ORDER BY created_at, job_id LIMIT 1", (QUEUED,)
@@ -235,7 +259,9 @@ class JobStore:
             sequence = self._append(job_id, event, time.time())
         return sequence
 
+    @_locked
     def events_after(self, job_id: str, after: int, limit: int = 500) -> list[EventRecord]:
+        after = min(after, SQLITE_MAX_INTEGER)  # a client may send any uint64
         rows = self.db.execute(
             "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
             (job_id, after, limit),
@@ -267,6 +293,7 @@ class JobStore:
                     "UPDATE jobs SET final_artifact_id=? WHERE job_id=?", (artifact_id, job_id)
                 )
 
+    @_locked
     def get_artifact(self, artifact_id: str) -> ArtifactRecord | None:
         row = self.db.execute(
             "SELECT * FROM artifacts WHERE artifact_id=?", (artifact_id,)
