@@ -154,3 +154,21 @@ def test_compose_file_uses_the_cpu_image_and_one_shared_volume() -> None:
     assert (ROOT / services["trainer"]["build"]["dockerfile"]).exists()
     for service in services.values():
         assert "data:/data" in service["volumes"]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_the_image_healthcheck_checks_the_port_its_default_command_serves(dockerfile) -> None:
+    import json
+
+    from inference_service.cli import DEFAULT_PORT as GENERATOR_PORT
+    from loraforge_core.healthcheck import candidate_ports
+    from trainer_service.cli import DEFAULT_PORT as TRAINER_PORT
+
+    text = (ROOT / "deploy" / "docker" / dockerfile).read_text()
+    command = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    port = {"loraforge-generator": GENERATOR_PORT, "loraforge-trainer": TRAINER_PORT}[command[0]]
+    env = dict(re.findall(r"(LORAFORGE_\w+)=(\S+)", text))
+    assert port in candidate_ports(None, env)
+    # Either service started from the image without --port is checked where it listens.
+    assert {GENERATOR_PORT, TRAINER_PORT} <= set(candidate_ports(None, {}))
+    assert candidate_ports(None, {"LORAFORGE_PORT": "7000"}) == (7000,)
