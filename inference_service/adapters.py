@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from inference_service.adapter_store import AdapterEntry, AdapterStore
 from inference_service.mixing import LoraMixer
 from inference_service.requests import AdapterRequest
@@ -27,6 +29,16 @@ from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
 log = logging.getLogger("loraforge.generator.adapters")
 
 Keep = frozenset[str] | set[str]
+
+
+def refuse_non_finite(adapter_id: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A NaN or infinite weight would turn every image the adapter touches black."""
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise InvalidArgument(
+                f"adapter {adapter_id!r}: tensor {name!r} holds NaN or infinite values",
+                "adapter_id",
+            )
 
 
 class AdapterRegistry:
@@ -113,6 +125,7 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ residency
     def _make_resident(self, entry: AdapterEntry, keep: Keep = frozenset()) -> None:
         """Load the adapter's weights: into a pre-shaped slot when it fits, else generally."""
+        refuse_non_finite(entry.adapter_id, entry.embeddings)
         self._evict_for_one(keep)
         if entry.has_lora:
             self._load_weights(entry)
@@ -129,7 +142,9 @@ class AdapterRegistry:
         self.lru.move_to_end(entry.adapter_id)
 
     def _load_weights(self, entry: AdapterEntry) -> None:
-        pairs = interop.lora_pairs(bundles.read_bundle(entry.path, verify=False).lora_state_dict())
+        state = bundles.read_bundle(entry.path, verify=False).lora_state_dict()
+        refuse_non_finite(entry.adapter_id, state)
+        pairs = interop.lora_pairs(state)
         fits = self.slots is not None and self.slots.fits(pairs)
         slot = self.slots.acquire(entry.adapter_id) if fits else None
         try:

@@ -34,6 +34,7 @@ MAX_IMAGES = 8
 MAX_PROMPT_CHARS = 2000
 MAX_ADAPTERS_PER_REQUEST = 8
 MAX_SCALE = 4.0
+SEED_LIMIT = 2**64  # torch's generators take seeds below it; image i uses seed + i
 RESERVED_TOKEN_PREFIX = "<|lf"  # the server's private names of learned tokens
 _ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -123,6 +124,11 @@ def validate_spec(spec: GenerationSpec) -> None:
         "in 0..50",
     )
     v.check(1 <= spec.num_images <= MAX_IMAGES, "num_images", f"in 1..{MAX_IMAGES}")
+    v.check(
+        spec.seed >= 0 and spec.seed + spec.num_images <= SEED_LIMIT,
+        "seed",
+        "seed + num_images - 1 (the last image's seed) must be below 2^64",
+    )
     v.check(spec.scheduler in SCHEDULERS, "scheduler", f"one of {tuple(SCHEDULERS)}")
     v.check(spec.output_format in IMAGE_FORMATS, "output_format", f"one of {tuple(IMAGE_FORMATS)}")
     ids = [a.adapter_id for a in spec.adapters]

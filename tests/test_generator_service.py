@@ -278,3 +278,26 @@ def test_a_learned_token_means_nothing_without_its_adapter(stub, bundles, tiny_m
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(request("a <|lf0|> circle"), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("part", ["lora", "embeddings"])
+def test_an_adapter_with_non_finite_weights_is_refused_naming_the_tensor(
+    stub, bundles, tmp_path, part
+) -> None:
+    from loraforge_core.bundle import read_bundle, write_bundle
+
+    source = read_bundle(bundles["a0"].path)
+    lora, embeddings = source.lora_state_dict(), source.embeddings()
+    tensors = lora if part == "lora" else embeddings
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    broken = write_bundle(tmp_path / "broken", lora, embeddings, source.manifest)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.LoadAdapter(
+            generator_pb2.LoadAdapterRequest(adapter_id="broken", data=pack(broken.path)),
+            timeout=60,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert name in caught.value.details() and "NaN" in caught.value.details()
+    listed = stub.ListAdapters(generator_pb2.ListAdaptersRequest(), timeout=10).adapters
+    assert "broken" not in [a.adapter_id for a in listed]
