@@ -262,6 +262,6 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         return generator_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
-        return generator_pb2.ListAdaptersResponse(
-            adapters=[adapter_to_proto(e) for e in self.engine.adapters.list()]
-        )
+        # The registry's lock may be held by the pipeline thread (a load): wait off the loop.
+        entries = await asyncio.to_thread(self.engine.adapters.list)
+        return generator_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(e) for e in entries])

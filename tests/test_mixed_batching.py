@@ -136,3 +136,22 @@ async def _submit_while_busy(service: GeneratorService, all_specs: list[Generati
 
 def engine_list(service: GeneratorService):
     return service.engine.adapters.list()
+
+
+def test_the_adapter_list_answers_while_a_generation_runs(engine):
+    """ListAdapters reads the registry; it must not wait for the pipeline's generation."""
+    first_step, listed, seen_during_generation = threading.Event(), threading.Event(), []
+
+    def on_step(step: int, total: int) -> None:
+        seen_during_generation.append(listed.is_set())
+        first_step.set()
+
+    spec = GenerationSpec("a red circle", width=32, height=32, steps=60, guidance_scale=5.0)
+    worker = threading.Thread(target=engine.generate, args=(spec, on_step))
+    worker.start()
+    assert first_step.wait(120)
+    engine.adapters.list()
+    listed.set()
+    worker.join()
+    # Steps ran after the list was answered: it did not wait for the generation to end.
+    assert seen_during_generation[-1], "the list was answered only after the generation"
