@@ -126,10 +126,13 @@ def test_mutual_tls(tiny_model: Path, tmp_path: Path, pki: dict[str, Path]):
             # The client waits for readiness through retries; then the call works over mTLS.
             for _ in range(60):
                 try:
-                    assert client.list_adapters() == []
+                    adapters = client.list_adapters()
                     break
                 except UnavailableError:
                     continue
+            else:
+                pytest.fail("no call succeeded over mutual TLS")
+            assert adapters == []
         no_cert = TLS(root_certificates=pki["ca.pem"].read_bytes())
         with (
             GeneratorClient(server.target, tls=no_cert, retries=0) as client,

@@ -29,6 +29,9 @@ def kill_tree(server: ServerProcess) -> None:
     psutil.wait_procs(children, timeout=10)
 
 
+RESUMED = "resumed from checkpoint at step "
+
+
 def test_sigkill_at_random_points_then_the_job_finishes_with_a_gapless_log(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -63,10 +66,27 @@ def test_sigkill_at_random_points_then_the_job_finishes_with_a_gapless_log(
     assert kills == 4
     assert state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
-    resumed = [e for e in events if e.WhichOneof("kind") == "log" and "resum" in e.log.message]
-    assert resumed, "the job resumed from a checkpoint after a kill"
+    assert_resumed_from_checkpoints(events, total_steps=38, kills=kills)
     bundle = read_bundle(tmp_path / "artifacts" / job.final_artifact_id)  # verifies sha256
     assert bundle.manifest.global_step == 38
+
+
+def assert_resumed_from_checkpoints(events: list, *, total_steps: int, kills: int) -> None:
+    """The training process said it resumed from a checkpoint, the next step it ran is the one
+    after that checkpoint, and the steps run in all are the total plus at most the one or
+    two in flight at each kill (a restart from zero would repeat every step done so far)."""
+    resumes = 0
+    for index, event in enumerate(events):
+        message = event.log.message if event.WhichOneof("kind") == "log" else ""
+        if not message.startswith(RESUMED):
+            continue
+        resumes += 1
+        step = int(message.removeprefix(RESUMED))
+        after = next(e for e in events[index:] if e.WhichOneof("kind") == "progress")
+        assert after.progress.global_step == step + 1, (step, after.progress)
+    assert resumes >= 1, "no restart resumed from a checkpoint"
+    steps_run = sum(e.WhichOneof("kind") == "progress" for e in events)
+    assert total_steps <= steps_run <= total_steps + 2 * kills, steps_run
 
 
 def test_a_burst_of_64_clients_against_a_queue_of_16(tiny_model: Path, tmp_path: Path) -> None:
@@ -123,18 +143,27 @@ def test_drain_finishes_running_work_and_refuses_queued(tiny_model, tmp_path, gr
             prompt="a red circle", width=64, height=64, num_inference_steps=60, seed=0
         )
 
-        def call(i: int) -> None:
-            try:
-                stub.Generate(slow, timeout=120)
-                results[i] = "image"
-            except grpc.RpcError as err:
-                results[i] = err.code().name
+        running = threading.Event()
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-            time.sleep(0.3)
+        def run_first() -> None:
+            try:
+                for message in stub.GenerateStream(slow, timeout=120):
+                    running.set()  # the first progress: this request is being denoised
+                    if message.WhichOneof("kind") == "image":
+                        results[0] = "image"
+            except grpc.RpcError as err:
+                results[0] = err.code().name
+
+        first = threading.Thread(target=run_first)
+        first.start()
+        assert running.wait(120)
+        queued = [stub.Generate.future(slow, timeout=120) for _ in range(2)]
+        # Sent after them on the same connection: when it is answered, they have arrived
+        # (and queued behind the running request).
+        stub.ListAdapters(generator_pb2.ListAdaptersRequest(), timeout=60)
         server.terminate(timeout=grace + 30)
-        for thread in threads:
-            thread.join()
+        first.join()
+        for i, future in enumerate(queued, start=1):
+            error = future.exception()
+            results[i] = error.code().name if error is not None else "image"
     assert sorted(results.values()) == ["UNAVAILABLE", "UNAVAILABLE", "image"], results

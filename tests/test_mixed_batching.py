@@ -128,7 +128,8 @@ async def _submit_while_busy(service: GeneratorService, all_specs: list[Generati
     tasks = [asyncio.create_task(service.generate(GenerationJob(s))) for s in all_specs[:3]]
     tasks.append(asyncio.create_task(service.run(engine_list, service)))
     tasks += [asyncio.create_task(service.generate(GenerationJob(s))) for s in all_specs[3:]]
-    await asyncio.sleep(0.1)
+    while len(service.queue.pending) < len(all_specs) or not service.queue.barriers:
+        await asyncio.sleep(0)  # let every task take its ticket (no time passes)
     gate.set()
     results = await asyncio.gather(*tasks)
     return results[:3] + results[4:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,7 +230,6 @@ def test_killed_server_resumes_the_job_after_restart(tiny_model: Path, tmp_path:
                 if event.WhichOneof("kind") == "checkpoint" and event.checkpoint.global_step >= 10:
                     break
         server.kill()
-    time.sleep(0.5)
     with (
         ServerProcess(
             "trainer", data_dir=tmp_path, model=str(tiny_model), port=server.port
