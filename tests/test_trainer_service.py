@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
 
+from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import ServerProcess
 from tests.helpers import shape_png
 
@@ -245,3 +246,23 @@ def test_killed_server_resumes_the_job_after_restart(tiny_model: Path, tmp_path:
         logs = [e.log.message for e in rest if e.WhichOneof("kind") == "log"]
         assert any("resumed from checkpoint at step" in m for m in logs), logs
         assert final.final_artifact_id
+
+
+def test_the_service_trains_a_job_on_two_processes(tiny_model: Path, tmp_path: Path) -> None:
+    from tests.test_training_engine import assert_two_ranks
+
+    with (
+        ServerProcess(
+            "trainer", data_dir=tmp_path, model=str(tiny_model),
+            extra_args=["--num-processes", "2", "--device", "cpu"],
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):  # fmt: skip
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        job = stub.CreateJob(job_request(max_train_steps_ti=2, max_train_steps_tuning=2))
+        events = watch_all(stub, job.job_id)
+        final = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id))
+    assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.failure_reason
+    assert_two_ranks([e.log.message for e in events if e.WhichOneof("kind") == "log"])
+    manifest = read_bundle(tmp_path / "artifacts" / final.final_artifact_id).manifest
+    assert manifest.training_config["num_processes"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import subprocess
 import sys
@@ -11,10 +12,16 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from loraforge_core.bundle import read_bundle
-from loraforge_core.launch import free_port
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
-from trainer_service.events import Checkpoint, FinalArtifact, ListReporter, Progress, parse_line
+from trainer_service.events import (
+    Checkpoint,
+    FinalArtifact,
+    ListReporter,
+    Log,
+    Progress,
+    parse_line,
+)
 from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.training.data import InstanceExample
 from trainer_service.training.engine import RunPaths, Trainer
@@ -55,9 +62,8 @@ def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) 
     images = [ImageUpload(shape_png("green", offset=i), f"green_{i}.png") for i in range(4)]
     job.create(config, images)
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision",
-         "no", "--dynamo_backend", "no", "-m", "trainer_service.training.run",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "trainer_service.training.run",
          "--job-dir", str(job.path), "--artifacts-dir", str(tmp_path / "art")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -67,10 +73,19 @@ def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) 
     assert len(finals) == 1, "only the main process reports"
     progress = [e.global_step for e in events if isinstance(e, Progress)]
     assert progress == [1, 2, 3, 4, 5]
+    assert_two_ranks([e.message for e in events if isinstance(e, Log)])
     bundle = read_bundle(tmp_path / "art" / finals[0].artifact_id)
     assert bundle.manifest.tokens == ["<s1>"] and bundle.manifest.global_step == 5
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.load_lora_weights(bundle.path)
+
+
+def assert_two_ranks(log: list[str]) -> None:
+    """The training log names a world size of two and a first batch for each rank."""
+    report = next(m for m in log if m.startswith("data parallel over"))
+    assert report.startswith("data parallel over 2 process(es)"), report
+    shards = ast.literal_eval(report.split("first batch per rank: ", 1)[1])
+    assert len(shards) == 2 and all(len(shard) == 1 for shard in shards), shards
 
 
 def test_events_and_checkpoints_of_a_library_run(tiny_model: Path, tmp_path: Path) -> None:

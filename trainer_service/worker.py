@@ -137,18 +137,13 @@ class JobRunner:
         ]
         if self.num_processes <= 1:
             return [sys.executable, *run]
-        mode = "--cpu" if self.device == "cpu" else "--multi_gpu"
+        # torchrun starts one process per device (CPU processes talk over gloo); accelerate
+        # reads the group from its environment. --standalone picks a free rendezvous port, so
+        # data-parallel jobs never collide on one.
         return [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(self.num_processes),
-            "--num_machines",
-            "1",
-            mode,
-            *run,
-        ]
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(self.num_processes), *run,
+        ]  # fmt: skip
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)

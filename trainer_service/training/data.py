@@ -144,7 +144,7 @@ class TrainingData:
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         """Scaled latents and captions for one micro-batch."""
         config = self.config
-        index = torch.randint(0, len(self.pixels), (config.train_batch_size,), generator=generator)
+        index = self.draw_indices(generator)
         rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=generator)))
         captions = [self._caption(self.examples[int(i) % len(self.examples)], rng) for i in index]
         dropout = config.caption_dropout
@@ -160,6 +160,11 @@ class TrainingData:
             with torch.no_grad():
                 latents = self.vae.encode(pixels.to(self.device)).latent_dist.sample()
         return latents * self.vae.config.scaling_factor, captions
+
+    def draw_indices(self, generator: torch.Generator) -> torch.Tensor:
+        """Which images (mirrors after the originals) a micro-batch takes: the first draw."""
+        size = self.config.train_batch_size
+        return torch.randint(0, len(self.pixels), (size,), generator=generator)
 
     def _caption(self, example: InstanceExample, rng: random.Random) -> str:
         config = self.config

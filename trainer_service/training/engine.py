@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from loraforge_core.bundle import Bundle, Manifest, store_bundle
 from trainer_service.config import TrainingConfig
@@ -107,6 +108,7 @@ class Trainer:
             config, examples, self.model.vae, self.resolution, self.accelerator.device,
             class_pixels=self._class_pixels(),
         )  # fmt: skip
+        self._report_ranks()
 
     # ---------------------------------------------------------------- reporting
     @property
@@ -136,6 +138,16 @@ class Trainer:
         ))  # fmt: skip
 
     # ---------------------------------------------------------------- set-up
+    def _report_ranks(self) -> None:
+        """The world size and each rank's first micro-batch (its own shard of the data)."""
+        generator = _step_generator(self.seed, self.rank, 1)
+        first = self.data.draw_indices(generator).tolist()
+        shards = gather_object([first]) if self.accelerator.num_processes > 1 else [first]
+        self.emit(Log("info", (
+            f"data parallel over {self.accelerator.num_processes} process(es) on "
+            f"{self.accelerator.device}; first batch per rank: {shards}"
+        )))  # fmt: skip
+
     def _class_pixels(self) -> torch.Tensor | None:
         config = self.config
         if config.method != "dreambooth_lora" or not config.with_prior_preservation:
@@ -251,7 +263,8 @@ class Trainer:
             text_hidden_size=int(self.model.text_encoder.config.hidden_size),
             cross_attention_dim=int(self.model.unet.config.cross_attention_dim),
             training_config={**config.to_dict(), "seed": self.seed,
-                             "trained_alpha": config.effective_alpha},
+                             "trained_alpha": config.effective_alpha,
+                             "num_processes": self.accelerator.num_processes},
         )  # fmt: skip
         lora_state = lora.diffusers_lora_state(
             *self._lora_states(), config.lora_rank, config.effective_alpha

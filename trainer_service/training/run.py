@@ -1,6 +1,6 @@
 """The training process: ``python -m trainer_service.training.run --job-dir D --artifacts-dir A``.
 
-The trainer server starts one per job (directly, or under ``accelerate launch`` for several
+The trainer server starts one per job (directly, or under ``torch.distributed.run`` for several
 GPUs). It reads the job folder (jobdir.py), resumes from the latest checkpoint there, writes
 bundles into the artifact store, and reports events (events.py) as JSON lines on stdout.
 Exit codes: 0 done, 3 cancelled (SIGTERM), 1 failed (an error-level log event says why).
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     reporter = JsonLinesReporter(stream)
     job = JobDir(args.job_dir)
-    lock = job.lock()  # noqa: F841 - held until exit
+    # One training of a job at a time: the data-parallel group's first process holds the
+    # job's lock for the group (its other ranks would wait on it forever).
+    lock = job.lock() if int(os.environ.get("RANK", "0")) == 0 else None  # noqa: F841
     try:
         trainer = Trainer(
             job.config(), job.examples(), RunPaths(job.checkpoints, args.artifacts_dir),
