@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="artifact store folder; each bundle lands in OUTPUT/<bundle id>",
     )
-    tiny = commands.add_parser("tiny-model", help="write the tiny offline SD model to a folder")
+    tiny = commands.add_parser(
+        "tiny-model",
+        help="write the tiny architecture with random (seeded) weights to a folder; the trained "
+        "toy-world model ships in loraforge_core/assets/tiny-sd",
+    )
     tiny.add_argument("output", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     return parser

@@ -1,6 +1,6 @@
 """The one description of a training run: every ``lora_pti`` option with its default.
 
-The gRPC request and the ``loraforge-trainer train`` CLI both map onto ``TrainingConfig``; it
+The gRPC request (which the client's ``loraforge train`` builds) maps onto ``TrainingConfig``; it
 round-trips through JSON and is stored with every job and in every artifact manifest.
 """
 
@@ -46,7 +46,7 @@ class TrainingConfig:
     learning_rate_unet: float = 1e-4
     learning_rate_text: float = 1e-5
     learning_rate_ti: float = 5e-4
-    color_jitter: bool = True
+    color_jitter: bool = True  # on pixels: only with cached_latents off
     random_flip: bool = True
     # Fraction of training captions replaced by the empty prompt (kohya's caption_dropout_rate):
     # trains the adapter's unconditional prediction too, which classifier-free guidance uses.

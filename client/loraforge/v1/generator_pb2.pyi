@@ -223,7 +223,9 @@ class LoadAdapterRequest(_message.Message):
     PIN_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     uri: _builtins.str
-    """A path relative to the artifact store, or a file:// URI inside it."""
+    """A path relative to the generator's data dir (e.g. "artifacts/<id>", or a bare artifact
+    id); "file://" before it is accepted. Absolute paths and ".." are refused.
+    """
     data: _builtins.bytes
     """A bundle archive, or a single LoRA safetensors file (diffusers, peft, kohya)."""
     pin: _builtins.bool

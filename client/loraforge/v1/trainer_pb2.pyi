@@ -264,7 +264,7 @@ class TrainingConfig(_message.Message):
     learning_rate_ti: _builtins.float
     """5e-4"""
     color_jitter: _builtins.bool
-    """true"""
+    """true; only with cached_latents off"""
     lr_scheduler: Global___LrScheduler.ValueType
     """linear"""
     lr_warmup_steps: _builtins.int
