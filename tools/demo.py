@@ -64,9 +64,14 @@ def fidelity_table(client: GeneratorClient, adapter: str, seeds: int, steps: int
     return format_table(score(render, Concept(CONCEPT_COLOR), "<s1>", seeds=seeds))
 
 
+LABEL_FONT_SIZE = 14
+
+
 def grid(rows: list[tuple[str, list[bytes]]], columns: list[str]) -> Image.Image:
-    font = ImageFont.load_default()
-    label_width, header = 150, 24
+    # Pillow's default font at its default 10 px draws a space 2 px wide: labels read as one
+    # word. At 14 px words stay apart.
+    font = ImageFont.load_default(size=LABEL_FONT_SIZE)
+    label_width, header = 190, 28
     canvas = Image.new(
         "RGB", (label_width + TILE * len(columns), header + TILE * len(rows)), "white"
     )
@@ -75,7 +80,7 @@ def grid(rows: list[tuple[str, list[bytes]]], columns: list[str]) -> Image.Image
         draw.text((label_width + c * TILE + 6, 6), title, fill="black", font=font)
     for r, (label, images) in enumerate(rows):
         y = header + r * TILE
-        draw.text((6, y + TILE // 2 - 6), label, fill="black", font=font)
+        draw.text((6, y + TILE // 2 - LABEL_FONT_SIZE // 2), label, fill="black", font=font)
         for c, data in enumerate(images):
             tile = (
                 Image.open(io.BytesIO(data))
