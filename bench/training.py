@@ -99,14 +99,14 @@ def reference_loop(model: str, steps: int, rank: int) -> float:
         optimizer.step()
         optimizer.zero_grad()
         ends.append(time.perf_counter())
-    # The engine's own statistic (steps per second over the last 20 steps, after each step),
-    # summarised the same way as the engine's: the median over the second half of the run.
-    rates = [19 / (ends[i] - ends[i - 19]) for i in range(19, len(ends))]
+    # The engine's own statistic (training/progress.py: the average since the first step,
+    # after each step), summarised the same way: the median over the second half of the run.
+    rates = [i / (ends[i] - ends[0]) for i in range(1, len(ends))]
     return steady_rate(rates)
 
 
 def steady_rate(rates: list[float]) -> float:
-    """The median of a run's rolling rates over its second half."""
+    """The median of a run's reported rates over its second half."""
     second_half = sorted(rates[len(rates) // 2 :])
     return second_half[len(second_half) // 2]
 
@@ -131,7 +131,7 @@ def ours(model: str, steps: int, rank: int, *, cached: bool, pti: bool) -> dict[
     rates: dict[str, float] = {}
     for phase in ("inversion", "tuning"):
         progress = [e for e in reporter.events if isinstance(e, Progress) and e.phase == phase]
-        if progress:  # the engine's rolling rate (last 20 steps), median over the second half
+        if progress:  # the engine's phase-average rate, median over the second half
             rates[phase] = steady_rate([e.steps_per_second for e in progress])
     return rates
 

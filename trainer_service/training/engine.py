@@ -20,7 +20,6 @@ import io
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +46,12 @@ from trainer_service.training.checkpoint import TrainingState
 from trainer_service.training.data import InstanceExample, TrainingData, generate_class_images
 from trainer_service.training.loss import add_noise, prediction_loss
 from trainer_service.training.models import BaseModel, encode_prompts
+from trainer_service.training.progress import StepRate, eta_seconds
 from trainer_service.training.tokens import PlaceholderTokens
 
 log = logging.getLogger("loraforge.training")
 
 INVERSION_TIMESTEP_FRACTION = 0.8
-RATE_WINDOW = 20  # steps over which steps_per_second is measured
 
 
 class StopRequested(Exception):
@@ -95,7 +94,7 @@ class Trainer:
         )
         self.rank = self.accelerator.process_index
         self.global_step = 0
-        self._step_times: list[float] = []
+        self._rate = StepRate()
         self._phase_started("preparing", config.total_steps)
         self.model = BaseModel.load(
             config.pretrained_model_name_or_path, self.accelerator, config.gradient_checkpointing
@@ -120,21 +119,15 @@ class Trainer:
             self.reporter.emit(event)
 
     def _phase_started(self, phase: str, steps: int) -> None:
+        self._rate.start_phase()
         self.emit(Log("info", f"phase {phase} ({steps} steps)"))
 
-    def _progress(
-        self, phase: str, step: int, total: int, loss: float, lr: float, started: float
-    ) -> None:
-        now = time.monotonic()
-        self._step_times.append(now)
-        window = self._step_times[-RATE_WINDOW:]
-        rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 else 0.0
-        if rate == 0.0 and now > started:
-            rate = 1.0 / (now - started)
+    def _progress(self, phase: str, step: int, total: int, loss: float, lr: float) -> None:
+        rate = self._rate.step()
         remaining = self.config.total_steps - self.global_step
         self.emit(Progress(
             phase=phase, step=step, total_steps=total, loss=loss, lr=lr, steps_per_second=rate,
-            eta_seconds=remaining / rate if rate else 0.0, global_step=self.global_step,
+            eta_seconds=eta_seconds(remaining, rate), global_step=self.global_step,
         ))  # fmt: skip
 
     # ---------------------------------------------------------------- set-up
@@ -310,7 +303,6 @@ class Trainer:
             [self.model.text_encoder], optimizer, scheduler, resume
         )
         text_encoder.train()
-        started = time.monotonic()
         self._phase_started("inversion", steps)
         while self.global_step < steps:
             self._check_stop()
@@ -323,7 +315,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 self.tokens.after_step(lr, config.clip_ti_decay)
                 scheduler.step()
-            self._progress("inversion", self.global_step, steps, loss.item(), lr, started)
+            self._progress("inversion", self.global_step, steps, loss.item(), lr)
             self._after_step("inversion", optimizer, scheduler)
         embedding.requires_grad_(False)
         self.accelerator.free_memory()
@@ -379,7 +371,6 @@ class Trainer:
         unet.train()
         text_encoder.train(trains_text)
         params = [p for group in groups for p in group["params"]]
-        started = time.monotonic()
         self._phase_started("tuning", steps)
         while self.global_step < offset + steps:
             self._check_stop()
@@ -394,7 +385,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             if invert:
                 self.tokens.after_step(lrs[-1], config.clip_ti_decay)
-            self._progress("tuning", self.global_step - offset, steps, loss.item(), lrs[0], started)
+            self._progress("tuning", self.global_step - offset, steps, loss.item(), lrs[0])
             self._after_step("tuning", optimizer, scheduler)
 
     # ---------------------------------------------------------------- entry point
