@@ -141,8 +141,9 @@ def write_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         metadata = {"format": "pt", "loraforge.tokens": json.dumps(manifest.tokens)}
-        save_file(_contiguous(lora_state), staging / LORA_FILE, metadata=metadata)
-        save_file(_contiguous(embeddings), staging / EMBEDDINGS_FILE, metadata=metadata)
+        for name, state in ((LORA_FILE, lora_state), (EMBEDDINGS_FILE, embeddings)):
+            save_file(_contiguous(state), staging / name, metadata=metadata)
+            _canonical_header(staging / name)
         manifest.files = {
             name: {"sha256": sha256_file(staging / name), "size": (staging / name).stat().st_size}
             for name in (LORA_FILE, EMBEDDINGS_FILE)
@@ -159,6 +160,19 @@ def write_bundle(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Bundle(dest, manifest, bundle_id(text))
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys. safetensors writes its metadata map in
+    hash order, which differs from one write to the next, so the same tensors would get
+    another sha256 (and the bundle another id). Data offsets count from the end of the
+    header, so only the header changes (padded with spaces to 8 bytes, as safetensors does)."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -75,15 +75,16 @@ def assert_resumed_from_checkpoints(events: list, *, total_steps: int, kills: in
     """The training process said it resumed from a checkpoint, the next step it ran is the one
     after that checkpoint, and the steps run in all are the total plus at most the one or
     two in flight at each kill (a restart from zero would repeat every step done so far)."""
+    resumed_at: int | None = None  # the checkpoint of the latest resume, until its first step
     resumes = 0
-    for index, event in enumerate(events):
-        message = event.log.message if event.WhichOneof("kind") == "log" else ""
-        if not message.startswith(RESUMED):
-            continue
-        resumes += 1
-        step = int(message.removeprefix(RESUMED))
-        after = next(e for e in events[index:] if e.WhichOneof("kind") == "progress")
-        assert after.progress.global_step == step + 1, (step, after.progress)
+    for event in events:
+        kind = event.WhichOneof("kind")
+        if kind == "log" and event.log.message.startswith(RESUMED):
+            resumes += 1
+            resumed_at = int(event.log.message.removeprefix(RESUMED))
+        elif kind == "progress" and resumed_at is not None:
+            assert event.progress.global_step == resumed_at + 1, (resumed_at, event.progress)
+            resumed_at = None
     assert resumes >= 1, "no restart resumed from a checkpoint"
     steps_run = sum(e.WhichOneof("kind") == "progress" for e in events)
     assert total_steps <= steps_run <= total_steps + 2 * kills, steps_run
