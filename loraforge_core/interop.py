@@ -71,9 +71,13 @@ def _kohya_module(component: str, module: str) -> str:
     return "lora_te_" + module.replace(".", "_")
 
 
-def export_kohya(bundle: Bundle) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """One file A1111/ComfyUI load: ``lora_unet_*``/``lora_te_*`` with ``.alpha``, and the
-    learned tokens as ``bundle_emb.<token>.string_to_param.*``."""
+def export_kohya(
+    bundle: Bundle, *, bundle_embeddings: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One file that A1111, ComfyUI and stock diffusers load: ``lora_unet_*``/``lora_te_*``
+    with ``.alpha``. With ``bundle_embeddings`` the learned tokens go in too, as A1111's
+    ``bundle_emb.<token>.string_to_param.*``; diffusers then refuses the whole file (its
+    kohya detection needs every key to start with ``lora_``), so that is on request only."""
     state: dict[str, torch.Tensor] = {}
     for (component, module), (down, up) in lora_pairs(bundle.lora_state_dict()).items():
         name = _kohya_module(component, module)
@@ -81,7 +85,7 @@ def export_kohya(bundle: Bundle) -> tuple[dict[str, torch.Tensor], dict[str, str
         state[f"{name}.lora_up.weight"] = up.contiguous()
         # Alpha is folded into up already: alpha == rank means a multiplier of 1.
         state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-    for token, embedding in bundle.embeddings().items():
+    for token, embedding in bundle.embeddings().items() if bundle_embeddings else ():
         state[f"bundle_emb.{token}.string_to_param.*"] = embedding.reshape(1, -1).contiguous()
     manifest = bundle.manifest
     metadata = {

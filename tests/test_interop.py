@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loraforge_core import interop
@@ -66,7 +67,8 @@ def run_cli(*args: str) -> str:
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_export_then_import_round_trips_to_the_same_images(fmt, bundle, tiny_model, tmp_path):
     exported = tmp_path / f"{fmt}.safetensors"
-    run_cli("export", str(bundle.path), "--format", fmt, "-o", str(exported))
+    extra = ["--bundle-embeddings"] if fmt == "kohya" else []  # the tokens travel in the file
+    run_cli("export", str(bundle.path), "--format", fmt, "-o", str(exported), *extra)
     out = run_cli("import", str(exported), "--model", str(tiny_model), "-o", str(tmp_path / "s"))
     imported = Path(out.split()[0])
     manifest = read_bundle(imported).manifest
@@ -83,15 +85,27 @@ def test_export_then_import_round_trips_to_the_same_images(fmt, bundle, tiny_mod
     assert np.abs(render(pipe) - original).mean() <= 1e-3
 
 
-def test_kohya_export_loads_in_stock_diffusers_like_the_bundle(bundle, tiny_model, pipe):
-    state, metadata = interop.export_kohya(bundle)
+def test_kohya_export_loads_unmodified_in_stock_diffusers_like_the_bundle(
+    bundle, tiny_model, pipe, tmp_path
+):
+    exported = tmp_path / "kohya.safetensors"
+    written = run_cli("export", str(bundle.path), "--format", "kohya", "-o", str(exported))
+    embeddings = tmp_path / "kohya-embeddings" / "k1.safetensors"
+    assert written.split() == [str(exported), str(embeddings)]
+    with safe_open(exported, "pt") as handle:
+        metadata, keys = handle.metadata(), list(handle.keys())
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_module"] == "networks.lora"
-    assert any(k.startswith("lora_te_text_model_encoder_layers_0") for k in state)
-    assert "bundle_emb.<k1>.string_to_param.*" in state
-    lora = {k: v for k, v in state.items() if not k.startswith("bundle_emb.")}
-    pipe.load_lora_weights(lora)
-    pipe.load_textual_inversion(state["bundle_emb.<k1>.string_to_param.*"][0], token="<k1>")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0") for k in keys)
+    assert all(k.startswith("lora_") for k in keys)
+    pipe.load_lora_weights(str(exported))  # the file as written
+    pipe.load_textual_inversion(str(embeddings), token="<k1>")
     assert np.abs(render(pipe) - render_bundle(tiny_model, bundle.path)).mean() <= 1e-3
+
+
+def test_kohya_export_bundles_the_tokens_only_on_request(bundle):
+    state, _ = interop.export_kohya(bundle, bundle_embeddings=True)
+    assert state["bundle_emb.<k1>.string_to_param.*"].shape == (1, 64)
+    assert not any(k.startswith("bundle_emb.") for k in interop.export_kohya(bundle)[0])
 
 
 def test_a1111_embeddings_export(bundle, tmp_path):

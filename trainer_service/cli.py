@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes",
         default=1,
         type=int,
-        help="training processes per job (accelerate data parallel; one per GPU)",
+        help="training processes per job (data parallel under torch.distributed.run; one per GPU)",
     )
     export = commands.add_parser("export", help="export a bundle for other tools")
     export.add_argument("bundle", type=Path, help="bundle folder")
@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="file (kohya, diffusers) or folder (embeddings-a1111)",
+    )
+    export.add_argument(
+        "--bundle-embeddings",
+        action="store_true",
+        help="kohya: put the learned tokens in the LoRA file as bundle_emb.* keys (A1111 reads "
+        "them; stock diffusers then refuses the file). Default: beside it, in "
+        "OUTPUT-embeddings/ as A1111/ComfyUI embedding files",
     )
     imp = commands.add_parser(
         "import",

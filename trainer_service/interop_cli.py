@@ -4,29 +4,40 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 
 from loraforge_core import interop
-from loraforge_core.bundle import LORA_FILE, read_bundle
+from loraforge_core.bundle import LORA_FILE, Bundle, read_bundle
 from loraforge_core.files import atomic_write_bytes
 
 
 def run_export(args: argparse.Namespace) -> Iterator[str]:
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save
 
     bundle = read_bundle(args.bundle)
     if args.format == "kohya":
-        state, metadata = interop.export_kohya(bundle)
+        state, metadata = interop.export_kohya(bundle, bundle_embeddings=args.bundle_embeddings)
         atomic_write_bytes(args.output, save(state, metadata=metadata))
         yield str(args.output)
+        if bundle.manifest.tokens and not args.bundle_embeddings:
+            folder = args.output.with_name(args.output.stem + "-embeddings")
+            yield from _write_embeddings(bundle, folder)
     elif args.format == "diffusers":
         atomic_write_bytes(args.output, (bundle.path / LORA_FILE).read_bytes())
         yield str(args.output)
     else:
-        args.output.mkdir(parents=True, exist_ok=True)
-        for stem, state in interop.export_a1111_embeddings(bundle).items():
-            path = args.output / f"{stem}.safetensors"
-            save_file(state, path)
-            yield str(path)
+        yield from _write_embeddings(bundle, args.output)
+
+
+def _write_embeddings(bundle: Bundle, folder: Path) -> Iterator[str]:
+    """One A1111/ComfyUI embedding file per learned token in ``folder``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, state in interop.export_a1111_embeddings(bundle).items():
+        path = folder / f"{stem}.safetensors"
+        save_file(state, path)
+        yield str(path)
 
 
 def run_import(args: argparse.Namespace) -> Iterator[str]:
