@@ -223,8 +223,8 @@ def test_kohya_and_diffusers_files_load_and_apply(fmt, stub, bundles, tiny_model
     from loraforge_core import interop
 
     bundle = bundles["a1"]
-    if fmt == "kohya":
-        state, metadata = interop.export_kohya(bundle)
+    if fmt == "kohya":  # the one-file A1111 form: the generator imports its tokens too
+        state, metadata = interop.export_kohya(bundle, bundle_embeddings=True)
         data = save(state, metadata=metadata)
     else:
         data = bundle.lora_path.read_bytes()
