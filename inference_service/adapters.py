@@ -4,7 +4,8 @@ A known adapter (``AdapterEntry``, from adapter_store.py) is resident when its L
 in the peft layers (in a pre-shaped slot, slots.py, or under its own name) and its learned
 tokens in the text encoder under private names (slots.TokenPool). At most ``max_resident``
 are resident; the least recently used unpinned one is evicted to make room (never one that the
-same batch needs) and reloads on demand. Every method runs on the pipeline thread.
+same batch needs) and reloads on demand. Methods that change residency run on the pipeline
+thread; ``list`` may be called from any thread (the registry's lock guards the maps).
 """
 
 from __future__ import annotations

@@ -134,20 +134,18 @@ def write_bundle(
     manifest: Manifest,
 ) -> Bundle:
     """Write a bundle folder atomically (staged beside ``dest``, then renamed into place)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         metadata = {"format": "pt", "loraforge.tokens": json.dumps(manifest.tokens)}
+        manifest.files = {}
         for name, state in ((LORA_FILE, lora_state), (EMBEDDINGS_FILE, embeddings)):
-            save_file(_contiguous(state), staging / name, metadata=metadata)
-            _canonical_header(staging / name)
-        manifest.files = {
-            name: {"sha256": sha256_file(staging / name), "size": (staging / name).stat().st_size}
-            for name in (LORA_FILE, EMBEDDINGS_FILE)
-        }
+            data = _canonical_header(save(_contiguous(state), metadata=metadata))
+            (staging / name).write_bytes(data)
+            manifest.files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         text = manifest.to_json()
         (staging / MANIFEST_FILE).write_text(text)
         for name in BUNDLE_FILES:
@@ -162,17 +160,16 @@ def write_bundle(
     return Bundle(dest, manifest, bundle_id(text))
 
 
-def _canonical_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted keys. safetensors writes its metadata map in
-    hash order, which differs from one write to the next, so the same tensors would get
+def _canonical_header(data: bytes) -> bytes:
+    """The safetensors bytes with the header's keys sorted. safetensors writes its metadata map
+    in hash order, which differs from one write to the next, so the same tensors would get
     another sha256 (and the bundle another id). Data offsets count from the end of the
     header, so only the header changes (padded with spaces to 8 bytes, as safetensors does)."""
-    data = path.read_bytes()
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,25 +1,24 @@
-"""Enum maps between our lower-case names and the generated protobuf enums, from their names.
+"""The services' enum maps: the client's names for the proto enums (loraforge_client.enums,
+read from the generated member names), both ways, with what an unset field means here.
 
-``JOB_STATE_QUEUED`` is "queued": the proto is the one home of each enum's members, and a
-member added there is known here without another list to update.
+The services already depend on the client distribution for the generated stubs; reading
+names the same way on both sides keeps one rule for what ``JOB_STATE_QUEUED`` is called.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from loraforge_client.enums import by_name as enum_numbers
+
 
 def enum_names(enum: Any, prefix: str, unspecified: str | None = None) -> dict[int, str]:
-    """{number: name} for a generated enum; ``*_UNSPECIFIED`` maps to ``unspecified`` (or is
-    left out, so that the caller refuses it)."""
-    names = {number: name.removeprefix(prefix).lower() for name, number in enum.items()}
-    if unspecified is None:
-        names.pop(0, None)
-    else:
+    """{number: name}; ``*_UNSPECIFIED`` maps to ``unspecified``, or is left out so that the
+    caller refuses it."""
+    names = {number: name for name, number in enum_numbers(enum, prefix).items()}
+    if unspecified is not None:
         names[0] = unspecified
     return names
 
 
-def enum_numbers(enum: Any, prefix: str) -> dict[str, int]:
-    """{name: number} for the specified members of a generated enum."""
-    return {name: number for number, name in enum_names(enum, prefix).items()}
+__all__ = ["enum_names", "enum_numbers"]
