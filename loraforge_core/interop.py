@@ -72,19 +72,31 @@ def _kohya_module(component: str, module: str) -> str:
 
 
 def export_kohya(
-    bundle: Bundle, *, bundle_embeddings: bool = False
+    bundle: Bundle, *, bundle_embeddings: bool = False, name: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One file that A1111, ComfyUI and stock diffusers load: ``lora_unet_*``/``lora_te_*``
-    with ``.alpha``. With ``bundle_embeddings`` the learned tokens go in too, as A1111's
+    with ``.alpha``; ``name`` is its ``ss_output_name`` (default: the bundle id).
+
+    With ``bundle_embeddings`` the learned tokens go in too, as A1111's
     ``bundle_emb.<token>.string_to_param.*``; diffusers then refuses the whole file (its
-    kohya detection needs every key to start with ``lora_``), so that is on request only."""
+    kohya detection needs every key to start with ``lora_``), so that is on request only.
+    A1111 cuts such a token at its first ``.``, so a dotted token is refused there.
+    """
+    if bundle_embeddings:
+        dotted = [t for t in bundle.manifest.tokens if "." in t]
+        if dotted:
+            raise FormatError(
+                f"A1111 cuts bundled tokens at their first '.': {dotted} would load under "
+                "another name; export without bundled embeddings (they go beside the file)"
+            )
+    sd2 = bundle.manifest.cross_attention_dim == 1024
     state: dict[str, torch.Tensor] = {}
     for (component, module), (down, up) in lora_pairs(bundle.lora_state_dict()).items():
-        name = _kohya_module(component, module)
-        state[f"{name}.lora_down.weight"] = down.contiguous()
-        state[f"{name}.lora_up.weight"] = up.contiguous()
+        key = _kohya_module(component, module)
+        state[f"{key}.lora_down.weight"] = down.contiguous()
+        state[f"{key}.lora_up.weight"] = up.contiguous()
         # Alpha is folded into up already: alpha == rank means a multiplier of 1.
-        state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+        state[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
     for token, embedding in bundle.embeddings().items() if bundle_embeddings else ():
         state[f"bundle_emb.{token}.string_to_param.*"] = embedding.reshape(1, -1).contiguous()
     manifest = bundle.manifest
@@ -92,22 +104,33 @@ def export_kohya(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(manifest.rank),
         "ss_network_alpha": str(manifest.rank),
-        "ss_base_model_version": "sd_v1" if manifest.cross_attention_dim == 768 else "sd_v2",
+        "ss_base_model_version": "sd_v2" if sd2 else "sd_v1",
+        "ss_v2": str(sd2),  # A1111 lists an SD 2.x LoRA with SD 2.x models only when "True"
         "ss_sd_model_name": manifest.base_model,
         "ss_training_comment": f"loraforge {manifest.method}, tokens {manifest.tokens}",
-        "ss_output_name": bundle.id,
+        "ss_output_name": name or bundle.id,
         "ss_steps": str(manifest.global_step),
         "loraforge_bundle_id": bundle.id,
     }
     return state, metadata
 
 
-def export_a1111_embeddings(bundle: Bundle) -> dict[str, dict[str, torch.Tensor]]:
-    """One A1111 embedding per token: ``{file stem: {"emb_params": [1, dim]}}``."""
-    files = {}
+def export_embeddings(bundle: Bundle) -> dict[str, dict[str, torch.Tensor]]:
+    """One embedding file per learned token: ``{file stem: {token: [1, dim]}}``.
+
+    The single key is the token itself: diffusers' ``load_textual_inversion`` registers that
+    name; A1111 and ComfyUI read the one tensor whatever its key and name the embedding after
+    the file (``my-tok.safetensors`` is typed ``my-tok`` in A1111, ``embedding:my-tok`` in
+    ComfyUI). Stems are the token's letters, digits, ``_`` and ``-``, made unique.
+    """
+    files: dict[str, dict[str, torch.Tensor]] = {}
     for token, embedding in bundle.embeddings().items():
-        stem = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
-        files[stem] = {"emb_params": embedding.reshape(1, -1).contiguous()}
+        base = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+        stem, n = base, 1
+        while stem.lower() in (s.lower() for s in files):  # case-insensitive filesystems
+            n += 1
+            stem = f"{base}-{n}"
+        files[stem] = {token: embedding.reshape(1, -1).contiguous()}
     return files
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from loraforge_core import interop
 from loraforge_core.architectures import TINY
-from loraforge_core.bundle import read_bundle
+from loraforge_core.bundle import read_bundle, store_bundle
 from loraforge_core.models import build_pipeline
 from tests.helpers import random_bundle
 
@@ -95,10 +96,11 @@ def test_kohya_export_loads_unmodified_in_stock_diffusers_like_the_bundle(
     with safe_open(exported, "pt") as handle:
         metadata, keys = handle.metadata(), list(handle.keys())
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_output_name"] == "kohya" and metadata["ss_v2"] == "False"
     assert any(k.startswith("lora_te_text_model_encoder_layers_0") for k in keys)
     assert all(k.startswith("lora_") for k in keys)
     pipe.load_lora_weights(str(exported))  # the file as written
-    pipe.load_textual_inversion(str(embeddings), token="<k1>")
+    pipe.load_textual_inversion(str(embeddings))  # the file names its token
     assert np.abs(render(pipe) - render_bundle(tiny_model, bundle.path)).mean() <= 1e-3
 
 
@@ -108,11 +110,63 @@ def test_kohya_export_bundles_the_tokens_only_on_request(bundle):
     assert not any(k.startswith("bundle_emb.") for k in interop.export_kohya(bundle)[0])
 
 
-def test_a1111_embeddings_export(bundle, tmp_path):
+def test_kohya_export_is_named_by_the_user_and_marks_sd2(bundle, tmp_path):
+    run_cli(
+        "export", str(bundle.path), "--format", "kohya", "-o", str(tmp_path / "x.safetensors"),
+        "--name", "my-cat",
+    )  # fmt: skip
+    with safe_open(tmp_path / "x.safetensors", "pt") as handle:
+        assert handle.metadata()["ss_output_name"] == "my-cat"
+    sd2 = copy.copy(bundle)
+    sd2.manifest = dataclasses.replace(bundle.manifest, cross_attention_dim=1024)
+    metadata = interop.export_kohya(sd2)[1]
+    assert metadata["ss_v2"] == "True" and metadata["ss_base_model_version"] == "sd_v2"
+
+
+def test_bundled_tokens_that_a1111_would_cut_or_forge_would_skip(bundle, tmp_path):
+    dotted = copy.copy(bundle)
+    dotted.manifest = dataclasses.replace(bundle.manifest, tokens=["<my.tok>"])
+    with pytest.raises(interop.FormatError, match=r"first '\.'"):
+        interop.export_kohya(dotted, bundle_embeddings=True)
+    assert interop.export_kohya(dotted)[0]  # beside the file, any token goes
+    tokens = [f"<t{i}>" for i in range(13)]
+    many = store_bundle(
+        tmp_path, bundle.lora_state_dict(), {t: torch.zeros(64) for t in tokens},
+        dataclasses.replace(bundle.manifest, tokens=tokens),
+    ).path  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer_service", "export", str(many), "--format", "kohya",
+         "-o", str(tmp_path / "m.safetensors"), "--bundle-embeddings"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Forge skips" in result.stderr
+
+
+def test_embedding_files_name_their_token_for_diffusers_a1111_and_comfyui(
+    bundle, tiny_model, tmp_path
+):
     out = run_cli("export", str(bundle.path), "--format", "embeddings-a1111", "-o", str(tmp_path))
     files = [Path(line) for line in out.split()]
     assert [f.name for f in files] == ["k1.safetensors"]
-    assert load_file(files[0])["emb_params"].shape == (1, 64)
+    state = load_file(files[0])
+    assert list(state) == ["<k1>"] and state["<k1>"].shape == (1, 64)  # one tensor: A1111, Comfy
+    other = copy.copy(bundle)
+    other.embeddings = lambda: {"<k2>": torch.ones(64)}
+    save_file(interop.export_embeddings(other)["k2"], tmp_path / "k2.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    for file in (files[0], tmp_path / "k2.safetensors"):  # no token=: each names its own
+        pipe.load_textual_inversion(str(file))
+    vocab = pipe.tokenizer.get_vocab()
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(embeddings[vocab["<k1>"]], bundle.embeddings()["<k1>"].reshape(-1))
+    assert torch.equal(embeddings[vocab["<k2>"]], torch.ones(64))
+
+
+def test_embedding_file_stems_stay_unique(bundle):
+    twins = copy.copy(bundle)
+    twins.embeddings = lambda: {"<a.b>": torch.zeros(64), "<ab>": torch.ones(64)}
+    assert list(interop.export_embeddings(twins)) == ["ab", "ab-2"]
 
 
 def cloneofsimo_file(bundle, pipe, path: Path) -> dict[str, torch.Tensor]:

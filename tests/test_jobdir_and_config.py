@@ -69,6 +69,14 @@ def test_validation_names_every_bad_field_at_once() -> None:
     assert "placeholder_tokens[0]" in fields  # a field of the request, not of its config
 
 
+@pytest.mark.parametrize("token", ["<my.tok>", "<a b>", "<>", "<x>>", "tok"])
+def test_placeholder_tokens_that_other_tools_would_rename_are_refused(token: str) -> None:
+    config = TrainingConfig(placeholder_tokens=[token])
+    spec = JobSpec(request_id="", config=config, images=[ImageUpload(shape_png())])
+    with pytest.raises(InvalidArgument, match="no spaces or dots"):
+        validate(spec)
+
+
 def test_the_contract_and_the_config_name_the_same_choices() -> None:
     assert set(server.METHODS.values()) == set(configs.METHODS)
     assert set(server.TEMPLATES.values()) == set(configs.TEMPLATES)

@@ -37,11 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="file (kohya, diffusers) or folder (embeddings-a1111)",
     )
     export.add_argument(
+        "--name",
+        default="",
+        help="kohya: the LoRA's name in its metadata (ss_output_name); default: the file name",
+    )
+    export.add_argument(
         "--bundle-embeddings",
         action="store_true",
         help="kohya: put the learned tokens in the LoRA file as bundle_emb.* keys (A1111 reads "
-        "them; stock diffusers then refuses the file). Default: beside it, in "
-        "OUTPUT-embeddings/ as A1111/ComfyUI embedding files",
+        "them, undotted; stock diffusers then refuses the file; Forge skips it past 12 tokens). "
+        "Default: beside it, in OUTPUT-embeddings/, one A1111/ComfyUI/diffusers file per token",
     )
     imp = commands.add_parser(
         "import",

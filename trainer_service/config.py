@@ -26,7 +26,8 @@ LR_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 MAX_STEPS = 100_000
 MAX_RANK = 256
-_TOKEN_PATTERN = re.compile(r"^<[^<>\s]{1,32}>$")
+# No dots: A1111 cuts a bundled token at its first "." and loads it under another name.
+_TOKEN_PATTERN = re.compile(r"^<[^<>\s.]{1,32}>$")
 _INIT_PATTERN = re.compile(r"^<rand-(\d+(\.\d+)?)>$")
 
 
@@ -230,7 +231,8 @@ class TrainingConfig:
             v.check(
                 bool(_TOKEN_PATTERN.match(token)),
                 f"placeholder_tokens[{i}]",
-                f"{token!r} must look like <name>: angle brackets, no spaces, <= 32 chars",
+                f"{token!r} must look like <name>: angle brackets, no spaces or dots (A1111 cuts a "
+                "token at its first dot), <= 32 chars",
             )
         if self.initializer_tokens:
             v.check(

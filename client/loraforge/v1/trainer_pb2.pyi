@@ -537,7 +537,9 @@ class CreateJobRequest(_message.Message):
     def instance_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceImage]: ...
     @_builtins.property
     def placeholder_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """New tokens to learn, e.g. ["<s1>", "<s2>"] (PTI)."""
+        """New tokens to learn, e.g. ["<s1>", "<s2>"] (PTI): <name>, no spaces or dots (A1111 cuts
+        a token at its first dot), at most 32 characters between the brackets.
+        """
 
     @_builtins.property
     def initializer_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
