@@ -32,3 +32,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {spec} requested but only {torch.cuda.device_count()} GPUs")
     return device
+
+
+def visible_gpus(device: torch.device) -> list[int]:
+    """The CUDA devices a server on ``device`` may hand out: all for ``cuda``, one for
+    ``cuda:N``, none on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return []
+    if device.index is not None:
+        return [device.index]
+    return list(range(torch.cuda.device_count()))

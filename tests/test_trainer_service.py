@@ -266,3 +266,28 @@ def test_the_service_trains_a_job_on_two_processes(tiny_model: Path, tmp_path: P
     assert_two_ranks([e.log.message for e in events if e.WhichOneof("kind") == "log"])
     manifest = read_bundle(tmp_path / "artifacts" / final.final_artifact_id).manifest
     assert manifest.training_config["num_processes"] == 2
+
+
+def test_a_replica_trains_max_jobs_at_once_and_queues_the_rest(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    with (
+        ServerProcess(
+            "trainer", data_dir=tmp_path, model=str(tiny_model), extra_args=["--max-jobs", "2"]
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        ids = [
+            stub.CreateJob(job_request(f"slot-{i}", max_train_steps_ti=2, max_train_steps_tuning=2),
+                           timeout=30).job_id
+            for i in range(3)
+        ]  # fmt: skip
+        for job_id in ids:
+            watch_all(stub, job_id)
+        jobs = [stub.GetJob(trainer_pb2.GetJobRequest(job_id=i)) for i in ids]
+    assert all(j.state == trainer_pb2.JOB_STATE_SUCCEEDED for j in jobs), jobs
+    started = [j.started_at.ToDatetime() for j in jobs]
+    finished = [j.finished_at.ToDatetime() for j in jobs]
+    assert started[1] < finished[0] and started[0] < finished[1]  # the first two overlapped
+    assert started[2] >= min(finished[:2])  # the third waited for a free slot

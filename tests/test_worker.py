@@ -11,7 +11,7 @@ from trainer_service.events import Checkpoint, FinalArtifact
 from trainer_service.jobdir import JobDir
 from trainer_service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from trainer_service.training.run import EXIT_CANCELLED
-from trainer_service.worker import JobRunner
+from trainer_service.worker import JobRunner, plan_slots
 
 
 @pytest.fixture
@@ -76,3 +76,11 @@ def test_a_cancel_wins_and_a_shutdown_leaves_the_job_to_resume(runner) -> None:
     runner._stopping = True
     runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
     assert runner.store.get_job(job_id).state == RUNNING  # resumed on the next start
+
+
+def test_each_concurrent_job_gets_gpus_of_its_own() -> None:
+    assert plan_slots(2, 1, []) == [[], []]  # CPU: no devices to split
+    assert plan_slots(2, 2, [0, 1, 2, 3]) == [[0, 1], [2, 3]]
+    assert plan_slots(0, 1, [0]) == []  # answers RPCs only
+    with pytest.raises(ValueError, match="need 4 GPUs; this replica sees 3"):
+        plan_slots(2, 2, [0, 1, 2])

@@ -12,6 +12,13 @@ from loraforge_core.settings import ServerSettings, add_setting
 DEFAULT_PORT = 50051
 
 
+def _max_jobs(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 64:
+        raise ValueError("--max-jobs must be in 0..64")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge-trainer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         type=int,
         help="training processes per job (data parallel under torch.distributed.run; one per GPU)",
+    )
+    add_setting(
+        serve,
+        "--max-jobs",
+        default=None,
+        type=_max_jobs,
+        help="jobs this replica trains at once, each on --num-processes GPUs of its own; "
+        "0: answer RPCs only, other replicas train (default: every GPU busy, 1 on a CPU)",
     )
     export = commands.add_parser("export", help="export a bundle for other tools")
     export.add_argument("bundle", type=Path, help="bundle folder")
@@ -101,6 +116,5 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         build_parser().error(str(err))
     configure_logging(settings.log_level)
-    sys.exit(
-        asyncio.run(serve(TrainerService(settings, num_processes=args.num_processes), settings))
-    )
+    service = TrainerService(settings, num_processes=args.num_processes, max_jobs=args.max_jobs)
+    sys.exit(asyncio.run(serve(service, settings)))

@@ -16,7 +16,7 @@ from google.protobuf import timestamp_pb2
 from loraforge.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_core import bundle as bundles
-from loraforge_core.devices import resolve_device, validate_device
+from loraforge_core.devices import resolve_device, validate_device, visible_gpus
 from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from loraforge_core.models import resolve_model
 from loraforge_core.protomaps import enum_names, enum_numbers
@@ -171,10 +171,13 @@ class TrainerService:
 
     service_names = (trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name,)
 
-    def __init__(self, settings: ServerSettings, num_processes: int = 1) -> None:
+    def __init__(
+        self, settings: ServerSettings, num_processes: int = 1, max_jobs: int | None = None
+    ) -> None:
         validate_device(settings.device)
         self.settings = settings
         self.num_processes = num_processes
+        self.max_jobs = max_jobs  # None: one job per num_processes GPUs (one on a CPU machine)
         self.base_model = ""
         self.data_dir = Path(settings.data_dir)
         self.jobs_dir = self.data_dir / "jobs"
@@ -193,13 +196,16 @@ class TrainerService:
         self.base_model = await asyncio.to_thread(resolve_model, self.settings.model)
         self.device = resolve_device(self.settings.device)
         self.store = JobStore(self.data_dir / "jobs.sqlite3")
+        gpus = visible_gpus(self.device)
+        max_jobs = self.max_jobs
+        if max_jobs is None:
+            max_jobs = max(1, len(gpus) // self.num_processes)
         self.runner = JobRunner(
-            self.store, self.jobs_dir, self.artifacts_dir,
-            device="cpu" if self.device.type == "cpu" else str(self.device),
+            self.store, self.jobs_dir, self.artifacts_dir, max_jobs=max_jobs, gpus=gpus,
             num_processes=self.num_processes, on_event=self._notify,
         )  # fmt: skip
         self.runner.start()
-        log.info("trainer ready", extra={"base_model": self.base_model})
+        log.info("trainer ready", extra={"base_model": self.base_model, "max_jobs": max_jobs})
 
     async def create_job(
         self, request_id: str, config: TrainingConfig, images: list[ImageUpload]

@@ -1,9 +1,12 @@
-"""Runs queued jobs one at a time, each in its own training process.
+"""Runs queued jobs, up to ``max_jobs`` at once, each in its own training process.
 
 A child process per job means a cancel is a clean stop, a crash or OOM fails only the job, and
 GPU memory is returned. The child reports events (events.py) as JSON lines on stdout; this module
 turns them into persisted job events and artifact records. A job found RUNNING at start-up (the
 server died under it) is queued again and its new process resumes from the last checkpoint.
+
+Each concurrent job has a slot; on a GPU machine a slot owns ``num_processes`` GPUs of its own
+(``CUDA_VISIBLE_DEVICES``). ``max_jobs=0`` runs nothing: the replica only answers RPCs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, parse_line
@@ -26,6 +30,27 @@ log = logging.getLogger("loraforge.trainer.worker")
 
 CANCEL_GRACE_S = 30.0
 MAX_EVENT_LINE = 64 * 1024 * 1024
+IDLE_POLL_S = 5.0
+
+
+def plan_slots(max_jobs: int, num_processes: int, gpus: Sequence[int]) -> list[list[int]]:
+    """The GPUs each concurrent job gets: ``num_processes`` apiece; none on a CPU machine."""
+    if not gpus:
+        return [[] for _ in range(max_jobs)]
+    needed = max_jobs * num_processes
+    if needed > len(gpus):
+        raise ValueError(
+            f"{max_jobs} concurrent job(s) x {num_processes} process(es) need {needed} GPUs; "
+            f"this replica sees {len(gpus)}: lower --max-jobs or --num-processes"
+        )
+    return [list(gpus[i * num_processes : (i + 1) * num_processes]) for i in range(max_jobs)]
+
+
+@dataclass
+class RunningJob:
+    slot: int
+    task: asyncio.Task[None]
+    process: asyncio.subprocess.Process | None = None
 
 
 class JobRunner:
@@ -35,19 +60,20 @@ class JobRunner:
         jobs_dir: Path,
         artifacts_dir: Path,
         *,
-        device: str = "auto",
+        max_jobs: int = 1,
+        gpus: Sequence[int] = (),
         num_processes: int = 1,
         on_event: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.store = store
         self.jobs_dir = jobs_dir
         self.artifacts_dir = artifacts_dir
-        self.device = device
+        self.slots = plan_slots(max_jobs, num_processes, gpus)
         self.num_processes = num_processes
         self.on_event = on_event
         self._wakeup = asyncio.Event()
         self._stopping = False
-        self._current: tuple[str, asyncio.subprocess.Process] | None = None
+        self._running: dict[str, RunningJob] = {}
         self._cancelled: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -66,23 +92,25 @@ class JobRunner:
         self._wakeup.set()
 
     async def stop(self) -> None:
-        """Stop taking jobs; stop the running one at its next step (it resumes on restart)."""
+        """Stop taking jobs; stop the running ones at their next step (they resume on restart)."""
         self._stopping = True
         self._wakeup.set()
-        if self._current is not None:
-            _, process = self._current
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+        for running in list(self._running.values()):
+            self._signal(running, signal.SIGTERM)
+        tasks = [r.task for r in self._running.values()]
         if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, CANCEL_GRACE_S)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                self._kill_current()
+            tasks.append(self._task)
+        _, late = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S) if tasks else ((), ())
+        if late:
+            for running in list(self._running.values()):
+                self._signal(running, signal.SIGKILL)
+            await asyncio.wait(late)
 
-    def _kill_current(self) -> None:
-        if self._current is not None:
+    @staticmethod
+    def _signal(running: RunningJob, sig: signal.Signals) -> None:
+        if running.process is not None:
             with contextlib.suppress(ProcessLookupError):
-                self._current[1].kill()
+                running.process.send_signal(sig)
 
     # ------------------------------------------------------------------ cancel
     async def cancel(self, job_id: str) -> None:
@@ -90,41 +118,49 @@ class JobRunner:
         job = self.store.get_job(job_id)
         if job is None or job.state not in (QUEUED, RUNNING):
             return
-        if job.state == QUEUED and (self._current is None or self._current[0] != job_id):
+        running = self._running.get(job_id)
+        if running is None and job.state == QUEUED:
             self.store.set_state(job_id, CANCELLED, "cancelled by request")
             self.on_event(job_id)
             return
         self._cancelled.add(job_id)
-        if self._current is not None and self._current[0] == job_id:
-            process = self._current[1]
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), CANCEL_GRACE_S)
-            except asyncio.TimeoutError:
-                process.kill()
-            # Let the loop record the final state before answering.
-            for _ in range(100):
-                current = self.store.get_job(job_id)
-                if current is not None and current.state != RUNNING:
-                    break
-                await asyncio.sleep(0.05)
+        if running is None:
+            return
+        self._signal(running, signal.SIGTERM)  # a process not started yet sees the mark
+        done, _ = await asyncio.wait([running.task], timeout=CANCEL_GRACE_S)
+        if not done:
+            self._signal(running, signal.SIGKILL)
+            await asyncio.wait([running.task])  # the final state is recorded when it ends
 
     # ------------------------------------------------------------------ the loop
+    def _free_slot(self) -> int | None:
+        busy = {r.slot for r in self._running.values()}
+        return next((i for i in range(len(self.slots)) if i not in busy), None)
+
     async def _loop(self) -> None:
         while not self._stopping:
-            job = self.store.next_queued()
-            if job is None:
+            slot = self._free_slot()
+            job = self.store.next_queued() if slot is not None else None
+            if slot is None or job is None:
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), 5.0)
+                    await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
                 continue
-            try:
-                await self._run(job.job_id)
-            except Exception:
-                log.exception("job runner error", extra={"job_id": job.job_id})
-                self.store.set_state(job.job_id, FAILED, "internal error in the job runner")
-                self.on_event(job.job_id)
+            self.store.set_state(job.job_id, RUNNING)
+            self.on_event(job.job_id)
+            task = asyncio.create_task(self._guarded(job.job_id), name=f"job-{job.job_id}")
+            self._running[job.job_id] = RunningJob(slot, task)
+
+    async def _guarded(self, job_id: str) -> None:
+        try:
+            await self._run(job_id)
+        except Exception:
+            log.exception("job runner error", extra={"job_id": job_id})
+            self.store.set_state(job_id, FAILED, "internal error in the job runner")
+            self.on_event(job_id)
+        finally:
+            self._running.pop(job_id, None)
+            self._wakeup.set()  # a slot is free
 
     def _command(self, job_dir: JobDir) -> list[str]:
         run = [
@@ -145,38 +181,37 @@ class JobRunner:
             "--nproc_per_node", str(self.num_processes), *run,
         ]  # fmt: skip
 
-    def _environment(self) -> dict[str, str]:
+    def _environment(self, gpus: list[int]) -> dict[str, str]:
         env = dict(os.environ)
-        if self.device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = self.device.split(":", 1)[1]
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
     async def _run(self, job_id: str) -> None:
         job_dir = JobDir(self.jobs_dir / job_id)
-        self.store.set_state(job_id, RUNNING)
-        self.on_event(job_id)
+        running = self._running[job_id]
         with open(job_dir.log, "ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
-                env=self._environment(), limit=MAX_EVENT_LINE, start_new_session=True,
+                env=self._environment(self.slots[running.slot]), limit=MAX_EVENT_LINE,
+                start_new_session=True,
             )  # fmt: skip
-        self._current = (job_id, process)
+        running.process = process
+        if job_id in self._cancelled or self._stopping:  # asked while it was starting
+            self._signal(running, signal.SIGTERM)
         error = ""
         finished = False
-        try:
-            assert process.stdout is not None
-            async for raw in process.stdout:
-                event = parse_line(raw.decode(errors="replace"))
-                if event is None:
-                    continue
-                if isinstance(event, Log) and event.level == "error":
-                    error = event.message
-                finished |= isinstance(event, FinalArtifact)
-                self._record(job_id, event)
-            code = await process.wait()
-        finally:
-            self._current = None
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            event = parse_line(raw.decode(errors="replace"))
+            if event is None:
+                continue
+            if isinstance(event, Log) and event.level == "error":
+                error = event.message
+            finished |= isinstance(event, FinalArtifact)
+            self._record(job_id, event)
+        code = await process.wait()
         self._finish(job_id, code, finished, error, job_dir)
 
     def _finish(self, job_id: str, code: int, finished: bool, error: str, job_dir: JobDir) -> None:
