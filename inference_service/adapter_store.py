@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from inference_service.requests import learned_token_problem
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -98,7 +99,7 @@ class AdapterStore:
             raise InvalidArgument(str(err), "uri") from err
         if (path / bundles.MANIFEST_FILE).is_file():
             try:
-                return self._from_bundle(adapter_id, path)
+                return self._from_bundle(adapter_id, path, "uri")
             except bundles.BundleError as err:
                 raise InvalidArgument(str(err), "uri") from err
         if path.is_file() and path.suffix == ".safetensors":
@@ -122,9 +123,12 @@ class AdapterStore:
         bundle.path.rename(folder)
         return self._from_bundle(adapter_id, folder)
 
-    def _from_bundle(self, adapter_id: str, path: Path) -> AdapterEntry:
+    def _from_bundle(self, adapter_id: str, path: Path, field_name: str = "data") -> AdapterEntry:
         bundle = bundles.read_bundle(path)
         manifest = bundle.manifest
+        for token in manifest.tokens:
+            if problem := learned_token_problem(token):
+                raise InvalidArgument(f"adapter {adapter_id!r}: {problem}", field_name)
         trained_for = (manifest.text_hidden_size, manifest.cross_attention_dim)
         if trained_for != (self.text_hidden, self.cross_dim):
             raise FailedPrecondition(

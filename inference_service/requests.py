@@ -25,7 +25,8 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "pndm": ("PNDMScheduler", {}),
+    # Runge-Kutta warm-up steps need at least 4 steps; SD's own PNDM config skips them.
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # ours -> PIL's
 MAX_SIDE = 1024
@@ -87,6 +88,19 @@ class GeneratedImage:
     width: int
     height: int
     format: str
+
+
+_LEARNED_TOKEN = re.compile(r"^[^\s\x00-\x1f\x7f]{1,64}$")
+
+
+def learned_token_problem(token: str) -> str | None:
+    """Why an adapter's learned token cannot stand in a prompt (it is replaced wherever it
+    appears), or None."""
+    if not _LEARNED_TOKEN.match(token):
+        return f"learned token {token!r} must be 1-64 characters without spaces or controls"
+    if RESERVED_TOKEN_PREFIX in token:
+        return f"learned token {token!r} uses {RESERVED_TOKEN_PREFIX!r}, reserved for the server"
+    return None
 
 
 def is_adapter_id(adapter_id: str) -> bool:

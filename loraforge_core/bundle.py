@@ -72,6 +72,7 @@ class Manifest:
             raise BundleError(f"manifest.json is not JSON: {err}") from err
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise BundleError(f"manifest.json is not a {FORMAT} manifest")
+        _check_field_types(data)
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise BundleError(
                 f"bundle format version {data['format_version']} is newer than this server's "
@@ -82,6 +83,29 @@ class Manifest:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:
             raise BundleError(f"manifest.json is missing fields: {err}") from err
+
+
+# JSON types of the manifest fields (bool is an int in Python: refused apart).
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "base_model": str, "method": str, "tokens": list, "rank": int, "alpha": (int, float),
+    "unet_target_modules": list, "text_encoder_target_modules": list, "global_step": int,
+    "text_hidden_size": int, "cross_attention_dim": int, "training_config": dict,
+    "base_model_revision": str, "files": dict, "format": str, "format_version": int,
+}  # fmt: skip
+_STRING_LISTS = ("tokens", "unet_target_modules", "text_encoder_target_modules")
+
+
+def _check_field_types(data: dict[str, Any]) -> None:
+    for name, expected in _FIELD_TYPES.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise BundleError(f"manifest.json: {name} has the wrong type")
+        if name in _STRING_LISTS and not all(isinstance(v, str) for v in value):
+            raise BundleError(f"manifest.json: {name} must be a list of strings")
+    if not all(isinstance(v, dict) for v in data.get("files", {}).values()):
+        raise BundleError("manifest.json: files maps names to {sha256, size}")
 
 
 def sha256_file(path: Path) -> str:
@@ -192,7 +216,31 @@ def read_bundle(path: Path, *, verify: bool = True) -> Bundle:
             expected = manifest.files.get(name, {}).get("sha256")
             if expected != sha256_file(file):
                 raise BundleError(f"bundle {path.name}: {name} does not match its sha256")
+    if verify:
+        _check_tokens(path, manifest)
     return Bundle(path, manifest, bundle_id(text))
+
+
+def _check_tokens(path: Path, manifest: Manifest) -> None:
+    """The manifest's tokens are exactly the embeddings file's, one vector each."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path / EMBEDDINGS_FILE, "pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise BundleError(f"bundle {path.name}: unreadable {EMBEDDINGS_FILE}: {err}") from err
+    if sorted(shapes) != sorted(manifest.tokens) or len(set(manifest.tokens)) != len(shapes):
+        raise BundleError(
+            f"bundle {path.name}: manifest tokens {manifest.tokens} are not the embeddings' "
+            f"{sorted(shapes)}"
+        )
+    for token, shape in shapes.items():
+        if list(shape) not in ([manifest.text_hidden_size], [1, manifest.text_hidden_size]):
+            raise BundleError(
+                f"bundle {path.name}: embedding {token!r} has shape {shape}, not "
+                f"[{manifest.text_hidden_size}]"
+            )
 
 
 def pack(path: Path) -> bytes:

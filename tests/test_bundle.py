@@ -4,6 +4,7 @@ content addressing, and refusal of anything that is not what it claims."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -48,6 +49,36 @@ def test_a_changed_file_fails_verification(tmp_path: Path) -> None:
     (stored.path / bundles.EMBEDDINGS_FILE).write_bytes(bytes(data))
     with pytest.raises(BundleError, match="does not match its sha256"):
         bundles.read_bundle(stored.path)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "embeddings", "complaint"),
+    [
+        (["<s1>", "<s2>"], {"<s1>": torch.zeros(4)}, "are not the embeddings'"),
+        (["<zz>"], {"<s1>": torch.zeros(4)}, "are not the embeddings'"),
+        (["<s1>"], {"<s1>": torch.zeros(3)}, "has shape"),
+        (["<s1>"], {"<s1>": torch.zeros(2, 4)}, "has shape"),
+    ],
+)
+def test_tokens_must_be_the_embeddings_files(tmp_path, tokens, embeddings, complaint) -> None:
+    lora, _ = weights()
+    m = manifest()
+    m.tokens = tokens
+    stored = bundles.store_bundle(tmp_path, lora, embeddings, m)  # hashes are right
+    with pytest.raises(BundleError, match=complaint):
+        bundles.read_bundle(stored.path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("format_version", "9"), ("tokens", "<s1>"), ("tokens", [1]), ("rank", True),
+     ("files", {"x": 1}), ("training_config", [])],
+)  # fmt: skip
+def test_a_manifest_field_of_the_wrong_type_is_a_bundle_error(field, value) -> None:
+    data = json.loads(manifest().to_json())
+    data[field] = value
+    with pytest.raises(BundleError, match=field):
+        Manifest.from_json(json.dumps(data))
 
 
 def test_pack_and_unpack_are_symmetric(tmp_path: Path) -> None:

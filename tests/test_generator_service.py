@@ -199,6 +199,12 @@ def test_load_from_an_unusable_store_path_is_invalid_argument(stub, uri):
     assert "path" in caught.value.details()
 
 
+@pytest.mark.parametrize("scheduler", list(generator_pb2.Scheduler.values()))
+def test_every_scheduler_renders_from_a_single_step(stub, scheduler):
+    reply = stub.Generate(request(num_inference_steps=1, scheduler=scheduler), timeout=60)
+    assert np.isfinite(pixels(reply.images[0])).all()
+
+
 def test_stream_reports_each_step_then_images_with_seeds(stub):
     replies = list(stub.GenerateStream(request(num_images=2, seed=40), timeout=120))
     steps = [r.progress.step for r in replies if r.WhichOneof("kind") == "progress"]

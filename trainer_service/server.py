@@ -48,7 +48,8 @@ _SCALAR_OPTIONS = [
 ]  # fmt: skip
 _STRING_OPTIONS = ("instance_prompt", "class_prompt", "validation_prompt")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
-CHUNK_SIZE, MAX_CHUNK_SIZE = 1024 * 1024, 4 * 1024 * 1024
+# Below the minimum a small bundle becomes hundreds of thousands of messages.
+CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1024 * 1024, 4096, 4 * 1024 * 1024
 MAX_WATCHERS = 256
 
 
@@ -355,8 +356,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     async def DownloadArtifact(self, request, context):
         path = self.service.artifact_path(request.artifact_id)
         chunk = request.chunk_size or CHUNK_SIZE
-        if chunk > MAX_CHUNK_SIZE:
-            raise InvalidArgument(f"at most {MAX_CHUNK_SIZE} bytes", "chunk_size")
+        if not MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE:
+            raise InvalidArgument(
+                f"{MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes (0: {CHUNK_SIZE})", "chunk_size"
+            )
         archive = await asyncio.to_thread(bundles.pack, path)
         for offset in range(0, len(archive), chunk):
             yield trainer_pb2.ArtifactChunk(

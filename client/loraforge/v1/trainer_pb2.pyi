@@ -1067,7 +1067,7 @@ class DownloadArtifactRequest(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     chunk_size: _builtins.int
-    """default 1 MiB"""
+    """4 KiB..4 MiB; 0: 1 MiB"""
     def __init__(
         self,
         *,
