@@ -4,6 +4,8 @@ where only the model stack is installed)."""
 from __future__ import annotations
 
 import io
+import itertools
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -13,14 +15,32 @@ from inference_service.engine import GeneratorEngine
 from inference_service.requests import GenerationJob, GenerationSpec
 
 
-def switch_to(engine: GeneratorEngine, request: GenerationSpec) -> None:
-    """What a request does to its adapters before denoising: private token names in its
-    prompt, its UNet and text-encoder weights in the mixer."""
-    entries = [engine.adapters.entries[a.adapter_id] for a in request.adapters]
-    engine._private_prompts(entries, request)
-    for component in ("unet", "text_encoder"):
-        engine.mixer.set(component, engine._lora_weights(entries, request, component))
-    engine.mixer.clear()
+def switch_cost(
+    engine: GeneratorEngine,
+    request: Callable[[str, float], GenerationSpec],
+    repeat: int,
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[float, float]:
+    """What switching between resident adapters costs on the engine's real request path.
+
+    ``engine.generate`` of one request at a time, alternating two adapters at changing scales,
+    timed round-robin against the same adapter at the same scale every time; ``request``
+    should make a short render (one denoising step) so that the switch is not lost in it.
+    Returns the two medians in ms: (alternating, same).
+    """
+    flip = itertools.count()
+
+    def alternating() -> None:
+        i = next(flip)
+        engine.generate(request(f"a{i % 2}", 0.5 + (i % 3) * 0.25))
+        sync()
+
+    def same() -> None:
+        engine.generate(request("a0", 1.0))
+        sync()
+
+    timed = interleaved_medians({"alternating": alternating, "same": same}, repeat=repeat)
+    return timed["alternating"], timed["same"]
 
 
 def mixed_batches(

@@ -12,13 +12,14 @@ peak GPU memory. Random weights give real shapes and real costs, not meaningful 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.adapters import mixed_batches, switch_to
+from bench.adapters import mixed_batches, switch_cost
 from bench.common import median_ms, report
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationSpec
@@ -108,15 +109,15 @@ def serving_rows(
         )
         rows.append((f"  {n} adapters vs base", ms / base_ms, "x"))
 
-    flip = iter(range(10**9))
+    def one_step(name: str, scale: float) -> GenerationSpec:
+        return dataclasses.replace(spec(0), steps=1, adapters=[AdapterRequest(name, scale)])
 
-    def switch() -> None:
-        i = next(flip)
-        name = f"a{i % 2}"
-        switch_to(engine, GenerationSpec("x", adapters=[AdapterRequest(name, 0.5 + (i % 3) / 4)]))
-        synchronize()
-
-    rows.append(("switch resident adapter + scales", median_ms(switch, repeat=15), "ms"))
+    alternating, same = switch_cost(engine, one_step, repeat=9, sync=synchronize)
+    rows += [
+        ("one-step generate, alternating 2 adapters + scales", alternating, "ms"),
+        ("one-step generate, same adapter and scale", same, "ms"),
+        ("  switch resident adapter + scales (alternating - same)", alternating - same, "ms"),
+    ]
 
     def one_adapter_spec(*adapters: tuple[str, float]) -> GenerationSpec:
         request = spec(0)
