@@ -47,28 +47,47 @@ class Service(Protocol):
         """Release resources after the server stopped."""
 
 
-# Status details travel in trailing metadata, which gRPC caps (8 KiB by default): echoes of
-# hostile input are cut so that the client always receives the real status.
+# Status details travel in trailing metadata, which gRPC caps (8 KiB by default, the message
+# and the base64 of the details together): echoes of hostile input are cut so that the client
+# always receives the real status.
 MAX_VIOLATIONS = 20
 MAX_TEXT = 300
+# grpc-status-details-bin carries the message and the details, in base64, and grpc-message
+# the message again, percent-encoded (a non-ASCII byte takes three): about 6.3 KiB at most.
+MAX_DETAILS_BYTES = 3000
+MAX_MESSAGE_BYTES = 1000
 
 
 def _cut(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _cut_message(text: str) -> str:
+    """``text`` cut to MAX_MESSAGE_BYTES as grpc-message percent-encodes it."""
+    used = 0
+    for i, char in enumerate(text):
+        used += sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in char.encode())
+        if used > MAX_MESSAGE_BYTES - 3:
+            return text[:i] + "..."
+    return text
+
+
+def _bad_request(violations: list[errors.FieldViolation]) -> error_details_pb2.BadRequest:
+    """The first violations that fit in MAX_VIOLATIONS and MAX_DETAILS_BYTES."""
+    detail = error_details_pb2.BadRequest()
+    for v in violations[:MAX_VIOLATIONS]:
+        detail.field_violations.add(field=_cut(v.field, 100), description=_cut(v.description))
+        if detail.ByteSize() > MAX_DETAILS_BYTES:
+            del detail.field_violations[-1]
+            break
+    return detail
+
+
 def _status_for(err: errors.ServiceError) -> status_pb2.Status:
     detail = None
     if isinstance(err, errors.InvalidArgument):
         code = code_pb2.INVALID_ARGUMENT
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=_cut(v.field, 100), description=_cut(v.description)
-                )
-                for v in err.violations[:MAX_VIOLATIONS]
-            ]
-        )
+        detail = _bad_request(err.violations)
     elif isinstance(err, errors.NotFound):
         code = code_pb2.NOT_FOUND
         detail = error_details_pb2.ResourceInfo(
@@ -89,7 +108,7 @@ def _status_for(err: errors.ServiceError) -> status_pb2.Status:
         code = code_pb2.CANCELLED
     else:
         code = code_pb2.UNKNOWN
-    status = status_pb2.Status(code=code, message=_cut(err.message, 1000))
+    status = status_pb2.Status(code=code, message=_cut_message(err.message))
     if detail is not None:
         status.details.add().Pack(detail)
     return status

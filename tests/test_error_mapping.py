@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
+
 import grpc
 import pytest
 from loraforge_client import errors as client_errors
@@ -66,5 +69,17 @@ def test_other_errors_map_to_their_codes(domain, typed) -> None:
 def test_hostile_echoes_are_cut_in_number_and_length() -> None:
     many = [errors.FieldViolation("f" * 10_000, "d" * 10_000) for _ in range(100)]
     violations = received(errors.InvalidArgument(many)).field_violations
-    assert len(violations) == MAX_VIOLATIONS
+    assert 0 < len(violations) <= MAX_VIOLATIONS
     assert all(len(v.field) <= 100 and len(v.description) <= 300 for v in violations)
+    few = [errors.FieldViolation(f"f{i}", "short") for i in range(100)]
+    assert len(received(errors.InvalidArgument(few)).field_violations) == MAX_VIOLATIONS
+
+
+def test_the_whole_status_fits_in_grpcs_trailing_metadata() -> None:
+    long = [errors.FieldViolation("f" * 10_000, "d" * 10_000) for _ in range(100)]
+    for text in ("d" * 10_000, "😀" * 10_000):  # grpc-message percent-encodes non-ASCII
+        long = [errors.FieldViolation("f" * 10_000, text) for _ in range(100)]
+        status = _status_for(errors.InvalidArgument(long))  # the message joins them all
+        message = urllib.parse.quote(status.message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+        encoded = len(base64.b64encode(status.SerializeToString())) + len(message)
+        assert encoded < 8 * 1024 and status.message.endswith("...")
