@@ -168,3 +168,25 @@ def test_drain_finishes_running_work_and_refuses_queued(tiny_model, tmp_path, gr
             error = future.exception()
             results[i] = error.code().name if error is not None else "image"
     assert sorted(results.values()) == ["UNAVAILABLE", "UNAVAILABLE", "image"], results
+
+
+def test_a_killed_server_takes_its_data_parallel_training_processes_with_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    server = ServerProcess(
+        "trainer", data_dir=tmp_path, model=str(tiny_model), extra_args=["--num-processes", "2"]
+    )
+    with server, grpc.insecure_channel(server.target) as channel:
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        job = stub.CreateJob(job_request(max_train_steps_tuning=100_000), timeout=30)
+        for event in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
+            if event.WhichOneof("kind") == "progress":  # both ranks are training
+                break
+        assert server.process is not None
+        training = psutil.Process(server.process.pid).children(recursive=True)
+        assert len(training) >= 3, training  # the launcher and two ranks
+        server.kill()  # the server alone: nothing tells its children to stop
+        _, alive = psutil.wait_procs(training, timeout=120)
+        for process in alive:
+            process.kill()
+        assert not alive, [p.cmdline()[:4] for p in alive]

@@ -24,7 +24,7 @@ from pathlib import Path
 from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, parse_line
 from trainer_service.jobdir import JobDir
 from trainer_service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
-from trainer_service.training.run import EXIT_CANCELLED
+from trainer_service.training.run import EXIT_CANCELLED, die_with_parent
 
 log = logging.getLogger("loraforge.trainer.worker")
 
@@ -195,7 +195,7 @@ class JobRunner:
             process = await asyncio.create_subprocess_exec(
                 *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 env=self._environment(self.slots[running.slot]), limit=MAX_EVENT_LINE,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
         running.process = process
         if job_id in self._cancelled or self._stopping:  # asked while it was starting

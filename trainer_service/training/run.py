@@ -20,8 +20,10 @@ from pathlib import Path
 EXIT_CANCELLED = 3
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the server dies, so no orphan keeps training."""
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent dies, so no orphan keeps training. The server sets
+    it on the process it starts (this one, or torch.distributed.run), and each training
+    process sets it again (under torch.distributed.run its parent is the launcher)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true")
     args = parser.parse_args(argv)
 
-    _die_with_parent()
+    die_with_parent()
     # Events go to the real stdout; anything libraries print goes to stderr.
     stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr
