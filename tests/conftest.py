@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +23,25 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loraforge_core.models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator:
+    """One PostgreSQL cluster for the run; tests take fresh databases from it. Its folder is
+    outside pytest's (root-only) temporary tree: the server runs as the postgres user."""
+    from tests.services import postgres
+
+    root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
+    try:
+        with postgres(root) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs once per job-store backend: "" is SQLite."""
+    if request.param == "sqlite":
+        return ""
+    return request.getfixturevalue("postgres_server").new_database()

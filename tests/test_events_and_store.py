@@ -13,10 +13,18 @@ from loraforge_client.types import JobEvent as ClientEvent
 from tests.helpers import shape_png
 from trainer_service import events
 from trainer_service.config import TrainingConfig
+from trainer_service.database import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SchemaTooNew,
+    SqliteDatabase,
+    migrate,
+    open_database,
+)
 from trainer_service.jobdir import ImageUpload
 from trainer_service.jobs import JobSpec, create_job
 from trainer_service.server import event_to_proto
-from trainer_service.store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore
+from trainer_service.store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore, LeaseLost
 
 EXAMPLES = [
     events.StateChange("failed", "training process was killed by SIGKILL"),
@@ -57,8 +65,8 @@ def test_the_client_reads_back_what_the_server_sends(event) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def store(database_url: str, tmp_path: Path):
+    store = JobStore(open_database(database_url, tmp_path))
     yield store
     store.close()
 
@@ -124,7 +132,7 @@ def test_list_jobs_pages_in_creation_order_and_filters_by_state(store) -> None:
     store.set_state(ids[1], RUNNING)
     assert [j.job_id for j in store.list_jobs(state=None, limit=2, offset=2)] == ids[2:4]
     assert [j.job_id for j in store.list_jobs(state=RUNNING, limit=10, offset=0)] == [ids[1]]
-    assert store.next_queued().job_id == ids[0]
+    assert store.claim_next("r1", 60).job_id == ids[0]
 
 
 def test_threads_sharing_the_store_never_interleave_transactions(store) -> None:
@@ -173,3 +181,86 @@ def test_concurrent_creates_with_one_request_id_make_one_job(store, tmp_path: Pa
 def test_a_resume_point_past_any_sequence_gives_no_events(store) -> None:
     job_id = new_job(store)
     assert store.events_after(job_id, 2**64 - 1) == []
+
+
+def test_replicas_claiming_at_once_take_each_job_exactly_once(store) -> None:
+    ids = {new_job(store) for _ in range(20)}
+    start = threading.Barrier(4)
+
+    def claim(owner: str) -> list[str]:
+        start.wait()
+        taken = []
+        while (job := store.claim_next(owner, 60)) is not None:
+            taken.append(job.job_id)
+        return taken
+
+    with ThreadPoolExecutor(4) as pool:
+        taken = list(pool.map(claim, ["a", "b", "c", "d"]))
+    everything = [job_id for owner in taken for job_id in owner]
+    assert sorted(everything) == sorted(ids)  # each once
+    for owner, jobs in zip("abcd", taken, strict=True):
+        assert all(store.get_job(j).owner == owner for j in jobs)
+
+
+def test_an_expired_lease_passes_the_job_to_another_replica(store) -> None:
+    job_id = new_job(store)
+    first = store.claim_next("a", lease_s=-1)  # a lease that has run out: replica a "died"
+    assert first.state == RUNNING and first.owner == "a" and first.attempts == 1
+    second = store.claim_next("b", lease_s=60)
+    assert second.job_id == job_id and second.owner == "b" and second.attempts == 2
+    assert store.claim_next("c", lease_s=60) is None  # b's lease is live
+    with pytest.raises(LeaseLost):  # a's late writes are refused
+        store.append_event(job_id, EXAMPLES[1], owner="a")
+    with pytest.raises(LeaseLost):
+        store.renew(job_id, "a", 60)
+    assert store.renew(job_id, "b", 60) is False  # no cancel asked
+    takeover = store.events_after(job_id, 0)[-1].event
+    assert "replica a stopped renewing its lease; replica b resumes" in takeover.message
+    store.set_state(job_id, "succeeded", owner="b")
+    done = store.get_job(job_id)
+    assert done.owner == "" and done.lease_expires_at is None
+
+
+def test_cancel_stops_a_queued_job_at_once_and_asks_the_owner_of_a_running_one(store) -> None:
+    queued, running, orphan = new_job(store), new_job(store), new_job(store)
+    assert store.request_cancel(queued).state == CANCELLED
+    assert store.claim_next("a", 60).job_id == running
+    assert store.claim_next("b", -1).job_id == orphan  # b dies at once
+    assert store.request_cancel(running).cancel_requested
+    assert store.renew(running, "a", 60) is True  # a learns it at its next heartbeat
+    store.request_cancel(orphan)
+    assert store.claim_next("c", 60) is None  # the orphan is cancelled, not resumed
+    assert store.get_job(orphan).state == CANCELLED
+
+
+def test_a_restarted_replica_requeues_the_jobs_it_was_running(store) -> None:
+    mine, theirs = new_job(store), new_job(store)
+    store.claim_next("a", 60)
+    store.claim_next("b", 60)
+    assert store.requeue_owned("a", "the server restarted") == [mine]
+    assert store.get_job(mine).state == QUEUED and store.get_job(theirs).state == RUNNING
+
+
+def test_an_old_database_is_migrated_and_a_newer_one_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "jobs.sqlite3")  # the schema before versioning: v1
+    for statement in MIGRATIONS[0]:
+        old.execute(statement)
+    old.execute(
+        "INSERT INTO jobs (job_id, request_id, state, method, base_model, tokens, num_images,"
+        " config, created_at) VALUES ('job-old', 'job-old', 'running', 'pti', 'tiny', '[]', 1,"
+        " '{}', 1.0)"
+    )
+    old.commit()
+    old.close()
+    store = JobStore(open_database("", tmp_path))
+    assert store.get_job("job-old").owner == ""  # the new columns, with their defaults
+    assert store.requeue_owned("local", "restarted") == ["job-old"]
+    store.close()
+    db = SqliteDatabase(tmp_path / "jobs.sqlite3")
+    with db.transaction() as tx:
+        tx.run("UPDATE schema_version SET version=?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(SchemaTooNew, match="upgrade this replica"):
+        migrate(db)
+    db.close()

@@ -9,14 +9,22 @@ import pytest
 
 from trainer_service.events import Checkpoint, FinalArtifact
 from trainer_service.jobdir import JobDir
-from trainer_service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from trainer_service.store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobStore,
+    LeaseLost,
+)
 from trainer_service.training.run import EXIT_CANCELLED
 from trainer_service.worker import JobRunner, plan_slots
 
 
 @pytest.fixture
 def runner(tmp_path: Path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = JobStore.sqlite(tmp_path / "jobs.sqlite3")
     notified: list[str] = []
     runner = JobRunner(store, tmp_path / "jobs", tmp_path / "artifacts", on_event=notified.append)
     runner.notified = notified  # type: ignore[attr-defined]
@@ -28,7 +36,8 @@ def running_job(runner: JobRunner) -> tuple[str, JobDir]:
     job, _ = runner.store.create_job(
         request_id="", method="pti", base_model="tiny", tokens=[], num_images=1, config={}
     )
-    runner.store.set_state(job.job_id, RUNNING)
+    claimed = runner.store.claim_next(runner.replica_id, 60)
+    assert claimed is not None and claimed.state == RUNNING
     job_dir = JobDir(runner.jobs_dir / job.job_id)
     job_dir.path.mkdir(parents=True)
     return job.job_id, job_dir
@@ -67,7 +76,7 @@ def test_the_exit_decides_the_jobs_state(runner, code, finished, error, state, r
     assert reason in last.reason
 
 
-def test_a_cancel_wins_and_a_shutdown_leaves_the_job_to_resume(runner) -> None:
+def test_a_cancel_wins_and_a_shutdown_gives_the_job_back_to_the_queue(runner) -> None:
     job_id, job_dir = running_job(runner)
     runner._cancelled.add(job_id)
     runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
@@ -75,7 +84,24 @@ def test_a_cancel_wins_and_a_shutdown_leaves_the_job_to_resume(runner) -> None:
     job_id, job_dir = running_job(runner)
     runner._stopping = True
     runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
-    assert runner.store.get_job(job_id).state == RUNNING  # resumed on the next start
+    job = runner.store.get_job(job_id)
+    assert job.state == QUEUED and job.owner == ""  # any replica resumes it now
+    assert "replica local shut down" in runner.store.events_after(job_id, 0)[-1].event.reason
+
+
+def test_a_replica_that_lost_its_lease_writes_nothing_more(runner) -> None:
+    job_id, job_dir = running_job(runner)
+    # The lease runs out and another replica claims the job.
+    with runner.store.db.transaction() as tx:
+        tx.run("UPDATE jobs SET lease_expires_at=0 WHERE job_id=?", (job_id,))
+    assert runner.store.claim_next("other", 60).owner == "other"
+    before = runner.store.get_job(job_id).last_sequence
+    with pytest.raises(LeaseLost):
+        runner._record(job_id, Checkpoint("ck", 5))
+    with pytest.raises(LeaseLost):
+        runner._finish(job_id, 0, True, "", job_dir)
+    job = runner.store.get_job(job_id)
+    assert job.last_sequence == before and job.state == RUNNING and job.owner == "other"
 
 
 def test_each_concurrent_job_gets_gpus_of_its_own() -> None:

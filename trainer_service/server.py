@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -23,10 +24,11 @@ from loraforge_core.protomaps import enum_names, enum_numbers
 from loraforge_core.settings import ServerSettings
 from trainer_service import events, jobs
 from trainer_service.config import TrainingConfig
+from trainer_service.database import open_database, redact
 from trainer_service.events import Progress
 from trainer_service.jobdir import ImageUpload
-from trainer_service.store import TERMINAL, EventRecord, JobRecord, JobStore
-from trainer_service.worker import JobRunner
+from trainer_service.store import RUNNING, TERMINAL, EventRecord, JobRecord, JobStore
+from trainer_service.worker import CANCEL_GRACE_S, LEASE_S, JobRunner
 
 log = logging.getLogger("loraforge.trainer")
 
@@ -167,18 +169,33 @@ def event_to_proto(record: EventRecord) -> trainer_pb2.JobEvent:
     return message
 
 
+@dataclasses.dataclass
+class FleetSettings:
+    """How this replica shares jobs with others: the job database (empty: SQLite under the
+    data dir, this replica alone), its name in leases, and the lease length."""
+
+    database_url: str = ""
+    replica_id: str = ""
+    lease_seconds: float = LEASE_S
+
+
 class TrainerService:
     """Owns the job store and the runner; the servicer below is its gRPC face."""
 
     service_names = (trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name,)
 
     def __init__(
-        self, settings: ServerSettings, num_processes: int = 1, max_jobs: int | None = None
+        self,
+        settings: ServerSettings,
+        num_processes: int = 1,
+        max_jobs: int | None = None,
+        fleet: FleetSettings | None = None,
     ) -> None:
         validate_device(settings.device)
         self.settings = settings
         self.num_processes = num_processes
         self.max_jobs = max_jobs  # None: one job per num_processes GPUs (one on a CPU machine)
+        self.fleet = fleet or FleetSettings()
         self.base_model = ""
         self.data_dir = Path(settings.data_dir)
         self.jobs_dir = self.data_dir / "jobs"
@@ -196,17 +213,40 @@ class TrainerService:
             folder.mkdir(parents=True, exist_ok=True)
         self.base_model = await asyncio.to_thread(resolve_model, self.settings.model)
         self.device = resolve_device(self.settings.device)
-        self.store = JobStore(self.data_dir / "jobs.sqlite3")
+        db = await asyncio.to_thread(open_database, self.fleet.database_url, self.data_dir)
+        self.store = JobStore(db)
+        loop = asyncio.get_running_loop()
+        db.listen(lambda job_id: loop.call_soon_threadsafe(self._changed_elsewhere, job_id))
         gpus = visible_gpus(self.device)
         max_jobs = self.max_jobs
         if max_jobs is None:
             max_jobs = max(1, len(gpus) // self.num_processes)
         self.runner = JobRunner(
             self.store, self.jobs_dir, self.artifacts_dir, max_jobs=max_jobs, gpus=gpus,
-            num_processes=self.num_processes, on_event=self._notify,
+            num_processes=self.num_processes, replica_id=self.replica_id,
+            lease_s=self.fleet.lease_seconds, on_event=self._notify,
         )  # fmt: skip
         self.runner.start()
-        log.info("trainer ready", extra={"base_model": self.base_model, "max_jobs": max_jobs})
+        log.info("trainer ready", extra={
+            "base_model": self.base_model, "max_jobs": max_jobs, "replica": self.replica_id,
+            "database": redact(db.url),
+        })  # fmt: skip
+
+    @property
+    def replica_id(self) -> str:
+        """This replica's name in job leases: alone on SQLite it is "local"; in a fleet, the
+        host and port (a restarted pod keeps them and takes its jobs back at once)."""
+        if self.fleet.replica_id:
+            return self.fleet.replica_id
+        if not self.fleet.database_url:
+            return "local"
+        return f"{socket.gethostname()}:{self.settings.port}"
+
+    def _changed_elsewhere(self, job_id: str) -> None:
+        """Another replica (or this one, echoed by the database) changed a job."""
+        if self.runner is not None:
+            self.runner.wake()  # a queued job, or a freed lease, may be ours to run
+        self._notify(job_id)
 
     async def create_job(
         self, request_id: str, config: TrainingConfig, images: list[ImageUpload]
@@ -228,6 +268,20 @@ class TrainerService:
             assert self.runner is not None
             self.runner.wake()
             self._notify(job.job_id)
+        return job
+
+    async def cancel_job(self, job_id: str) -> JobRecord:
+        """Cancel wherever the job runs; answer with its state once it stopped (or, if the
+        replica running it does not stop it within a lease and a grace period, still RUNNING
+        with the cancel asked)."""
+        assert self.runner is not None
+        await self.runner.cancel(job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.fleet.lease_seconds + CANCEL_GRACE_S
+        job = self.job(job_id)
+        while job.state == RUNNING and loop.time() < deadline:
+            await self.wait_for_change(1.0)
+            job = self.job(job_id)
         return job
 
     def _notify(self, job_id: str) -> None:
@@ -307,9 +361,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     async def CancelJob(self, request, context):
         job = self.service.job(request.job_id)
-        assert self.service.runner is not None
-        await self.service.runner.cancel(job.job_id)
-        return job_to_proto(self.service.job(job.job_id))
+        return job_to_proto(await self.service.cancel_job(job.job_id))
 
     async def WatchJob(self, request, context) -> AsyncIterator[trainer_pb2.JobEvent]:
         job = self.service.job(request.job_id)

@@ -1,68 +1,35 @@
-"""The persistent job store (SQLite, WAL): jobs, their event log and artifact records.
+"""The persistent job store: jobs, their event log and artifact records, and the queue.
 
 Every event gets the next sequence number of its job inside one transaction, so a watcher that
-resumes after sequence N gets exactly the events it missed, also after a restart.
+resumes after sequence N gets exactly the events it missed, also after a restart and from any
+replica. The rows live in SQLite or PostgreSQL (database.py).
+
+Running jobs are leased: the replica that claims a job (``claim_next``) owns it until its lease
+expires, and renews the lease while the job runs (``renew``). A job whose lease expired (its
+replica died) is claimed again like a queued one and resumes from its last checkpoint. Writes
+on behalf of a running job name their owner and are refused once another replica has it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from trainer_service.events import JobEvent, Progress, StateChange, from_payload, to_payload
+from trainer_service.database import Database, SqliteDatabase, Tx
+from trainer_service.events import JobEvent, Log, Progress, StateChange, from_payload, to_payload
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled",
 )  # fmt: skip
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-SQLITE_MAX_INTEGER = 2**63 - 1
+MAX_SQL_INTEGER = 2**63 - 1  # both databases' largest integer
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    request_id TEXT UNIQUE,
-    state TEXT NOT NULL,
-    method TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    tokens TEXT NOT NULL,
-    num_images INTEGER NOT NULL,
-    config TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    failure_reason TEXT NOT NULL DEFAULT '',
-    progress TEXT NOT NULL DEFAULT '{}',
-    final_artifact_id TEXT NOT NULL DEFAULT '',
-    last_sequence INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL,
-    sequence INTEGER NOT NULL,
-    time REAL NOT NULL,
-    kind TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    PRIMARY KEY (job_id, sequence)
-);
-CREATE TABLE IF NOT EXISTS artifacts (
-    artifact_id TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    global_step INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS artifacts_by_job ON artifacts (job_id, global_step);
-"""
+
+class LeaseLost(RuntimeError):
+    """Another replica owns the job now (this one's lease expired)."""
 
 
 @dataclass
@@ -83,6 +50,10 @@ class JobRecord:
     final_artifact_id: str = ""
     last_sequence: int = 0
     checkpoint_artifact_ids: list[str] = field(default_factory=list)
+    owner: str = ""  # the replica running it (while RUNNING)
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    attempts: int = 0  # times a replica claimed it
 
 
 @dataclass
@@ -103,43 +74,21 @@ class ArtifactRecord:
     created_at: float
 
 
-def _locked(method: Callable) -> Callable:
-    """Serialise a method on the store's one connection (the event loop and worker threads
-    share it; sqlite3 connections are not safe to use from two threads at once)."""
-
-    @functools.wraps(method)
-    def locked(self: JobStore, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
 class JobStore:
-    def __init__(self, path: Path) -> None:
-        self._lock = threading.RLock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
-    @_locked
+    @classmethod
+    def sqlite(cls, path) -> JobStore:
+        """A migrated SQLite store at ``path`` (tests and tools)."""
+        from trainer_service.database import migrate
+
+        db = SqliteDatabase(path)
+        migrate(db)
+        return cls(db)
+
     def close(self) -> None:
         self.db.close()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction (taken at once, so concurrent writers queue)."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
 
     # ------------------------------------------------------------------ jobs
     def create_job(
@@ -155,26 +104,29 @@ class JobStore:
     ) -> tuple[JobRecord, bool]:
         """Insert a QUEUED job; with a known request_id return that job instead (created=False).
 
-        The request_id is looked up inside the inserting transaction, so two concurrent
-        requests with one request_id create one job."""
+        The insert itself decides (ON CONFLICT on the unique request_id), so concurrent
+        requests with one request_id create one job, on one replica or several."""
         job_id = job_id or "job-" + uuid.uuid4().hex[:16]
         now = time.time()
-        with self._transaction():
-            existing = self.job_by_request(request_id) if request_id else None
-            if existing is not None:
-                return existing, False
-            self.db.execute(
+        with self.db.transaction() as tx:
+            inserted = tx.one(
                 "INSERT INTO jobs (job_id, request_id, state, method, base_model, tokens,"
-                " num_images, config, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                " num_images, config, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (request_id) DO NOTHING RETURNING job_id",
                 (job_id, request_id or job_id, QUEUED, method, base_model, json.dumps(tokens),
                  num_images, json.dumps(config), now),
             )  # fmt: skip
-            self._append(job_id, StateChange(QUEUED), now)
+            if inserted is not None:
+                self._append(tx, job_id, StateChange(QUEUED), now)
+        if inserted is None:
+            existing = self.job_by_request(request_id)
+            assert existing is not None, request_id
+            return existing, False
         return self._existing(job_id), True
 
-    def _row_to_job(self, row: sqlite3.Row) -> JobRecord:
+    def _to_job(self, tx: Tx, row: dict[str, Any]) -> JobRecord:
         checkpoints = [
-            r["artifact_id"] for r in self.db.execute(
+            r["artifact_id"] for r in tx.rows(
                 "SELECT artifact_id FROM artifacts WHERE job_id=? AND kind='checkpoint'"
                 " ORDER BY global_step", (row["job_id"],),
             )
@@ -187,85 +139,171 @@ class JobStore:
             finished_at=row["finished_at"], failure_reason=row["failure_reason"],
             progress=_progress(row["progress"]), final_artifact_id=row["final_artifact_id"],
             last_sequence=row["last_sequence"], checkpoint_artifact_ids=checkpoints,
+            owner=row["owner"], lease_expires_at=row["lease_expires_at"],
+            cancel_requested=bool(row["cancel_requested"]), attempts=row["attempts"],
         )  # fmt: skip
 
-    @_locked
     def get_job(self, job_id: str) -> JobRecord | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE job_id=?", (job_id,)).fetchone()
-        return self._row_to_job(row) if row else None
+        with self.db.read() as tx:
+            row = tx.one("SELECT * FROM jobs WHERE job_id=?", (job_id,))
+            return self._to_job(tx, row) if row else None
 
     def _existing(self, job_id: str) -> JobRecord:
         job = self.get_job(job_id)
         assert job is not None, job_id
         return job
 
-    @_locked
     def job_by_request(self, request_id: str) -> JobRecord | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE request_id=?", (request_id,)).fetchone()
-        return self._row_to_job(row) if row else None
+        with self.db.read() as tx:
+            row = tx.one("SELECT * FROM jobs WHERE request_id=?", (request_id,))
+            return self._to_job(tx, row) if row else None
 
-    @_locked
     def list_jobs(self, *, state: str | None, limit: int, offset: int) -> list[JobRecord]:
         where, params = ("WHERE state=?", [state]) if state else ("", [])
-        rows = self.db.execute(
-            f"SELECT * FROM jobs {where} ORDER BY created_at, job_id LIMIT ? OFFSET ?",
-            (*params, limit, offset),
-        )
-        return [self._row_to_job(r) for r in rows]
+        with self.db.read() as tx:
+            rows = tx.rows(
+                f"SELECT * FROM jobs {where} ORDER BY created_at, job_id LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            )
+            return [self._to_job(tx, r) for r in rows]
 
     def jobs_in_state(self, state: str) -> list[JobRecord]:
         return self.list_jobs(state=state, limit=1_000_000, offset=0)
 
-    @_locked
-    def next_queued(self) -> JobRecord | None:
-        row = self.db.execute(
-            "SELECT * FROM jobs WHERE state=? ORDER BY created_at, job_id LIMIT 1", (QUEUED,)
-        ).fetchone()
-        return self._row_to_job(row) if row else None
-
-    def set_state(self, job_id: str, state: str, reason: str = "") -> JobRecord:
-        """Change state and log a state event, in one transaction."""
+    def set_state(self, job_id: str, state: str, reason: str = "", *, owner: str = "") -> JobRecord:
+        """Change state and log a state event, in one transaction. With ``owner``, only while
+        that replica still holds the job (else LeaseLost); leaving RUNNING ends the lease."""
         now = time.time()
-        with self._transaction():
-            sets = ["state=?"]
-            params: list[Any] = [state]
-            if state == RUNNING:
-                sets.append("started_at=COALESCE(started_at, ?)")
-                params.append(now)
-            if state in TERMINAL:
-                sets += ["finished_at=?", "failure_reason=?"]
-                params += [now, reason if state == FAILED else ""]
-            self.db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id=?", (*params, job_id))
-            self._append(job_id, StateChange(state, reason), now)
+        with self.db.transaction() as tx:
+            self._check_owner(tx, job_id, owner)
+            self._set_state(tx, job_id, state, reason, now)
+        return self._existing(job_id)
+
+    def _set_state(self, tx: Tx, job_id: str, state: str, reason: str, now: float) -> None:
+        sets = ["state=?"]
+        params: list[Any] = [state]
+        if state == RUNNING:
+            sets.append("started_at=COALESCE(started_at, ?)")
+            params.append(now)
+        else:
+            sets += ["owner=''", "lease_expires_at=NULL"]
+        if state in TERMINAL:
+            sets += ["finished_at=?", "failure_reason=?", "cancel_requested=0"]
+            params += [now, reason if state == FAILED else ""]
+        tx.run(f"UPDATE jobs SET {', '.join(sets)} WHERE job_id=?", (*params, job_id))
+        self._append(tx, job_id, StateChange(state, reason), now)
+
+    @staticmethod
+    def _check_owner(tx: Tx, job_id: str, owner: str) -> None:
+        if not owner:
+            return
+        row = tx.one("SELECT owner, state FROM jobs WHERE job_id=?" + _for_update(tx), (job_id,))
+        if row is None or row["owner"] != owner or row["state"] != RUNNING:
+            raise LeaseLost(f"job {job_id} is no longer run by {owner}")
+
+    # ------------------------------------------------------------------ the queue
+    def claim_next(self, owner: str, lease_s: float) -> JobRecord | None:
+        """Take the oldest QUEUED job, or a RUNNING one whose lease expired (its replica
+        died), for ``owner`` until now + ``lease_s``. Replicas claiming at once get different
+        jobs (row locks, SKIP LOCKED)."""
+        now = time.time()
+        with self.db.transaction() as tx:
+            row = tx.one(
+                "SELECT job_id, state, owner, cancel_requested FROM jobs"
+                " WHERE state=? OR (state=? AND lease_expires_at < ?)"
+                " ORDER BY created_at, job_id LIMIT 1" + self.db.skip_locked,
+                (QUEUED, RUNNING, now),
+            )
+            if row is None:
+                return None
+            job_id = row["job_id"]
+            if row["cancel_requested"]:  # its replica died before it could stop it
+                self._set_state(tx, job_id, CANCELLED, "cancelled by request", now)
+                self.db.notify(tx, job_id)
+                return None
+            tx.run(
+                "UPDATE jobs SET owner=?, lease_expires_at=?, attempts=attempts+1 WHERE job_id=?",
+                (owner, now + lease_s, job_id),
+            )
+            if row["state"] == QUEUED:
+                self._set_state(tx, job_id, RUNNING, "", now)
+            else:
+                self._append(tx, job_id, Log(
+                    "warning", f"replica {row['owner']} stopped renewing its lease; replica "
+                    f"{owner} resumes the job from its last checkpoint",
+                ), now)  # fmt: skip
+            self.db.notify(tx, job_id)
+        return self._existing(job_id)
+
+    def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease on a running job; whether a cancel was asked of it.
+        Raises LeaseLost when the job is no longer ``owner``'s to run."""
+        with self.db.transaction() as tx:
+            row = tx.one(
+                "UPDATE jobs SET lease_expires_at=? WHERE job_id=? AND owner=? AND state=?"
+                " RETURNING cancel_requested",
+                (time.time() + lease_s, job_id, owner, RUNNING),
+            )
+        if row is None:
+            raise LeaseLost(f"job {job_id} is no longer run by {owner}")
+        return bool(row["cancel_requested"])
+
+    def requeue_owned(self, owner: str, reason: str) -> list[str]:
+        """Put ``owner``'s RUNNING jobs back in the queue (it restarted: they are not running
+        anywhere); they resume from their last checkpoint when claimed."""
+        now = time.time()
+        requeued = []
+        with self.db.transaction() as tx:
+            for row in tx.rows(
+                "SELECT job_id FROM jobs WHERE state=? AND owner IN (?, '')", (RUNNING, owner)
+            ):
+                self._append(tx, row["job_id"], Log("warning", reason), now)
+                self._set_state(tx, row["job_id"], QUEUED, "resuming after a restart", now)
+                self.db.notify(tx, row["job_id"])
+                requeued.append(row["job_id"])
+        return requeued
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancel a QUEUED job at once; mark a RUNNING one for its owner to stop."""
+        now = time.time()
+        with self.db.transaction() as tx:
+            row = tx.one("SELECT state FROM jobs WHERE job_id=?" + _for_update(tx), (job_id,))
+            if row is not None and row["state"] == QUEUED:
+                self._set_state(tx, job_id, CANCELLED, "cancelled by request", now)
+            elif row is not None and row["state"] == RUNNING:
+                tx.run("UPDATE jobs SET cancel_requested=1 WHERE job_id=?", (job_id,))
+            self.db.notify(tx, job_id)
         return self._existing(job_id)
 
     # ------------------------------------------------------------------ events
-    def _append(self, job_id: str, event: JobEvent, now: float) -> int:
+    def _append(self, tx: Tx, job_id: str, event: JobEvent, now: float) -> int:
         payload = json.dumps(to_payload(event))
-        sequence = self.db.execute(
+        sequence = tx.one(
             "UPDATE jobs SET last_sequence = last_sequence + 1 WHERE job_id=?"
             " RETURNING last_sequence", (job_id,),
-        ).fetchone()[0]  # fmt: skip
-        self.db.execute(
+        )["last_sequence"]  # fmt: skip
+        tx.run(
             "INSERT INTO events (job_id, sequence, time, kind, payload) VALUES (?,?,?,?,?)",
             (job_id, sequence, now, event.kind, payload),
         )
         if isinstance(event, Progress):
-            self.db.execute("UPDATE jobs SET progress=? WHERE job_id=?", (payload, job_id))
+            tx.run("UPDATE jobs SET progress=? WHERE job_id=?", (payload, job_id))
+        self.db.notify(tx, job_id)
         return sequence
 
-    def append_event(self, job_id: str, event: JobEvent) -> int:
-        with self._transaction():
-            sequence = self._append(job_id, event, time.time())
+    def append_event(self, job_id: str, event: JobEvent, *, owner: str = "") -> int:
+        with self.db.transaction() as tx:
+            self._check_owner(tx, job_id, owner)
+            sequence = self._append(tx, job_id, event, time.time())
         return sequence
 
-    @_locked
     def events_after(self, job_id: str, after: int, limit: int = 500) -> list[EventRecord]:
-        after = min(after, SQLITE_MAX_INTEGER)  # a client may send any uint64
-        rows = self.db.execute(
-            "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
-            (job_id, after, limit),
-        )
+        after = min(after, MAX_SQL_INTEGER)  # a client may send any uint64
+        with self.db.read() as tx:
+            rows = tx.rows(
+                "SELECT * FROM events WHERE job_id=? AND sequence>? ORDER BY sequence LIMIT ?",
+                (job_id, after, limit),
+            )
         return [
             EventRecord(r["job_id"], r["sequence"], r["time"], _event(r["kind"], r["payload"]))
             for r in rows
@@ -281,24 +319,28 @@ class JobStore:
         global_step: int,
         path: str,
         final: bool = False,
+        owner: str = "",
     ) -> None:
         """Record an artifact (idempotent: a resumed job may report the same one again)."""
-        with self._transaction():
-            self.db.execute(
-                "INSERT OR IGNORE INTO artifacts VALUES (?,?,?,?,?,?)",
+        with self.db.transaction() as tx:
+            self._check_owner(tx, job_id, owner)
+            tx.run(
+                "INSERT INTO artifacts (artifact_id, job_id, kind, global_step, path, created_at)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT (artifact_id) DO NOTHING",
                 (artifact_id, job_id, kind, global_step, path, time.time()),
             )
             if final:
-                self.db.execute(
-                    "UPDATE jobs SET final_artifact_id=? WHERE job_id=?", (artifact_id, job_id)
-                )
+                tx.run("UPDATE jobs SET final_artifact_id=? WHERE job_id=?", (artifact_id, job_id))
 
-    @_locked
     def get_artifact(self, artifact_id: str) -> ArtifactRecord | None:
-        row = self.db.execute(
-            "SELECT * FROM artifacts WHERE artifact_id=?", (artifact_id,)
-        ).fetchone()
-        return ArtifactRecord(**dict(row)) if row else None
+        with self.db.read() as tx:
+            row = tx.one("SELECT * FROM artifacts WHERE artifact_id=?", (artifact_id,))
+        return ArtifactRecord(**row) if row else None
+
+
+def _for_update(tx: Tx) -> str:
+    """Lock the row read in a transaction (PostgreSQL; SQLite's transaction is exclusive)."""
+    return " FOR UPDATE" if tx.postgres else ""
 
 
 def _event(kind: str, payload: str) -> JobEvent:

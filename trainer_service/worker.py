@@ -7,6 +7,11 @@ server died under it) is queued again and its new process resumes from the last 
 
 Each concurrent job has a slot; on a GPU machine a slot owns ``num_processes`` GPUs of its own
 (``CUDA_VISIBLE_DEVICES``). ``max_jobs=0`` runs nothing: the replica only answers RPCs.
+
+Jobs are claimed from the shared store under a lease (store.py) that a heartbeat renews every
+``lease_s / 3``; the heartbeat also carries a cancel asked on another replica. A replica that
+finds its lease gone (another replica took the job) kills the job's process and writes nothing
+more for it.
 """
 
 from __future__ import annotations
@@ -23,14 +28,23 @@ from pathlib import Path
 
 from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, parse_line
 from trainer_service.jobdir import JobDir
-from trainer_service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
-from trainer_service.training.run import EXIT_CANCELLED, die_with_parent
+from trainer_service.store import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobStore,
+    LeaseLost,
+)  # fmt: skip
+from trainer_service.training.run import EXIT_CANCELLED
 
 log = logging.getLogger("loraforge.trainer.worker")
 
 CANCEL_GRACE_S = 30.0
 MAX_EVENT_LINE = 64 * 1024 * 1024
-IDLE_POLL_S = 5.0
+IDLE_POLL_S = 5.0  # also how soon an expired lease is noticed when nothing wakes the loop
+LEASE_S = 30.0
 
 
 def plan_slots(max_jobs: int, num_processes: int, gpus: Sequence[int]) -> list[list[int]]:
@@ -49,8 +63,9 @@ def plan_slots(max_jobs: int, num_processes: int, gpus: Sequence[int]) -> list[l
 @dataclass
 class RunningJob:
     slot: int
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] | None = None
     process: asyncio.subprocess.Process | None = None
+    lost: bool = False  # another replica took the job: write nothing more
 
 
 class JobRunner:
@@ -63,6 +78,8 @@ class JobRunner:
         max_jobs: int = 1,
         gpus: Sequence[int] = (),
         num_processes: int = 1,
+        replica_id: str = "local",
+        lease_s: float = LEASE_S,
         on_event: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.store = store
@@ -70,36 +87,41 @@ class JobRunner:
         self.artifacts_dir = artifacts_dir
         self.slots = plan_slots(max_jobs, num_processes, gpus)
         self.num_processes = num_processes
+        self.replica_id = replica_id
+        self.lease_s = lease_s
         self.on_event = on_event
         self._wakeup = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._stopping = False
         self._running: dict[str, RunningJob] = {}
         self._cancelled: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        for job in self.store.jobs_in_state(RUNNING):
-            self.store.append_event(job.job_id, Log(
-                "warning", "the server restarted during this job; resuming from its last "
-                "checkpoint",
-            ))  # fmt: skip
-            self.store.set_state(job.job_id, QUEUED, "resuming after a server restart")
-            self.on_event(job.job_id)
-        self._task = asyncio.create_task(self._loop(), name="job-runner")
+        """Requeue what this replica ran before a crash, then take jobs and keep leases."""
+        for job_id in self.store.requeue_owned(
+            self.replica_id,
+            "the server restarted during this job; resuming from its last checkpoint",
+        ):
+            self.on_event(job_id)
+        self._tasks = [
+            asyncio.create_task(self._loop(), name="job-runner"),
+            asyncio.create_task(self._heartbeat(), name="job-leases"),
+        ]
 
     def wake(self) -> None:
         self._wakeup.set()
 
     async def stop(self) -> None:
-        """Stop taking jobs; stop the running ones at their next step (they resume on restart)."""
+        """Stop taking jobs; stop the running ones at their next step and give them back to
+        the queue (this replica or another resumes them from their last checkpoint)."""
         self._stopping = True
         self._wakeup.set()
+        self._stopped.set()
         for running in list(self._running.values()):
             self._signal(running, signal.SIGTERM)
-        tasks = [r.task for r in self._running.values()]
-        if self._task is not None:
-            tasks.append(self._task)
+        tasks = [r.task for r in self._running.values() if r.task is not None] + self._tasks
         _, late = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S) if tasks else ((), ())
         if late:
             for running in list(self._running.values()):
@@ -114,19 +136,19 @@ class JobRunner:
 
     # ------------------------------------------------------------------ cancel
     async def cancel(self, job_id: str) -> None:
-        """Cancel a queued job now, or stop a running one within one step."""
-        job = self.store.get_job(job_id)
-        if job is None or job.state not in (QUEUED, RUNNING):
-            return
+        """Cancel a queued job now; stop a running one here within one step, or ask the
+        replica that runs it (it stops it at its next heartbeat)."""
+        job = await asyncio.to_thread(self.store.request_cancel, job_id)
+        self.on_event(job_id)
         running = self._running.get(job_id)
-        if running is None and job.state == QUEUED:
-            self.store.set_state(job_id, CANCELLED, "cancelled by request")
-            self.on_event(job_id)
+        if job.state != RUNNING or running is None:
             return
         self._cancelled.add(job_id)
-        if running is None:
-            return
+        await self._stop_job(running)
+
+    async def _stop_job(self, running: RunningJob) -> None:
         self._signal(running, signal.SIGTERM)  # a process not started yet sees the mark
+        assert running.task is not None
         done, _ = await asyncio.wait([running.task], timeout=CANCEL_GRACE_S)
         if not done:
             self._signal(running, signal.SIGKILL)
@@ -140,27 +162,73 @@ class JobRunner:
     async def _loop(self) -> None:
         while not self._stopping:
             slot = self._free_slot()
-            job = self.store.next_queued() if slot is not None else None
-            if slot is None or job is None:
+            job = None
+            if slot is not None:
+                job = await asyncio.to_thread(self.store.claim_next, self.replica_id, self.lease_s)
+            if slot is None or job is None or self._stopping:
+                if job is not None:  # claimed while stopping: give it back
+                    await asyncio.to_thread(self._give_back, job.job_id, "shutting down")
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
                 continue
-            self.store.set_state(job.job_id, RUNNING)
             self.on_event(job.job_id)
-            task = asyncio.create_task(self._guarded(job.job_id), name=f"job-{job.job_id}")
-            self._running[job.job_id] = RunningJob(slot, task)
+            running = RunningJob(slot)
+            self._running[job.job_id] = running
+            if job.cancel_requested:
+                self._cancelled.add(job.job_id)
+            running.task = asyncio.create_task(self._guarded(job.job_id), name=job.job_id)
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases of the jobs running here; act on cancels and lost leases."""
+        while not self._stopping:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.lease_s / 3)
+            for job_id, running in list(self._running.items()):
+                try:
+                    cancel = await asyncio.to_thread(
+                        self.store.renew, job_id, self.replica_id, self.lease_s
+                    )
+                except LeaseLost:
+                    log.warning("lease lost: another replica runs the job now",
+                                extra={"job_id": job_id})  # fmt: skip
+                    running.lost = True
+                    self._signal(running, signal.SIGKILL)
+                    continue
+                except Exception:  # the database is unreachable: try again next beat
+                    log.exception("lease renewal failed", extra={"job_id": job_id})
+                    continue
+                if cancel and job_id not in self._cancelled:
+                    self._cancelled.add(job_id)
+                    self._signal(running, signal.SIGTERM)
 
     async def _guarded(self, job_id: str) -> None:
         try:
             await self._run(job_id)
+        except LeaseLost:
+            self._running[job_id].lost = True
+            self._signal(self._running[job_id], signal.SIGKILL)
         except Exception:
             log.exception("job runner error", extra={"job_id": job_id})
-            self.store.set_state(job_id, FAILED, "internal error in the job runner")
+            with contextlib.suppress(LeaseLost):
+                self.store.set_state(
+                    job_id, FAILED, "internal error in the job runner", owner=self.replica_id
+                )
             self.on_event(job_id)
         finally:
-            self._running.pop(job_id, None)
+            running = self._running.pop(job_id, None)
+            if running is not None and running.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    await running.process.wait()
             self._wakeup.set()  # a slot is free
+
+    def _give_back(self, job_id: str, why: str) -> None:
+        with contextlib.suppress(LeaseLost):
+            self.store.set_state(
+                job_id, QUEUED, f"replica {self.replica_id} {why}; resuming from the last "
+                "checkpoint", owner=self.replica_id,
+            )  # fmt: skip
+        self.on_event(job_id)
 
     def _command(self, job_dir: JobDir) -> list[str]:
         run = [
@@ -176,7 +244,9 @@ class JobRunner:
         # torchrun starts one process per device (CPU processes talk over gloo); accelerate
         # reads the group from its environment. --standalone picks a free rendezvous port, so
         # data-parallel jobs never collide on one.
+        # The launcher is tethered to the server (each training process ties itself to it).
         return [
+            sys.executable, "-m", "trainer_service.training.tethered",
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node", str(self.num_processes), *run,
         ]  # fmt: skip
@@ -195,7 +265,7 @@ class JobRunner:
             process = await asyncio.create_subprocess_exec(
                 *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 env=self._environment(self.slots[running.slot]), limit=MAX_EVENT_LINE,
-                start_new_session=True, preexec_fn=die_with_parent,
+                start_new_session=True,
             )  # fmt: skip
         running.process = process
         if job_id in self._cancelled or self._stopping:  # asked while it was starting
@@ -205,22 +275,24 @@ class JobRunner:
         assert process.stdout is not None
         async for raw in process.stdout:
             event = parse_line(raw.decode(errors="replace"))
-            if event is None:
+            if event is None or running.lost:
                 continue
             if isinstance(event, Log) and event.level == "error":
                 error = event.message
             finished |= isinstance(event, FinalArtifact)
             self._record(job_id, event)
         code = await process.wait()
-        self._finish(job_id, code, finished, error, job_dir)
+        if not running.lost:
+            self._finish(job_id, code, finished, error, job_dir)
 
     def _finish(self, job_id: str, code: int, finished: bool, error: str, job_dir: JobDir) -> None:
         if job_id in self._cancelled:
             self._cancelled.discard(job_id)
             state, reason = CANCELLED, "cancelled by request"
         elif self._stopping and not finished:
-            log.info("job paused for shutdown", extra={"job_id": job_id})
-            return  # stays RUNNING: resumed from its checkpoint on the next start
+            log.info("job given back for shutdown", extra={"job_id": job_id})
+            self._give_back(job_id, "shut down")
+            return
         elif code == 0 and finished:
             state, reason = SUCCEEDED, ""
         elif code == EXIT_CANCELLED:
@@ -228,7 +300,7 @@ class JobRunner:
             state, reason = QUEUED, "training process stopped; resuming from its checkpoint"
         else:
             state, reason = FAILED, error or self._exit_reason(code, job_dir)
-        self.store.set_state(job_id, state, reason)
+        self.store.set_state(job_id, state, reason, owner=self.replica_id)
         self.on_event(job_id)
 
     @staticmethod
@@ -247,7 +319,7 @@ class JobRunner:
             self.store.add_artifact(
                 artifact_id=event.artifact_id, job_id=job_id,
                 kind="final" if final else "checkpoint", global_step=event.global_step,
-                path=event.artifact_id, final=final,
+                path=event.artifact_id, final=final, owner=self.replica_id,
             )  # fmt: skip
-        self.store.append_event(job_id, event)
+        self.store.append_event(job_id, event, owner=self.replica_id)
         self.on_event(job_id)

@@ -21,9 +21,9 @@ EXIT_CANCELLED = 3
 
 
 def die_with_parent() -> None:
-    """Linux: get SIGTERM when the parent dies, so no orphan keeps training. The server sets
-    it on the process it starts (this one, or torch.distributed.run), and each training
-    process sets it again (under torch.distributed.run its parent is the launcher)."""
+    """Linux: get SIGTERM when the parent dies, so no orphan keeps training. Each training
+    process sets it; under torch.distributed.run (whose own parent is the server) the
+    launcher gets it through ``tethered``."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
