@@ -45,3 +45,22 @@ def database_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return ""
     return request.getfixturevalue("postgres_server").new_database()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One S3-compatible server (SeaweedFS) for the run; tests take fresh prefixes in it."""
+    from tests.services import seaweed_s3
+
+    with seaweed_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_url(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh s3:// prefix, with this process's AWS_* pointing at the test server."""
+    import uuid
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{s3_server.bucket}/t{uuid.uuid4().hex[:12]}"

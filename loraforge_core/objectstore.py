@@ -1,0 +1,177 @@
+"""The artifact store: where bundles, job inputs and checkpoints live for every replica.
+
+``--artifact-store`` empty keeps them in the data dir (one machine, the default); an
+``s3://bucket/prefix`` URL puts them in any S3-compatible store, with the endpoint and
+credentials from the standard ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION``. Keys are relative paths like
+``artifacts/<bundle id>/manifest.json``; in the local store they are the data dir's own
+files, so publishing there is a no-op.
+
+Every object appears whole or not at all (S3 PUTs, and local writes through a rename);
+multipart uploads for large files are boto3's. Multi-file things (a bundle) are written with
+the file that marks them complete last (bundle.py: the manifest).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from loraforge_core.files import safe_child
+
+
+class ObjectStore:
+    """put/get whole files by key; see LocalObjectStore and S3ObjectStore."""
+
+    url = ""
+    local_root: Path | None = None  # the data dir when objects are plain files there
+
+    def put_file(self, key: str, source: Path) -> None:
+        raise NotImplementedError
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        """Copy the object to ``dest`` (atomically); False when there is no such object."""
+        raise NotImplementedError
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (a folder-like prefix ending in "/")."""
+        raise NotImplementedError
+
+    def put_files(self, prefix: str, folder: Path, names: Iterable[str]) -> None:
+        """``folder/name`` to ``prefix + name``, in the order given (the last marks it done)."""
+        for name in names:
+            self.put_file(prefix + name, folder / name)
+
+    def get_tree(self, prefix: str, folder: Path) -> int:
+        """Every object under ``prefix`` into ``folder``; how many."""
+        found = self.keys(prefix)
+        for key in found:
+            self.get_file(key, safe_child(folder, key[len(prefix) :]))
+        return len(found)
+
+
+def _copy_atomic(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalObjectStore(ObjectStore):
+    """Objects are files under ``root`` (the data dir)."""
+
+    def __init__(self, root: Path) -> None:
+        self.local_root = Path(root)
+        self.url = str(self.local_root)
+
+    def _path(self, key: str) -> Path:
+        assert self.local_root is not None
+        return safe_child(self.local_root, key)
+
+    def put_file(self, key: str, source: Path) -> None:
+        target = self._path(key)
+        if Path(source).resolve() != target:
+            _copy_atomic(Path(source), target)
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        source = self._path(key)
+        if not source.is_file():
+            return False
+        if source != Path(dest).resolve():
+            _copy_atomic(source, Path(dest))
+        return True
+
+    def keys(self, prefix: str) -> list[str]:
+        assert self.local_root is not None
+        root = self.local_root.resolve()
+        folder = self._path(prefix.rstrip("/")) if prefix.strip("/") else root
+        if not folder.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(root)) for p in folder.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )  # fmt: skip
+
+
+class S3ObjectStore(ObjectStore):
+    """Objects under ``s3://bucket/prefix`` through boto3 (endpoint and keys from AWS_*)."""
+
+    def __init__(self, url: str) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"--artifact-store {url!r}: give s3://BUCKET[/PREFIX]")
+        self.url = url
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        # A session of its own: boto3's default one keeps the first credentials it found.
+        self.client = boto3.session.Session().client(
+            "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"})
+        )
+        # Parts of 64 MiB past 64 MiB: a 1 GiB checkpoint is 16 parts, retried one by one.
+        self.transfer = TransferConfig(
+            multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20
+        )
+
+    def check(self) -> None:
+        """Fail early, naming the store, when it cannot be reached or read."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except (BotoCoreError, ClientError) as err:
+            raise ConnectionError(f"cannot use the artifact store {self.url}: {err}") from err
+
+    def _key(self, key: str) -> str:
+        safe_child(Path("/r"), key)  # no absolute keys, no ".."
+        return self.prefix + key
+
+    def put_file(self, key: str, source: Path) -> None:
+        self.client.upload_file(str(source), self.bucket, self._key(key), Config=self.transfer)
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        from botocore.exceptions import ClientError
+
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        os.close(fd)
+        try:
+            self.client.download_file(self.bucket, self._key(key), tmp, Config=self.transfer)
+            os.replace(tmp, dest)
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def keys(self, prefix: str) -> list[str]:
+        found = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            found += [item["Key"][len(self.prefix) :] for item in page.get("Contents", [])]
+        return sorted(found)
+
+
+def open_object_store(url: str, data_dir: Path) -> ObjectStore:
+    """``s3://bucket/prefix``, or empty for the data dir itself."""
+    if not url:
+        return LocalObjectStore(data_dir)
+    if not url.startswith("s3://"):
+        raise ValueError(f"--artifact-store must be s3://BUCKET[/PREFIX] or empty; got {url!r}")
+    store = S3ObjectStore(url)
+    store.check()
+    return store
