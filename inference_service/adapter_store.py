@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from inference_service.requests import learned_token_problem
+from inference_service.requests import is_adapter_id, learned_token_problem
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
+from loraforge_core.artifacts import ARTIFACTS, BundleCache
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from loraforge_core.files import atomic_write_bytes, safe_child
+from loraforge_core.objectstore import ObjectStore
 
 
 @dataclass
@@ -41,6 +43,9 @@ class AdapterEntry:
     token_map: dict[str, str] = field(default_factory=dict)  # learned token -> private name
 
 
+DEFAULT_CACHE_BYTES = 20 * 2**30
+
+
 def _is_safetensors(data: bytes) -> bool:
     if len(data) < 10:
         return False
@@ -53,13 +58,20 @@ class AdapterStore:
 
     def __init__(
         self, pipe: Any, store_dir: Path, model_name: str = "",
-        after_import: Callable[[], None] = lambda: None,
+        after_import: Callable[[], None] = lambda: None, *,
+        objects: ObjectStore | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+        in_use: Callable[[], set[Path]] = set,
     ) -> None:  # fmt: skip
         self.pipe = pipe  # imports check the file against the model's architecture
         self.model_name = model_name
         self.after_import = after_import  # an import loads and drops a temporary adapter
         self.store_dir = Path(store_dir)
         self.adapters_dir = self.store_dir / "adapters"
+        # A remote artifact store: bundles are fetched by id into store_dir/artifacts, which
+        # is then a cache bounded by cache_bytes (adapters in use are never dropped).
+        self.cache = None
+        if objects is not None and objects.local_root is None:
+            self.cache = BundleCache(objects, self.store_dir / "artifacts", cache_bytes, in_use)
         self.text_hidden = int(pipe.text_encoder.config.hidden_size)
         self.cross_dim = int(pipe.unet.config.cross_attention_dim)
 
@@ -97,6 +109,15 @@ class AdapterStore:
                 path = safe_child(self.store_dir / "artifacts", relative)
         except ValueError as err:
             raise InvalidArgument(str(err), "uri") from err
+        if not path.exists() and self.cache is not None:
+            bundle_id = relative.removeprefix(ARTIFACTS)
+            if is_adapter_id(bundle_id):  # a bundle id: fetch it into the cache
+                try:
+                    path = self.cache.get(bundle_id) or path
+                except bundles.BundleError as err:
+                    raise InvalidArgument(
+                        f"bundle {bundle_id} in the artifact store: {err}", "uri"
+                    ) from err
         if (path / bundles.MANIFEST_FILE).is_file():
             try:
                 return self._from_bundle(adapter_id, path, "uri")

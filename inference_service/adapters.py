@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from inference_service.adapter_store import AdapterEntry, AdapterStore
+from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry, AdapterStore
 from inference_service.mixing import LoraMixer
 from inference_service.requests import AdapterRequest
 from inference_service.slots import SlotPool, TokenPool
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.adapters")
 
@@ -45,11 +46,15 @@ def refuse_non_finite(adapter_id: str, tensors: dict[str, torch.Tensor]) -> None
 class AdapterRegistry:
     def __init__(
         self, pipe: Any, store_dir: Path, mixer: LoraMixer, *, max_resident: int = 8,
-        model_name: str = "", slot_rank: int = 16,
+        model_name: str = "", slot_rank: int = 16, objects: ObjectStore | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:  # fmt: skip
         self.pipe = pipe
         self.mixer = mixer
-        self.store = AdapterStore(pipe, store_dir, model_name, after_import=mixer.refresh)
+        self.store = AdapterStore(
+            pipe, store_dir, model_name, after_import=mixer.refresh, objects=objects,
+            cache_bytes=cache_bytes, in_use=lambda: {e.path for e in self.entries.values()},
+        )  # fmt: skip
         self.max_resident = max_resident
         self.entries: dict[str, AdapterEntry] = {}
         self.lru: OrderedDict[str, None] = OrderedDict()

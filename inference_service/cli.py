@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting(
         serve,
+        "--artifact-cache-gb",
+        default=20.0,
+        type=float,
+        help="with an s3:// --artifact-store: local disk for fetched bundles; the least "
+        "recently used go first, loaded adapters never",
+    )
+    add_setting(
+        serve,
         "--preload",
         default="",
         help="comma-separated adapter ids (in the artifact store) to load and pin",
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_batch_images=args.max_batch_images,
                     slot_rank=args.adapter_slot_rank,
                     preload=tuple(a for a in args.preload.split(",") if a),
+                    cache_bytes=int(args.artifact_cache_gb * 2**30),
                 ),
                 settings,
             )

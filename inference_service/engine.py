@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from inference_service.adapter_store import AdapterEntry
+from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.adapters import AdapterRegistry
 from inference_service.batching import plan
 from inference_service.mixing import LoraMixer, row_weights
@@ -32,6 +32,7 @@ from inference_service.requests import (
     GenerationSpec,
 )
 from loraforge_core.errors import Cancelled
+from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.engine")
 
@@ -44,7 +45,8 @@ class GeneratorEngine:
 
     def __init__(
         self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = "",
-        slot_rank: int = 16,
+        slot_rank: int = 16, objects: ObjectStore | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:  # fmt: skip
         self.pipe = pipe
         self.lock = threading.Lock()
@@ -54,7 +56,7 @@ class GeneratorEngine:
         self.mixer = LoraMixer(pipe)
         self.adapters = AdapterRegistry(
             pipe, store_dir, self.mixer, max_resident=max_resident, model_name=model_name,
-            slot_rank=slot_rank,
+            slot_rank=slot_rank, objects=objects, cache_bytes=cache_bytes,
         )  # fmt: skip
 
     def generate(

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from loraforge.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
-from inference_service.adapter_store import AdapterEntry
+from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.batching import BatchQueue, PendingGeneration
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import (
@@ -30,6 +30,7 @@ from inference_service.requests import (
 from loraforge_core.devices import resolve_device, validate_device
 from loraforge_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loraforge_core.models import load_pipeline, resolve_model
+from loraforge_core.objectstore import open_object_store
 from loraforge_core.protomaps import enum_names, enum_numbers
 from loraforge_core.settings import ServerSettings
 
@@ -92,8 +93,10 @@ class GeneratorService:
         preload: tuple[str, ...] = (),
         slot_rank: int = 16,
         max_batch_images: int = 8,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         validate_device(settings.device)
+        self.cache_bytes = cache_bytes
         self.queue = BatchQueue(max_images=max_batch_images, max_adapters=max_resident_adapters)
         self.settings = settings
         self.max_resident = max_resident_adapters
@@ -112,9 +115,13 @@ class GeneratorService:
     async def start(self) -> None:
         device = resolve_device(self.settings.device)
         pipe = await asyncio.to_thread(load_pipeline, self.settings.model, device=device)
+        objects = await asyncio.to_thread(
+            open_object_store, self.settings.artifact_store, Path(self.settings.data_dir)
+        )
         self.engine = GeneratorEngine(
             pipe, Path(self.settings.data_dir), max_resident=self.max_resident,
             model_name=self.settings.model or "loraforge/tiny", slot_rank=self.slot_rank,
+            objects=objects, cache_bytes=self.cache_bytes,
         )  # fmt: skip
         for adapter_id in self.preload:
             await self.run(self.engine.adapters.register, adapter_id, pin=True)

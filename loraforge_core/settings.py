@@ -71,6 +71,7 @@ class ServerSettings:
     port: int = 50051
     model: str = ""
     data_dir: Path = field(default_factory=lambda: Path("./loraforge-data"))
+    artifact_store: str = ""
     device: str = "auto"
     grace_period: float = 10.0
     log_level: str = "info"
@@ -94,6 +95,14 @@ class ServerSettings:
             default=Path("./loraforge-data"),
             type=Path,
             help="where jobs, artifacts and adapters are kept",
+        )
+        add_setting(
+            parser,
+            "--artifact-store",
+            default="",
+            help="where bundles, job inputs and checkpoints are shared: s3://BUCKET[/PREFIX] "
+            "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_REGION); empty: the data dir",
         )
         add_setting(
             parser, "--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N"
@@ -144,6 +153,7 @@ class ServerSettings:
             port=args.port,
             model=args.model,
             data_dir=args.data_dir,
+            artifact_store=args.artifact_store,
             device=args.device,
             grace_period=args.grace_period,
             log_level=args.log_level,
@@ -156,6 +166,8 @@ class ServerSettings:
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work together."""
+        if self.artifact_store and not self.artifact_store.startswith("s3://"):
+            raise ValueError("--artifact-store must be s3://BUCKET[/PREFIX] or empty")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

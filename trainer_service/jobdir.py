@@ -6,6 +6,8 @@ config.json       the job's TrainingConfig
 train.log         the training process's stderr
 train.lock        held by the job's one training process (an old one may still be stopping)
 checkpoints/      training state for resume (training/checkpoint.py)
+
+With a remote artifact store the inputs and checkpoints are also kept at ``jobs/<id>/`` there.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from loraforge_core.files import atomic_write_bytes
+from loraforge_core.files import atomic_write_bytes, safe_child
+from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
+from trainer_service.training.checkpoint import checkpoint_path
 
 if TYPE_CHECKING:
     from trainer_service.training.data import InstanceExample
@@ -58,6 +62,29 @@ class JobDir:
             )
         atomic_write_bytes(self.index, json.dumps(index).encode())
         atomic_write_bytes(self.config_file, config.to_json().encode())
+
+    # ------------------------------------------------------------------ the artifact store
+    # A job's inputs and checkpoints also live at jobs/<id>/ in the artifact store, so that
+    # any replica can run or resume it; in the local store that is this very folder.
+    @property
+    def key(self) -> str:
+        return f"jobs/{self.path.name}/"
+
+    def publish_inputs(self, store: ObjectStore) -> None:
+        """Images, then their index, then the config (the config says the inputs are whole)."""
+        names = [f"images/{p.name}" for p in sorted(self.images.iterdir())]
+        store.put_files(self.key, self.path, [*names, self.index.name, self.config_file.name])
+
+    def publish_checkpoint(self, store: ObjectStore, global_step: int) -> None:
+        path = checkpoint_path(self.checkpoints, global_step)
+        store.put_file(f"{self.key}checkpoints/{path.name}", path)
+
+    def fetch(self, store: ObjectStore) -> None:
+        """What another replica stored for this job (inputs, checkpoints) that is not here."""
+        for key in store.keys(self.key):
+            local = safe_child(self.path, key[len(self.key) :])
+            if not local.exists():
+                store.get_file(key, local)
 
     def config(self) -> TrainingConfig:
         return TrainingConfig.from_json(self.config_file.read_text())

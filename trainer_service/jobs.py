@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge_core.errors import Violations
+from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.store import JobRecord, JobStore
@@ -65,8 +66,11 @@ def validate(spec: JobSpec) -> None:
     v.raise_if_any()
 
 
-def create_job(store: JobStore, jobs_dir: Path, spec: JobSpec) -> tuple[JobRecord, bool]:
-    """Validate, then write the job folder and queue the job. Idempotent on request_id."""
+def create_job(
+    store: JobStore, jobs_dir: Path, spec: JobSpec, objects: ObjectStore | None = None
+) -> tuple[JobRecord, bool]:
+    """Validate, then write the job folder (and publish it to the artifact store, where any
+    replica can fetch it) and queue the job. Idempotent on request_id."""
     if spec.request_id:
         existing = store.job_by_request(spec.request_id)
         if existing is not None:
@@ -76,6 +80,8 @@ def create_job(store: JobStore, jobs_dir: Path, spec: JobSpec) -> tuple[JobRecor
     job_dir = JobDir(jobs_dir / job_id)
     try:
         job_dir.create(spec.config, spec.images)
+        if objects is not None:
+            job_dir.publish_inputs(objects)
         job, created = store.create_job(
             request_id=spec.request_id, method=spec.config.method,
             base_model=spec.config.pretrained_model_name_or_path,

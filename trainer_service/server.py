@@ -17,9 +17,11 @@ from google.protobuf import timestamp_pb2
 from loraforge.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_core import bundle as bundles
+from loraforge_core.artifacts import fetch_bundle
 from loraforge_core.devices import resolve_device, validate_device, visible_gpus
 from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from loraforge_core.models import resolve_model
+from loraforge_core.objectstore import ObjectStore, open_object_store
 from loraforge_core.protomaps import enum_names, enum_numbers
 from loraforge_core.settings import ServerSettings
 from trainer_service import events, jobs
@@ -204,6 +206,7 @@ class TrainerService:
         self.runner: JobRunner | None = None
         self._changed = asyncio.Condition()
         self.watchers = 0
+        self.objects: ObjectStore | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self), server)
@@ -213,6 +216,9 @@ class TrainerService:
             folder.mkdir(parents=True, exist_ok=True)
         self.base_model = await asyncio.to_thread(resolve_model, self.settings.model)
         self.device = resolve_device(self.settings.device)
+        self.objects = await asyncio.to_thread(
+            open_object_store, self.settings.artifact_store, self.data_dir
+        )
         db = await asyncio.to_thread(open_database, self.fleet.database_url, self.data_dir)
         self.store = JobStore(db)
         loop = asyncio.get_running_loop()
@@ -222,8 +228,8 @@ class TrainerService:
         if max_jobs is None:
             max_jobs = max(1, len(gpus) // self.num_processes)
         self.runner = JobRunner(
-            self.store, self.jobs_dir, self.artifacts_dir, max_jobs=max_jobs, gpus=gpus,
-            num_processes=self.num_processes, replica_id=self.replica_id,
+            self.store, self.jobs_dir, self.artifacts_dir, self.objects, max_jobs=max_jobs,
+            gpus=gpus, num_processes=self.num_processes, replica_id=self.replica_id,
             lease_s=self.fleet.lease_seconds, on_event=self._notify,
         )  # fmt: skip
         self.runner.start()
@@ -262,7 +268,9 @@ class TrainerService:
             seed=config.seed if config.seed is not None else random.randrange(2**31),
         )
         spec = jobs.JobSpec(request_id=request_id, config=config, images=images)
-        job, created = await asyncio.to_thread(jobs.create_job, store, self.jobs_dir, spec)
+        job, created = await asyncio.to_thread(
+            jobs.create_job, store, self.jobs_dir, spec, self.objects
+        )
         if created:
             log.info("job created", extra={"job_id": job.job_id, "images": job.num_images})
             assert self.runner is not None
@@ -315,11 +323,16 @@ class TrainerService:
             raise NotFound("job", job_id, "list jobs with ListJobs")
         return job
 
-    def artifact_path(self, artifact_id: str) -> Path:
+    async def artifact_path(self, artifact_id: str) -> Path:
+        """The artifact's local folder, fetched from the artifact store when another replica
+        wrote it."""
         record = self.ready_store().get_artifact(artifact_id) if artifact_id else None
         if record is None:
             raise NotFound("artifact", artifact_id)
-        return self.artifacts_dir / record.path
+        path = self.artifacts_dir / record.path
+        if await asyncio.to_thread(fetch_bundle, self.objects, record.path, path) is None:
+            raise NotFound("artifact", artifact_id, "recorded, but missing from the artifact store")
+        return path
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
@@ -389,7 +402,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             await self.service.wait_for_change(1.0)
 
     async def GetArtifact(self, request, context):
-        path = self.service.artifact_path(request.artifact_id)
+        path = await self.service.artifact_path(request.artifact_id)
         record = self.store.get_artifact(request.artifact_id)
         assert record is not None
         bundle = await asyncio.to_thread(bundles.read_bundle, path, verify=False)
@@ -406,7 +419,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         )  # fmt: skip
 
     async def DownloadArtifact(self, request, context):
-        path = self.service.artifact_path(request.artifact_id)
+        path = await self.service.artifact_path(request.artifact_id)
         chunk = request.chunk_size or CHUNK_SIZE
         if not MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE:
             raise InvalidArgument(

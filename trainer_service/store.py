@@ -226,7 +226,7 @@ class JobStore:
                 (owner, now + lease_s, job_id),
             )
             if row["state"] == QUEUED:
-                self._set_state(tx, job_id, RUNNING, "", now)
+                self._set_state(tx, job_id, RUNNING, f"on replica {owner}", now)
             else:
                 self._append(tx, job_id, Log(
                     "warning", f"replica {row['owner']} stopped renewing its lease; replica "

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge_core.artifacts import publish_bundle
+from loraforge_core.objectstore import ObjectStore
 from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, parse_line
 from trainer_service.jobdir import JobDir
 from trainer_service.store import (
@@ -74,6 +76,7 @@ class JobRunner:
         store: JobStore,
         jobs_dir: Path,
         artifacts_dir: Path,
+        objects: ObjectStore | None = None,
         *,
         max_jobs: int = 1,
         gpus: Sequence[int] = (),
@@ -85,6 +88,7 @@ class JobRunner:
         self.store = store
         self.jobs_dir = jobs_dir
         self.artifacts_dir = artifacts_dir
+        self.objects = objects  # None: nothing to share (tests of the runner alone)
         self.slots = plan_slots(max_jobs, num_processes, gpus)
         self.num_processes = num_processes
         self.replica_id = replica_id
@@ -261,6 +265,8 @@ class JobRunner:
     async def _run(self, job_id: str) -> None:
         job_dir = JobDir(self.jobs_dir / job_id)
         running = self._running[job_id]
+        if self.objects is not None:  # inputs and checkpoints another replica stored
+            await asyncio.to_thread(job_dir.fetch, self.objects)
         with open(job_dir.log, "ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
@@ -280,6 +286,8 @@ class JobRunner:
             if isinstance(event, Log) and event.level == "error":
                 error = event.message
             finished |= isinstance(event, FinalArtifact)
+            if isinstance(event, (Checkpoint, FinalArtifact)) and self.objects is not None:
+                await asyncio.to_thread(self._publish, job_dir, event)
             self._record(job_id, event)
         code = await process.wait()
         if not running.lost:
@@ -311,6 +319,14 @@ class JobRunner:
             return f"training process was killed by {name}{hint}"
         tail = job_dir.last_log_line()
         return f"training process exited with code {code}" + (f": {tail}" if tail else "")
+
+    def _publish(self, job_dir: JobDir, event: Checkpoint | FinalArtifact) -> None:
+        """A reported bundle (and a checkpoint's resume state) into the artifact store before
+        the job's record names it: what a record names, every replica can fetch."""
+        assert self.objects is not None
+        publish_bundle(self.objects, self.artifacts_dir / event.artifact_id)
+        if isinstance(event, Checkpoint):
+            job_dir.publish_checkpoint(self.objects, event.global_step)
 
     def _record(self, job_id: str, event: JobEvent) -> None:
         """Persist an event; a bundle it reports also becomes an artifact record."""

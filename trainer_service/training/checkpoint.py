@@ -18,6 +18,10 @@ import torch
 GLOB = "step-*.pt"
 
 
+def checkpoint_path(folder: Path, global_step: int) -> Path:
+    return folder / f"step-{global_step:07d}.pt"
+
+
 @dataclass
 class TrainingState:
     global_step: int
@@ -32,7 +36,7 @@ class TrainingState:
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"step-{self.global_step:07d}.pt"
+        final = checkpoint_path(folder, self.global_step)
         tmp = final.with_suffix(".tmp")
         torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
         with open(tmp, "rb") as handle:

@@ -1,0 +1,104 @@
+"""Bundles in the artifact store (objectstore.py): published after they are written, fetched
+into a local folder before use, verified there, and kept in a size-bounded local cache.
+
+A bundle's key is ``artifacts/<bundle id>/``; its manifest goes up last, so a bundle whose
+manifest can be read is whole. A fetched bundle is verified (every file against the manifest's
+sha256) in a staging folder and then renamed into place, so a half-fetched bundle is never
+seen either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from loraforge_core.bundle import BUNDLE_FILES, MANIFEST_FILE, Bundle, read_bundle
+from loraforge_core.objectstore import ObjectStore
+
+ARTIFACTS = "artifacts/"
+log = logging.getLogger("loraforge.artifacts")
+
+
+def bundle_key(bundle_id: str) -> str:
+    return f"{ARTIFACTS}{bundle_id}/"
+
+
+def publish_bundle(store: ObjectStore, folder: Path) -> None:
+    """A bundle folder (named by its id) into the store, manifest last."""
+    store.put_files(bundle_key(folder.name), folder, BUNDLE_FILES)
+
+
+def fetch_bundle(store: ObjectStore, bundle_id: str, dest: Path) -> Bundle | None:
+    """The bundle at ``dest``, fetched from the store if it is not there yet; None when the
+    store has no such bundle. Raises BundleError when what it holds does not verify."""
+    if (dest / MANIFEST_FILE).is_file():
+        return read_bundle(dest, verify=False)  # verified when it was fetched or written
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_id}.", dir=dest.parent))
+    try:
+        # The manifest first: written last, it says the bundle is whole.
+        for name in (MANIFEST_FILE, *(n for n in BUNDLE_FILES if n != MANIFEST_FILE)):
+            if not store.get_file(bundle_key(bundle_id) + name, staging / name):
+                return None
+        read_bundle(staging)  # every file against its sha256
+        try:
+            staging.rename(dest)
+        except OSError:  # another request fetched it first: keep that one
+            if not (dest / MANIFEST_FILE).is_file():
+                raise
+        return read_bundle(dest, verify=False)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class BundleCache:
+    """Bundles fetched from a remote store, under ``root``, at most ``limit_bytes`` in all.
+    The least recently used go first, except those ``in_use`` names (loaded adapters)."""
+
+    def __init__(
+        self, store: ObjectStore, root: Path, limit_bytes: int,
+        in_use: Callable[[], set[Path]] = set,
+    ) -> None:  # fmt: skip
+        self.store = store
+        self.root = Path(root)
+        self.limit_bytes = limit_bytes
+        self.in_use = in_use
+        self.fetches = 0  # bundles fetched from the store (the rest came from the cache)
+        self._lock = threading.Lock()
+
+    def get(self, bundle_id: str) -> Path | None:
+        """The local folder of a bundle, fetched if needed; None when the store lacks it."""
+        dest = self.root / bundle_id
+        cached = (dest / MANIFEST_FILE).is_file()
+        if fetch_bundle(self.store, bundle_id, dest) is None:
+            return None
+        if not cached:
+            self.fetches += 1
+            log.info("bundle fetched from the artifact store",
+                     extra={"bundle_id": bundle_id, "store": self.store.url})  # fmt: skip
+        os.utime(dest)  # recency for the LRU order
+        self.evict(keep=dest)
+        return dest
+
+    def evict(self, keep: Path | None = None) -> list[str]:
+        """Drop least recently used bundles until the cache fits; the ids dropped."""
+        with self._lock:
+            folders = [p for p in self.root.iterdir() if (p / MANIFEST_FILE).is_file()]
+            sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in folders}
+            total = sum(sizes.values())
+            protected = {p.resolve() for p in self.in_use()} | ({keep.resolve()} if keep else set())
+            dropped = []
+            for folder in sorted(folders, key=lambda p: p.stat().st_mtime):
+                if total <= self.limit_bytes:
+                    break
+                if folder.resolve() in protected:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+                total -= sizes[folder]
+                dropped.append(folder.name)
+            return dropped
