@@ -45,11 +45,13 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict]]:
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(rendered) -> None:
-    _, objects = rendered
+    overlay, objects = rendered
     assert {o["kind"] for o in objects} >= {
-        "Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret",
-        "PodDisruptionBudget", "HorizontalPodAutoscaler",
+        "Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
     }  # fmt: skip
+    # One machine keeps SQLite and bundles on a volume; the GPU fleet shares no disk.
+    assert bool(by_kind(objects, "PersistentVolumeClaim")) == (overlay == "cpu-dev")
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -80,11 +82,24 @@ def test_policy_probes_security_resources_and_secrets(rendered) -> None:
     assert headless, "a headless Service for client-side round-robin over generators"
 
 
+def test_the_gpu_trainers_are_a_fleet_on_shared_stores_without_a_shared_disk() -> None:
+    objects = render("gpu")
+    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+    assert deployments["loraforge-trainer"]["spec"]["replicas"] > 1
+    for deployment in deployments.values():
+        pod = deployment["spec"]["template"]["spec"]
+        assert all("persistentVolumeClaim" not in v for v in pod["volumes"]), pod["volumes"]
+        sources = pod["containers"][0]["envFrom"]
+        assert {"secretRef": {"name": "loraforge-fleet", "optional": False}} in sources
+    assert not [s for s in by_kind(objects, "Secret") if s["metadata"]["name"] == "loraforge-fleet"]
+
+
 def _container_env(objects: list[dict], container: dict) -> dict[str, str]:
     config = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind(objects, "ConfigMap")}
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        env.update(config[source["configMapRef"]["name"]])
+        if "configMapRef" in source:
+            env.update(config[source["configMapRef"]["name"]])
     for item in container.get("env", []):
         env[item["name"]] = item["value"]
     return env
@@ -148,12 +163,26 @@ def test_dockerfiles_lint_clean_and_copy_only_what_exists() -> None:
                     assert (ROOT / source).exists(), f"{dockerfile.name}: {source} missing"
 
 
-def test_compose_file_uses_the_cpu_image_and_one_shared_volume() -> None:
+def test_compose_runs_the_fleet_on_shared_stores_and_volumes_of_their_own() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert (ROOT / services["trainer"]["build"]["dockerfile"]).exists()
-    for service in services.values():
-        assert "data:/data" in service["volumes"]
+    assert (ROOT / services["trainer-a"]["build"]["dockerfile"]).exists()
+    assert {"postgres", "s3", "trainer-a", "trainer-b", "generator"} <= set(services)
+    s3_config = services["s3"]["volumes"][1].split(":")[0]
+    assert (DEPLOY / s3_config).is_file()
+    data = set()
+    for name in ("trainer-a", "trainer-b", "generator"):
+        env = services[name]["environment"]
+        assert env["LORAFORGE_ARTIFACT_STORE"].startswith("s3://")
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333"
+        volume = next(v for v in services[name]["volumes"] if v.endswith(":/data"))
+        data.add(volume)
+    assert len(data) == 3  # no shared data volume
+    for name in ("trainer-a", "trainer-b"):
+        env = services[name]["environment"]
+        assert env["LORAFORGE_DATABASE_URL"].startswith("postgresql://")
+    assert len({services[n]["environment"]["LORAFORGE_REPLICA_ID"]
+                for n in ("trainer-a", "trainer-b")}) == 2  # fmt: skip
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
