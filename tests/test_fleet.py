@@ -160,3 +160,18 @@ def test_a_generator_without_the_trainers_disk_loads_an_artifact_by_id(fleet: Fl
         fetched = server.log().count("bundle fetched from the artifact store")
     assert fetched == 1
     assert not (fleet.root / "g" / "jobs").exists()  # nothing of the trainer's on its disk
+
+
+def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet: Fleet) -> None:
+    with ExitStack() as stack:
+        a = stub(stack.enter_context(fleet.trainer("a")), stack)
+        b = stub(stack.enter_context(fleet.trainer("b", "--max-jobs", "0")), stack)
+        job_id = a.CreateJob(job_request(max_train_steps_tuning=100_000), timeout=30).job_id
+        for event in b.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300):
+            if event.WhichOneof("kind") == "progress":  # running, on a
+                break
+        cancelled = b.CancelJob(trainer_pb2.CancelJobRequest(job_id=job_id), timeout=120)
+        events = watch(a, job_id)
+    assert cancelled.state == trainer_pb2.JOB_STATE_CANCELLED
+    assert replica_that_ran(events) == ["a"]
+    assert events[-1].state_change.state == trainer_pb2.JOB_STATE_CANCELLED

@@ -68,3 +68,63 @@ def test_a_wrong_url_or_key_is_a_clear_error(s3_server, monkeypatch, tmp_path: P
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(ConnectionError, match="cannot use the artifact store s3://"):
         open_object_store(f"s3://{s3_server.bucket}/p", tmp_path)
+
+
+def stored_bundles(store, tmp_path: Path, count: int) -> list[str]:
+    """Real bundles (random weights), published to ``store``."""
+    import torch
+
+    from loraforge_core import bundle as bundles
+    from loraforge_core.artifacts import publish_bundle
+
+    ids = []
+    for seed in range(count):
+        generator = torch.Generator().manual_seed(seed)
+        manifest = bundles.Manifest(
+            base_model="tiny", method="pti", tokens=["<s1>"], rank=2, alpha=2.0,
+            unet_target_modules=["to_q"], text_encoder_target_modules=[], global_step=seed,
+            text_hidden_size=4, cross_attention_dim=4,
+        )  # fmt: skip
+        made = bundles.store_bundle(
+            tmp_path / "made", {"unet.x.lora_A.weight": torch.randn(2, 4, generator=generator)},
+            {"<s1>": torch.randn(4, generator=generator)}, manifest,
+        )  # fmt: skip
+        publish_bundle(store, made.path)
+        ids.append(made.id)
+    return ids
+
+
+def test_the_bundle_cache_fetches_once_verifies_and_drops_the_least_recent(
+    store, tmp_path: Path
+) -> None:
+    import os
+
+    from loraforge_core.artifacts import BundleCache
+    from loraforge_core.bundle import BundleError, read_bundle
+
+    ids = stored_bundles(store, tmp_path, 3)
+    size = read_bundle(tmp_path / "made" / ids[0]).size_bytes()
+    in_use: set[Path] = set()
+    cache = BundleCache(store, tmp_path / "cache", limit_bytes=2 * size, in_use=lambda: in_use)
+    first = cache.get(ids[0])
+    assert first is not None and read_bundle(first).id == ids[0]  # verifies every sha256
+    assert cache.get(ids[0]) == first and cache.fetches == 1  # the second time: local
+    in_use.add(first)  # a loaded adapter: never dropped
+    os.utime(first, (1, 1))  # and the least recently used
+    cache.get(ids[1])
+    cache.get(ids[2])  # three bundles do not fit in two bundles' room
+    kept = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert kept == sorted([ids[0], ids[2]]) and cache.fetches == 3
+    assert cache.get("lora-" + "0" * 24) is None  # not in the store
+    # A bundle whose bytes changed in the store does not verify and is not cached.
+    if isinstance(store, LocalObjectStore):
+        victim = store.local_root / "artifacts" / ids[1] / "pytorch_lora_weights.safetensors"
+    else:
+        victim = tmp_path / "tampered"
+        store.get_file(f"artifacts/{ids[1]}/pytorch_lora_weights.safetensors", victim)
+    victim.write_bytes(victim.read_bytes()[:-4] + b"\0\0\0\0")
+    if not isinstance(store, LocalObjectStore):
+        store.put_file(f"artifacts/{ids[1]}/pytorch_lora_weights.safetensors", victim)
+    with pytest.raises(BundleError, match="sha256"):
+        cache.get(ids[1])
+    assert not (tmp_path / "cache" / ids[1]).exists()
