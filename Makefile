@@ -33,9 +33,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(STAMP)
+bench: $(STAMP) test-services
 	$(PY) -m bench.serving
 	$(PY) -m bench.training
+	$(PY) -m bench.fleet
 
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py

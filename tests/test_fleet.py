@@ -6,6 +6,8 @@ database and the S3 bucket (a real PostgreSQL and a real SeaweedFS).
 
 from __future__ import annotations
 
+import io
+import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +18,7 @@ import grpc
 import pytest
 from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
+from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import ServerProcess
 from tests.test_faults_and_load import assert_resumed_from_checkpoints, kill_tree
 from tests.test_trainer_service import job_request
@@ -82,8 +85,16 @@ def test_jobs_created_on_one_replica_run_once_each_across_both(fleet: Fleet) -> 
             assert events[-1].state_change.state == trainer_pb2.JOB_STATE_SUCCEEDED
             (ran[job_id],) = replica_that_ran(events)  # claimed once
         jobs = [b.GetJob(trainer_pb2.GetJobRequest(job_id=i)) for i in ids]
+        # b serves a's bundle: it fetches it from S3 (its own disk never had it).
+        from_a = next(j for j in jobs if ran[j.job_id] == "a").final_artifact_id
+        assert not (fleet.root / "b" / "artifacts" / from_a).exists()
+        archive = b"".join(c.data for c in b.DownloadArtifact(
+            trainer_pb2.DownloadArtifactRequest(artifact_id=from_a), timeout=60))  # fmt: skip
     assert set(ran.values()) == {"a", "b"}, ran  # both replicas trained
     assert all(j.final_artifact_id for j in jobs)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(fleet.root / "download", filter="data")
+    assert read_bundle(fleet.root / "download").id == from_a  # whole, sha256 verified
 
 
 def test_a_killed_replicas_job_resumes_on_another_and_after_both_die(fleet: Fleet) -> None:
