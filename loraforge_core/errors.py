@@ -1,6 +1,6 @@
 """Domain errors that the gRPC edge maps to status codes with ``google.rpc`` details.
 
-Domain code raises these and knows nothing of gRPC; ``ErrorInterceptor`` translates them.
+Domain code raises these and knows nothing of gRPC; ``grpc_edge.CallInterceptor`` translates them.
 Anything else that escapes a handler is our bug: INTERNAL with a correlation id, no traceback.
 """
 

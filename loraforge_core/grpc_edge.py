@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -24,6 +25,8 @@ from grpc_status import rpc_status
 
 from loraforge_core import errors
 from loraforge_core.auth import AuthInterceptor, read_tokens, server_credentials
+from loraforge_core.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id_or_new
+from loraforge_core.metrics import RPC_DURATION, RPC_STARTED, serve_metrics, split_method
 from loraforge_core.settings import ServerSettings
 
 log = logging.getLogger("loraforge.grpc")
@@ -114,7 +117,9 @@ def _status_for(err: errors.ServiceError) -> status_pb2.Status:
     return status
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: BaseException, method: str) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext, err: BaseException, method: str, request_id: str
+) -> None:
     if isinstance(err, errors.ServiceError):
         status = _status_for(err)
     else:
@@ -128,11 +133,55 @@ async def _abort(context: grpc.aio.ServicerContext, err: BaseException, method: 
             code=code_pb2.INTERNAL,
             message=f"internal error (correlation id {correlation_id}); it has been logged",
         )
-    await context.abort_with_status(rpc_status.to_status(status))
+    answer = rpc_status.to_status(status)
+    await context.abort(
+        answer.code, answer.details,
+        trailing_metadata=(*answer.trailing_metadata, (REQUEST_ID_HEADER, request_id)),
+    )  # fmt: skip
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes with details; unexpected errors to INTERNAL."""
+def _code_name(err: BaseException) -> str:
+    if isinstance(err, errors.ServiceError):
+        return grpc.StatusCode(
+            next(c.value for c in grpc.StatusCode if c.value[0] == _status_for(err).code)
+        ).name
+    return "INTERNAL"
+
+
+@contextlib.asynccontextmanager
+async def _observed(
+    context: grpc.aio.ServicerContext, method: str, request_id: str
+) -> AsyncIterator[None]:
+    """One call: its request id in every log line it causes and in its trailers, its
+    duration by status code, and a domain error turned into its status."""
+    service, rpc = split_method(method)
+    token = REQUEST_ID.set(request_id)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+    RPC_STARTED.labels(service, rpc).inc()
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        yield
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except grpc.aio.AbortError:
+        code = context.code().name if context.code() is not None else "UNKNOWN"
+        raise
+    except Exception as err:
+        code = _code_name(err)
+        await _abort(context, err, method, request_id)
+    finally:
+        seconds = time.perf_counter() - started
+        RPC_DURATION.labels(service, rpc, code).observe(seconds)
+        if code not in ("OK", "INTERNAL"):  # INTERNAL has its own error line
+            log.info("call refused", extra={"rpc": rpc, "code": code, "seconds": seconds})
+        with contextlib.suppress(ValueError):  # a stream may end in another context
+            REQUEST_ID.reset(token)
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Per call: request id, metrics and error mapping (``_observed``)."""
 
     async def intercept_service(
         self,
@@ -143,16 +192,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        sent = dict(handler_call_details.invocation_metadata or ()).get(REQUEST_ID_HEADER)
+        request_id = request_id_or_new(sent if isinstance(sent, str) else None)
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
+                async with _observed(context, method, request_id):
                     return await inner(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as err:
-                    await _abort(context, err, method)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -163,13 +210,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
+                async with _observed(context, method, request_id):
                     async for item in inner_stream(request, context):
                         yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as err:
-                    await _abort(context, err, method)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -208,7 +251,7 @@ async def serve(
     if settings.auth_token_file is not None:
         interceptors.append(AuthInterceptor(read_tokens(settings.auth_token_file)))
     server = grpc.aio.server(
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*interceptors, CallInterceptor()],
         options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
@@ -229,6 +272,7 @@ async def serve(
         health_servicer, service.service_names, health_pb2.HealthCheckResponse.NOT_SERVING
     )
     await server.start()
+    serve_metrics(settings.metrics_port, settings.host)
     log.info(
         "listening",
         extra={

@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
 import time
+import uuid
+from contextvars import ContextVar
 from typing import Any
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+# The id of the call a log line belongs to: from the caller's x-request-id metadata, else new;
+# returned in the trailers, kept with a job, and passed to its training process
+# (LORAFORGE_REQUEST_ID), so one id finds every line a call caused.
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_ENV = "LORAFORGE_REQUEST_ID"
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+_REQUEST_ID_FORM = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+def request_id_or_new(sent: str | None) -> str:
+    """The caller's id when it is usable in logs and headers, else a new one."""
+    return sent if sent and _REQUEST_ID_FORM.match(sent) else uuid.uuid4().hex
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        if request_id and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,6 +59,9 @@ def configure_logging(level: str = "info") -> None:
     """Route the root logger to stderr as JSON lines and quiet the chatty libraries."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_RequestIdFilter())
+    if os.environ.get(REQUEST_ID_ENV):  # a training process, started for that call's job
+        REQUEST_ID.set(os.environ[REQUEST_ID_ENV])
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

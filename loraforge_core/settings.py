@@ -76,6 +76,7 @@ class ServerSettings:
     grace_period: float = 10.0
     log_level: str = "info"
     max_message_mb: int = 64
+    metrics_port: int = 0
     auth_token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -131,6 +132,13 @@ class ServerSettings:
 
         add_setting(
             parser,
+            "--metrics-port",
+            default=0,
+            type=_port,
+            help="HTTP port of the Prometheus metrics (/metrics, on --host); 0: none",
+        )
+        add_setting(
+            parser,
             "--auth-token-file",
             default=None,
             type=Path,
@@ -158,6 +166,7 @@ class ServerSettings:
             grace_period=args.grace_period,
             log_level=args.log_level,
             max_message_mb=args.max_message_mb,
+            metrics_port=args.metrics_port,
             auth_token_file=args.auth_token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

@@ -169,3 +169,83 @@ def seaweed_s3(root: Path) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.stop()
+
+
+class Prometheus:
+    """A Prometheus (the Debian package) scraping the given targets every second."""
+
+    def __init__(self, root: Path, targets: dict[str, str]) -> None:
+        self.root = root
+        self.targets = targets  # job name -> host:port of /metrics
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Prometheus:
+        import json
+
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is missing: run `make test` (it installs it)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": name, "static_configs": [{"targets": [target]}]}
+                for name, target in self.targets.items()
+            ],
+        }
+        (self.root / "prometheus.yml").write_text(json.dumps(config))  # YAML reads JSON
+        with open(self.root / "prometheus.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={self.root / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={self.root / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError((self.root / "prometheus.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)  # polling a starting server: there is no event to wait on
+
+    def query(self, expression: str) -> list[dict]:
+        """The instant vector of a PromQL expression: [{metric: {...}, value: [t, "v"]}]."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            body = json.load(answer)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def prometheus(root: Path, targets: dict[str, str]) -> Iterator[Prometheus]:
+    server = Prometheus(root, targets).start()
+    try:
+        yield server
+    finally:
+        server.stop()

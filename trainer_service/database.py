@@ -21,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger("loraforge.trainer.database")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # MIGRATIONS[i] takes a database from version i to i + 1.
 MIGRATIONS: list[list[str]] = [
     [
@@ -66,6 +66,9 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE jobs ADD COLUMN lease_expires_at REAL",
         "ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+    ],
+    [  # the request id of the CreateJob call: its training process logs under it too
+        "ALTER TABLE jobs ADD COLUMN request_trace TEXT NOT NULL DEFAULT ''",
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION

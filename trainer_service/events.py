@@ -42,6 +42,7 @@ class Checkpoint:
     kind: ClassVar[str] = "checkpoint"
     artifact_id: str
     global_step: int
+    write_seconds: float = 0.0  # resume state and bundle to disk (absent before 0.3)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge_core.errors import Violations
+from loraforge_core.logs import REQUEST_ID
 from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir
@@ -86,7 +87,7 @@ def create_job(
             request_id=spec.request_id, method=spec.config.method,
             base_model=spec.config.pretrained_model_name_or_path,
             tokens=spec.config.learned_tokens, num_images=len(spec.images),
-            config=spec.config.to_dict(), job_id=job_id,
+            config=spec.config.to_dict(), job_id=job_id, request_trace=REQUEST_ID.get(),
         )  # fmt: skip
     except BaseException:
         shutil.rmtree(job_dir.path, ignore_errors=True)

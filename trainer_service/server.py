@@ -24,7 +24,7 @@ from loraforge_core.models import resolve_model
 from loraforge_core.objectstore import ObjectStore, open_object_store
 from loraforge_core.protomaps import enum_names, enum_numbers
 from loraforge_core.settings import ServerSettings
-from trainer_service import events, jobs
+from trainer_service import events, jobs, metrics
 from trainer_service.config import TrainingConfig
 from trainer_service.database import open_database, redact
 from trainer_service.events import Progress
@@ -207,6 +207,7 @@ class TrainerService:
         self._changed = asyncio.Condition()
         self.watchers = 0
         self.objects: ObjectStore | None = None
+        self.collector: metrics.TrainerCollector | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(self), server)
@@ -233,6 +234,10 @@ class TrainerService:
             lease_s=self.fleet.lease_seconds, on_event=self._notify,
         )  # fmt: skip
         self.runner.start()
+        self.collector = metrics.TrainerCollector(
+            counts=self.store.count_by_state, running=self.runner.running_progress
+        )
+        metrics.REGISTRY.register(self.collector)
         log.info("trainer ready", extra={
             "base_model": self.base_model, "max_jobs": max_jobs, "replica": self.replica_id,
             "database": redact(db.url),
@@ -309,6 +314,8 @@ class TrainerService:
             await self.runner.stop()
 
     async def close(self) -> None:
+        if self.collector is not None:
+            metrics.REGISTRY.unregister(self.collector)
         if self.store is not None:
             self.store.close()
 

@@ -12,6 +12,7 @@ on behalf of a running job name their owner and are refused once another replica
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -54,6 +55,14 @@ class JobRecord:
     lease_expires_at: float | None = None
     cancel_requested: bool = False
     attempts: int = 0  # times a replica claimed it
+    request_trace: str = ""  # the x-request-id of the CreateJob call
+
+
+@dataclass
+class Claim(JobRecord):
+    """A job just claimed; ``took_over`` when its previous replica's lease had expired."""
+
+    took_over: bool = False
 
 
 @dataclass
@@ -101,6 +110,7 @@ class JobStore:
         num_images: int,
         config: dict[str, Any],
         job_id: str | None = None,
+        request_trace: str = "",
     ) -> tuple[JobRecord, bool]:
         """Insert a QUEUED job; with a known request_id return that job instead (created=False).
 
@@ -111,10 +121,10 @@ class JobStore:
         with self.db.transaction() as tx:
             inserted = tx.one(
                 "INSERT INTO jobs (job_id, request_id, state, method, base_model, tokens,"
-                " num_images, config, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                " num_images, config, created_at, request_trace) VALUES (?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (request_id) DO NOTHING RETURNING job_id",
                 (job_id, request_id or job_id, QUEUED, method, base_model, json.dumps(tokens),
-                 num_images, json.dumps(config), now),
+                 num_images, json.dumps(config), now, request_trace),
             )  # fmt: skip
             if inserted is not None:
                 self._append(tx, job_id, StateChange(QUEUED), now)
@@ -141,6 +151,7 @@ class JobStore:
             last_sequence=row["last_sequence"], checkpoint_artifact_ids=checkpoints,
             owner=row["owner"], lease_expires_at=row["lease_expires_at"],
             cancel_requested=bool(row["cancel_requested"]), attempts=row["attempts"],
+            request_trace=row["request_trace"],
         )  # fmt: skip
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -202,7 +213,7 @@ class JobStore:
             raise LeaseLost(f"job {job_id} is no longer run by {owner}")
 
     # ------------------------------------------------------------------ the queue
-    def claim_next(self, owner: str, lease_s: float) -> JobRecord | None:
+    def claim_next(self, owner: str, lease_s: float) -> Claim | None:
         """Take the oldest QUEUED job, or a RUNNING one whose lease expired (its replica
         died), for ``owner`` until now + ``lease_s``. Replicas claiming at once get different
         jobs (row locks, SKIP LOCKED)."""
@@ -233,7 +244,14 @@ class JobStore:
                     f"{owner} resumes the job from its last checkpoint",
                 ), now)  # fmt: skip
             self.db.notify(tx, job_id)
-        return self._existing(job_id)
+        job = self._existing(job_id)
+        fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+        return Claim(**fields, took_over=row["state"] == RUNNING)
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.db.read() as tx:
+            rows = tx.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
 
     def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
         """Extend ``owner``'s lease on a running job; whether a cancel was asked of it.

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge_core.artifacts import publish_bundle
+from loraforge_core.logs import REQUEST_ID, REQUEST_ID_ENV
 from loraforge_core.objectstore import ObjectStore
-from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, parse_line
+from trainer_service import metrics
+from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, Progress, parse_line
 from trainer_service.jobdir import JobDir
 from trainer_service.store import (
     CANCELLED,
@@ -36,6 +38,7 @@ from trainer_service.store import (
     QUEUED,
     RUNNING,
     SUCCEEDED,
+    TERMINAL,
     JobStore,
     LeaseLost,
 )  # fmt: skip
@@ -68,6 +71,7 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     process: asyncio.subprocess.Process | None = None
     lost: bool = False  # another replica took the job: write nothing more
+    progress: Progress | None = None  # the latest, for the metrics
 
 
 class JobRunner:
@@ -177,11 +181,16 @@ class JobRunner:
                     await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
                 continue
             self.on_event(job.job_id)
+            if job.took_over:
+                metrics.TAKEOVERS.inc()
             running = RunningJob(slot)
             self._running[job.job_id] = running
             if job.cancel_requested:
                 self._cancelled.add(job.job_id)
+            # The job's task logs under the request id of the call that created it.
+            REQUEST_ID.set(job.request_trace)
             running.task = asyncio.create_task(self._guarded(job.job_id), name=job.job_id)
+            REQUEST_ID.set("")
 
     async def _heartbeat(self) -> None:
         """Renew the leases of the jobs running here; act on cancels and lost leases."""
@@ -257,6 +266,7 @@ class JobRunner:
 
     def _environment(self, gpus: list[int]) -> dict[str, str]:
         env = dict(os.environ)
+        env[REQUEST_ID_ENV] = REQUEST_ID.get()  # the job's task runs under its creator's id
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -286,8 +296,14 @@ class JobRunner:
             if isinstance(event, Log) and event.level == "error":
                 error = event.message
             finished |= isinstance(event, FinalArtifact)
+            if isinstance(event, Progress):
+                running.progress = event
+                metrics.STEPS.inc()
+            if isinstance(event, Checkpoint):
+                metrics.CHECKPOINT_WRITE_SECONDS.labels("write").observe(event.write_seconds)
             if isinstance(event, (Checkpoint, FinalArtifact)) and self.objects is not None:
-                await asyncio.to_thread(self._publish, job_dir, event)
+                with metrics.CHECKPOINT_WRITE_SECONDS.labels("publish").time():
+                    await asyncio.to_thread(self._publish, job_dir, event)
             self._record(job_id, event)
         code = await process.wait()
         if not running.lost:
@@ -308,8 +324,14 @@ class JobRunner:
             state, reason = QUEUED, "training process stopped; resuming from its checkpoint"
         else:
             state, reason = FAILED, error or self._exit_reason(code, job_dir)
-        self.store.set_state(job_id, state, reason, owner=self.replica_id)
+        job = self.store.set_state(job_id, state, reason, owner=self.replica_id)
         self.on_event(job_id)
+        if state in TERMINAL and job.started_at is not None and job.finished_at is not None:
+            metrics.JOB_DURATION.labels(state).observe(job.finished_at - job.started_at)
+
+    def running_progress(self) -> dict[str, Progress | None]:
+        """The jobs training here and their latest progress."""
+        return {job_id: r.progress for job_id, r in self._running.items()}
 
     @staticmethod
     def _exit_reason(code: int, job_dir: JobDir) -> str:

@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,8 @@ class Trainer:
     def emit(self, event: JobEvent) -> None:
         if self.is_main:
             self.reporter.emit(event)
+            if isinstance(event, Log):  # the job's narrative in train.log too
+                log.log(logging.getLevelName(event.level.upper()), event.message)
 
     def _phase_started(self, phase: str, steps: int) -> None:
         self._rate.start_phase()
@@ -223,6 +226,7 @@ class Trainer:
         """Training state (atomic) and a bundle artifact of the weights so far."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            started = time.perf_counter()
             unet_lora, text_lora = self._lora_states()
             TrainingState(
                 global_step=self.global_step, phase=phase, seed=self.seed,
@@ -231,7 +235,7 @@ class Trainer:
                 torch_rng=torch.get_rng_state(),
             ).save(self.paths.checkpoints)  # fmt: skip
             bundle = self.export_bundle()
-            self.emit(Checkpoint(artifact_id=bundle.id, global_step=self.global_step))
+            self.emit(Checkpoint(bundle.id, self.global_step, time.perf_counter() - started))
         self.accelerator.wait_for_everyone()
 
     def _restore(self, state: TrainingState) -> None:

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     die_with_parent()
+    from loraforge_core.logs import configure_logging
+
+    configure_logging("info")  # JSON lines in train.log, under the job's request id
     # Events go to the real stdout; anything libraries print goes to stderr.
     stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr

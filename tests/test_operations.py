@@ -1,0 +1,130 @@
+"""Operations: Prometheus metrics scraped by a real Prometheus, and request ids in the logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+from loraforge_core.bundle import pack
+from loraforge_core.launch import ServerProcess, free_port
+from tests.helpers import random_bundle
+from tests.services import prometheus
+from tests.test_trainer_service import job_request
+
+QUICK = dict(max_train_steps_ti=2, max_train_steps_tuning=2, save_steps=2)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def value(prom, expression: str) -> float:
+    result = prom.query(expression)
+    assert len(result) == 1, (expression, result)
+    return float(result[0]["value"][1])
+
+
+def scraped_after(prom, moment: float, deadline_s: float = 60.0) -> None:
+    """Wait until Prometheus holds a sample of both services taken after ``moment``."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        stamps = [float(r["value"][1]) for r in prom.query("timestamp(up)")]  # sample times
+        if len(stamps) == 2 and min(stamps) > moment:
+            return
+        time.sleep(0.5)  # the next scrape is the event; Prometheus has no push for it
+    raise TimeoutError("Prometheus did not scrape both services")
+
+
+def test_prometheus_scrapes_what_the_services_did(tiny_model: Path, tmp_path: Path) -> None:
+    ports = {"trainer": free_port(), "generator": free_port()}
+    bundle = random_bundle(str(tiny_model), tmp_path / "store", seed=3, token="<m1>")
+    with (
+        ServerProcess("trainer", data_dir=tmp_path / "t", model=str(tiny_model),
+                      extra_args=["--metrics-port", str(ports["trainer"])]) as trainer,
+        ServerProcess("generator", data_dir=tmp_path / "g", model=str(tiny_model),
+                      extra_args=["--metrics-port", str(ports["generator"])]) as generator,
+        prometheus(tmp_path / "prometheus",
+                   {k: f"127.0.0.1:{p}" for k, p in ports.items()}) as prom,
+        grpc.insecure_channel(trainer.target) as t_channel,
+        grpc.insecure_channel(generator.target) as g_channel,
+    ):  # fmt: skip
+        t = trainer_pb2_grpc.TrainerStub(t_channel)
+        g = generator_pb2_grpc.GeneratorStub(g_channel)
+        ids = [t.CreateJob(job_request(**QUICK), timeout=30).job_id for _ in range(2)]
+        g.LoadAdapter(generator_pb2.LoadAdapterRequest(adapter_id="m", data=pack(bundle.path)))
+        for adapters in ([], [("m", 1.0)], [("m", 0.5)], [("m", 1.0)]):
+            g.Generate(generator_pb2.GenerateRequest(
+                prompt="a <m1>", width=32, height=32, num_inference_steps=3, seed=1,
+                adapters=[generator_pb2.AdapterRef(adapter_id=a, scale=s) for a, s in adapters],
+            ), timeout=60)  # fmt: skip
+        for job_id in ids:
+            list(t.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300))
+        scraped_after(prom, time.time())
+        raw = scrape(ports["generator"])  # what curl on the port shows
+        assert "loraforge_generator_requests_waiting" in raw
+        assert 'loraforge_generator_adapters_info{max_resident="8",resident="m"} 1.0' in raw
+        # The second job waited while the first trained (one job at a time): the queue
+        # rose, and fell back to empty.
+        assert value(prom, "max_over_time(loraforge_trainer_queue_depth[10m])") >= 1
+        assert value(prom, "loraforge_trainer_queue_depth") == 0
+        assert value(prom, 'loraforge_trainer_jobs{state="succeeded"}') == 2
+        assert value(prom, "loraforge_trainer_steps_total") == 8
+        assert value(prom, "sum(loraforge_trainer_job_duration_seconds_count)") == 2
+        assert value(prom, 'loraforge_trainer_checkpoint_write_seconds_count{stage="write"}') >= 2
+        assert value(prom, "loraforge_generator_images_total") == 4
+        assert value(prom, "loraforge_generator_denoising_steps_total") == 12
+        assert value(prom, 'loraforge_generator_adapter_loads_total{source="bytes"}') == 1
+        assert value(prom, 'loraforge_generator_adapter_loads_total{source="resident"}') == 3
+        assert value(prom, "loraforge_generator_adapters_resident") == 1
+        assert value(prom, 'loraforge_rpc_duration_seconds_count{rpc="Generate",code="OK"}') == 4
+        assert value(prom, 'loraforge_rpc_duration_seconds_count{rpc="CreateJob",code="OK"}') == 2
+
+
+def log_lines(path: Path) -> list[dict]:
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(line))
+    return lines
+
+
+def test_a_request_id_follows_the_call_into_every_log_line(tiny_model: Path, tmp_path: Path):
+    with (
+        ServerProcess("trainer", data_dir=tmp_path / "t", model=str(tiny_model)) as trainer,
+        ServerProcess("generator", data_dir=tmp_path / "g", model=str(tiny_model)) as generator,
+        grpc.insecure_channel(trainer.target) as t_channel,
+        grpc.insecure_channel(generator.target) as g_channel,
+    ):
+        t = trainer_pb2_grpc.TrainerStub(t_channel)
+        job, call = t.CreateJob.with_call(
+            job_request(**QUICK), metadata=[("x-request-id", "req-train-42")], timeout=30
+        )
+        assert ("x-request-id", "req-train-42") in call.trailing_metadata()
+        list(t.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300))
+        g = generator_pb2_grpc.GeneratorStub(g_channel)
+        with pytest.raises(grpc.RpcError) as refused:  # an error answer carries it too
+            g.Generate(generator_pb2.GenerateRequest(prompt=""),
+                       metadata=[("x-request-id", "req-gen-7")])  # fmt: skip
+        assert ("x-request-id", "req-gen-7") in refused.value.trailing_metadata()
+        _, call = g.Generate.with_call(generator_pb2.GenerateRequest(prompt="x"), timeout=60)
+        generated = dict(call.trailing_metadata())["x-request-id"]  # none sent: a new one
+        assert len(generated) == 32
+        trainer_log = trainer.log_path
+        generator_log = generator.log_path
+    server_lines = [e for e in log_lines(trainer_log) if e.get("request_id") == "req-train-42"]
+    assert {"job created"} <= {e["msg"] for e in server_lines}
+    assert any(e.get("job_id") == job.job_id for e in server_lines)
+    training = log_lines(tmp_path / "t" / "jobs" / job.job_id / "train.log")
+    phases = [e for e in training if e["msg"].startswith("phase ")]
+    assert phases and all(e.get("request_id") == "req-train-42" for e in phases)
+    refused_lines = [e for e in log_lines(generator_log) if e.get("request_id") == "req-gen-7"]
+    assert refused_lines, "the refused call logged under its id"
