@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu-dev", "gpu")
 K8S_VERSION = "1.30.0"
+OPERATOR_APIS = ("keda.sh", "monitoring.coreos.com")  # KEDA and the Prometheus Operator
 
 
 def render(overlay: str) -> list[dict]:
@@ -48,11 +49,14 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered) -> None
     overlay, objects = rendered
     assert {o["kind"] for o in objects} >= {
         "Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
-        "HorizontalPodAutoscaler",
     }  # fmt: skip
-    # One machine keeps SQLite and bundles on a volume; the GPU fleet shares no disk.
+    # One machine keeps SQLite and bundles on a volume and scales generators on CPU; the GPU
+    # fleet shares no disk and scales on queue depth (KEDA).
     assert bool(by_kind(objects, "PersistentVolumeClaim")) == (overlay == "cpu-dev")
+    assert bool(by_kind(objects, "HorizontalPodAutoscaler")) == (overlay == "cpu-dev")
     for obj in objects:
+        if obj["apiVersion"].split("/")[0] in OPERATOR_APIS:
+            continue  # custom resources: test_monitoring_* check them against their users
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -92,6 +96,49 @@ def test_the_gpu_trainers_are_a_fleet_on_shared_stores_without_a_shared_disk() -
         sources = pod["containers"][0]["envFrom"]
         assert {"secretRef": {"name": "loraforge-fleet", "optional": False}} in sources
     assert not [s for s in by_kind(objects, "Secret") if s["metadata"]["name"] == "loraforge-fleet"]
+
+
+def test_monitoring_scrapes_the_metrics_ports_and_keda_scales_real_deployments() -> None:
+    objects = render("gpu")
+    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+    (monitor,) = by_kind(objects, "PodMonitor")
+    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert expression["key"] == "app.kubernetes.io/name" and expression["operator"] == "In"
+    assert set(expression["values"]) == set(deployments)
+    settings = by_kind(objects, "ConfigMap")[0]["data"]
+    for deployment in deployments.values():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] in expression["values"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == int(settings["LORAFORGE_METRICS_PORT"])
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    scaled = by_kind(objects, "ScaledObject")
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled} == set(deployments)
+    for scaler in scaled:
+        (trigger,) = scaler["spec"]["triggers"]
+        assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
+
+
+def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    (rules,) = by_kind(render("gpu"), "PrometheusRule")
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rules["spec"]["groups"]}))
+    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 3 rules found" in result.stdout
+
+
+def monitoring_queries() -> dict[str, str]:
+    """Every PromQL expression the gpu overlay's alerts and scalers use, by name."""
+    objects = render("gpu")
+    (rules,) = by_kind(objects, "PrometheusRule")
+    queries = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
+    for scaler in by_kind(objects, "ScaledObject"):
+        queries[scaler["metadata"]["name"]] = scaler["spec"]["triggers"][0]["metadata"]["query"]
+    return queries
 
 
 def _container_env(objects: list[dict], container: dict) -> dict[str, str]:

@@ -16,6 +16,7 @@ from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess, free_port
 from tests.helpers import random_bundle
 from tests.services import prometheus
+from tests.test_deploy import monitoring_queries
 from tests.test_trainer_service import job_request
 
 QUICK = dict(max_train_steps_ti=2, max_train_steps_tuning=2, save_steps=2)
@@ -86,6 +87,14 @@ def test_prometheus_scrapes_what_the_services_did(tiny_model: Path, tmp_path: Pa
         assert value(prom, "loraforge_generator_adapters_resident") == 1
         assert value(prom, 'loraforge_rpc_duration_seconds_count{rpc="Generate",code="OK"}') == 4
         assert value(prom, 'loraforge_rpc_duration_seconds_count{rpc="CreateJob",code="OK"}') == 2
+        # The deploy overlay's scalers and alerts are valid PromQL over these very metrics:
+        # the scalers get a number, and no alert fires on a healthy run.
+        for name, expression in monitoring_queries().items():
+            result = prom.query(expression)
+            if name.startswith("loraforge-"):
+                assert len(result) == 1, (name, result)
+            else:
+                assert result == [], (name, result)
 
 
 def log_lines(path: Path) -> list[dict]:
