@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import random
+import shutil
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -307,3 +310,42 @@ def test_an_adapter_with_non_finite_weights_is_refused_naming_the_tensor(
     assert name in caught.value.details() and "NaN" in caught.value.details()
     listed = stub.ListAdapters(generator_pb2.ListAdaptersRequest(), timeout=10).adapters
     assert "broken" not in [a.adapter_id for a in listed]
+
+
+def test_the_client_sends_each_adapter_to_one_replica_of_several(tiny_model: Path, tmp_path):
+    """Three generators that can each load any of six bundles by id: with affinity every
+    adapter is loaded on one replica only, whatever the number of requests; a replica that
+    goes away hands its adapters to the others."""
+    from contextlib import ExitStack
+
+    from loraforge_client import GeneratorClient
+
+    ids = [random_bundle(str(tiny_model), tmp_path / "store", seed=40 + i).id for i in range(6)]
+    with ExitStack() as stack:
+        servers = []
+        for n in range(3):
+            data = tmp_path / f"g{n}"
+            shutil.copytree(tmp_path / "store", data / "artifacts")
+            servers.append(stack.enter_context(
+                ServerProcess("generator", data_dir=data, model=str(tiny_model))))  # fmt: skip
+        client = stack.enter_context(GeneratorClient([s.target for s in servers], timeout=120))
+        requests = ids * 5
+        random.Random(0).shuffle(requests)  # round robin would spread each over replicas
+        for i, adapter in enumerate(requests):
+            client.generate("a circle", adapters=[(adapter, 1.0)], width=32, height=32,
+                            steps=2, seed=i)  # fmt: skip
+        holders = Counter(a.adapter_id for a in client.list_adapters() if a.resident)
+        assert holders == dict.fromkeys(ids, 1)  # each adapter on exactly one replica
+        busiest = max(servers, key=lambda s: len(_resident(s)))
+        moved = _resident(busiest)
+        busiest.terminate()
+        for adapter in moved:  # served elsewhere now
+            assert client.generate("x", adapters=[(adapter, 1.0)], width=32, height=32, steps=2)
+
+
+def _resident(server: ServerProcess) -> list[str]:
+    with grpc.insecure_channel(server.target) as channel:
+        reply = generator_pb2_grpc.GeneratorStub(channel).ListAdapters(
+            generator_pb2.ListAdaptersRequest(), timeout=10
+        )
+    return [a.adapter_id for a in reply.adapters if a.resident]

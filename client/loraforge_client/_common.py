@@ -201,15 +201,23 @@ class ClientBase:
         max_message_mb: int = 64,
         transport: Any = grpc,
     ) -> None:
-        options = channel_options(max_message_mb)
-        self.channel = (
-            transport.secure_channel(target, tls.credentials(), options)
-            if tls
-            else transport.insecure_channel(target, options)
-        )
+        self._transport, self._tls = transport, tls
+        self._options = channel_options(max_message_mb)
+        self.channels = []
+        self.channel = self._open(target)
         self.metadata = call_metadata(token)
         self.timeout = timeout
         self.retries = retries
+
+    def _open(self, target: str) -> Any:
+        """A channel to ``target`` with this client's credentials and options."""
+        channel = (
+            self._transport.secure_channel(target, self._tls.credentials(), self._options)
+            if self._tls
+            else self._transport.insecure_channel(target, self._options)
+        )
+        self.channels.append(channel)
+        return channel
 
     def _retrying(self, retry: bool = True) -> Retrying:
         return Retrying(self.retries if retry else 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,14 @@ from loraforge_client._common import (
     list_jobs_request,
     load_adapter_request,
 )
-from loraforge_client.errors import from_rpc_error
+from loraforge_client.errors import (
+    LoraforgeError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    from_rpc_error,
+)
+from loraforge_client.routing import AffinityRouter, expand_targets
 from loraforge_client.types import AdapterInfo, GeneratedImage, Job, JobEvent, unpack_bundle
 
 
@@ -43,7 +50,8 @@ class _AsyncBase(ClientBase):
                 await asyncio.sleep(retrying.delay_after(err))
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
     async def __aenter__(self):
         return self
@@ -123,23 +131,63 @@ class AsyncTrainerClient(_AsyncBase):
 
 
 class AsyncGeneratorClient(_AsyncBase):
-    def __init__(self, target: str, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
+    """asyncio twin of GeneratorClient, several replicas and adapter affinity included."""
+
+    def __init__(
+        self, target: str | Sequence[str], *, affinity: bool | None = None, **kwargs: Any
+    ) -> None:
+        targets = expand_targets(target, affinity)
+        super().__init__(targets[0], **kwargs)
         self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
+        self.router = AffinityRouter(targets) if len(targets) > 1 else None
+        self.affinity = affinity is not False  # False: plain round robin over the replicas
+        self.stubs = {targets[0]: self.stub}
+        for other in targets[1:]:
+            self.stubs[other] = generator_pb2_grpc.GeneratorStub(self._open(other))
+
+    async def _routed(self, rpc: str, request: Any, adapter_ids: list[str], timeout: float) -> Any:
+        if self.router is None:
+            return await self._call(getattr(self.stub, rpc), request, timeout=timeout)
+        if self.router.needs_refresh():
+            self.router.update(await self._resident())
+        failure: LoraforgeError | None = None
+        for target in self.router.order(adapter_ids if self.affinity else []):
+            try:
+                method = getattr(self.stubs[target], rpc)
+                return await self._call(method, request, timeout=timeout, retry=False)
+            except (UnavailableError, ResourceExhaustedError) as err:
+                self.router.demote(target)
+                failure = err
+        assert failure is not None
+        raise failure
+
+    async def _resident(self) -> dict[str, list[str]]:
+        resident = {}
+        for target, stub in self.stubs.items():
+            try:
+                reply = await stub.ListAdapters(
+                    generator_pb2.ListAdaptersRequest(), timeout=2, metadata=self.metadata
+                )
+            except grpc.aio.AioRpcError:
+                continue
+            resident[target] = [a.adapter_id for a in reply.adapters if a.resident]
+        return resident
 
     async def generate(self, prompt: str, **kwargs: Any) -> list[GeneratedImage]:
-        reply = await self._call(
-            self.stub.Generate, generate_request(prompt, **kwargs), timeout=600
-        )
+        request = generate_request(prompt, **kwargs)
+        ids = [a.adapter_id for a in request.adapters]
+        reply = await self._routed("Generate", request, ids, timeout=600)
         return [GeneratedImage.from_proto(i) for i in reply.images]
 
     async def generate_stream(
         self, prompt: str, **kwargs: Any
     ) -> AsyncIterator[tuple[int, int] | GeneratedImage]:
+        request = generate_request(prompt, **kwargs)
+        stub = self.stub
+        if self.router is not None:
+            stub = self.stubs[self.router.order([a.adapter_id for a in request.adapters])[0]]
         try:
-            async for message in self.stub.GenerateStream(
-                generate_request(prompt, **kwargs), timeout=600, metadata=self.metadata
-            ):
+            async for message in stub.GenerateStream(request, timeout=600, metadata=self.metadata):
                 if message.WhichOneof("kind") == "progress":
                     yield message.progress.step, message.progress.total_steps
                 else:
@@ -156,13 +204,28 @@ class AsyncGeneratorClient(_AsyncBase):
         in_store: bool = False,
     ) -> AdapterInfo:
         request = load_adapter_request(adapter_id, source, pin=pin, in_store=in_store)
-        return AdapterInfo.from_proto(await self._call(self.stub.LoadAdapter, request, timeout=300))
-
-    async def unload_adapter(self, adapter_id: str) -> None:
-        await self._call(
-            self.stub.UnloadAdapter, generator_pb2.UnloadAdapterRequest(adapter_id=adapter_id)
+        return AdapterInfo.from_proto(
+            await self._routed("LoadAdapter", request, [adapter_id], timeout=300)
         )
 
+    async def unload_adapter(self, adapter_id: str) -> None:
+        request = generator_pb2.UnloadAdapterRequest(adapter_id=adapter_id)
+        if self.router is None:
+            await self._call(self.stub.UnloadAdapter, request)
+            return
+        found = False
+        for stub in self.stubs.values():
+            try:
+                await self._call(stub.UnloadAdapter, request, retry=False)
+                found = True
+            except NotFoundError:
+                continue
+        if not found:
+            raise NotFoundError(f"adapter {adapter_id!r} is on no replica")
+
     async def list_adapters(self) -> list[AdapterInfo]:
-        reply = await self._call(self.stub.ListAdapters, generator_pb2.ListAdaptersRequest())
-        return [AdapterInfo.from_proto(a) for a in reply.adapters]
+        adapters = []
+        for stub in self.stubs.values():
+            reply = await self._call(stub.ListAdapters, generator_pb2.ListAdaptersRequest())
+            adapters += [AdapterInfo.from_proto(a) for a in reply.adapters]
+        return adapters

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,14 @@ from loraforge_client._common import (
     list_jobs_request,
     load_adapter_request,
 )
-from loraforge_client.errors import from_rpc_error
+from loraforge_client.errors import (
+    LoraforgeError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    from_rpc_error,
+)
+from loraforge_client.routing import AffinityRouter, expand_targets
 from loraforge_client.types import (
     AdapterInfo,
     AdapterRef,
@@ -48,7 +55,8 @@ class _Base(ClientBase):
                 time.sleep(retrying.delay_after(err))
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def __enter__(self):
         return self
@@ -131,25 +139,72 @@ class TrainerClient(_Base):
 
 
 class GeneratorClient(_Base):
-    """Client of the loraforge Generator service."""
+    """Client of the loraforge Generator service.
 
-    def __init__(self, target: str, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
+    ``target`` may name several replicas: a list of addresses, or (with ``affinity=True``) a
+    ``dns:///host:port`` name whose addresses are the replicas. Requests then go where their
+    adapters already are (routing.py; ``affinity=False``: round robin); a replica that is down
+    or full is skipped.
+    """
+
+    def __init__(
+        self, target: str | Sequence[str], *, affinity: bool | None = None, **kwargs: Any
+    ) -> None:
+        targets = expand_targets(target, affinity)
+        super().__init__(targets[0], **kwargs)
         self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
+        self.router = AffinityRouter(targets) if len(targets) > 1 else None
+        self.affinity = affinity is not False  # False: plain round robin over the replicas
+        self.stubs = {targets[0]: self.stub}
+        for other in targets[1:]:
+            self.stubs[other] = generator_pb2_grpc.GeneratorStub(self._open(other))
+
+    def _routed(self, rpc: str, request: Any, adapter_ids: list[str], timeout: float) -> Any:
+        """The call on the replica the router picks for ``adapter_ids``, else the next."""
+        if self.router is None:
+            return self._call(getattr(self.stub, rpc), request, timeout=timeout)
+        if self.router.needs_refresh():
+            self.router.update(self._resident())
+        failure: LoraforgeError | None = None
+        for target in self.router.order(adapter_ids if self.affinity else []):
+            try:
+                method = getattr(self.stubs[target], rpc)
+                return self._call(method, request, timeout=timeout, retry=False)
+            except (UnavailableError, ResourceExhaustedError) as err:
+                self.router.demote(target)
+                failure = err
+        assert failure is not None
+        raise failure
+
+    def _resident(self) -> dict[str, list[str]]:
+        resident = {}
+        for target, stub in self.stubs.items():
+            try:
+                reply = stub.ListAdapters(
+                    generator_pb2.ListAdaptersRequest(), timeout=2, metadata=self.metadata
+                )
+            except grpc.RpcError:
+                continue  # no hint from a replica that does not answer
+            resident[target] = [a.adapter_id for a in reply.adapters if a.resident]
+        return resident
 
     def generate(self, prompt: str, **kwargs: Any) -> list[GeneratedImage]:
         """Images for a prompt; ``adapters=[("my-dog", 0.8)]`` or AdapterRef objects."""
-        reply = self._call(self.stub.Generate, generate_request(prompt, **kwargs), timeout=600)
+        request = generate_request(prompt, **kwargs)
+        ids = [a.adapter_id for a in request.adapters]
+        reply = self._routed("Generate", request, ids, timeout=600)
         return [GeneratedImage.from_proto(i) for i in reply.images]
 
     def generate_stream(
         self, prompt: str, **kwargs: Any
     ) -> Iterator[tuple[int, int] | GeneratedImage]:
         """Yields (step, total) per denoising step, then each image."""
+        request = generate_request(prompt, **kwargs)
+        stub = self.stub
+        if self.router is not None:
+            stub = self.stubs[self.router.order([a.adapter_id for a in request.adapters])[0]]
         try:
-            for message in self.stub.GenerateStream(
-                generate_request(prompt, **kwargs), timeout=600, metadata=self.metadata
-            ):
+            for message in stub.GenerateStream(request, timeout=600, metadata=self.metadata):
                 if message.WhichOneof("kind") == "progress":
                     yield message.progress.step, message.progress.total_steps
                 else:
@@ -165,17 +220,33 @@ class GeneratorClient(_Base):
         pin: bool = False,
         in_store: bool = False,
     ) -> AdapterInfo:
+        """Load on the replica that requests for this adapter alone are routed to."""
         request = load_adapter_request(adapter_id, source, pin=pin, in_store=in_store)
-        return AdapterInfo.from_proto(self._call(self.stub.LoadAdapter, request, timeout=300))
+        return AdapterInfo.from_proto(self._routed("LoadAdapter", request, [adapter_id], 300))
 
     def unload_adapter(self, adapter_id: str) -> None:
-        self._call(
-            self.stub.UnloadAdapter, generator_pb2.UnloadAdapterRequest(adapter_id=adapter_id)
-        )
+        """Unload from every replica that holds it."""
+        request = generator_pb2.UnloadAdapterRequest(adapter_id=adapter_id)
+        if self.router is None:
+            self._call(self.stub.UnloadAdapter, request)
+            return
+        found = False
+        for stub in self.stubs.values():
+            try:
+                self._call(stub.UnloadAdapter, request, retry=False)
+                found = True
+            except NotFoundError:
+                continue
+        if not found:
+            raise NotFoundError(f"adapter {adapter_id!r} is on no replica")
 
     def list_adapters(self) -> list[AdapterInfo]:
-        reply = self._call(self.stub.ListAdapters, generator_pb2.ListAdaptersRequest())
-        return [AdapterInfo.from_proto(a) for a in reply.adapters]
+        """The adapters of every replica (an adapter held by two is listed twice)."""
+        adapters = []
+        for stub in self.stubs.values():
+            reply = self._call(stub.ListAdapters, generator_pb2.ListAdaptersRequest())
+            adapters += [AdapterInfo.from_proto(a) for a in reply.adapters]
+        return adapters
 
 
 __all__ = ["AdapterRef", "GeneratorClient", "TrainerClient"]
