@@ -37,7 +37,9 @@ def store_loads(metrics_port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def run(mode: str, work: Path, store: Path, sequence: list[str]) -> tuple[float, list[float]]:
+def run(
+    mode: str, work: Path, store: Path, sequence: list[str], slot_rank: int
+) -> tuple[float, list[float]]:
     """Cold loads in all and each request's latency (ms), on fresh servers."""
     with ExitStack() as stack:
         servers, ports = [], []
@@ -47,7 +49,8 @@ def run(mode: str, work: Path, store: Path, sequence: list[str]) -> tuple[float,
             ports.append(free_port())
             servers.append(stack.enter_context(ServerProcess(
                 "generator", data_dir=data,
-                extra_args=["--max-resident-adapters", "4", "--metrics-port", str(ports[-1])],
+                extra_args=["--max-resident-adapters", "4", "--metrics-port", str(ports[-1]),
+                            "--adapter-slot-rank", str(slot_rank)],
             )))  # fmt: skip
         client = stack.enter_context(GeneratorClient(
             [s.target for s in servers], affinity=mode == "affinity", timeout=300))  # fmt: skip
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--adapters", type=int, default=30)
+    parser.add_argument(
+        "--slot-rank", type=int, default=16,
+        help="the generators' --adapter-slot-rank; 0 loads through diffusers (slow loads)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-affinity-"))
@@ -72,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     weights = [1 / (rank + 1) ** 1.1 for rank in range(len(ids))]
     sequence = rng.choices(ids, weights=weights, k=args.requests)
-    results = {mode: run(mode, work, work / "store", sequence) for mode in ("affinity", "rr")}
+    results = {
+        mode: run(mode, work, work / "store", sequence, args.slot_rank)
+        for mode in ("affinity", "rr")
+    }
     rows: list[tuple[str, float, str]] = []
     for mode, label in (("affinity", "affinity"), ("rr", "round robin")):
         loads, latencies = results[mode]
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         ("  p95, affinity / round robin",
          statistics.quantiles(a_lat, n=20)[18] / statistics.quantiles(r_lat, n=20)[18], "x"),
     ]  # fmt: skip
-    report("affinity", rows, args.out)
+    report(f"affinity-slot-rank-{args.slot_rank}", rows, args.out)
 
 
 if __name__ == "__main__":
