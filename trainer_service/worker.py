@@ -172,7 +172,12 @@ class JobRunner:
             slot = self._free_slot()
             job = None
             if slot is not None:
-                job = await asyncio.to_thread(self.store.claim_next, self.replica_id, self.lease_s)
+                try:
+                    job = await asyncio.to_thread(
+                        self.store.claim_next, self.replica_id, self.lease_s
+                    )
+                except Exception:  # the database is unreachable: try again after a pause
+                    log.exception("claiming a job failed")
             if slot is None or job is None or self._stopping:
                 if job is not None:  # claimed while stopping: give it back
                     await asyncio.to_thread(self._give_back, job.job_id, "shutting down")
