@@ -141,10 +141,10 @@ async def _abort(
 
 
 def _code_name(err: BaseException) -> str:
+    """The status code name a call that raised ``err`` answers with."""
     if isinstance(err, errors.ServiceError):
-        return grpc.StatusCode(
-            next(c.value for c in grpc.StatusCode if c.value[0] == _status_for(err).code)
-        ).name
+        code = _status_for(err).code
+        return next(c.name for c in grpc.StatusCode if c.value[0] == code)
     return "INTERNAL"
 
 
