@@ -29,19 +29,24 @@ from loraforge_core.launch import ServerProcess
 from loraforge_core.models import resolve_model
 from loraforge_core.objectstore import open_object_store
 from tests.helpers import shape_png
-from tests.services import postgres, seaweed_s3
+from tests.services import Postgres, SeaweedS3, running
 from trainer_service.training.lora import random_lora_bundle
+
+
+def job_request(steps: int) -> trainer_pb2.CreateJobRequest:
+    """A PTI job of ``steps`` steps per phase, checkpointed twice per phase at most."""
+    return trainer_pb2.CreateJobRequest(
+        method=trainer_pb2.TRAINING_METHOD_PTI, placeholder_tokens=["<s1>"],
+        initializer_tokens=["circle"],
+        instance_images=[trainer_pb2.InstanceImage(data=shape_png(), filename="a.png")],
+        config=trainer_pb2.TrainingConfig(max_train_steps_ti=steps, max_train_steps_tuning=steps,
+                                          save_steps=max(1, steps // 2), seed=1),
+    )  # fmt: skip
 
 
 def claim_latencies(server: ServerProcess, jobs: int) -> list[float]:
     """Milliseconds from QUEUED to RUNNING, one job at a time (each runs to its end)."""
-    request = trainer_pb2.CreateJobRequest(
-        method=trainer_pb2.TRAINING_METHOD_PTI, placeholder_tokens=["<s1>"],
-        initializer_tokens=["circle"],
-        instance_images=[trainer_pb2.InstanceImage(data=shape_png(), filename="a.png")],
-        config=trainer_pb2.TrainingConfig(max_train_steps_ti=1, max_train_steps_tuning=1,
-                                          save_steps=1, seed=1),
-    )  # fmt: skip
+    request = job_request(steps=1)
     latencies = []
     with grpc.insecure_channel(server.target) as channel:
         stub = trainer_pb2_grpc.TrainerStub(channel)
@@ -58,13 +63,7 @@ def claim_latencies(server: ServerProcess, jobs: int) -> list[float]:
 
 def watch_latencies(runner: ServerProcess, watcher: ServerProcess) -> list[float]:
     """Milliseconds from each event's record time to its arrival at a live watcher."""
-    request = trainer_pb2.CreateJobRequest(
-        method=trainer_pb2.TRAINING_METHOD_PTI, placeholder_tokens=["<s1>"],
-        initializer_tokens=["circle"],
-        instance_images=[trainer_pb2.InstanceImage(data=shape_png(), filename="a.png")],
-        config=trainer_pb2.TrainingConfig(max_train_steps_ti=20, max_train_steps_tuning=20,
-                                          save_steps=10, seed=1),
-    )  # fmt: skip
+    request = job_request(steps=20)
     with (
         grpc.insecure_channel(runner.target) as a,
         grpc.insecure_channel(watcher.target) as b,
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     pg_root = Path(tempfile.mkdtemp(prefix="bench-pg-"))
     rows: list[tuple[str, float, str]] = []
-    with postgres(pg_root) as pg, seaweed_s3(work / "s3") as s3:
+    with running(Postgres(pg_root)) as pg, running(SeaweedS3(work / "s3")) as s3:
         url = f"s3://{s3.bucket}/bench"
         with ServerProcess("trainer", data_dir=work / "sqlite") as alone:
             sqlite = claim_latencies(alone, args.jobs)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 from loraforge.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from prometheus_client import REGISTRY
 
 from inference_service import metrics
 from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
@@ -120,7 +121,7 @@ class GeneratorService:
         generator_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self), server)
 
     async def start(self) -> None:
-        metrics.REGISTRY.register(self.collector)
+        REGISTRY.register(self.collector)
         device = resolve_device(self.settings.device)
         pipe = await asyncio.to_thread(load_pipeline, self.settings.model, device=device)
         objects = await asyncio.to_thread(
@@ -220,7 +221,7 @@ class GeneratorService:
     async def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(KeyError):
-            metrics.REGISTRY.unregister(self.collector)
+            REGISTRY.unregister(self.collector)
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):

@@ -46,11 +46,13 @@ class ObjectStore:
             self.put_file(prefix + name, folder / name)
 
     def get_tree(self, prefix: str, folder: Path) -> int:
-        """Every object under ``prefix`` into ``folder``; how many."""
-        found = self.keys(prefix)
-        for key in found:
-            self.get_file(key, safe_child(folder, key[len(prefix) :]))
-        return len(found)
+        """The objects under ``prefix`` that ``folder`` lacks, into it; how many."""
+        fetched = 0
+        for key in self.keys(prefix):
+            local = safe_child(folder, key[len(prefix) :])
+            if not local.exists():
+                fetched += self.get_file(key, local)
+        return fetched
 
 
 def _copy_atomic(source: Path, dest: Path) -> None:

@@ -29,11 +29,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def postgres_server() -> Iterator:
     """One PostgreSQL cluster for the run; tests take fresh databases from it. Its folder is
     outside pytest's (root-only) temporary tree: the server runs as the postgres user."""
-    from tests.services import postgres
+    from tests.services import Postgres, running
 
     root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
     try:
-        with postgres(root) as server:
+        with running(Postgres(root)) as server:
             yield server
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -50,9 +50,9 @@ def database_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """One S3-compatible server (SeaweedFS) for the run; tests take fresh prefixes in it."""
-    from tests.services import seaweed_s3
+    from tests.services import SeaweedS3, running
 
-    with seaweed_s3(tmp_path_factory.mktemp("s3")) as server:
+    with running(SeaweedS3(tmp_path_factory.mktemp("s3"))) as server:
         yield server
 
 

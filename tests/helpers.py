@@ -7,6 +7,16 @@ import io
 from PIL import Image, ImageDraw
 
 
+class Clock:
+    """Time that the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def shape_png(color: str = "red", size: int = 32, offset: int = 0) -> bytes:
     """A filled circle on white, as PNG bytes."""
     image = Image.new("RGB", (size, size), "white")

@@ -13,8 +13,9 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from loraforge_core.launch import free_port
 
@@ -72,26 +73,73 @@ class Postgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
 
+class _ChildServer:
+    """A server this module runs as a child process, its output in ``root/LOG``."""
+
+    LOG = "server.log"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.process: subprocess.Popen | None = None
+
+    def _launch(self, args: list[str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / self.LOG, "wb") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_until(self, ready: Callable[[], bool], timeout: float = 60.0) -> None:
+        """Until ``ready()`` (polled: a starting server sends no event), or the child died."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError((self.root / self.LOG).read_text()[-3000:])
+            try:
+                if ready():
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{type(self).__name__} not ready after {timeout} s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+Server = TypeVar("Server", bound="Postgres | _ChildServer")
+
+
 @contextlib.contextmanager
-def postgres(root: Path) -> Iterator[Postgres]:
-    server = Postgres(root).start()
+def running(server: Server) -> Iterator[Server]:
+    """``server`` started, and stopped on the way out."""
+    server.start()
     try:
         yield server
     finally:
         server.stop()
 
 
-class SeaweedS3:
+class SeaweedS3(_ChildServer):
     """SeaweedFS in one process (``weed mini``) serving the S3 API on 127.0.0.1, with one
     bucket and one key pair; every port is a free one."""
 
     access_key, secret_key, bucket = "loraforge-test", "loraforge-test-secret", "loraforge"
+    LOG = "weed.log"
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        super().__init__(root)
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -116,70 +164,35 @@ class SeaweedS3:
         }]}))  # fmt: skip
         ports = {name: free_port() for name in
                  ("master", "volume", "filer", "admin", "webdav", "metrics")}  # fmt: skip
-        with open(self.root / "weed.log", "wb") as log:  # the child keeps its own copy
-            self.process = subprocess.Popen(
-                [str(weed), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
-                 "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={config}",
-                 "-admin.ui=false", "-master.telemetry=false", f"-bucket={self.bucket}",
-                 f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-                 f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
-                 f"-webdav.port={ports['webdav']}", f"-metricsPort={ports['metrics']}"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        """Until a write to the bucket succeeds (the S3 API answers before volumes exist)."""
-        import time
-
+        self._launch(
+            [str(weed), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
+             "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={config}",
+             "-admin.ui=false", "-master.telemetry=false", f"-bucket={self.bucket}",
+             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+             f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+             f"-webdav.port={ports['webdav']}", f"-metricsPort={ports['metrics']}"],
+        )  # fmt: skip
         import boto3
 
         client = boto3.client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key, region_name="us-east-1",
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError((self.root / "weed.log").read_text()[-3000:])
-            try:
-                client.put_object(Bucket=self.bucket, Key=".ready", Body=b"1")
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # polling a starting server: there is no event to wait on
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # Ready when a write succeeds: the S3 API answers before its volumes exist.
+        self._wait_until(lambda: bool(client.put_object(Bucket=self.bucket, Key=".r", Body=b"1")))
+        return self
 
 
-@contextlib.contextmanager
-def seaweed_s3(root: Path) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(root).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-class Prometheus:
+class Prometheus(_ChildServer):
     """A Prometheus (the Debian package) scraping the given targets every second."""
 
+    LOG = "prometheus.log"
+
     def __init__(self, root: Path, targets: dict[str, str]) -> None:
-        self.root = root
+        super().__init__(root)
         self.targets = targets  # job name -> host:port of /metrics
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
 
     def start(self) -> Prometheus:
         import json
@@ -196,33 +209,19 @@ class Prometheus:
             ],
         }
         (self.root / "prometheus.yml").write_text(json.dumps(config))  # YAML reads JSON
-        with open(self.root / "prometheus.log", "wb") as log:
-            self.process = subprocess.Popen(
-                [binary, f"--config.file={self.root / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={self.root / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self._wait_ready()
+        self._launch(
+            [binary, f"--config.file={self.root / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.root / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+        )  # fmt: skip
+        self._wait_until(self._ready)
         return self
 
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        import time
+    def _ready(self) -> bool:
         import urllib.request
 
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError((self.root / "prometheus.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)  # polling a starting server: there is no event to wait on
+        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as answer:
+            return answer.status == 200
 
     def query(self, expression: str) -> list[dict]:
         """The instant vector of a PromQL expression: [{metric: {...}, value: [t, "v"]}]."""
@@ -235,17 +234,3 @@ class Prometheus:
             body = json.load(answer)
         assert body["status"] == "success", body
         return body["data"]["result"]
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-
-
-@contextlib.contextmanager
-def prometheus(root: Path, targets: dict[str, str]) -> Iterator[Prometheus]:
-    server = Prometheus(root, targets).start()
-    try:
-        yield server
-    finally:
-        server.stop()

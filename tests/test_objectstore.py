@@ -27,6 +27,7 @@ def test_files_round_trip_under_their_keys(store, tmp_path: Path) -> None:
     assert not store.get_file("jobs/none/config.json", tmp_path / "out" / "none")
     assert not (tmp_path / "out" / "none").exists()
     assert store.get_tree("jobs/j1/", tmp_path / "tree") == 2
+    assert store.get_tree("jobs/j1/", tmp_path / "tree") == 0  # what is there stays
     assert (tmp_path / "tree" / "images" / "0000-a.png").read_bytes() == b"x" * 1000
 
 

@@ -15,7 +15,7 @@ from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer
 from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess, free_port
 from tests.helpers import random_bundle
-from tests.services import prometheus
+from tests.services import Prometheus, running
 from tests.test_deploy import monitoring_queries
 from tests.test_trainer_service import job_request
 
@@ -52,8 +52,8 @@ def test_prometheus_scrapes_what_the_services_did(tiny_model: Path, tmp_path: Pa
                       extra_args=["--metrics-port", str(ports["trainer"])]) as trainer,
         ServerProcess("generator", data_dir=tmp_path / "g", model=str(tiny_model),
                       extra_args=["--metrics-port", str(ports["generator"])]) as generator,
-        prometheus(tmp_path / "prometheus",
-                   {k: f"127.0.0.1:{p}" for k, p in ports.items()}) as prom,
+        running(Prometheus(tmp_path / "prometheus",
+                           {k: f"127.0.0.1:{p}" for k, p in ports.items()})) as prom,
         grpc.insecure_channel(trainer.target) as t_channel,
         grpc.insecure_channel(generator.target) as g_channel,
     ):  # fmt: skip

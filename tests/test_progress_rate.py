@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
+from tests.helpers import Clock
 from trainer_service.training.progress import StepRate, eta_seconds
-
-
-class Clock:
-    """Time that the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_warm_up_before_the_first_step_does_not_drag_the_rate() -> None:

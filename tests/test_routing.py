@@ -6,15 +6,9 @@ from collections import Counter
 
 from loraforge_client.routing import DEMOTE_S, AffinityRouter, expand_targets
 
+from tests.helpers import Clock
+
 REPLICAS = ["10.0.0.1:50052", "10.0.0.2:50052", "10.0.0.3:50052"]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_an_adapter_set_always_goes_to_the_same_replica_and_sets_spread_evenly() -> None:

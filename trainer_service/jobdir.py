@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from loraforge_core.files import atomic_write_bytes, safe_child
+from loraforge_core.files import atomic_write_bytes
 from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
 from trainer_service.training.checkpoint import checkpoint_path
@@ -81,10 +81,7 @@ class JobDir:
 
     def fetch(self, store: ObjectStore) -> None:
         """What another replica stored for this job (inputs, checkpoints) that is not here."""
-        for key in store.keys(self.key):
-            local = safe_child(self.path, key[len(self.key) :])
-            if not local.exists():
-                store.get_file(key, local)
+        store.get_tree(self.key, self.path)
 
     def config(self) -> TrainingConfig:
         return TrainingConfig.from_json(self.config_file.read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import timestamp_pb2
 from loraforge.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from prometheus_client import REGISTRY
 
 from loraforge_core import bundle as bundles
 from loraforge_core.artifacts import fetch_bundle
@@ -237,7 +238,7 @@ class TrainerService:
         self.collector = metrics.TrainerCollector(
             counts=self.store.count_by_state, running=self.runner.running_progress
         )
-        metrics.REGISTRY.register(self.collector)
+        REGISTRY.register(self.collector)
         log.info("trainer ready", extra={
             "base_model": self.base_model, "max_jobs": max_jobs, "replica": self.replica_id,
             "database": redact(db.url),
@@ -315,7 +316,7 @@ class TrainerService:
 
     async def close(self) -> None:
         if self.collector is not None:
-            metrics.REGISTRY.unregister(self.collector)
+            REGISTRY.unregister(self.collector)
         if self.store is not None:
             self.store.close()
 

@@ -178,9 +178,6 @@ class JobStore:
             )
             return [self._to_job(tx, r) for r in rows]
 
-    def jobs_in_state(self, state: str) -> list[JobRecord]:
-        return self.list_jobs(state=state, limit=1_000_000, offset=0)
-
     def set_state(self, job_id: str, state: str, reason: str = "", *, owner: str = "") -> JobRecord:
         """Change state and log a state event, in one transaction. With ``owner``, only while
         that replica still holds the job (else LeaseLost); leaving RUNNING ends the lease."""

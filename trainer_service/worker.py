@@ -2,8 +2,9 @@
 
 A child process per job means a cancel is a clean stop, a crash or OOM fails only the job, and
 GPU memory is returned. The child reports events (events.py) as JSON lines on stdout; this module
-turns them into persisted job events and artifact records. A job found RUNNING at start-up (the
-server died under it) is queued again and its new process resumes from the last checkpoint.
+turns them into persisted job events and artifact records. A job this replica was running when
+it died is queued again at its next start, and its new process resumes from the last
+checkpoint.
 
 Each concurrent job has a slot; on a GPU machine a slot owns ``num_processes`` GPUs of its own
 (``CUDA_VISIBLE_DEVICES``). ``max_jobs=0`` runs nothing: the replica only answers RPCs.
