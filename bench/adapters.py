@@ -3,6 +3,7 @@ where only the model stack is installed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from bench.common import interleaved_medians
+from bench.common import interleaved_medians, median_ms
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import GenerationJob, GenerationSpec
 
@@ -26,7 +27,8 @@ def switch_cost(
     ``engine.generate`` of one request at a time, alternating two adapters at changing scales,
     timed round-robin against the same adapter at the same scale every time; ``request``
     should make a short render (one denoising step) so that the switch is not lost in it.
-    Returns the two medians in ms: (alternating, same).
+    Returns the two medians in ms: (alternating, same). Both variants change the adapter set
+    (they alternate), so with fusion on both pay the merge: ``merge_cost`` times it alone.
     """
     flip = itertools.count()
 
@@ -41,6 +43,96 @@ def switch_cost(
 
     timed = interleaved_medians({"alternating": alternating, "same": same}, repeat=repeat)
     return timed["alternating"], timed["same"]
+
+
+def merge_cost(
+    engine: GeneratorEngine, repeat: int, sync: Callable[[], None] = lambda: None
+) -> float:
+    """Median ms to merge a changed adapter set into the UNet's fused weights: what the fused
+    path pays once per change of set (two resident adapters, alternating, scales changing)."""
+    names = [engine.adapters.entries[a].peft_name for a in ("a0", "a1")]
+    flip = itertools.count()
+
+    def merge() -> None:
+        i = next(flip)
+        engine.mixer.set("unet", {names[i % 2]: 0.5 + (i % 3) * 0.25})
+        sync()
+
+    try:
+        return median_ms(merge, repeat=repeat, warmup=2)
+    finally:
+        engine.mixer.clear()
+
+
+def lora_overhead(
+    engine: GeneratorEngine,
+    spec: Callable[..., GenerationSpec],
+    rounds: int,
+    sync: Callable[[], None] = lambda: None,
+    batch: int = 8,
+) -> list[tuple[str, float, str]]:
+    """What LoRA costs on the engine's request path: 0, 1 and 2 adapters (fused, and with
+    fusion off: the batched LoRA path), and ``batch`` requests on ``batch`` distinct adapters
+    in one mixed batch vs all on one adapter and vs one after another.
+
+    Every variant is timed round-robin with an A/A twin of the base (the same generation
+    timed as a second variant): its ratio is the noise floor of every ratio here, and a run
+    where it reads outside 1.02x says so in its row.
+    """
+    one, two = spec(("a0", 1.0)), spec(("a0", 0.7), ("a1", 0.5))
+    on_one = [GenerationJob(dataclasses.replace(spec(("a0", 0.8)), seed=i)) for i in range(batch)]
+    distinct = [
+        GenerationJob(dataclasses.replace(spec((f"a{i}", 0.6 + 0.05 * i)), seed=i))
+        for i in range(batch)
+    ]
+
+    def unfused(request: GenerationSpec) -> None:
+        engine.mixer.fuse = False
+        try:
+            engine.generate(request)
+        finally:
+            engine.mixer.fuse = True
+
+    variants = {
+        "base": lambda: engine.generate(spec()),
+        "A/A": lambda: engine.generate(spec()),
+        "1": lambda: engine.generate(one),
+        "2": lambda: engine.generate(two),
+        "1 unfused": lambda: unfused(one),
+        "2 unfused": lambda: unfused(two),
+        "on one": lambda: engine.generate_batch(on_one),
+        "distinct": lambda: engine.generate_batch(distinct),
+        "sequential": lambda: [engine.generate(job.spec) for job in distinct],
+    }
+    ms = interleaved_medians(
+        {name: (lambda fn=fn: (fn(), sync())) for name, fn in variants.items()},
+        repeat=rounds, warmup=2,
+    )  # fmt: skip
+    base = ms["base"]
+    noise = ms["A/A"] / base
+    resolved = abs(noise - 1) <= 0.02
+    return [
+        ("generate, base (no adapter)", base, "ms"),
+        ("  A/A: the base timed twice, interleaved", noise,
+         "x (within 1.02: ratios resolved)" if resolved
+         else "x (OUTSIDE 1.02: this run cannot resolve the ratios below)"),
+        ("generate, 1 adapter", ms["1"], "ms"),
+        ("  overhead of 1 adapter vs base", ms["1"] / base, "x (target <= 1.05)"),
+        ("generate, 2 adapters", ms["2"], "ms"),
+        ("  overhead of 2 adapters vs base", ms["2"] / base, "x (target <= 1.10)"),
+        ("  overhead of 1 adapter vs base, fusion off (batched LoRA path)",
+         ms["1 unfused"] / base, "x"),
+        ("  overhead of 2 adapters vs base, fusion off (batched LoRA path)",
+         ms["2 unfused"] / base, "x"),
+        (f"{batch} requests on one adapter, one batch", ms["on one"], "ms"),
+        (f"{batch} requests on {batch} distinct adapters, one mixed batch", ms["distinct"], "ms"),
+        (f"{batch} requests on {batch} distinct adapters, one after another", ms["sequential"],
+         "ms"),
+        (f"  {batch} distinct adapters vs {batch} on one adapter, throughput",
+         ms["on one"] / ms["distinct"], "x (target >= 0.9)"),
+        (f"  {batch} distinct adapters, one mixed batch vs one after another, throughput",
+         ms["sequential"] / ms["distinct"], "x (target > 1)"),
+    ]  # fmt: skip
 
 
 def mixed_batches(

@@ -5,8 +5,10 @@
 
 Reports denoising steps/s with 0, 1 and 4 adapters, the time to switch between resident
 adapters and to load a new one (ours and diffusers'), a mixed batch of 4 requests with 4
-adapters vs the same requests one after another, LoRA training steps/s (batch 1), and
-peak GPU memory. Random weights give real shapes and real costs, not meaningful images.
+adapters vs the same requests one after another, the LoRA overhead rows of the CPU bench
+(1 and 2 adapters fused and with fusion off, 8 distinct adapters in one batch vs 8 on one,
+beside an A/A twin of the base), LoRA training steps/s (batch 1), and peak GPU memory.
+Random weights give real shapes and real costs, not meaningful images.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import mixed_batches, switch_cost
+from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import median_ms, report
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationSpec
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"built {args.arch} in {time.monotonic() - started:.0f}s", flush=True)
     bundles = [
         random_lora_bundle(str(model_dir), work / "store", seed=i, token=f"<g{i}>", rank=8)
-        for i in range(6)
+        for i in range(10)
     ]
     print(f"made adapters at {time.monotonic() - started:.0f}s", flush=True)
     rows = serving_rows(model_dir, work, bundles, args)
@@ -76,7 +78,7 @@ def serving_rows(
     ).to(args.device)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     engine = GeneratorEngine(pipe, work, max_resident=8)
-    for i in range(4):
+    for i in range(8):
         engine.adapters.register(f"a{i}", data=pack(bundles[i].path))
 
     def spec(n: int) -> GenerationSpec:
@@ -117,6 +119,11 @@ def serving_rows(
         ("one-step generate, alternating 2 adapters + scales", alternating, "ms"),
         ("one-step generate, same adapter and scale", same, "ms"),
         ("  switch resident adapter + scales (alternating - same)", alternating - same, "ms"),
+        (
+            "merge a changed adapter set into the UNet (fused path, once per change)",
+            merge_cost(engine, repeat=9, sync=synchronize),
+            "ms",
+        ),
     ]
 
     def one_adapter_spec(*adapters: tuple[str, float]) -> GenerationSpec:
@@ -125,7 +132,8 @@ def serving_rows(
         return request
 
     rows += mixed_batches(engine, one_adapter_spec, 3, counts=(4,), sync=synchronize)
-    fresh = iter(bundles[4:] * 50)
+    rows += lora_overhead(engine, one_adapter_spec, rounds=3, sync=synchronize)
+    fresh = iter(bundles[8:] * 50)
     counter = iter(range(10**9))
 
     def load_ours() -> None:
@@ -176,7 +184,7 @@ def train_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, flo
             rows.append(
                 (
                     f"{label} {phase} steps/s (batch 1, {args.size}px, {precision})",
-                    last["steps_per_second"],
+                    last.steps_per_second,
                     "steps/s",
                 )
             )

@@ -2,24 +2,27 @@
 
     python -m bench.serving [--model M] [--size 64] [--steps 10] [--out bench/results]
 
-Rows: adapter activation (our per-request switch vs diffusers ``set_adapters``), loading a
-never-seen adapter (ours vs ``load_lora_weights``), generation with 0/1/2 adapters, stock
-diffusers unfused and fused for reference, mixed-adapter batches of 4 and 8 requests vs the
-same requests one after another, and Generate over gRPC on loopback vs the same generation
-in-process. Every figure is a median after warm-up; ratios compare to a baseline measured in
-this run.
+Rows: generation with 0, 1 and 2 adapters (fused, and fusion off) beside an A/A twin of the
+base, 8 requests on 8 distinct adapters in one mixed batch vs 8 on one adapter and vs one after
+another (bench/adapters.py: lora_overhead), stock diffusers unfused and fused for reference, a
+mixed batch of 4 vs the same requests alone (time and pixel difference), adapter activation
+(our per-request switch vs diffusers ``set_adapters``), loading a never-seen adapter (ours vs
+``load_lora_weights``), and Generate over gRPC on loopback vs the same generation in-process.
+Every figure is a median after warm-up; ratios compare to a baseline measured in this run,
+timed round-robin; torch's thread count is fixed for the run (``--threads``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bench.adapters import mixed_batches, switch_cost
+from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import interleaved_medians, median_ms, report
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationSpec
@@ -35,8 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="interleaved rounds of the LoRA overhead rows"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)),
+        help="torch threads, fixed for the whole run",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -62,21 +73,14 @@ def main(argv: list[str] | None = None) -> None:
 
     for warm in (spec(), spec(("a0", 1.0)), spec(("a0", 0.7), ("a1", 0.5))):
         engine.generate(warm)  # first calls pay one-time kernel selection; keep them out
-    rows: list[tuple[str, float, str]] = []
-    gen = interleaved_medians({n: (lambda s=s: engine.generate(s)) for n, s in (
-        ("0 adapters", spec()), ("1 adapter", spec(("a0", 1.0))),
-        ("2 adapters", spec(("a0", 0.7), ("a1", 0.5))),
-    )}, repeat=repeat)  # fmt: skip
-    for name, ms in gen.items():
-        rows.append((f"generate {size}x{size} {steps} steps, {name}", ms, "ms"))
-    rows.append(("  overhead of 1 adapter vs base", gen["1 adapter"] / gen["0 adapters"], "x"))
-    rows.append(("  overhead of 2 adapters vs base", gen["2 adapters"] / gen["0 adapters"], "x"))
+    rows = lora_overhead(engine, spec, rounds=args.rounds)
+    one_adapter_ms = next(value for name, value, _ in rows if name == "generate, 1 adapter")
 
     stock_rows, switch_stock, stock_one_adapter = stock_reference(
         model, device, bundles[:2], size, steps, repeat
     )
     rows += stock_rows
-    rows += mixed_batches(engine, spec, repeat)
+    rows += mixed_batches(engine, spec, repeat, counts=(4,))
 
     # Switching between resident adapters: ours on the real request path (one-step renders,
     # alternating adapters vs one adapter) vs diffusers' set_adapters alone.
@@ -84,14 +88,16 @@ def main(argv: list[str] | None = None) -> None:
         engine, lambda name, scale: dataclasses.replace(spec((name, scale)), steps=1),
         repeat=3 * repeat,
     )  # fmt: skip
-    switch_ours = alternating - same
+    merge = merge_cost(engine, repeat=3 * repeat)
+    switch_ours = max(0.0, alternating - same) + merge
     rows += [
         ("one-step generate, alternating 2 adapters + scales", alternating, "ms"),
         ("one-step generate, same adapter and scale", same, "ms"),
-        ("  alternating / same", alternating / same, "x (target <= 1.02)"),
-        ("switch adapter + scales (ours: alternating - same)", switch_ours, "ms"),
+        ("  alternating / same (both merge: they alternate)", alternating / same, "x"),
+        ("merge a changed adapter set into the UNet (fused path, once per change)", merge, "ms"),
+        ("switch adapter + scales (ours: alternating - same, + the merge)", switch_ours, "ms"),
         ("switch adapter + scales (diffusers set_adapters)", switch_stock, "ms"),
-        ("  ours / one generation", switch_ours / gen["1 adapter"], "x (target <= 0.01)"),
+        ("  ours / one generation", switch_ours / one_adapter_ms, "x (target <= 0.01)"),
     ]
 
     # Loading a never-seen adapter: ours (verify + load + register) vs load_lora_weights.

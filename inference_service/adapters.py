@@ -162,14 +162,14 @@ class AdapterRegistry:
         slot = self.slots.acquire(entry.adapter_id) if fits else None
         try:
             if slot is not None:
-                self.slots.fill(slot, pairs)
                 entry.peft_name = slot
+                self.mixer.adapter_changed(slot, rank=self.slots.fill(slot, pairs))
             else:
                 entry.peft_name = f"adapter-{entry.adapter_id}"
                 self.pipe.load_lora_weights(
                     str(entry.path / bundles.LORA_FILE), adapter_name=entry.peft_name
                 )
-                self.mixer.refresh()  # hook the layers diffusers just made
+                self.mixer.refresh()  # take over the layers diffusers just made
         except Exception as err:
             if slot is not None:
                 self.slots.release(slot)
@@ -202,6 +202,7 @@ class AdapterRegistry:
             self.slots.release(entry.peft_name)  # overwritten by the next fill
         else:
             self.pipe.delete_adapters(entry.peft_name)
+        self.mixer.adapter_changed(entry.peft_name)
 
     def _evict(self, adapter_id: str) -> None:
         """Drop the adapter's weights from the model; it stays known and reloads on demand."""

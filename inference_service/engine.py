@@ -47,18 +47,23 @@ class GeneratorEngine:
     def __init__(
         self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = "",
         slot_rank: int = 16, objects: ObjectStore | None = None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES, fuse_adapters: bool = True,
+        compile_backend: str | None = None,
     ) -> None:  # fmt: skip
         self.pipe = pipe
         self.lock = threading.Lock()
         # Requests swap the pipeline's scheduler: "default" means the model's own.
         self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
         self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-        self.mixer = LoraMixer(pipe)
+        self.mixer = LoraMixer(pipe, fuse=fuse_adapters)
         self.adapters = AdapterRegistry(
             pipe, store_dir, self.mixer, max_resident=max_resident, model_name=model_name,
             slot_rank=slot_rank, objects=objects, cache_bytes=cache_bytes,
         )  # fmt: skip
+        if compile_backend:
+            # After the slots exist: a change of adapters or scales then changes tensor values
+            # (fused weights, gathered factors), not the graph, so nothing recompiles.
+            pipe.unet.compile(backend=compile_backend)
 
     def generate(
         self,
@@ -181,9 +186,8 @@ class GeneratorEngine:
             try:
                 positive, negative, generators, unet_scales = self._encode_prompts(batch, guided)
                 # Classifier-free guidance runs the negative and the positive halves together.
-                device = self.pipe._execution_device
                 self.mixer.set("unet", {
-                    name: row_weights(column, repeats=2 if guided else 1, device=device)
+                    name: row_weights(column, repeats=2 if guided else 1)
                     for name, column in unet_scales.items()
                 })  # fmt: skip
                 started = time.perf_counter()

@@ -1,128 +1,246 @@
-"""Per-request and per-sample LoRA weights, applied by one forward hook per LoRA layer.
+"""Every request's adapters in one pass per LoRA layer, at each request's own scales.
 
-peft keeps every resident adapter's A and B matrices in its LoRA layers; diffusers'
-``set_adapters`` activates a set by walking the whole module tree and rewriting each layer's
-scaling (milliseconds per request), and peft's mixed-batch forward (``adapter_names``) gives
-each sample one adapter at that adapter's fixed scale. Neither serves a batch in which each
-request names its own adapters at its own scales. So peft's own LoRA path stays switched off
-and a hook on each LoRA layer adds
+peft keeps every resident adapter's A and B factors in its LoRA layers, and its forward runs
+one small matmul pair and a Python call per active adapter, at one fixed scale for the whole
+batch. Here each LoRA layer's forward is replaced (``refresh`` re-types peft's layers) and
+applies a plan that ``set`` builds once per batch from the factors, so the forward does the
+same few operations whatever the number of adapters:
 
-    output += sum over adapters a of  w_a * scaling_a * B_a(A_a(x))
+- **fused**: every row shares one set of adapters and weights, on a component that runs many
+  times per set (the UNet: steps x guidance): the set is merged into a copy of the base weight,
+  ``W0 + sum_a w_a * scaling_a * B_a A_a``, and the forward is the base layer's own operation
+  on it. The base weight never changes, so unfusing is free and exact; merging costs about
+  one forward's weight traffic, once per change of set (kept while the set repeats).
+- **stacked**: one set for every row on a component run once per set (the text encoder): the
+  adapters' factors concatenated along the rank, weights and scalings folded into B, so the
+  delta is one matmul pair: ``base(x) + (x A^T) B^T``.
+- **gathered**: rows with different adapters or weights (a mixed batch): each row's factors
+  gathered into ``[rows, rank, in]`` and ``[rows, out, rank]`` (padded to the largest row's
+  rank sum), and the delta is one batched matmul pair, as Punica's BGMV does.
 
-where ``w_a`` is one number for the whole batch (a single request) or one number per row (a
-mixed batch: only the runs of rows whose requests name ``a`` are computed, as slices, so no
-gather or scatter copies). Activating a request's
-adapters is then an assignment, and the maths is peft's own (``scaling`` = alpha / r).
+The maths is peft's own (``scaling`` = alpha / r); only each adapter's used rank is computed
+(a rank-8 adapter in a rank-16 slot costs rank 8).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 COMPONENTS = ("unet", "text_encoder")
+# Components whose forward runs many times per adapter set, so merging the set pays.
+FUSED_COMPONENTS = ("unet",)
+
+Weight = float | tuple[float, ...]  # one weight for every row of the batch, or one per row
 
 
-@dataclass(frozen=True)
-class RowWeights:
-    """An adapter's weights in a mixed batch: (start, stop, one weight per row) for each run
-    of consecutive rows that use it (a request's images are consecutive rows)."""
-
-    runs: tuple[tuple[int, int, torch.Tensor], ...]
-
-
-Weight = float | RowWeights
-
-
-def row_weights(
-    per_sample: Sequence[float], repeats: int = 1, device: torch.device | str = "cpu"
-) -> Weight:
+def row_weights(per_sample: Sequence[float], repeats: int = 1) -> Weight:
     """An adapter's weight in a batch laid out as ``repeats`` copies of the samples (the two
     halves of classifier-free guidance): one number when every row has the same."""
     if len(set(per_sample)) == 1:
         return float(per_sample[0])
-    values = list(per_sample) * repeats
-    runs, start = [], None
-    for row, value in enumerate([*values, 0.0]):
-        if value != 0.0 and start is None:
-            start = row
-        elif value == 0.0 and start is not None:
-            factors = torch.tensor(values[start:row], dtype=torch.float32, device=device)
-            runs.append((start, row, factors))
-            start = None
-    return RowWeights(tuple(runs))
+    return tuple(float(w) for w in per_sample) * repeats
 
 
-def _lora_layer_types() -> tuple[type, ...]:
+@dataclass(frozen=True)
+class Plan:
+    """What one LoRA layer computes for the current set: ``kind`` is "fused" (``weight``),
+    "stacked" or "gathered" (``down`` and ``up``, laid out for the layer type's forward)."""
+
+    kind: str
+    weight: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+
+
+@functools.cache
+def _layer_classes() -> dict[type, type]:
+    """peft's LoRA layer types and the subclasses whose forward applies the mixer's plan."""
     from peft.tuners.lora import layer
 
-    return (layer.Linear, layer.Conv2d)
+    class MixedLinear(layer.Linear):
+        mix_plan: Plan | None = None
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            plan, base = self.mix_plan, self.base_layer
+            if plan is None:
+                return base(x, *args, **kwargs)
+            if plan.kind == "fused":
+                return F.linear(x, plan.weight, base.bias)
+            # The delta is added in place: the base output is this forward's own tensor, an
+            # out-of-place add would copy it, and linear's backward does not need it.
+            out = base(x)
+            if plan.kind == "stacked":
+                delta = F.linear(x, plan.down)
+                out.view(-1, out.shape[-1]).addmm_(delta.view(-1, delta.shape[-1]), plan.up.t())
+                return out
+            rows = plan.down.shape[0]  # gathered: down [rows, in, r], up [rows, r, out]
+            delta = torch.bmm(x.reshape(rows, -1, x.shape[-1]), plan.down)
+            out.view(rows, -1, out.shape[-1]).baddbmm_(delta, plan.up)
+            return out
+
+    class MixedConv2d(layer.Conv2d):
+        mix_plan: Plan | None = None
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            plan, base = self.mix_plan, self.base_layer
+            if plan is None:
+                return base(x, *args, **kwargs)
+            if plan.kind == "fused":
+                return base._conv_forward(x, plan.weight, base.bias)
+            out = base(x)
+            # gathered: a grouped convolution, one group per row with the row's own factors
+            groups = x.shape[0] if plan.kind == "gathered" else 1
+            inputs = x.reshape(1, -1, *x.shape[2:]) if groups > 1 else x
+            delta = F.conv2d(
+                inputs, plan.down, None, base.stride, base.padding, base.dilation, groups
+            )
+            delta = F.conv2d(delta, plan.up, groups=groups)
+            return out.add_(delta.view(out.shape))  # in place, as MixedLinear's
+
+    return {layer.Linear: MixedLinear, layer.Conv2d: MixedConv2d}
 
 
 class LoraMixer:
-    """Owns the hooks; ``weights[component]`` maps peft adapter names to their weights."""
+    """Owns how LoRA layers apply adapters: ``set(component, {peft name: weight})`` before a
+    forward, ``clear()`` after."""
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, *, fuse: bool = True) -> None:
         self.pipe = pipe
-        self.weights: dict[str, dict[str, Weight]] = {c: {} for c in COMPONENTS}
-        self._hooked: set[int] = set()
+        self.fuse = fuse
+        self.layers: dict[str, list[Any]] = {c: [] for c in COMPONENTS}
+        self.ranks: dict[str, int] = {}  # peft name -> rank in use, where less than the layer's
+        self.version = 0  # bumped when any adapter's factors change: built plans are stale
+        self._built: dict[str, tuple[Any, list[Plan | None]]] = {}
+        self._scratch: dict[int, torch.Tensor] = {}  # fused weights, one buffer per layer
         self.refresh()
 
     def refresh(self) -> None:
-        """Hook LoRA layers that diffusers created since the last call and switch peft's own
-        LoRA path off in all of them (loading an adapter can switch it back on)."""
-        types = _lora_layer_types()
+        """Take over LoRA layers that diffusers created since the last call."""
+        classes = _layer_classes()
+        mixed = tuple(classes.values())
         for component in COMPONENTS:
+            found = []
             for module in getattr(self.pipe, component).modules():
-                if not isinstance(module, types):
-                    continue
-                variants = getattr(module, "lora_variant", {})
-                if variants:
-                    raise ValueError(
-                        f"adapter(s) {sorted(variants)} use a LoRA variant (such as DoRA) "
-                        "that this server does not apply"
-                    )
-                module.enable_adapters(False)
-                if id(module) not in self._hooked:
-                    module.register_forward_hook(self._hook_for(component))
-                    self._hooked.add(id(module))
+                if type(module) in classes:
+                    module.__class__ = classes[type(module)]
+                if isinstance(module, mixed):
+                    _refuse_unsupported(module)
+                    found.append(module)
+            self.layers[component] = found
+        self.version += 1
+
+    def adapter_changed(self, name: str, rank: int | None = None) -> None:
+        """An adapter's factors were written (``rank``: the rank it uses, where a slot is larger)
+        or dropped."""
+        if rank is None:
+            self.ranks.pop(name, None)
+        else:
+            self.ranks[name] = rank
+        self.version += 1
 
     def set(self, component: str, weights: dict[str, Weight]) -> None:
-        self.weights[component] = {
-            name: w for name, w in weights.items() if not (isinstance(w, float) and w == 0.0)
-        }
+        weights = {n: w for n, w in weights.items() if not (isinstance(w, float) and w == 0.0)}
+        fuse = self.fuse and component in FUSED_COMPONENTS
+        key = (self.version, fuse, tuple(sorted(weights.items())))
+        built = self._built.get(component)
+        if built is None or built[0] != key:
+            plans = [self._plan(layer, weights, fuse) for layer in self.layers[component]]
+            self._built[component] = built = (key, plans)
+        for layer, plan in zip(self.layers[component], built[1], strict=True):
+            object.__setattr__(layer, "mix_plan", plan)  # skips nn.Module's attribute checks
 
     def clear(self) -> None:
         for component in COMPONENTS:
-            self.weights[component] = {}
+            for layer in self.layers[component]:
+                object.__setattr__(layer, "mix_plan", None)
 
-    def _hook_for(self, component: str):
-        def hook(module, args, output):
-            weights = self.weights[component]
-            return _add_deltas(module, args[0], output, weights.items()) if weights else None
+    # ------------------------------------------------------------------ plans
+    @torch.no_grad()
+    def _plan(self, layer: Any, weights: dict[str, Weight], fuse: bool) -> Plan | None:
+        names = [n for n in weights if n in layer.lora_A]
+        if not names:
+            return None
+        factors = [self._factors(layer, n) for n in names]
+        per_row = [weights[n] for n in names]
+        if all(isinstance(w, float) for w in per_row):
+            down = torch.cat([d for d, _ in factors])
+            up = torch.cat([u * w for (_, u), w in zip(factors, per_row, strict=True)], dim=1)
+            if fuse:
+                return Plan("fused", weight=self._fused(layer, down, up))
+            return Plan("stacked", down=down, up=up)
+        return _gathered(layer, factors, per_row)
 
-        return hook
+    def _factors(self, layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, scaling * B) of one adapter in one layer, trimmed to the rank it uses, in the
+        base weight's dtype."""
+        rank = self.ranks.get(name, layer.r[name])
+        dtype = layer.base_layer.weight.dtype
+        down = layer.lora_A[name].weight[:rank].to(dtype)
+        up = layer.lora_B[name].weight[:, :rank].to(dtype) * layer.scaling[name]
+        return down, up
+
+    def _fused(self, layer: Any, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        base = layer.base_layer.weight
+        scratch = self._scratch.get(id(layer))
+        if scratch is None:
+            scratch = self._scratch[id(layer)] = torch.empty_like(base)
+        # One rounding to the base dtype (addmm accumulates in float32 on GPUs).
+        torch.addmm(base.flatten(1), up.flatten(1), down.flatten(1), out=scratch.view(
+            base.shape[0], -1))  # fmt: skip
+        return scratch
 
 
-def _add_deltas(
-    module: Any, x: torch.Tensor, output: torch.Tensor, weights: Iterable[tuple[str, Weight]]
-) -> torch.Tensor:
-    for name, weight in weights:
-        if name not in module.lora_A:
-            continue
-        down, up = module.lora_A[name], module.lora_B[name]
-        scaling = module.scaling[name]
-        inputs = x.to(down.weight.dtype)
-        if isinstance(weight, RowWeights):
-            if torch.is_grad_enabled():  # the slices below are added in place
-                output = output.clone()
-            shape = (-1,) + (1,) * (output.dim() - 1)
-            for start, stop, factors in weight.runs:
-                delta = up(down(inputs[start:stop])) * (factors.to(output).view(shape) * scaling)
-                output[start:stop] += delta.to(output.dtype)
-        else:
-            output = output + (up(down(inputs)) * (weight * scaling)).to(output.dtype)
-    return output
+def _gathered(
+    layer: Any, factors: list[tuple[torch.Tensor, torch.Tensor]], per_row: list[Weight]
+) -> Plan | None:
+    """Each row's own factors: its adapters' A concatenated along the rank and its weights
+    folded into B, zero-padded to the largest row's rank sum."""
+    rows = max(len(w) for w in per_row if isinstance(w, tuple))
+    columns = [w if isinstance(w, tuple) else (w,) * rows for w in per_row]
+    signatures = [tuple(column[row] for column in columns) for row in range(rows)]
+    distinct = list(dict.fromkeys(signatures))
+    rank_sum = max(
+        sum(d.shape[0] for (d, _), w in zip(factors, sig, strict=True) if w != 0.0)
+        for sig in distinct
+    )
+    if rank_sum == 0:
+        return None
+    down_shape, up_shape = factors[0][0].shape, factors[0][1].shape
+    downs = factors[0][0].new_zeros(len(distinct), rank_sum, *down_shape[1:])
+    ups = factors[0][1].new_zeros(len(distinct), up_shape[0], rank_sum, *up_shape[2:])
+    for index, sig in enumerate(distinct):
+        start = 0
+        for (down, up), w in zip(factors, sig, strict=True):
+            if w != 0.0:
+                stop = start + down.shape[0]
+                downs[index, start:stop] = down
+                ups[index, :, start:stop] = up * w
+                start = stop
+    rows_of = torch.tensor([distinct.index(sig) for sig in signatures], device=downs.device)
+    downs, ups = downs[rows_of], ups[rows_of]
+    if downs.dim() == 3:  # Linear: laid out for bmm
+        return Plan("gathered", down=downs.transpose(1, 2).contiguous(),
+                    up=ups.transpose(1, 2).contiguous())  # fmt: skip
+    # Conv2d: one group per row
+    return Plan("gathered", down=downs.flatten(0, 1), up=ups.flatten(0, 1))
+
+
+def _refuse_unsupported(layer: Any) -> None:
+    variants = getattr(layer, "lora_variant", {})
+    if variants:
+        raise ValueError(
+            f"adapter(s) {sorted(variants)} use a LoRA variant (such as DoRA) "
+            "that this server does not apply"
+        )
+    base = layer.base_layer
+    if isinstance(base, torch.nn.Conv2d) and (base.groups != 1 or base.dilation != (1, 1)):
+        raise ValueError("LoRA on grouped or dilated convolutions is not supported")
+    for name, up in layer.lora_B.items():
+        if up.bias is not None:
+            raise ValueError(f"adapter {name!r} has LoRA biases, which this server does not apply")

@@ -97,9 +97,13 @@ class GeneratorService:
         slot_rank: int = 16,
         max_batch_images: int = 8,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        fuse_adapters: bool = True,
+        compile_unet: bool = False,
     ) -> None:
         validate_device(settings.device)
         self.cache_bytes = cache_bytes
+        self.fuse_adapters = fuse_adapters
+        self.compile_unet = compile_unet
         self.queue = BatchQueue(max_images=max_batch_images, max_adapters=max_resident_adapters)
         self.settings = settings
         self.max_resident = max_resident_adapters
@@ -130,7 +134,8 @@ class GeneratorService:
         self.engine = GeneratorEngine(
             pipe, Path(self.settings.data_dir), max_resident=self.max_resident,
             model_name=self.settings.model or "loraforge/tiny", slot_rank=self.slot_rank,
-            objects=objects, cache_bytes=self.cache_bytes,
+            objects=objects, cache_bytes=self.cache_bytes, fuse_adapters=self.fuse_adapters,
+            compile_backend="inductor" if self.compile_unet else None,
         )  # fmt: skip
         for adapter_id in self.preload:
             await self.run(self.engine.adapters.register, adapter_id, pin=True)

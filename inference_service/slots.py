@@ -89,8 +89,9 @@ class SlotPool:
         return peft_name in self.owner
 
     @torch.no_grad()
-    def fill(self, slot: str, pairs: Pairs) -> None:
-        """Copy the adapter into the slot in place; on any error the slot is left all zeros."""
+    def fill(self, slot: str, pairs: Pairs) -> int:
+        """Copy the adapter into the slot in place and return the rank it uses (the rest of
+        the slot stays zero); on any error the slot is left all zeros."""
         try:
             for key, layer in self.layers[slot].items():
                 down_weight = layer.lora_A[slot].weight
@@ -112,6 +113,7 @@ class SlotPool:
         except BaseException:
             self.clear(slot)
             raise
+        return max((down.shape[0] for down, _ in pairs.values()), default=0)
 
     @torch.no_grad()
     def clear(self, slot: str) -> None:

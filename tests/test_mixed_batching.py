@@ -77,6 +77,23 @@ def test_a_mixed_batch_gives_each_request_its_unbatched_images(engine):
     assert np.abs(base[0] - alone[0][0]).mean() > 1e-2
 
 
+def test_fusion_off_renders_what_fusion_on_renders(engine):
+    """--adapter-fusion off: one-set batches take the stacked factors instead of merged
+    weights; the images are the same."""
+    fused = [pixels(engine.generate(spec)) for spec in specs()]
+    engine.mixer.fuse = False
+    try:
+        unfused = [pixels(engine.generate(spec)) for spec in specs()]
+        engine.mixer.set("unet", {"slot-0": 1.0})
+        kinds = {layer.mix_plan.kind for layer in engine.mixer.layers["unet"]}
+    finally:
+        engine.mixer.clear()
+        engine.mixer.fuse = True
+    assert kinds == {"stacked"}
+    for a, b in zip(fused, unfused, strict=True):
+        assert np.abs(a[0] - b[0]).mean() <= 1e-3
+
+
 def test_requests_with_other_settings_are_served_in_their_own_batch(engine):
     other = specs()[0]
     other.steps = 3
