@@ -1,8 +1,10 @@
-"""deploy/: every overlay renders, validates against the Kubernetes schemas offline, meets our
-policy, and its servers start with exactly the manifests' args and environment."""
+"""deploy/: every overlay renders, validates against the Kubernetes schemas offline (and its
+custom resources against the Prometheus Operator's and KEDA's), meets our policy, and its
+servers start with exactly the manifests' args and environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,7 +58,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered) -> None
     assert bool(by_kind(objects, "HorizontalPodAutoscaler")) == (overlay == "cpu-dev")
     for obj in objects:
         if obj["apiVersion"].split("/")[0] in OPERATOR_APIS:
-            continue  # custom resources: test_monitoring_* check them against their users
+            continue  # custom resources: their operators' schemas, test_custom_resources_*
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
@@ -119,6 +121,30 @@ def test_monitoring_scrapes_the_metrics_ports_and_keda_scales_real_deployments()
     for scaler in scaled:
         (trigger,) = scaler["spec"]["triggers"]
         assert trigger["type"] == "prometheus" and float(trigger["metadata"]["threshold"]) > 0
+
+
+def validate_custom_resources(objects: list[dict]) -> subprocess.CompletedProcess:
+    """Run tests/crd-schemas/validate.mjs: the operators' own CRD schemas, installed by
+    ``make test-services`` from npm (@kubernetes-models, pinned by its package-lock.json)."""
+    schemas = ROOT / "tests" / "crd-schemas"
+    node = shutil.which("node")
+    assert node and (schemas / "node_modules").is_dir(), "run `make test-services` first"
+    return subprocess.run([node, str(schemas / "validate.mjs")], input=json.dumps(objects),
+                          capture_output=True, text=True, cwd=schemas)  # fmt: skip
+
+
+def test_custom_resources_validate_against_their_operators_schemas() -> None:
+    objects = render("gpu")
+    custom = [o for o in objects if o["apiVersion"].split("/")[0] in OPERATOR_APIS]
+    result = validate_custom_resources(objects)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("valid ") == len(custom) == 4  # 2 ScaledObjects, 1 each other
+    # The validator refuses what the operator would: a port given as a number, not a name.
+    (monitor,) = by_kind(objects, "PodMonitor")
+    monitor["spec"]["podMetricsEndpoints"][0]["port"] = 9400
+    refused = validate_custom_resources(objects)
+    assert refused.returncode == 1 and "INVALID PodMonitor/loraforge" in refused.stdout
+    assert "port must be string" in refused.stdout
 
 
 def test_alert_rules_pass_promtool(tmp_path: Path) -> None:
