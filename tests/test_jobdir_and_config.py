@@ -55,7 +55,10 @@ def test_the_config_round_trips_and_refuses_unknown_options() -> None:
 
 
 def test_validation_names_every_bad_field_at_once() -> None:
-    config = TrainingConfig(lora_rank=0, max_train_steps_tuning=-1, placeholder_tokens=["s1"])
+    config = TrainingConfig(
+        lora_rank=0, max_train_steps_tuning=-1, placeholder_tokens=["s1"], snr_gamma=0.0,
+        lr_scheduler_lora="warp", lr_warmup_steps_lora=-1,
+    )  # fmt: skip
     spec = JobSpec(request_id="bad id!", config=config, images=[ImageUpload(b"not an image")])
     with pytest.raises(InvalidArgument) as caught:
         validate(spec)
@@ -65,6 +68,9 @@ def test_validation_names_every_bad_field_at_once() -> None:
         "instance_images[0].data",
         "config.lora_rank",
         "config.max_train_steps_tuning",
+        "config.snr_gamma",
+        "config.lr_scheduler_lora",
+        "config.lr_warmup_steps_lora",
     } <= fields
     assert "placeholder_tokens[0]" in fields  # a field of the request, not of its config
 
@@ -86,15 +92,26 @@ def test_the_contract_and_the_config_name_the_same_choices() -> None:
         trainer_pb2.CreateJobRequest(
             method=trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA,
             config=trainer_pb2.TrainingConfig(
-                lr_scheduler=trainer_pb2.LR_SCHEDULER_COSINE, lora_rank=8, learning_rate_unet=3e-4
+                lr_scheduler=trainer_pb2.LR_SCHEDULER_COSINE, lora_rank=8, learning_rate_unet=3e-4,
+                lr_scheduler_lora=trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP,
+                lr_warmup_steps_lora=7, snr_gamma=5.3,
             ),
         )
-    )
+    )  # fmt: skip
     assert (config.method, config.lr_scheduler, config.lora_rank) == (
         "dreambooth_lora",
         "cosine",
         8,
     )
+    assert (config.lr_scheduler_lora, config.lr_warmup_steps_lora) == ("constant_with_warmup", 7)
     assert config.learning_rate_unet == 3e-4  # the decimal the caller wrote, not float32's
+    assert config.snr_gamma == 5.3
     message = server.config_to_proto(config.to_dict())
     assert message.lr_scheduler == trainer_pb2.LR_SCHEDULER_COSINE and message.lora_rank == 8
+    assert message.lr_scheduler_lora == trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP
+    assert message.HasField("snr_gamma") and message.lr_warmup_steps_lora == 7
+    # Unset: the seed's defaults, and no min-SNR weighting.
+    default = server.config_from_request(trainer_pb2.CreateJobRequest())
+    assert (default.lr_scheduler_lora, default.lr_warmup_steps_lora) == ("linear", 0)
+    assert default.snr_gamma is None
+    assert not server.config_to_proto(default.to_dict()).HasField("snr_gamma")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ast
 import io
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -112,3 +114,26 @@ def test_events_and_checkpoints_of_a_library_run(tiny_model: Path, tmp_path: Pat
     assert kinds.count(Checkpoint) == 2 and kinds[-1] is FinalArtifact
     # The inversion moved the zero-initialised token away from zero.
     assert bundle.embeddings()["<s1>"].norm() > 0
+
+
+def test_each_pti_phase_follows_its_own_schedule_and_min_snr_trains(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    image = Image.open(io.BytesIO(shape_png())).convert("RGB")
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model), max_train_steps_ti=4,
+        max_train_steps_tuning=6, gradient_accumulation_steps=1, save_steps=100, seed=0,
+        device="cpu", lr_scheduler="constant", lr_scheduler_lora="linear",
+        lr_warmup_steps_lora=2, learning_rate_ti=5e-4, learning_rate_unet=1e-3,
+        snr_gamma=5.0,
+    )  # fmt: skip
+    reporter = ListReporter()
+    paths = RunPaths(tmp_path / "ckpt", tmp_path / "art")
+    assert Trainer(config, [InstanceExample(image, "a.png")], paths, reporter).run() is not None
+    progress = [e for e in reporter.events if isinstance(e, Progress)]
+    inversion = [e.lr for e in progress if e.phase == "inversion"]
+    tuning = [e.lr for e in progress if e.phase == "tuning"]
+    assert inversion == pytest.approx([5e-4] * 4)  # constant
+    # linear over 6 steps after 2 of warm-up: 0, 1/2, then 1, 3/4, 1/2, 1/4 of the rate
+    assert tuning == pytest.approx([1e-3 * f for f in (0, 0.5, 1, 0.75, 0.5, 0.25)])
+    assert all(math.isfinite(e.loss) for e in progress)  # min-SNR weights on v-prediction

@@ -52,8 +52,14 @@ class TrainingConfig:
     # Fraction of training captions replaced by the empty prompt (kohya's caption_dropout_rate):
     # trains the adapter's unconditional prediction too, which classifier-free guidance uses.
     caption_dropout: float = 0.0
+    # PTI: phase 1's schedule, and phase 2 has its own (lr_pti's lr_scheduler_lora); the one
+    # phase of DreamBooth-LoRA takes lr_scheduler and lr_warmup_steps.
     lr_scheduler: str = "linear"
     lr_warmup_steps: int = 0
+    lr_scheduler_lora: str = "linear"
+    lr_warmup_steps_lora: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al., 2023; 5.0 is the paper's); None: unweighted.
+    snr_gamma: float | None = None
     save_steps: int = 100
     max_train_steps_ti: int = 1000
     max_train_steps_tuning: int = 1000
@@ -101,6 +107,13 @@ class TrainingConfig:
         return self.inversion_steps + self.max_train_steps_tuning
 
     @property
+    def tuning_schedule(self) -> tuple[str, int]:
+        """(scheduler, warm-up steps) of the LoRA tuning phase."""
+        if self.method == "pti":
+            return self.lr_scheduler_lora, self.lr_warmup_steps_lora
+        return self.lr_scheduler, self.lr_warmup_steps
+
+    @property
     def learned_tokens(self) -> list[str]:
         return list(self.placeholder_tokens) if self.method == "pti" else []
 
@@ -134,9 +147,9 @@ class TrainingConfig:
 
         v.check(self.method in METHODS, f("method"), f"must be one of {METHODS}")
         v.check(self.use_template in TEMPLATES, f("use_template"), f"must be one of {TEMPLATES}")
-        v.check(
-            self.lr_scheduler in LR_SCHEDULERS, f("lr_scheduler"), f"must be one of {LR_SCHEDULERS}"
-        )
+        for name in ("lr_scheduler", "lr_scheduler_lora"):
+            value = getattr(self, name)
+            v.check(value in LR_SCHEDULERS, f(name), f"must be one of {LR_SCHEDULERS}")
         v.check(
             self.mixed_precision in MIXED_PRECISIONS,
             f("mixed_precision"),
@@ -151,7 +164,10 @@ class TrainingConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "save_steps"):
             value = getattr(self, name)
             v.check(1 <= value <= 1024, f(name), "must be in 1..1024")
-        for name in ("max_train_steps_ti", "max_train_steps_tuning", "lr_warmup_steps"):
+        for name in (
+            "max_train_steps_ti", "max_train_steps_tuning", "lr_warmup_steps",
+            "lr_warmup_steps_lora",
+        ):  # fmt: skip
             value = getattr(self, name)
             v.check(0 <= value <= MAX_STEPS, f(name), f"must be in 0..{MAX_STEPS}")
         v.check(
@@ -194,6 +210,12 @@ class TrainingConfig:
             f("caption_dropout"),
             "must be in [0, 1)",
         )
+        if self.snr_gamma is not None:
+            v.check(
+                math.isfinite(self.snr_gamma) and self.snr_gamma > 0,
+                f("snr_gamma"),
+                "must be positive (5.0 is the paper's); unset turns the weighting off",
+            )
         if self.validation_steps is not None:
             v.check(self.validation_steps >= 1, f("validation_steps"), "must be >= 1")
         for name in ("lora_unet_target_modules", "lora_clip_target_modules"):

@@ -76,7 +76,8 @@ def config_from_request(request: trainer_pb2.CreateJobRequest) -> TrainingConfig
     for name in ("lora_unet_target_modules", "lora_clip_target_modules"):
         if getattr(message, name):
             values[name] = list(getattr(message, name))
-    values["lr_scheduler"] = _enum(LR_SCHEDULERS, message.lr_scheduler, "config.lr_scheduler")
+    for name in ("lr_scheduler", "lr_scheduler_lora"):
+        values[name] = _enum(LR_SCHEDULERS, getattr(message, name), f"config.{name}")
     values["mixed_precision"] = _enum(PRECISIONS, message.mixed_precision, "config.mixed_precision")
     values["method"] = _enum(METHODS, request.method, "method")
     values["use_template"] = _enum(TEMPLATES, request.template, "template")
@@ -96,6 +97,7 @@ def config_from_request(request: trainer_pb2.CreateJobRequest) -> TrainingConfig
         "continue_inversion_lr",
         "lora_alpha",
         "caption_dropout",
+        "snr_gamma",
     ):
         if name in values:  # float32 on the wire: keep the decimal the caller wrote
             values[name] = float(f"{values[name]:.7g}")
@@ -112,6 +114,7 @@ def config_to_proto(config: dict) -> trainer_pb2.TrainingConfig:
     message.lora_unet_target_modules.extend(config.get("lora_unet_target_modules", []))
     message.lora_clip_target_modules.extend(config.get("lora_clip_target_modules", []))
     message.lr_scheduler = LR_SCHEDULER_TO_PROTO[config["lr_scheduler"]]
+    message.lr_scheduler_lora = LR_SCHEDULER_TO_PROTO[config.get("lr_scheduler_lora", "linear")]
     message.mixed_precision = PRECISION_TO_PROTO[config["mixed_precision"]]
     return message
 

@@ -22,6 +22,7 @@ JOB_STATES = by_name(trainer_pb2.JobState, "JOB_STATE_")
 PHASES = by_name(trainer_pb2.TrainingPhase, "TRAINING_PHASE_")
 TRAINING_ENUMS = {  # TrainingConfig fields that are enums
     "lr_scheduler": by_name(trainer_pb2.LrScheduler, "LR_SCHEDULER_"),
+    "lr_scheduler_lora": by_name(trainer_pb2.LrScheduler, "LR_SCHEDULER_"),
     "mixed_precision": by_name(trainer_pb2.MixedPrecision, "MIXED_PRECISION_"),
 }
 # "default": the server's model's own scheduler (SCHEDULER_UNSPECIFIED).

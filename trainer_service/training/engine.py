@@ -165,7 +165,9 @@ class Trainer:
                 self.model.tokenizer, text_encoder, captions, self.accelerator.device
             )
             prediction = unet(noisy.to(self.model.weight_dtype), timesteps, hidden).sample
-        return prediction_loss(prediction, scheduler, latents, noise, timesteps)
+        return prediction_loss(
+            prediction, scheduler, latents, noise, timesteps, self.config.snr_gamma
+        )
 
     def _step_loss(self, unet: Any, text_encoder: Any, t_fraction: float) -> torch.Tensor:
         """The loss of the current step's micro-batch (plus the prior-preservation term)."""
@@ -187,8 +189,10 @@ class Trainer:
         accumulation = self.config.gradient_accumulation_steps
         return base * accumulation * self.config.train_batch_size * self.accelerator.num_processes
 
-    def _scheduler(self, optimizer: torch.optim.Optimizer, steps: int) -> Any:
-        """The configured schedule over ``steps`` optimizer steps.
+    def _scheduler(
+        self, optimizer: torch.optim.Optimizer, steps: int, name: str, warmup_steps: int
+    ) -> Any:
+        """The schedule ``name`` over ``steps`` optimizer steps.
 
         accelerate advances a prepared scheduler once per process on every step, so the
         schedule is stretched by the process count (as diffusers' training scripts do).
@@ -197,8 +201,7 @@ class Trainer:
 
         processes = self.accelerator.num_processes
         return get_scheduler(
-            self.config.lr_scheduler, optimizer=optimizer,
-            num_warmup_steps=self.config.lr_warmup_steps * processes,
+            name, optimizer=optimizer, num_warmup_steps=warmup_steps * processes,
             num_training_steps=max(steps, 1) * processes,
         )  # fmt: skip
 
@@ -302,7 +305,9 @@ class Trainer:
         )
         accumulation = config.gradient_accumulation_steps
         # The schedule counts optimizer steps (one per accumulation window).
-        scheduler = self._scheduler(optimizer, math.ceil(steps / accumulation))
+        scheduler = self._scheduler(
+            optimizer, math.ceil(steps / accumulation), config.lr_scheduler, config.lr_warmup_steps
+        )
         (text_encoder,), optimizer, scheduler = self._prepare(
             [self.model.text_encoder], optimizer, scheduler, resume
         )
@@ -367,7 +372,7 @@ class Trainer:
             lr_ti = config.continue_inversion_lr or config.learning_rate_ti
             groups.append({"params": [embedding], "lr": self._lr(lr_ti)})
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay_lora)
-        scheduler = self._scheduler(optimizer, steps)
+        scheduler = self._scheduler(optimizer, steps, *config.tuning_schedule)
         trains_text = config.train_text_encoder or invert
         trained = [self.model.unet, self.model.text_encoder][: 2 if trains_text else 1]
         wrapped, optimizer, scheduler = self._prepare(trained, optimizer, scheduler, resume)

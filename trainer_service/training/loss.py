@@ -37,13 +37,37 @@ def prediction_target(
     raise ValueError(f"prediction type {kind!r} is not supported for training")
 
 
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023), one per sample.
+
+    The weight of a timestep's loss is min(SNR, gamma) / SNR for a noise (epsilon) target: low-
+    noise steps, whose SNR is large and whose loss is easy, stop dominating. A velocity target
+    already carries a factor SNR + 1, so its weight is min(SNR, gamma) / (SNR + 1). Written as
+    a ratio that is never 0 / 0: with zero terminal SNR the last timestep's SNR is 0.
+    """
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas).clamp(min=1e-12)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return torch.where(snr > gamma, gamma / snr.clamp(min=1e-12), torch.ones_like(snr))
+    if kind == "v_prediction":
+        return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
+    raise ValueError(f"prediction type {kind!r} is not supported for training")
+
+
 def prediction_loss(
     prediction: torch.Tensor,
     scheduler: Any,
     latents: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of the prediction to its target, in float32."""
+    """Mean squared error of the prediction to its target, in float32; with ``snr_gamma``,
+    each sample's error weighted by ``min_snr_weights``."""
     target = prediction_target(scheduler, latents, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.dim())))
+    return (per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()

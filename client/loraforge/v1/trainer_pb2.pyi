@@ -242,6 +242,9 @@ class TrainingConfig(_message.Message):
     RANDOM_FLIP_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     CAPTION_DROPOUT_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULER_LORA_FIELD_NUMBER: _builtins.int
+    LR_WARMUP_STEPS_LORA_FIELD_NUMBER: _builtins.int
+    SNR_GAMMA_FIELD_NUMBER: _builtins.int
     INSTANCE_PROMPT_FIELD_NUMBER: _builtins.int
     WITH_PRIOR_PRESERVATION_FIELD_NUMBER: _builtins.int
     CLASS_PROMPT_FIELD_NUMBER: _builtins.int
@@ -266,7 +269,9 @@ class TrainingConfig(_message.Message):
     color_jitter: _builtins.bool
     """true; only with cached_latents off"""
     lr_scheduler: Global___LrScheduler.ValueType
-    """linear"""
+    """PTI: phase 1's schedule (phase 2 has its own below); DreamBooth-LoRA: its one phase's.
+    linear
+    """
     lr_warmup_steps: _builtins.int
     """0"""
     save_steps: _builtins.int
@@ -311,6 +316,16 @@ class TrainingConfig(_message.Message):
     """Fraction of captions replaced by the empty prompt, so the adapter's unconditional
     prediction (the other half of classifier-free guidance) learns the images too.
     0.0
+    """
+    lr_scheduler_lora: Global___LrScheduler.ValueType
+    """PTI phase 2 (LoRA tuning): its schedule, as lora_pti's lr_scheduler_lora.
+    linear
+    """
+    lr_warmup_steps_lora: _builtins.int
+    """0"""
+    snr_gamma: _builtins.float
+    """Min-SNR-gamma loss weighting (Hang et al., 2023): 5.0 is the paper's value.
+    unset: off
     """
     instance_prompt: _builtins.str
     """DreamBooth-LoRA
@@ -372,6 +387,9 @@ class TrainingConfig(_message.Message):
         random_flip: _builtins.bool | None = ...,
         max_grad_norm: _builtins.float | None = ...,
         caption_dropout: _builtins.float | None = ...,
+        lr_scheduler_lora: Global___LrScheduler.ValueType = ...,
+        lr_warmup_steps_lora: _builtins.int | None = ...,
+        snr_gamma: _builtins.float | None = ...,
         instance_prompt: _builtins.str = ...,
         with_prior_preservation: _builtins.bool | None = ...,
         class_prompt: _builtins.str = ...,
@@ -380,9 +398,9 @@ class TrainingConfig(_message.Message):
         validation_prompt: _builtins.str = ...,
         validation_steps: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_scheduler_lora", b"lr_scheduler_lora", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cached_latents: _TypeAlias = _typing.Literal["cached_latents"]  # noqa: Y015
     _WhichOneofArgType__cached_latents: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents"]  # noqa: Y015
@@ -414,6 +432,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__lora_rank: _TypeAlias = _typing.Literal["_lora_rank", b"_lora_rank"]  # noqa: Y015
     _WhichOneofReturnType__lr_warmup_steps: _TypeAlias = _typing.Literal["lr_warmup_steps"]  # noqa: Y015
     _WhichOneofArgType__lr_warmup_steps: _TypeAlias = _typing.Literal["_lr_warmup_steps", b"_lr_warmup_steps"]  # noqa: Y015
+    _WhichOneofReturnType__lr_warmup_steps_lora: _TypeAlias = _typing.Literal["lr_warmup_steps_lora"]  # noqa: Y015
+    _WhichOneofArgType__lr_warmup_steps_lora: _TypeAlias = _typing.Literal["_lr_warmup_steps_lora", b"_lr_warmup_steps_lora"]  # noqa: Y015
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
     _WhichOneofReturnType__max_train_steps_ti: _TypeAlias = _typing.Literal["max_train_steps_ti"]  # noqa: Y015
@@ -436,6 +456,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__scale_lr: _TypeAlias = _typing.Literal["_scale_lr", b"_scale_lr"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__snr_gamma: _TypeAlias = _typing.Literal["snr_gamma"]  # noqa: Y015
+    _WhichOneofArgType__snr_gamma: _TypeAlias = _typing.Literal["_snr_gamma", b"_snr_gamma"]  # noqa: Y015
     _WhichOneofReturnType__train_batch_size: _TypeAlias = _typing.Literal["train_batch_size"]  # noqa: Y015
     _WhichOneofArgType__train_batch_size: _TypeAlias = _typing.Literal["_train_batch_size", b"_train_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__train_text_encoder: _TypeAlias = _typing.Literal["train_text_encoder"]  # noqa: Y015
@@ -479,6 +501,8 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_warmup_steps) -> _WhichOneofReturnType__lr_warmup_steps | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_warmup_steps_lora) -> _WhichOneofReturnType__lr_warmup_steps_lora | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_train_steps_ti) -> _WhichOneofReturnType__max_train_steps_ti | None: ...
@@ -500,6 +524,8 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_lr) -> _WhichOneofReturnType__scale_lr | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__snr_gamma) -> _WhichOneofReturnType__snr_gamma | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__train_batch_size) -> _WhichOneofReturnType__train_batch_size | None: ...
     @_typing.overload
