@@ -57,7 +57,8 @@ def test_the_config_round_trips_and_refuses_unknown_options() -> None:
 def test_validation_names_every_bad_field_at_once() -> None:
     config = TrainingConfig(
         lora_rank=0, max_train_steps_tuning=-1, placeholder_tokens=["s1"], snr_gamma=0.0,
-        lr_scheduler_lora="warp", lr_warmup_steps_lora=-1,
+        lr_scheduler_lora="warp", lr_warmup_steps_lora=-1, revision="main branch",
+        placeholder_token_at_data="sks",
     )  # fmt: skip
     spec = JobSpec(request_id="bad id!", config=config, images=[ImageUpload(b"not an image")])
     with pytest.raises(InvalidArgument) as caught:
@@ -71,6 +72,8 @@ def test_validation_names_every_bad_field_at_once() -> None:
         "config.snr_gamma",
         "config.lr_scheduler_lora",
         "config.lr_warmup_steps_lora",
+        "config.revision",
+        "config.placeholder_token_at_data",
     } <= fields
     assert "placeholder_tokens[0]" in fields  # a field of the request, not of its config
 
@@ -94,7 +97,9 @@ def test_the_contract_and_the_config_name_the_same_choices() -> None:
             config=trainer_pb2.TrainingConfig(
                 lr_scheduler=trainer_pb2.LR_SCHEDULER_COSINE, lora_rank=8, learning_rate_unet=3e-4,
                 lr_scheduler_lora=trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP,
-                lr_warmup_steps_lora=7, snr_gamma=5.3,
+                lr_warmup_steps_lora=7, snr_gamma=5.3, revision="v2.1",
+                pretrained_vae_name_or_path="stabilityai/sd-vae-ft-mse",
+                placeholder_token_at_data="sks|<s1>",
             ),
         )
     )  # fmt: skip
@@ -106,10 +111,15 @@ def test_the_contract_and_the_config_name_the_same_choices() -> None:
     assert (config.lr_scheduler_lora, config.lr_warmup_steps_lora) == ("constant_with_warmup", 7)
     assert config.learning_rate_unet == 3e-4  # the decimal the caller wrote, not float32's
     assert config.snr_gamma == 5.3
+    assert (config.revision, config.pretrained_vae_name_or_path) == (
+        "v2.1", "stabilityai/sd-vae-ft-mse"
+    )  # fmt: skip
+    assert config.placeholder_token_at_data == "sks|<s1>"
     message = server.config_to_proto(config.to_dict())
     assert message.lr_scheduler == trainer_pb2.LR_SCHEDULER_COSINE and message.lora_rank == 8
     assert message.lr_scheduler_lora == trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP
     assert message.HasField("snr_gamma") and message.lr_warmup_steps_lora == 7
+    assert message.revision == "v2.1" and message.placeholder_token_at_data == "sks|<s1>"
     # Unset: the seed's defaults, and no min-SNR weighting.
     default = server.config_from_request(trainer_pb2.CreateJobRequest())
     assert (default.lr_scheduler_lora, default.lr_warmup_steps_lora) == ("linear", 0)

@@ -29,6 +29,7 @@ MAX_RANK = 256
 # No dots: A1111 cuts a bundled token at its first "." and loads it under another name.
 _TOKEN_PATTERN = re.compile(r"^<[^<>\s.]{1,32}>$")
 _INIT_PATTERN = re.compile(r"^<rand-(\d+(\.\d+)?)>$")
+_REVISION_PATTERN = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
 
 
 @dataclass
@@ -36,10 +37,15 @@ class TrainingConfig:
     """A LoRA-PTI or DreamBooth-LoRA training run (defaults as in cloneofsimo's lora_pti)."""
 
     pretrained_model_name_or_path: str = ""
+    revision: str = ""  # of the base model on the hub (branch, tag or commit); empty: main
+    pretrained_vae_name_or_path: str = ""  # a VAE to train with instead of the model's own
     method: str = "pti"
     placeholder_tokens: list[str] = field(default_factory=lambda: ["<s1>"])
     initializer_tokens: list[str] = field(default_factory=list)  # default: <rand-0.017> each
     use_template: str = "object"
+    # "DATA|TOKENS": DATA in the images' own captions stands for TOKENS (lora_pti's option),
+    # e.g. "sks|<s1>" trains on captions written for DreamBooth.
+    placeholder_token_at_data: str = ""
     resolution: int | None = None  # None: the model's native size (512 for SD 1.5)
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 4
@@ -210,6 +216,21 @@ class TrainingConfig:
             f("caption_dropout"),
             "must be in [0, 1)",
         )
+        v.check(
+            not self.revision or _REVISION_PATTERN.match(self.revision) is not None,
+            f("revision"),
+            "must be a branch, tag or commit of the model's repository (letters, digits, ._/-)",
+        )
+        v.check(len(self.pretrained_vae_name_or_path) <= 1024, f("pretrained_vae_name_or_path"),
+                "must be at most 1024 characters")  # fmt: skip
+        if self.placeholder_token_at_data:
+            data, _, tokens = self.placeholder_token_at_data.partition("|")
+            v.check(
+                bool(data.strip()) and bool(tokens.strip()) and "|" not in tokens
+                and len(self.placeholder_token_at_data) <= 200,
+                f("placeholder_token_at_data"),
+                'must be "DATA|TOKENS", e.g. "sks|<s1>" (at most 200 characters)',
+            )  # fmt: skip
         if self.snr_gamma is not None:
             v.check(
                 math.isfinite(self.snr_gamma) and self.snr_gamma > 0,

@@ -51,7 +51,10 @@ _SCALAR_OPTIONS = [
     f.name for f in trainer_pb2.TrainingConfig.DESCRIPTOR.fields
     if f.has_presence and f.type != f.TYPE_MESSAGE
 ]  # fmt: skip
-_STRING_OPTIONS = ("instance_prompt", "class_prompt", "validation_prompt")
+_STRING_OPTIONS = (
+    "instance_prompt", "class_prompt", "validation_prompt", "revision",
+    "pretrained_vae_name_or_path", "placeholder_token_at_data",
+)  # fmt: skip
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 # Below the minimum a small bundle becomes hundreds of thousands of messages.
 CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1024 * 1024, 4096, 4 * 1024 * 1024

@@ -86,15 +86,20 @@ def caption_for(
     tokens: list[str],
     rng: random.Random,
     fallback: str = "",
+    token_at_data: str = "",
 ) -> str:
     """A training caption: a random template with the tokens, or the image's own caption.
 
-    In own captions, ``{}`` or ``<s>`` stand for the placeholder tokens.
+    In own captions, ``{}`` or ``<s>`` stand for the placeholder tokens, and so does DATA
+    where ``token_at_data`` is "DATA|TOKENS" (then TOKENS replace it, as lora_pti does).
     """
     text = placeholder_text(tokens)
     if template in TEMPLATES:
         return rng.choice(TEMPLATES[template]).format(text)
     caption = example.caption or caption_from_filename(example.filename) or fallback
+    if token_at_data:
+        data, _, replacement = token_at_data.partition("|")
+        caption = caption.replace(data, replacement)
     return caption.replace("{}", text).replace("<s>", text)
 
 
@@ -169,7 +174,10 @@ class TrainingData:
     def _caption(self, example: InstanceExample, rng: random.Random) -> str:
         config = self.config
         if config.method == "pti":
-            return caption_for(example, config.use_template, config.learned_tokens, rng)
+            return caption_for(
+                example, config.use_template, config.learned_tokens, rng,
+                token_at_data=config.placeholder_token_at_data,
+            )  # fmt: skip
         return example.caption or config.instance_prompt
 
     def class_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
@@ -183,14 +191,17 @@ class TrainingData:
 
 
 def generate_class_images(
-    model_path: str, config: TrainingConfig, resolution: int, seed: int, device: torch.device
-) -> torch.Tensor:
-    """Prior-preservation images of the class prompt, drawn by the base model."""
+    model_path: str, config: TrainingConfig, resolution: int, seed: int, device: torch.device,
+    vae: Any,
+) -> torch.Tensor:  # fmt: skip
+    """Prior-preservation images of the class prompt, drawn by the base model (at the
+    configured revision, with the VAE that training uses)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, safety_checker=None, requires_safety_checker=False
-    ).to(device)
+        model_path, revision=config.revision or None, vae=vae, safety_checker=None,
+        requires_safety_checker=False,
+    ).to(device)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     images = [

@@ -98,8 +98,9 @@ class Trainer:
         self._rate = StepRate()
         self._phase_started("preparing", config.total_steps)
         self.model = BaseModel.load(
-            config.pretrained_model_name_or_path, self.accelerator, config.gradient_checkpointing
-        )
+            config.pretrained_model_name_or_path, self.accelerator, config.gradient_checkpointing,
+            revision=config.revision, vae=config.pretrained_vae_name_or_path,
+        )  # fmt: skip
         self.resolution = config.resolution or self.model.native_resolution
         self.tokens = PlaceholderTokens(
             self.model, config.learned_tokens, config.initializers(), self.seed
@@ -150,7 +151,12 @@ class Trainer:
             return None
         self.emit(Log("info", f"generating {config.num_class_images} class images"))
         return generate_class_images(
-            self.model.path, config, self.resolution, self.seed, self.accelerator.device
+            self.model.path,
+            config,
+            self.resolution,
+            self.seed,
+            self.accelerator.device,
+            self.model.vae,
         )
 
     # ---------------------------------------------------------------- loss

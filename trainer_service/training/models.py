@@ -29,20 +29,27 @@ class BaseModel:
     weight_dtype: torch.dtype  # of the frozen UNet; the VAE stays float32
 
     @classmethod
-    def load(cls, name_or_path: str, accelerator: Accelerator, checkpointing: bool) -> BaseModel:
+    def load(
+        cls, name_or_path: str, accelerator: Accelerator, checkpointing: bool, *,
+        revision: str = "", vae: str = "",
+    ) -> BaseModel:  # fmt: skip
+        """The model's parts (at ``revision`` of its hub repository, when given), with the VAE
+        from ``vae`` (a hub id or folder of an ``AutoencoderKL``) instead of its own if set."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         path = resolve_model(name_or_path)
+        at = {"revision": revision or None}
         model = cls(
             path=path,
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **at),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **at),
+            vae=AutoencoderKL.from_pretrained(vae) if vae
+            else AutoencoderKL.from_pretrained(path, subfolder="vae", **at),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **at),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **at),
             weight_dtype=DTYPES.get(accelerator.mixed_precision, torch.float32),
-        )
+        )  # fmt: skip
         for module in (model.text_encoder, model.vae, model.unet):
             module.requires_grad_(False)
         device = accelerator.device
