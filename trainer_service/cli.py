@@ -108,6 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="artifact store folder; each bundle lands in OUTPUT/<bundle id>",
     )
+    merge = commands.add_parser(
+        "merge",
+        help="merge bundles (lora_add): concat = exactly the adapters applied together, sum = "
+        "weighted sum of the factors (same layers and ranks), base = into the base model",
+    )
+    merge.add_argument("bundles", type=Path, nargs="+", help="bundle folders")
+    merge.add_argument("--mode", choices=["concat", "sum", "base"], default="concat")
+    merge.add_argument(
+        "--weights", type=float, nargs="+",
+        help="one per bundle (default: 1 each for concat and base, 1/N each for sum)",
+    )  # fmt: skip
+    merge.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="artifact store folder (the bundle lands in OUTPUT/<bundle id>); for --mode base, "
+        "the diffusers model folder to write",
+    )  # fmt: skip
+    merge.add_argument(
+        "--model", default="", help="--mode base: the base model (default: the bundles')"
+    )
+    extract = commands.add_parser(
+        "extract",
+        help="extract a LoRA bundle from a fine-tuned model (lora_distill: SVD of tuned - base)",
+    )
+    extract.add_argument("--tuned", required=True, help="the fine-tuned model (hub id or folder)")
+    extract.add_argument("--base", required=True, help="the model it was tuned from")
+    extract.add_argument("--rank", type=int, default=4)
+    extract.add_argument(
+        "--clamp-quantile", type=float, default=0.99,
+        help="clamp the factors to this quantile of their values (lora_distill's default 0.99)",
+    )  # fmt: skip
+    extract.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="artifact store folder; the bundle lands in OUTPUT/<bundle id>",
+    )  # fmt: skip
     tiny = commands.add_parser(
         "tiny-model",
         help="write the tiny architecture with random (seeded) weights to a folder; the trained "
@@ -118,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_merging(args: argparse.Namespace):
+    from trainer_service.merging import extract_lora, merge_bundles
+
+    if args.command == "extract":
+        bundle = extract_lora(args.tuned, args.base, args.rank, args.clamp_quantile, args.output)
+        yield f"{bundle.path}  tokens={bundle.manifest.tokens} rank={bundle.manifest.rank}"
+        return
+    count = len(args.bundles)
+    weights = args.weights or [1.0 / count if args.mode == "sum" else 1.0] * count
+    output, renamed = merge_bundles(args.bundles, weights, args.mode, args.output, args.model)
+    for old, new in renamed.items():
+        yield f"token {old} renamed to {new}"
+    yield str(output)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command in ("export", "import"):
@@ -125,6 +174,14 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             for line in (run_export if args.command == "export" else run_import)(args):
+                print(line)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        return
+    if args.command in ("merge", "extract"):
+        try:
+            for line in _run_merging(args):
                 print(line)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)

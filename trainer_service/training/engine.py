@@ -271,6 +271,7 @@ class Trainer:
             training_config={**config.to_dict(), "seed": self.seed,
                              "trained_alpha": config.effective_alpha,
                              "num_processes": self.accelerator.num_processes},
+            base_model_revision=config.revision,
         )  # fmt: skip
         lora_state = lora.diffusers_lora_state(
             *self._lora_states(), config.lora_rank, config.effective_alpha
