@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import json
 import time
 import urllib.request
@@ -127,6 +129,7 @@ def test_a_request_id_follows_the_call_into_every_log_line(tiny_model: Path, tmp
         _, call = g.Generate.with_call(generator_pb2.GenerateRequest(prompt="x"), timeout=60)
         generated = dict(call.trailing_metadata())["x-request-id"]  # none sent: a new one
         assert len(generated) == 32
+        typed_ids = typed_client_request_ids(generator.target)
         trainer_log = trainer.log_path
         generator_log = generator.log_path
     server_lines = [e for e in log_lines(trainer_log) if e.get("request_id") == "req-train-42"]
@@ -137,3 +140,44 @@ def test_a_request_id_follows_the_call_into_every_log_line(tiny_model: Path, tmp
     assert phases and all(e.get("request_id") == "req-train-42" for e in phases)
     refused_lines = [e for e in log_lines(generator_log) if e.get("request_id") == "req-gen-7"]
     assert refused_lines, "the refused call logged under its id"
+    # The typed clients: the id given with request_id() reaches the server's log and comes
+    # back on the error; a call without one gets the server's id, on the error too.
+    assert typed_ids["sync"] == "req-typed-3" and typed_ids["async"] == "req-async-5"
+    assert len(typed_ids["unnamed"]) == 32 and typed_ids["unnamed"] != generated
+    assert typed_ids["cli"] == "req-cli-9"
+    logged = {e.get("request_id") for e in log_lines(generator_log)}
+    assert {"req-typed-3", "req-async-5", "req-cli-9", typed_ids["unnamed"]} <= logged
+
+
+def typed_client_request_ids(target: str) -> dict[str, str]:
+    """The request id each typed-client call's error carries (the calls are refused: an
+    empty prompt)."""
+    from loraforge_client import (
+        AsyncGeneratorClient,
+        GeneratorClient,
+        InvalidArgumentError,
+        request_id,
+    )
+    from loraforge_client.cli import main as cli
+
+    found = {}
+    with GeneratorClient(target, timeout=30) as client:
+        with request_id("req-typed-3"), pytest.raises(InvalidArgumentError) as named:
+            client.generate("")
+        found["sync"] = named.value.request_id
+        with pytest.raises(InvalidArgumentError) as unnamed:
+            client.generate("")
+        found["unnamed"] = unnamed.value.request_id
+
+    async def in_a_task() -> str:
+        async with AsyncGeneratorClient(target, timeout=30) as client:
+            with request_id("req-async-5"), pytest.raises(InvalidArgumentError) as caught:
+                await client.generate("")
+        return caught.value.request_id
+
+    found["async"] = asyncio.run(in_a_task())
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+        cli(["--generator", target, "--request-id", "req-cli-9", "generate", "", "-o", "/tmp"])
+    found["cli"] = stderr.getvalue().rsplit("(request id ", 1)[-1].split(")")[0]
+    return found

@@ -13,7 +13,7 @@ with GeneratorClient("localhost:50052") as generator:
     images = generator.generate("a <mydog> at the beach", adapters=[("mydog", 0.8)])
 """
 
-from loraforge_client._common import TLS, ImageFile, images_from_folder
+from loraforge_client._common import TLS, ImageFile, images_from_folder, request_id
 from loraforge_client.aio import AsyncGeneratorClient, AsyncTrainerClient
 from loraforge_client.clients import GeneratorClient, TrainerClient
 from loraforge_client.errors import (
@@ -53,4 +53,5 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "images_from_folder",
+    "request_id",
 ]

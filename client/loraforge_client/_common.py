@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,22 @@ def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+_REQUEST_ID: ContextVar[str | None] = ContextVar("loraforge_request_id", default=None)
+
+
+@contextmanager
+def request_id(value: str) -> Iterator[str]:
+    """Calls made inside (sync, or async in this task) carry ``value`` as their request id
+    (``x-request-id``): the servers put it on every log line the call causes, the training
+    process's included, and return it. Without one, each call gets a server-made id, which a
+    failed call's error carries as ``request_id``."""
+    reset = _REQUEST_ID.set(value)
+    try:
+        yield value
+    finally:
+        _REQUEST_ID.reset(reset)
 
 
 def backoff_delays(retries: int, base: float = 0.25, cap: float = 8.0) -> list[float]:
@@ -205,9 +223,15 @@ class ClientBase:
         self._options = channel_options(max_message_mb)
         self.channels = []
         self.channel = self._open(target)
-        self.metadata = call_metadata(token)
+        self._auth = call_metadata(token)
         self.timeout = timeout
         self.retries = retries
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Each call's metadata: the token, and the request id of an enclosing ``request_id``."""
+        rid = _REQUEST_ID.get()
+        return (*self._auth, ("x-request-id", rid)) if rid else self._auth
 
     def _open(self, target: str) -> Any:
         """A channel to ``target`` with this client's credentials and options."""

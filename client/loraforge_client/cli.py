@@ -10,11 +10,13 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from loraforge.v1 import trainer_pb2
 
+from loraforge_client._common import request_id
 from loraforge_client.clients import GeneratorClient, TrainerClient
 from loraforge_client.enums import SCHEDULERS, TEMPLATES, TRAINING_ENUMS
 from loraforge_client.errors import InvalidArgumentError, LoraforgeError
@@ -246,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token (env LORAFORGE_AUTH_TOKEN)",
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument(
+        "--request-id",
+        help="the calls' request id (x-request-id) in the servers' logs; default: one per call, "
+        "shown with an error",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="upload a folder of images and start training")
@@ -319,18 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _request_note(err: LoraforgeError) -> str:
+    return f" (request id {err.request_id})" if err.request_id else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = args.func(args)
+        with request_id(args.request_id) if args.request_id else nullcontext():
+            code = args.func(args)
     except InvalidArgumentError as err:
-        print(f"error: {err.message}", file=sys.stderr)
+        print(f"error: {err.message}{_request_note(err)}", file=sys.stderr)
         for violation in getattr(err, "field_violations", []):
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)
         code = 1
     except LoraforgeError as err:
-        print(f"error: {err.message} [{err.code.name if err.code else 'error'}]", file=sys.stderr)
+        name = err.code.name if err.code else "error"
+        print(f"error: {err.message} [{name}]{_request_note(err)}", file=sys.stderr)
         code = 1
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,6 +20,7 @@ class LoraforgeError(Exception):
     """Base of every error the client raises for a failed call."""
 
     code: grpc.StatusCode | None = None
+    request_id: str = ""  # the call's x-request-id, to find its lines in the servers' logs
 
     def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -135,6 +136,7 @@ def from_rpc_error(err: grpc.RpcError) -> LoraforgeError:
     cls = _BY_CODE.get(code, InternalError)
     error = cls(message, code=code)
     error.field_violations = details.violations  # type: ignore[attr-defined]
+    error.request_id = next((v for k, v in trailing or () if k == "x-request-id"), "")
     if isinstance(error, NotFoundError):
         error.resource_type, error.resource_name = details.resource_type, details.resource_name
     if isinstance(error, ResourceExhaustedError):
