@@ -100,6 +100,8 @@ def export_kohya(
     for token, embedding in bundle.embeddings().items() if bundle_embeddings else ():
         state[f"bundle_emb.{token}.string_to_param.*"] = embedding.reshape(1, -1).contiguous()
     manifest = bundle.manifest
+    conv_ranks = [v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight")
+                  and v.ndim == 4]  # fmt: skip
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(manifest.rank),
@@ -112,6 +114,9 @@ def export_kohya(
         "ss_steps": str(manifest.global_step),
         "loraforge_bundle_id": bundle.id,
     }
+    if conv_ranks:  # extended LoRA (LoCon): kohya records the convolutions' rank apart
+        conv = str(max(conv_ranks))
+        metadata["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": conv})
     return state, metadata
 
 

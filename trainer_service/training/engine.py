@@ -262,7 +262,7 @@ class Trainer:
             tokens=config.learned_tokens,
             rank=config.lora_rank,
             alpha=float(config.lora_rank),  # folded into the weights: see lora.py
-            unet_target_modules=list(config.lora_unet_target_modules),
+            unet_target_modules=list(config.unet_lora_targets),
             text_encoder_target_modules=list(config.lora_clip_target_modules)
             if config.train_text_encoder else [],
             global_step=self.global_step,
@@ -341,7 +341,7 @@ class Trainer:
         config = self.config
         unet, text_encoder = self.model.unet, self.model.text_encoder
         lora.add_unet_lora(unet, lora.lora_config(
-            config.lora_rank, config.effective_alpha, config.lora_unet_target_modules,
+            config.lora_rank, config.effective_alpha, config.unet_lora_targets,
             config.lora_dropout,
         ))  # fmt: skip
         if config.train_text_encoder:

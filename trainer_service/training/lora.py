@@ -77,6 +77,7 @@ def random_lora_bundle(
     text_encoder: bool = True,
     rank: int = 4,
     std: float = 0.15,
+    extended: bool = False,
 ):
     """A real bundle (default targets, UNet and text encoder) with random non-zero weights.
 
@@ -88,12 +89,17 @@ def random_lora_bundle(
 
     from loraforge_core.bundle import Manifest, store_bundle
     from loraforge_core.models import resolve_model
-    from trainer_service.config import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS
+    from trainer_service.config import (
+        DEFAULT_CLIP_TARGETS,
+        DEFAULT_UNET_TARGETS,
+        EXTENDED_UNET_TARGETS,
+    )
 
     model = resolve_model(model)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    add_unet_lora(unet, lora_config(rank, rank, list(DEFAULT_UNET_TARGETS), 0.0))
+    unet_targets = [*DEFAULT_UNET_TARGETS, *(EXTENDED_UNET_TARGETS if extended else ())]
+    add_unet_lora(unet, lora_config(rank, rank, unet_targets, 0.0))
     text = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
     if text_encoder:
         add_text_encoder_lora(text, lora_config(rank, rank, list(DEFAULT_CLIP_TARGETS), 0.0))
@@ -107,7 +113,7 @@ def random_lora_bundle(
     embeddings = {token: torch.randn(text.config.hidden_size) * 0.4} if token else {}
     manifest = Manifest(
         base_model=model, method="pti", tokens=[token] if token else [], rank=rank,
-        alpha=rank, unet_target_modules=list(DEFAULT_UNET_TARGETS),
+        alpha=rank, unet_target_modules=unet_targets,
         text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS) if text_encoder else [],
         global_step=0, text_hidden_size=text.config.hidden_size,
         cross_attention_dim=unet.config.cross_attention_dim,
