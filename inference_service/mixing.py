@@ -174,7 +174,7 @@ class LoraMixer:
             if fuse:
                 return Plan("fused", weight=self._fused(layer, down, up))
             return Plan("stacked", down=down, up=up)
-        return _gathered(layer, factors, per_row)
+        return _gathered(factors, per_row)
 
     def _factors(self, layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, scaling * B) of one adapter in one layer, trimmed to the rank it uses, in the
@@ -197,7 +197,7 @@ class LoraMixer:
 
 
 def _gathered(
-    layer: Any, factors: list[tuple[torch.Tensor, torch.Tensor]], per_row: list[Weight]
+    factors: list[tuple[torch.Tensor, torch.Tensor]], per_row: list[Weight]
 ) -> Plan | None:
     """Each row's own factors: its adapters' A concatenated along the rank and its weights
     folded into B, zero-padded to the largest row's rank sum."""

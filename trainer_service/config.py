@@ -62,7 +62,7 @@ class TrainingConfig:
     # Fraction of training captions replaced by the empty prompt (kohya's caption_dropout_rate):
     # trains the adapter's unconditional prediction too, which classifier-free guidance uses.
     caption_dropout: float = 0.0
-    # PTI: phase 1's schedule, and phase 2 has its own (lr_pti's lr_scheduler_lora); the one
+    # PTI: phase 1's schedule, and phase 2 has its own (lora_pti's lr_scheduler_lora); the one
     # phase of DreamBooth-LoRA takes lr_scheduler and lr_warmup_steps.
     lr_scheduler: str = "linear"
     lr_warmup_steps: int = 0
