@@ -58,23 +58,34 @@ class Plan:
     up: torch.Tensor | None = None
 
 
+class _Mixed:
+    """What a re-typed LoRA layer does: the base layer alone, the base operation on fused
+    weights, or the base output plus the plan's delta (``_forward_fused``, ``_add_delta`` per
+    type)."""
+
+    mix_plan: Plan | None = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        plan, base = self.mix_plan, self.base_layer
+        if plan is None:
+            return base(x, *args, **kwargs)
+        if plan.kind == "fused":
+            return self._forward_fused(x, plan.weight)
+        # The delta is added in place: the base output is this forward's own tensor, an
+        # out-of-place add would copy it, and the base operation's backward does not need it.
+        return self._add_delta(base(x), x, plan)
+
+
 @functools.cache
 def _layer_classes() -> dict[type, type]:
     """peft's LoRA layer types and the subclasses whose forward applies the mixer's plan."""
     from peft.tuners.lora import layer
 
-    class MixedLinear(layer.Linear):
-        mix_plan: Plan | None = None
+    class MixedLinear(_Mixed, layer.Linear):
+        def _forward_fused(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, weight, self.base_layer.bias)
 
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            plan, base = self.mix_plan, self.base_layer
-            if plan is None:
-                return base(x, *args, **kwargs)
-            if plan.kind == "fused":
-                return F.linear(x, plan.weight, base.bias)
-            # The delta is added in place: the base output is this forward's own tensor, an
-            # out-of-place add would copy it, and linear's backward does not need it.
-            out = base(x)
+        def _add_delta(self, out: torch.Tensor, x: torch.Tensor, plan: Plan) -> torch.Tensor:
             if plan.kind == "stacked":
                 delta = F.linear(x, plan.down)
                 out.view(-1, out.shape[-1]).addmm_(delta.view(-1, delta.shape[-1]), plan.up.t())
@@ -84,16 +95,12 @@ def _layer_classes() -> dict[type, type]:
             out.view(rows, -1, out.shape[-1]).baddbmm_(delta, plan.up)
             return out
 
-    class MixedConv2d(layer.Conv2d):
-        mix_plan: Plan | None = None
+    class MixedConv2d(_Mixed, layer.Conv2d):
+        def _forward_fused(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
 
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            plan, base = self.mix_plan, self.base_layer
-            if plan is None:
-                return base(x, *args, **kwargs)
-            if plan.kind == "fused":
-                return base._conv_forward(x, plan.weight, base.bias)
-            out = base(x)
+        def _add_delta(self, out: torch.Tensor, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+            base = self.base_layer
             # gathered: a grouped convolution, one group per row with the row's own factors
             groups = x.shape[0] if plan.kind == "gathered" else 1
             inputs = x.reshape(1, -1, *x.shape[2:]) if groups > 1 else x
@@ -101,7 +108,7 @@ def _layer_classes() -> dict[type, type]:
                 inputs, plan.down, None, base.stride, base.padding, base.dilation, groups
             )
             delta = F.conv2d(delta, plan.up, groups=groups)
-            return out.add_(delta.view(out.shape))  # in place, as MixedLinear's
+            return out.add_(delta.view(out.shape))
 
     return {layer.Linear: MixedLinear, layer.Conv2d: MixedConv2d}
 
@@ -172,7 +179,7 @@ class LoraMixer:
             down = torch.cat([d for d, _ in factors])
             up = torch.cat([u * w for (_, u), w in zip(factors, per_row, strict=True)], dim=1)
             if fuse:
-                return Plan("fused", weight=self._fused(layer, down, up))
+                return Plan("fused", weight=self._merged_weight(layer, down, up))
             return Plan("stacked", down=down, up=up)
         return _gathered(factors, per_row)
 
@@ -185,7 +192,7 @@ class LoraMixer:
         up = layer.lora_B[name].weight[:, :rank].to(dtype) * layer.scaling[name]
         return down, up
 
-    def _fused(self, layer: Any, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def _merged_weight(self, layer: Any, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         base = layer.base_layer.weight
         scratch = self._scratch.get(id(layer))
         if scratch is None:

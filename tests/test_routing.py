@@ -58,3 +58,18 @@ def test_targets_expand_from_a_list_or_a_dns_name() -> None:
     assert expand_targets("localhost:50052", True) == ["localhost:50052"]
     assert expand_targets("dns:///localhost:50052", None) == ["dns:///localhost:50052"]
     assert "127.0.0.1:50052" in expand_targets("dns:///localhost:50052", True)
+
+
+def test_streams_follow_affinity_and_round_robin_as_unary_calls_do() -> None:
+    """The clients' choice of replica for a stream (channels to these addresses are made
+    lazily: nothing is dialled)."""
+    from loraforge_client import GeneratorClient
+
+    with GeneratorClient(REPLICAS, affinity=True) as client:
+        chosen = {id(client._stream_stub(["my-dog"])) for _ in range(6)}
+        assert len(chosen) == 1  # the adapter's replica every time
+    with GeneratorClient(REPLICAS, affinity=False) as client:
+        chosen = [id(client._stream_stub(["my-dog"])) for _ in range(6)]
+        assert len(set(chosen)) == 3  # round robin, as affinity=False promises
+    with GeneratorClient(REPLICAS[0]) as client:
+        assert client._stream_stub(["my-dog"]) is client.stub

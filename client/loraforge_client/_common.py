@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from loraforge.v1 import generator_pb2, trainer_pb2
+from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2
 
 from loraforge_client.enums import (
     IMAGE_FORMATS,
@@ -23,7 +23,13 @@ from loraforge_client.enums import (
     TEMPLATES,
     TRAINING_ENUMS,
 )
-from loraforge_client.errors import RETRYABLE, JobFailedError, from_rpc_error
+from loraforge_client.errors import (
+    REQUEST_ID_HEADER,
+    RETRYABLE,
+    JobFailedError,
+    from_rpc_error,
+)
+from loraforge_client.routing import AffinityRouter, expand_targets
 from loraforge_client.types import AdapterRef, Job, JobEvent
 
 DEFAULT_TIMEOUT = 60.0
@@ -231,7 +237,7 @@ class ClientBase:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Each call's metadata: the token, and the request id of an enclosing ``request_id``."""
         rid = _REQUEST_ID.get()
-        return (*self._auth, ("x-request-id", rid)) if rid else self._auth
+        return (*self._auth, (REQUEST_ID_HEADER, rid)) if rid else self._auth
 
     def _open(self, target: str) -> Any:
         """A channel to ``target`` with this client's credentials and options."""
@@ -307,3 +313,29 @@ def list_jobs_request(state: str | None, page_size: int, token: str) -> trainer_
     return trainer_pb2.ListJobsRequest(
         page_size=page_size, page_token=token, state=JOB_STATES[state] if state else 0
     )
+
+
+class GeneratorReplicas(ClientBase):
+    """The generator replicas a client talks to, sync or async: one stub each and, for
+    several, the router that orders them for a request's adapters (routing.py)."""
+
+    def __init__(
+        self, target: str | Sequence[str], *, affinity: bool | None = None, **kwargs: Any
+    ) -> None:
+        targets = expand_targets(target, affinity)
+        super().__init__(targets[0], **kwargs)
+        self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
+        self.router = AffinityRouter(targets) if len(targets) > 1 else None
+        self.affinity = affinity is not False  # False: plain round robin over the replicas
+        self.stubs = {targets[0]: self.stub}
+        for other in targets[1:]:
+            self.stubs[other] = generator_pb2_grpc.GeneratorStub(self._open(other))
+
+    def _order(self, adapter_ids: list[str]) -> list[str]:
+        """The replicas to try for a request naming ``adapter_ids``, best first."""
+        assert self.router is not None
+        return self.router.order(adapter_ids if self.affinity else [])
+
+    def _stream_stub(self, adapter_ids: list[str]) -> Any:
+        """The stub a stream goes to (a stream is not retried on another replica)."""
+        return self.stub if self.router is None else self.stubs[self._order(adapter_ids)[0]]

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from loraforge.v1 import generator_pb2, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_client._common import (
     ClientBase,
+    GeneratorReplicas,
     ImageFile,
     WatchCursor,
     create_job_request,
@@ -28,12 +29,11 @@ from loraforge_client.errors import (
     UnavailableError,
     from_rpc_error,
 )
-from loraforge_client.routing import AffinityRouter, expand_targets
 from loraforge_client.types import AdapterInfo, GeneratedImage, Job, JobEvent, unpack_bundle
 
 
 class _AsyncBase(ClientBase):
-    def __init__(self, target: str, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str], **kwargs: Any) -> None:
         super().__init__(target, transport=grpc.aio, **kwargs)
 
     async def _call(
@@ -130,20 +130,13 @@ class AsyncTrainerClient(_AsyncBase):
         return unpack_bundle(b"".join(chunks), Path(dest))
 
 
-class AsyncGeneratorClient(_AsyncBase):
+class AsyncGeneratorClient(_AsyncBase, GeneratorReplicas):
     """asyncio twin of GeneratorClient, several replicas and adapter affinity included."""
 
     def __init__(
         self, target: str | Sequence[str], *, affinity: bool | None = None, **kwargs: Any
     ) -> None:
-        targets = expand_targets(target, affinity)
-        super().__init__(targets[0], **kwargs)
-        self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
-        self.router = AffinityRouter(targets) if len(targets) > 1 else None
-        self.affinity = affinity is not False  # False: plain round robin over the replicas
-        self.stubs = {targets[0]: self.stub}
-        for other in targets[1:]:
-            self.stubs[other] = generator_pb2_grpc.GeneratorStub(self._open(other))
+        super().__init__(target, affinity=affinity, **kwargs)  # GeneratorReplicas
 
     async def _routed(self, rpc: str, request: Any, adapter_ids: list[str], timeout: float) -> Any:
         if self.router is None:
@@ -151,7 +144,7 @@ class AsyncGeneratorClient(_AsyncBase):
         if self.router.needs_refresh():
             self.router.update(await self._resident())
         failure: LoraforgeError | None = None
-        for target in self.router.order(adapter_ids if self.affinity else []):
+        for target in self._order(adapter_ids):
             try:
                 method = getattr(self.stubs[target], rpc)
                 return await self._call(method, request, timeout=timeout, retry=False)
@@ -183,9 +176,7 @@ class AsyncGeneratorClient(_AsyncBase):
         self, prompt: str, **kwargs: Any
     ) -> AsyncIterator[tuple[int, int] | GeneratedImage]:
         request = generate_request(prompt, **kwargs)
-        stub = self.stub
-        if self.router is not None:
-            stub = self.stubs[self.router.order([a.adapter_id for a in request.adapters])[0]]
+        stub = self._stream_stub([a.adapter_id for a in request.adapters])
         try:
             async for message in stub.GenerateStream(request, timeout=600, metadata=self.metadata):
                 if message.WhichOneof("kind") == "progress":

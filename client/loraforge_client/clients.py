@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from loraforge.v1 import generator_pb2, trainer_pb2, trainer_pb2_grpc
 
 from loraforge_client._common import (
     ClientBase,
+    GeneratorReplicas,
     ImageFile,
     WatchCursor,
     create_job_request,
@@ -28,7 +29,6 @@ from loraforge_client.errors import (
     UnavailableError,
     from_rpc_error,
 )
-from loraforge_client.routing import AffinityRouter, expand_targets
 from loraforge_client.types import (
     AdapterInfo,
     AdapterRef,
@@ -40,7 +40,7 @@ from loraforge_client.types import (
 
 
 class _Base(ClientBase):
-    def __init__(self, target: str, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str], **kwargs: Any) -> None:
         super().__init__(target, transport=grpc, **kwargs)
 
     def _call(
@@ -138,7 +138,7 @@ class TrainerClient(_Base):
         return unpack_bundle(b"".join(chunks), Path(dest))
 
 
-class GeneratorClient(_Base):
+class GeneratorClient(_Base, GeneratorReplicas):
     """Client of the loraforge Generator service.
 
     ``target`` may name several replicas: a list of addresses, or (with ``affinity=True``) a
@@ -150,14 +150,7 @@ class GeneratorClient(_Base):
     def __init__(
         self, target: str | Sequence[str], *, affinity: bool | None = None, **kwargs: Any
     ) -> None:
-        targets = expand_targets(target, affinity)
-        super().__init__(targets[0], **kwargs)
-        self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
-        self.router = AffinityRouter(targets) if len(targets) > 1 else None
-        self.affinity = affinity is not False  # False: plain round robin over the replicas
-        self.stubs = {targets[0]: self.stub}
-        for other in targets[1:]:
-            self.stubs[other] = generator_pb2_grpc.GeneratorStub(self._open(other))
+        super().__init__(target, affinity=affinity, **kwargs)  # GeneratorReplicas
 
     def _routed(self, rpc: str, request: Any, adapter_ids: list[str], timeout: float) -> Any:
         """The call on the replica the router picks for ``adapter_ids``, else the next."""
@@ -166,7 +159,7 @@ class GeneratorClient(_Base):
         if self.router.needs_refresh():
             self.router.update(self._resident())
         failure: LoraforgeError | None = None
-        for target in self.router.order(adapter_ids if self.affinity else []):
+        for target in self._order(adapter_ids):
             try:
                 method = getattr(self.stubs[target], rpc)
                 return self._call(method, request, timeout=timeout, retry=False)
@@ -200,9 +193,7 @@ class GeneratorClient(_Base):
     ) -> Iterator[tuple[int, int] | GeneratedImage]:
         """Yields (step, total) per denoising step, then each image."""
         request = generate_request(prompt, **kwargs)
-        stub = self.stub
-        if self.router is not None:
-            stub = self.stubs[self.router.order([a.adapter_id for a in request.adapters])[0]]
+        stub = self._stream_stub([a.adapter_id for a in request.adapters])
         try:
             for message in stub.GenerateStream(request, timeout=600, metadata=self.metadata):
                 if message.WhichOneof("kind") == "progress":

@@ -94,6 +94,8 @@ _BY_CODE: dict[grpc.StatusCode, type[LoraforgeError]] = {
     grpc.StatusCode.CANCELLED: CancelledError,
 }
 
+# The metadata key of a call's request id, sent by the client and returned by the servers.
+REQUEST_ID_HEADER = "x-request-id"
 # Transient: a retry with backoff may succeed.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
@@ -136,7 +138,7 @@ def from_rpc_error(err: grpc.RpcError) -> LoraforgeError:
     cls = _BY_CODE.get(code, InternalError)
     error = cls(message, code=code)
     error.field_violations = details.violations  # type: ignore[attr-defined]
-    error.request_id = next((v for k, v in trailing or () if k == "x-request-id"), "")
+    error.request_id = next((v for k, v in trailing or () if k == REQUEST_ID_HEADER), "")
     if isinstance(error, NotFoundError):
         error.resource_type, error.resource_name = details.resource_type, details.resource_name
     if isinstance(error, ResourceExhaustedError):
