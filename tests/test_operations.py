@@ -46,57 +46,83 @@ def scraped_after(prom, moment: float, deadline_s: float = 60.0) -> None:
     raise TimeoutError("Prometheus did not scrape both services")
 
 
+def seen(prom, expression: str, deadline_s: float = 60.0) -> None:
+    """Wait until a PromQL filter expression (``metric == 2``) matches a scraped sample."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if prom.query(expression):
+            return
+        time.sleep(0.5)  # the next scrape is the event; Prometheus has no push for it
+    raise TimeoutError(f"Prometheus never saw {expression}")
+
+
 def test_prometheus_scrapes_what_the_services_did(tiny_model: Path, tmp_path: Path) -> None:
     ports = {"trainer": free_port(), "generator": free_port()}
     bundle = random_bundle(str(tiny_model), tmp_path / "store", seed=3, token="<m1>")
+    trainer_args = ["--metrics-port", str(ports["trainer"])]
     with (
-        ServerProcess("trainer", data_dir=tmp_path / "t", model=str(tiny_model),
-                      extra_args=["--metrics-port", str(ports["trainer"])]) as trainer,
-        ServerProcess("generator", data_dir=tmp_path / "g", model=str(tiny_model),
-                      extra_args=["--metrics-port", str(ports["generator"])]) as generator,
         running(Prometheus(tmp_path / "prometheus",
                            {k: f"127.0.0.1:{p}" for k, p in ports.items()})) as prom,
-        grpc.insecure_channel(trainer.target) as t_channel,
+        ServerProcess("generator", data_dir=tmp_path / "g", model=str(tiny_model),
+                      extra_args=["--metrics-port", str(ports["generator"])]) as generator,
         grpc.insecure_channel(generator.target) as g_channel,
     ):  # fmt: skip
-        t = trainer_pb2_grpc.TrainerStub(t_channel)
-        g = generator_pb2_grpc.GeneratorStub(g_channel)
-        ids = [t.CreateJob(job_request(**QUICK), timeout=30).job_id for _ in range(2)]
-        g.LoadAdapter(generator_pb2.LoadAdapterRequest(adapter_id="m", data=pack(bundle.path)))
-        for adapters in ([], [("m", 1.0)], [("m", 0.5)], [("m", 1.0)]):
-            g.Generate(generator_pb2.GenerateRequest(
-                prompt="a <m1>", width=32, height=32, num_inference_steps=3, seed=1,
-                adapters=[generator_pb2.AdapterRef(adapter_id=a, scale=s) for a, s in adapters],
-            ), timeout=60)  # fmt: skip
-        for job_id in ids:
-            list(t.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300))
-        scraped_after(prom, time.time())
-        raw = scrape(ports["generator"])  # what curl on the port shows
-        assert "loraforge_generator_requests_waiting" in raw
-        assert 'loraforge_generator_adapters_info{max_resident="8",resident="m"} 1.0' in raw
-        # The second job waited while the first trained (one job at a time): the queue
-        # rose, and fell back to empty.
-        assert value(prom, "max_over_time(loraforge_trainer_queue_depth[10m])") >= 1
-        assert value(prom, "loraforge_trainer_queue_depth") == 0
-        assert value(prom, 'loraforge_trainer_jobs{state="succeeded"}') == 2
-        assert value(prom, "loraforge_trainer_steps_total") == 8
-        assert value(prom, "sum(loraforge_trainer_job_duration_seconds_count)") == 2
-        assert value(prom, 'loraforge_trainer_checkpoint_write_seconds_count{stage="write"}') >= 2
-        assert value(prom, "loraforge_generator_images_total") == 4
-        assert value(prom, "loraforge_generator_denoising_steps_total") == 12
-        assert value(prom, 'loraforge_generator_adapter_loads_total{source="bytes"}') == 1
-        assert value(prom, 'loraforge_generator_adapter_loads_total{source="resident"}') == 3
-        assert value(prom, "loraforge_generator_adapters_resident") == 1
-        assert value(prom, 'loraforge_rpc_duration_seconds_count{rpc="Generate",code="OK"}') == 4
-        assert value(prom, 'loraforge_rpc_duration_seconds_count{rpc="CreateJob",code="OK"}') == 2
-        # The deploy overlay's scalers and alerts are valid PromQL over these very metrics:
-        # the scalers get a number, and no alert fires on a healthy run.
-        for name, expression in monitoring_queries().items():
-            result = prom.query(expression)
-            if name.startswith("loraforge-"):
-                assert len(result) == 1, (name, result)
-            else:
-                assert result == [], (name, result)
+        # A replica that runs nothing (--max-jobs 0) takes two jobs: they wait in the queue
+        # until Prometheus has seen them there, whatever its first scrape's delay.
+        with (
+            ServerProcess("trainer", data_dir=tmp_path / "t", model=str(tiny_model),
+                          extra_args=[*trainer_args, "--max-jobs", "0"]) as front,
+            grpc.insecure_channel(front.target) as t_channel,
+        ):  # fmt: skip
+            t = trainer_pb2_grpc.TrainerStub(t_channel)
+            ids = [t.CreateJob(job_request(**QUICK), timeout=30).job_id for _ in range(2)]
+            seen(prom, "loraforge_trainer_queue_depth == 2")
+        # A replica that trains, on the same store and metrics port, takes them one at a time.
+        with (
+            ServerProcess("trainer", data_dir=tmp_path / "t", model=str(tiny_model),
+                          extra_args=trainer_args) as trainer,
+            grpc.insecure_channel(trainer.target) as t_channel,
+        ):  # fmt: skip
+            t = trainer_pb2_grpc.TrainerStub(t_channel)
+            g = generator_pb2_grpc.GeneratorStub(g_channel)
+            g.LoadAdapter(generator_pb2.LoadAdapterRequest(adapter_id="m", data=pack(bundle.path)))
+            for adapters in ([], [("m", 1.0)], [("m", 0.5)], [("m", 1.0)]):
+                g.Generate(generator_pb2.GenerateRequest(
+                    prompt="a <m1>", width=32, height=32, num_inference_steps=3, seed=1,
+                    adapters=[generator_pb2.AdapterRef(adapter_id=a, scale=s) for a, s in adapters],
+                ), timeout=60)  # fmt: skip
+            for job_id in ids:
+                list(t.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300))
+            scraped_after(prom, time.time())
+            assert_scraped(prom, raw=scrape(ports["generator"]))  # raw: what curl shows
+
+
+def assert_scraped(prom, raw: str) -> None:
+    assert "loraforge_generator_requests_waiting" in raw
+    assert 'loraforge_generator_adapters_info{max_resident="8",resident="m"} 1.0' in raw
+    # The queue rose (the first replica's samples) and fell back to empty.
+    assert value(prom, "max_over_time(loraforge_trainer_queue_depth[10m])") == 2
+    assert value(prom, "loraforge_trainer_queue_depth") == 0
+    assert value(prom, 'loraforge_trainer_jobs{state="succeeded"}') == 2
+    assert value(prom, "loraforge_trainer_steps_total") == 8
+    assert value(prom, "sum(loraforge_trainer_job_duration_seconds_count)") == 2
+    assert value(prom, 'loraforge_trainer_checkpoint_write_seconds_count{stage="write"}') >= 2
+    assert value(prom, "loraforge_generator_images_total") == 4
+    assert value(prom, "loraforge_generator_denoising_steps_total") == 12
+    assert value(prom, 'loraforge_generator_adapter_loads_total{source="bytes"}') == 1
+    assert value(prom, 'loraforge_generator_adapter_loads_total{source="resident"}') == 3
+    assert value(prom, "loraforge_generator_adapters_resident") == 1
+    assert value(prom, 'loraforge_rpc_duration_seconds_count{rpc="Generate",code="OK"}') == 4
+    created = 'max_over_time(loraforge_rpc_duration_seconds_count{rpc="CreateJob",code="OK"}[10m])'
+    assert value(prom, created) == 2  # on the first replica
+    # The deploy overlay's scalers and alerts are valid PromQL over these very metrics:
+    # the scalers get a number, and no alert fires on a healthy run.
+    for name, expression in monitoring_queries().items():
+        result = prom.query(expression)
+        if name.startswith("loraforge-"):
+            assert len(result) == 1, (name, result)
+        else:
+            assert result == [], (name, result)
 
 
 def log_lines(path: Path) -> list[dict]:
