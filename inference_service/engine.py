@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from inference_service import metrics
 from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
@@ -32,7 +33,7 @@ from inference_service.requests import (
     GenerationJob,
     GenerationSpec,
 )
-from loraforge_core.errors import Cancelled
+from loraforge_core.errors import Cancelled, FailedPrecondition
 from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.engine")
@@ -51,6 +52,9 @@ class GeneratorEngine:
         compile_backend: str | None = None,
     ) -> None:  # fmt: skip
         self.pipe = pipe
+        self._mode_pipes = {"txt2img": pipe}  # img2img and inpainting share its modules
+        # An inpainting model's UNet takes the mask and the masked image (9 channels).
+        self.inpainting_base = int(pipe.unet.config.in_channels) == 9
         self.lock = threading.Lock()
         # Requests swap the pipeline's scheduler: "default" means the model's own.
         self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
@@ -94,6 +98,7 @@ class GeneratorEngine:
         ready: list[tuple[int, GenerationJob, list[AdapterEntry]]] = []
         for index, job in enumerate(jobs):
             try:
+                self._check_mode(job.spec)
                 ready.append((index, job, self.adapters.resolve(job.spec.adapters, keep)))
             except Exception as err:  # this request's own problem: the others go on
                 outcomes[index] = err
@@ -106,6 +111,51 @@ class GeneratorEngine:
         for (index, _, _), result in zip(ready, images, strict=True):
             outcomes[index] = result
         return outcomes
+
+    def _check_mode(self, spec: GenerationSpec) -> None:
+        if self.inpainting_base and spec.mode != "inpaint":
+            raise FailedPrecondition(
+                "this generator's base model is an inpainting model: send init_image and "
+                "mask_image (inpainting), or use a text-to-image base for this request"
+            )
+
+    def _pipeline(self, mode: str):
+        """The pipeline of a mode, built once from the warm one's modules (so the adapters,
+        the mixer and the learned tokens apply to it as they do to text to image)."""
+        if mode not in self._mode_pipes:
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+            cls = {"img2img": StableDiffusionImg2ImgPipeline,
+                   "inpaint": StableDiffusionInpaintPipeline}[mode]  # fmt: skip
+            components = {**self.pipe.components, "safety_checker": None}
+            pipe = cls(**components, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            self._mode_pipes[mode] = pipe
+        return self._mode_pipes[mode]
+
+    def _image_inputs(self, batch: Batch, first: GenerationSpec) -> dict:
+        """The size, and for img2img and inpainting each image's init image (and mask)."""
+        size = (first.width or self.default_size, first.height or self.default_size)
+        inputs: dict = {"width": size[0], "height": size[1]}
+        if first.mode == "txt2img":
+            return inputs
+        per_image = [job.spec for job, _ in batch for _ in range(job.spec.num_images)]
+        inputs["image"] = [s.init_image.resize(size, Image.Resampling.LANCZOS) for s in per_image]
+        inputs["strength"] = first.denoise_strength
+        if first.mode == "inpaint":
+            inputs["mask_image"] = [s.mask_image.resize(size, Image.Resampling.NEAREST)
+                                    for s in per_image]  # fmt: skip
+        else:  # img2img takes the init image's size
+            del inputs["width"], inputs["height"]
+        return inputs
+
+    @torch.no_grad()
+    def _through_vae(self, images: list) -> list:
+        """Init images encoded and decoded: what a strength too small for one step returns."""
+        processor, vae = self.pipe.image_processor, self.pipe.vae
+        pixels = processor.preprocess(images).to(vae.device, dtype=vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        return processor.postprocess(decoded, output_type="pil")
 
     def _scheduler(self, name: str):
         import diffusers
@@ -168,45 +218,53 @@ class GeneratorEngine:
             unet_scales,
         )
 
+    def _run(self, pipe, batch: Batch, first: GenerationSpec, guided: bool, inputs: dict,
+             step_end: Callable) -> list:  # fmt: skip
+        """The batch through ``pipe``, each row with its request's adapters and scales."""
+        pipe.scheduler = self._scheduler(first.scheduler)
+        try:
+            positive, negative, generators, unet_scales = self._encode_prompts(batch, guided)
+            # Classifier-free guidance runs the negative and the positive halves together.
+            self.mixer.set("unet", {
+                name: row_weights(column, repeats=2 if guided else 1)
+                for name, column in unet_scales.items()
+            })  # fmt: skip
+            return pipe(
+                prompt_embeds=positive, negative_prompt_embeds=negative,
+                num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
+                generator=generators, callback_on_step_end=step_end, **inputs,
+            ).images  # fmt: skip
+        finally:
+            self.mixer.clear()
+
     def _denoise(self, batch: Batch) -> list[list[GeneratedImage]]:
         first = batch[0][0].spec
         guided = first.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        pipe = self._pipeline(first.mode)
 
         def step_end(pipe, step, timestep, kwargs):
             metrics.DENOISING_STEPS.inc()
             for job, _ in batch:
-                job.on_step(step + 1, first.steps)
+                job.on_step(step + 1, pipe.num_timesteps)  # fewer than steps below strength 1
             if all(job.is_cancelled() for job, _ in batch):
                 raise Cancelled("the caller cancelled the request")
             return kwargs
 
         metrics.BATCH_REQUESTS.observe(len(batch))
+        inputs = self._image_inputs(batch, first)
         with self.lock:
-            self.pipe.scheduler = self._scheduler(first.scheduler)
-            try:
-                positive, negative, generators, unet_scales = self._encode_prompts(batch, guided)
-                # Classifier-free guidance runs the negative and the positive halves together.
-                self.mixer.set("unet", {
-                    name: row_weights(column, repeats=2 if guided else 1)
-                    for name, column in unet_scales.items()
-                })  # fmt: skip
-                started = time.perf_counter()
-                result = self.pipe(
-                    prompt_embeds=positive, negative_prompt_embeds=negative,
-                    width=first.width or self.default_size,
-                    height=first.height or self.default_size,
-                    num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
-                    generator=generators, callback_on_step_end=step_end,
-                )  # fmt: skip
-            finally:
-                self.mixer.clear()
+            started = time.perf_counter()
+            if first.mode != "txt2img" and int(first.steps * first.denoise_strength) < 1:
+                images = self._through_vae(inputs["image"])  # no denoising step would run
+            else:
+                images = self._run(pipe, batch, first, guided, inputs, step_end)
             log.debug(
                 "generated",
                 extra={"seconds": time.perf_counter() - started, "requests": len(batch)},
             )
         self.adapters.touch(entry for _, entries in batch for entry in entries)
-        metrics.IMAGES.inc(len(result.images))
-        images = iter(result.images)
+        metrics.IMAGES.inc(len(images))
+        images = iter(images)
         return [
             [_encode(next(images), job.spec.seed + i, job.spec.output_format)
              for i in range(job.spec.num_images)]

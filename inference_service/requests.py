@@ -11,8 +11,12 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loraforge_core.errors import InvalidArgument, Violations
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -32,9 +36,11 @@ IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # ours -> PIL's
 MAX_SIDE = 1024
 MAX_STEPS = 150
 MAX_IMAGES = 8
+MAX_INPUT_IMAGE_BYTES = 32 * 1024 * 1024  # an init or mask image
 MAX_PROMPT_CHARS = 2000
 MAX_ADAPTERS_PER_REQUEST = 8
 MAX_SCALE = 4.0
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # diffusers' pipelines' defaults
 SEED_LIMIT = 2**64  # torch's generators take seeds below it; image i uses seed + i
 RESERVED_TOKEN_PREFIX = "<|lf"  # the server's private names of learned tokens
 _ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,11 +71,29 @@ class GenerationSpec:
     num_images: int = 1
     adapters: list[AdapterRequest] = field(default_factory=list)
     output_format: str = "png"
+    init_image: Image.Image | None = None  # img2img and inpainting start from it (RGB)
+    mask_image: Image.Image | None = None  # inpainting: white = repaint (L)
+    strength: float | None = None  # None: DEFAULT_STRENGTH of the mode
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img or inpaint."""
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask_image is None else "inpaint"
+
+    @property
+    def denoise_strength(self) -> float:
+        """How much of the schedule runs: 1 for text to image."""
+        if self.strength is not None:
+            return self.strength
+        return DEFAULT_STRENGTH.get(self.mode, 1.0)
 
 
 def batch_key(spec: GenerationSpec) -> tuple:
     """The settings that requests must share to be denoised in one batch."""
-    return (spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler)
+    return (spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler,
+            spec.mode, spec.denoise_strength)  # fmt: skip
 
 
 @dataclass
@@ -129,7 +153,8 @@ def validate_spec(spec: GenerationSpec) -> None:
         v.check(
             value == 0 or (value % 8 == 0 and 8 <= value <= MAX_SIDE),
             name,
-            f"a multiple of 8 in 8..{MAX_SIDE} (0: the model's size)",
+            f"a multiple of 8 in 8..{MAX_SIDE} (0: the model's size, or the init image's "
+            "rounded down to a multiple of 8; set it to resize a larger init image)",
         )
     v.check(1 <= spec.steps <= MAX_STEPS, "num_inference_steps", f"in 1..{MAX_STEPS}")
     v.check(
@@ -144,6 +169,7 @@ def validate_spec(spec: GenerationSpec) -> None:
         "seed + num_images - 1 (the last image's seed) must be below 2^64",
     )
     v.check(spec.scheduler in SCHEDULERS, "scheduler", f"one of {tuple(SCHEDULERS)}")
+    _check_init_image(v, spec)
     v.check(spec.output_format in IMAGE_FORMATS, "output_format", f"one of {tuple(IMAGE_FORMATS)}")
     ids = [a.adapter_id for a in spec.adapters]
     v.check(len(ids) == len(set(ids)), "adapters", "name each adapter once")
@@ -161,3 +187,20 @@ def validate_spec(spec: GenerationSpec) -> None:
                 f"in [-{MAX_SCALE:g}, {MAX_SCALE:g}]",
             )
     v.raise_if_any()
+
+
+def _check_init_image(v: Violations, spec: GenerationSpec) -> None:
+    init, mask = spec.init_image, spec.mask_image
+    if init is None:
+        v.check(mask is None, "mask_image", "inpainting needs the init_image to repaint")
+        v.check(spec.strength is None, "strength", "applies to img2img and inpainting only")
+        return
+    if spec.strength is not None:
+        v.check(math.isfinite(spec.strength) and 0 <= spec.strength <= 1, "strength", "in [0, 1]")
+    if mask is not None:
+        v.check(
+            mask.size == init.size,
+            "mask_image",
+            f"is {mask.width}x{mask.height}; give a mask the init image's size, "
+            f"{init.width}x{init.height}",
+        )

@@ -23,6 +23,7 @@ from inference_service.requests import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
+    MAX_INPUT_IMAGE_BYTES,
     AdapterRequest,
     GeneratedImage,
     GenerationJob,
@@ -32,6 +33,7 @@ from inference_service.requests import (
 )
 from loraforge_core.devices import resolve_device, validate_device
 from loraforge_core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from loraforge_core.images import decode_image
 from loraforge_core.models import load_pipeline, resolve_model
 from loraforge_core.objectstore import open_object_store
 from loraforge_core.protomaps import enum_names, enum_numbers
@@ -49,9 +51,11 @@ def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
         raise InvalidArgument(f"unknown scheduler {request.scheduler}", "scheduler")
     if request.output_format not in FORMATS:
         raise InvalidArgument(f"unknown format {request.output_format}", "output_format")
+    init, mask = _image(request.init_image, "init_image"), _image(request.mask_image, "mask_image")
     spec = GenerationSpec(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
-        height=request.height, steps=request.num_inference_steps or DEFAULT_STEPS,
+        prompt=request.prompt, negative_prompt=request.negative_prompt,
+        width=request.width or _multiple_of_8(init, 0), height=request.height or
+        _multiple_of_8(init, 1), steps=request.num_inference_steps or DEFAULT_STEPS,
         guidance_scale=request.guidance_scale if request.HasField("guidance_scale")
         else DEFAULT_GUIDANCE,
         scheduler=SCHEDULER_NAMES[request.scheduler],
@@ -64,9 +68,28 @@ def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
             )
             for a in request.adapters
         ],
+        init_image=init, mask_image=mask.convert("L") if mask is not None else None,
+        strength=request.strength if request.HasField("strength") else None,
     )  # fmt: skip
     validate_spec(spec)
     return spec
+
+
+def _image(data: bytes, field_name: str):
+    """A request's image, decoded (RGB), or None when it sent none."""
+    if not data:
+        return None
+    if len(data) > MAX_INPUT_IMAGE_BYTES:
+        raise InvalidArgument(f"larger than {MAX_INPUT_IMAGE_BYTES // 2**20} MiB", field_name)
+    try:
+        return decode_image(data)
+    except ValueError as err:
+        raise InvalidArgument(str(err), field_name) from None
+
+
+def _multiple_of_8(image, axis: int) -> int:
+    """An init image's width (axis 0) or height rounded down to a multiple of 8; 0: none."""
+    return 0 if image is None else max(8, image.size[axis] // 8 * 8)
 
 
 def adapter_to_proto(entry: AdapterEntry) -> generator_pb2.AdapterInfo:

@@ -104,6 +104,18 @@ def test_cli_trains_watches_downloads_and_generates(servers, images, tmp_path):
     assert [line.split("seed=")[1] for line in out.stdout.splitlines()] == ["5", "6"]
     for path in paths:
         assert Image.open(path).size == (32, 32)
+    # Inpainting from the CLI (what it renders is test_img2img_inpainting's): the init size.
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.open(paths[0]).resize((40, 24)).save(init)
+    half = Image.new("L", (40, 24), 0)
+    half.paste(255, (20, 0, 40, 24))
+    half.save(mask)
+    out = cli(servers, "generate", "a red circle", "--init-image", str(init),
+              "--mask-image", str(mask), "--strength", "0.9", "--steps", "4",
+              "-o", str(tmp_path / "i"))  # fmt: skip
+    assert Image.open(out.stdout.split()[0]).size == (40, 24)
+    bad = cli(servers, "generate", "x", "--init-image", str(init), "--strength", "2", check=False)
+    assert bad.returncode == 1 and "strength" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_errors_are_one_clear_line(servers, images):

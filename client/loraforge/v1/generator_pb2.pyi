@@ -98,6 +98,9 @@ class GenerateRequest(_message.Message):
     NUM_IMAGES_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    MASK_IMAGE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     negative_prompt: _builtins.str
     width: _builtins.int
@@ -113,6 +116,16 @@ class GenerateRequest(_message.Message):
     num_images: _builtins.int
     """0: 1"""
     output_format: _common_pb2.ImageFormat.ValueType
+    init_image: _builtins.bytes
+    """img2img: the image to start from (PNG, JPEG or WebP), resized to width x height when
+    those are set, else kept at its size rounded down to a multiple of 8.
+    """
+    mask_image: _builtins.bytes
+    """Inpainting (with init_image): white = repaint, black = keep; the init image's size."""
+    strength: _builtins.float
+    """With init_image: how far to move from it, 0 (the init image back, through the VAE) to
+    1 (none of it kept under the noise). Unset: 0.8 for img2img, 1.0 for inpainting.
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRef]: ...
     def __init__(
@@ -129,19 +142,26 @@ class GenerateRequest(_message.Message):
         num_images: _builtins.int = ...,
         adapters: _abc.Iterable[Global___AdapterRef] | None = ...,
         output_format: _common_pb2.ImageFormat.ValueType = ...,
+        init_image: _builtins.bytes = ...,
+        mask_image: _builtins.bytes = ...,
+        strength: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "adapters", b"adapters", "guidance_scale", b"guidance_scale", "height", b"height", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "adapters", b"adapters", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
