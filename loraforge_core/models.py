@@ -162,6 +162,29 @@ def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def save_inpainting_model(folder: Path, source: str = "", *, seed: int = 0) -> Path:
+    """An inpainting model made from a text-to-image one as SD's inpainting models were: the
+    UNet's first convolution takes 5 more channels (the mask and the masked image's latents).
+    Their weights start small and random (seeded), so the extra input acts from the start."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    base = StableDiffusionInpaintPipeline.from_pretrained(
+        resolve_model(source), safety_checker=None, requires_safety_checker=False
+    )
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    state = base.unet.state_dict()
+    weight = state["conv_in.weight"]
+    extra = torch.randn((weight.shape[0], 5, *weight.shape[2:]),
+                        generator=torch.Generator().manual_seed(seed)) * weight.std()  # fmt: skip
+    state["conv_in.weight"] = torch.cat([weight, extra], dim=1)
+    unet.load_state_dict(state)
+    base.unet = unet
+    base.register_modules(unet=unet)
+    base.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 def random_tiny_model_path() -> Path:
     """The untrained tiny model's folder in the cache, built on first use (safe across
     processes): same architecture as the shipped one, random weights, for plumbing tests."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -137,3 +138,21 @@ def test_each_pti_phase_follows_its_own_schedule_and_min_snr_trains(
     # linear over 6 steps after 2 of warm-up: 0, 1/2, then 1, 3/4, 1/2, 1/4 of the rate
     assert tuning == pytest.approx([1e-3 * f for f in (0, 0.5, 1, 0.75, 0.5, 0.25)])
     assert all(math.isfinite(e.loss) for e in progress)  # min-SNR weights on v-prediction
+
+
+def test_a_seed_decides_the_whole_run_the_initial_lora_included(tiny_model: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    image = Image.open(io.BytesIO(shape_png("blue"))).convert("RGB")
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model), max_train_steps_ti=1,
+        max_train_steps_tuning=1, save_steps=1000, seed=7, device="cpu",
+    )  # fmt: skip
+    weights = []
+    for run in range(2):
+        torch.manual_seed(run)  # whatever the process drew before
+        bundle = Trainer(config, [InstanceExample(image, "blue.png")],
+                         RunPaths(tmp_path / f"c{run}", tmp_path / f"a{run}")).run()  # fmt: skip
+        weights.append(load_file(read_bundle(bundle.path).lora_path))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

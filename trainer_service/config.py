@@ -50,7 +50,16 @@ class TrainingConfig:
     # "DATA|TOKENS": DATA in the images' own captions stands for TOKENS (lora_pti's option),
     # e.g. "sks|<s1>" trains on captions written for DreamBooth.
     placeholder_token_at_data: str = ""
+    # Masked training (lora_pti's): each image's loss is weighted toward its mask (white = the
+    # subject), mapped to [0.5, 1.5] and raised to mask_temperature (training/masks.py).
+    mask_temperature: float = 1.0
+    use_mask_captioned_data: bool = False  # every image brings a mask and a caption
+    use_face_segmentation_condition: bool = False  # masks of detected faces where none is sent
+    train_inpainting: bool = False  # a 9-channel inpainting UNet, on random masks
     resolution: int | None = None  # None: the model's native size (512 for SD 1.5)
+    # Each image keeps its aspect ratio, cut to the nearest bucket of about resolution**2
+    # pixels (data.buckets); off: every image is centre-cropped square, as lora_pti does.
+    aspect_ratio_bucketing: bool = True
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 4
     scale_lr: bool = False
@@ -243,6 +252,24 @@ class TrainingConfig:
                 f("placeholder_token_at_data"),
                 'must be "DATA|TOKENS", e.g. "sks|<s1>" (at most 200 characters)',
             )  # fmt: skip
+        v.check(
+            math.isfinite(self.mask_temperature) and 0 <= self.mask_temperature <= 16,
+            f("mask_temperature"),
+            "must be in [0, 16] (1.0 is lora_pti's; 0 weights every pixel alike)",
+        )
+        if self.use_mask_captioned_data:
+            v.check(
+                self.use_template == "none",
+                "template",
+                "use_mask_captioned_data trains on the images' own captions: use template NONE",
+            )
+        if self.train_inpainting:
+            v.check(
+                not self.with_prior_preservation or self.method != "dreambooth_lora",
+                f("with_prior_preservation"),
+                "prior preservation draws class images with a text-to-image pipeline, which an "
+                "inpainting base cannot run: turn one of them off",
+            )
         if self.snr_gamma is not None:
             v.check(
                 math.isfinite(self.snr_gamma) and self.snr_gamma > 0,

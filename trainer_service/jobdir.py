@@ -1,7 +1,7 @@
 """One job's folder under ``data-dir/jobs/<id>``: what CreateJob stored and what training writes.
 
 images/           the instance images, under safe names
-images.json       [{stored_as, filename, caption}] in upload order
+images.json       [{stored_as, filename, caption, mask}] in upload order (mask: its file)
 config.json       the job's TrainingConfig
 train.log         the training process's stderr
 train.lock        held by the job's one training process (an old one may still be stopping)
@@ -33,6 +33,7 @@ class ImageUpload:
     data: bytes
     filename: str = ""
     caption: str = ""
+    mask: bytes = b""  # a loss mask (white = the subject), or none
 
 
 def _safe_name(index: int, filename: str) -> str:
@@ -57,9 +58,11 @@ class JobDir:
         for i, image in enumerate(images):
             stored_as = _safe_name(i, image.filename or f"image-{i}.png")
             atomic_write_bytes(self.images / stored_as, image.data)
-            index.append(
-                {"stored_as": stored_as, "filename": image.filename, "caption": image.caption}
-            )
+            item = {"stored_as": stored_as, "filename": image.filename, "caption": image.caption}
+            if image.mask:
+                item["mask"] = f"{stored_as}.mask"
+                atomic_write_bytes(self.images / item["mask"], image.mask)
+            index.append(item)
         atomic_write_bytes(self.index, json.dumps(index).encode())
         atomic_write_bytes(self.config_file, config.to_json().encode())
 
@@ -87,18 +90,22 @@ class JobDir:
         return TrainingConfig.from_json(self.config_file.read_text())
 
     def examples(self) -> list[InstanceExample]:
-        """The instance images with their file names and captions, in upload order."""
-        from PIL import Image
+        """The instance images with their file names, captions and masks, in upload order."""
+        from PIL import Image, ImageOps
 
         from trainer_service.training.data import InstanceExample
 
-        examples = []
-        for item in json.loads(self.index.read_text()):
-            with Image.open(self.images / item["stored_as"]) as image:
-                examples.append(
-                    InstanceExample(image.convert("RGB"), item["filename"], item.get("caption", ""))
-                )
-        return examples
+        def load(name: str, mode: str) -> Image.Image:
+            with Image.open(self.images / name) as image:
+                return ImageOps.exif_transpose(image).convert(mode)
+
+        return [
+            InstanceExample(
+                load(item["stored_as"], "RGB"), item["filename"], item.get("caption", ""),
+                load(item["mask"], "L") if item.get("mask") else None,
+            )
+            for item in json.loads(self.index.read_text())
+        ]  # fmt: skip
 
     def lock(self) -> IO[str]:
         """Hold the job's training lock until the returned file is closed (or the process

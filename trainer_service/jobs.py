@@ -11,13 +11,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraforge_core.errors import Violations
+from loraforge_core.errors import FailedPrecondition, Violations
+from loraforge_core.images import decode_image
 from loraforge_core.logs import REQUEST_ID
 from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.store import JobRecord, JobStore
-from trainer_service.training.data import decode_image
+from trainer_service.training.data import caption_from_filename
+from trainer_service.training.masks import face_detector_problem
 
 MAX_IMAGES = 200
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -63,8 +65,40 @@ def validate(spec: JobSpec) -> None:
             f"{name}.caption",
             f"at most {MAX_CAPTION_CHARS} characters",
         )
+        _check_mask(v, name, image, decoded.size, spec.config)
     spec.config.validate(v, prefix="config.")
     v.raise_if_any()
+    if spec.config.use_face_segmentation_condition and not all(i.mask for i in spec.images):
+        problem = face_detector_problem()
+        if problem is not None:
+            raise FailedPrecondition(problem)
+
+
+def _check_mask(
+    v: Violations, name: str, image: ImageUpload, size: tuple[int, int], config: TrainingConfig
+) -> None:
+    if config.use_mask_captioned_data:
+        v.check(bool(image.mask), f"{name}.mask", "use_mask_captioned_data needs each image's mask")
+        v.check(
+            bool(image.caption.strip() or caption_from_filename(image.filename)),
+            f"{name}.caption",
+            "use_mask_captioned_data needs every image's caption (or a file name to read one from)",
+        )
+    if not image.mask:
+        return
+    if len(image.mask) > MAX_IMAGE_BYTES:
+        v.add(f"{name}.mask", f"larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+        return
+    try:
+        mask = decode_image(image.mask, mode="L")
+    except ValueError as err:
+        v.add(f"{name}.mask", str(err))
+        return
+    v.check(
+        mask.size == size,
+        f"{name}.mask",
+        f"is {mask.width}x{mask.height}; give a mask the image's size, {size[0]}x{size[1]}",
+    )
 
 
 def create_job(

@@ -101,6 +101,7 @@ def config_from_request(request: trainer_pb2.CreateJobRequest) -> TrainingConfig
         "lora_alpha",
         "caption_dropout",
         "snr_gamma",
+        "mask_temperature",
     ):
         if name in values:  # float32 on the wire: keep the decimal the caller wrote
             values[name] = float(f"{values[name]:.7g}")
@@ -360,7 +361,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     async def CreateJob(self, request, context):
         job = await self.service.create_job(
             request.request_id, config_from_request(request),
-            [ImageUpload(i.data, i.filename, i.caption) for i in request.instance_images],
+            [ImageUpload(i.data, i.filename, i.caption, i.mask) for i in request.instance_images],
         )  # fmt: skip
         return job_to_proto(job)
 

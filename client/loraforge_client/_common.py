@@ -93,20 +93,29 @@ class ImageFile:
     data: bytes
     filename: str
     caption: str = ""
+    mask: bytes = b""  # a loss mask: white = the subject
+
+
+MASK_SUFFIX = ".mask"  # NAME.mask.png is NAME.png's mask (lora_pti's preprocessed layout)
 
 
 def images_from_folder(folder: str | Path) -> list[ImageFile]:
-    """Instance images of a folder, sorted by name; captions from ``NAME.txt`` beside them."""
+    """Instance images of a folder, sorted by name; captions from ``NAME.txt`` and loss masks
+    from ``NAME.mask.png`` (any image suffix) beside them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
+    files = [p for p in sorted(folder.iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]  # fmt: skip
+    masks = {p.stem[: -len(MASK_SUFFIX)]: p for p in files if p.stem.endswith(MASK_SUFFIX)}
     images = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+    for path in files:
+        if path.stem.endswith(MASK_SUFFIX):
             continue
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text().strip() if caption_file.is_file() else ""
-        images.append(ImageFile(path.read_bytes(), path.name, caption))
+        mask = masks[path.stem].read_bytes() if path.stem in masks else b""
+        images.append(ImageFile(path.read_bytes(), path.name, caption, mask))
     if not images:
         raise FileNotFoundError(f"no PNG, JPEG or WebP images in {folder}")
     return images
@@ -152,7 +161,9 @@ def create_job_request(
             item = ImageFile(Path(item).read_bytes(), Path(item).name)
         elif isinstance(item, bytes):
             item = ImageFile(item, "")
-        request.instance_images.add(data=item.data, filename=item.filename, caption=item.caption)
+        request.instance_images.add(
+            data=item.data, filename=item.filename, caption=item.caption, mask=item.mask
+        )
     return request
 
 
@@ -169,7 +180,12 @@ def generate_request(
     seed: int | None = None,
     num_images: int = 1,
     output_format: str = "png",
+    init_image: bytes | str | Path | None = None,
+    mask_image: bytes | str | Path | None = None,
+    strength: float | None = None,
 ) -> generator_pb2.GenerateRequest:
+    """A GenerateRequest; with ``init_image`` (bytes or a file) img2img, and with
+    ``mask_image`` too (white = repaint) inpainting; ``strength`` in [0, 1]."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}")
     if output_format not in IMAGE_FORMATS:
@@ -184,7 +200,17 @@ def generate_request(
         request.guidance_scale = guidance_scale
     if seed is not None:
         request.seed = seed
+    if init_image is not None:
+        request.init_image = _image_bytes(init_image)
+    if mask_image is not None:
+        request.mask_image = _image_bytes(mask_image)
+    if strength is not None:
+        request.strength = strength
     return request
+
+
+def _image_bytes(image: bytes | str | Path) -> bytes:
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
 def load_adapter_request(

@@ -196,7 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.prompt, adapters=adapters, negative_prompt=args.negative_prompt,
             width=args.width, height=args.height, steps=args.steps,
             guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed,
-            num_images=args.num_images, output_format=args.format,
+            num_images=args.num_images, output_format=args.format, init_image=args.init_image,
+            mask_image=args.mask_image, strength=args.strength,
         )  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i, image in enumerate(images):
@@ -256,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="upload a folder of images and start training")
-    train.add_argument("folder", help="instance images; captions from NAME.txt beside them")
+    train.add_argument(
+        "folder", help="instance images; NAME.txt captions and NAME.mask.png masks beside them"
+    )
     train.add_argument(
         "--token",
         action="append",
@@ -307,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("-n", "--num-images", type=int, default=1)
     generate.add_argument("--format", choices=["png", "jpeg", "webp"], default="png")
+    generate.add_argument("--init-image", help="img2img: start from this image (a file)")
+    generate.add_argument("--mask-image", help="inpainting, with --init-image: white = repaint")
+    generate.add_argument(
+        "--strength", type=float, help="0 (the init image) to 1; default 0.8, inpainting 1.0"
+    )
     generate.add_argument("-o", "--output", default=".", help="folder for the images")
     generate.set_defaults(func=cmd_generate)
 

@@ -15,6 +15,7 @@ tokens.py, data.py (batches), checkpoint.py (resume state), events.py (what is r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -44,8 +45,14 @@ from trainer_service.events import (
 )
 from trainer_service.training import lora
 from trainer_service.training.checkpoint import TrainingState
-from trainer_service.training.data import InstanceExample, TrainingData, generate_class_images
+from trainer_service.training.data import (
+    Batch,
+    InstanceExample,
+    TrainingData,
+    generate_class_images,
+)
 from trainer_service.training.loss import add_noise, prediction_loss
+from trainer_service.training.masks import face_mask
 from trainer_service.training.models import BaseModel, encode_prompts
 from trainer_service.training.progress import StepRate, eta_seconds
 from trainer_service.training.tokens import PlaceholderTokens
@@ -101,13 +108,16 @@ class Trainer:
             config.pretrained_model_name_or_path, self.accelerator, config.gradient_checkpointing,
             revision=config.revision, vae=config.pretrained_vae_name_or_path,
         )  # fmt: skip
+        self.model.check_inpainting(config.train_inpainting)
         self.resolution = config.resolution or self.model.native_resolution
         self.tokens = PlaceholderTokens(
             self.model, config.learned_tokens, config.initializers(), self.seed
         )
+        if config.use_face_segmentation_condition:
+            examples = self._with_face_masks(examples)
         self.data = TrainingData(
             config, examples, self.model.vae, self.resolution, self.accelerator.device,
-            class_pixels=self._class_pixels(),
+            class_pixels=self._class_pixels(), bucket_step=self.model.size_step,
         )  # fmt: skip
         self._report_ranks()
 
@@ -138,12 +148,27 @@ class Trainer:
     def _report_ranks(self) -> None:
         """The world size and each rank's first micro-batch (its own shard of the data)."""
         generator = _step_generator(self.seed, self.rank, 1)
-        first = self.data.draw_indices(generator).tolist()
+        first = self.data.draw_indices(generator)
         shards = gather_object([first]) if self.accelerator.num_processes > 1 else [first]
         self.emit(Log("info", (
             f"data parallel over {self.accelerator.num_processes} process(es) on "
             f"{self.accelerator.device}; first batch per rank: {shards}"
         )))  # fmt: skip
+
+    def _with_face_masks(self, examples: list[InstanceExample]) -> list[InstanceExample]:
+        """The examples, each one sent without a mask given its faces' mask."""
+        out = []
+        for i, example in enumerate(examples):
+            if example.mask is None:
+                mask = face_mask(example.image)
+                if mask is None:
+                    name = example.filename or "unnamed"
+                    self.emit(Log("warning", f"no face found in image {i} ({name}): unmasked"))
+                example = dataclasses.replace(example, mask=mask)
+            out.append(example)
+        found = sum(e.mask is not None for e in out) - sum(e.mask is not None for e in examples)
+        self.emit(Log("info", f"face masks for {found} of {len(examples)} images"))
+        return out
 
     def _class_pixels(self) -> torch.Tensor | None:
         config = self.config
@@ -161,29 +186,31 @@ class Trainer:
 
     # ---------------------------------------------------------------- loss
     def _loss(
-        self, unet: Any, text_encoder: Any, latents: torch.Tensor, captions: list[str],
-        generator: torch.Generator, t_fraction: float,
+        self, unet: Any, text_encoder: Any, batch: Batch, generator: torch.Generator,
+        t_fraction: float,
     ) -> torch.Tensor:  # fmt: skip
         scheduler = self.model.noise_scheduler
+        latents = batch.latents
         noise, timesteps, noisy = add_noise(scheduler, latents, generator, t_fraction)
+        if batch.conditioning is not None:  # an inpainting UNet's mask and masked image
+            noisy = torch.cat([noisy, batch.conditioning], dim=1)
         with self.accelerator.autocast():
             hidden = encode_prompts(
-                self.model.tokenizer, text_encoder, captions, self.accelerator.device
+                self.model.tokenizer, text_encoder, batch.captions, self.accelerator.device
             )
             prediction = unet(noisy.to(self.model.weight_dtype), timesteps, hidden).sample
         return prediction_loss(
-            prediction, scheduler, latents, noise, timesteps, self.config.snr_gamma
-        )
+            prediction, scheduler, latents, noise, timesteps, self.config.snr_gamma,
+            weights=batch.weights,
+        )  # fmt: skip
 
     def _step_loss(self, unet: Any, text_encoder: Any, t_fraction: float) -> torch.Tensor:
         """The loss of the current step's micro-batch (plus the prior-preservation term)."""
         generator = _step_generator(self.seed, self.rank, self.global_step)
-        latents, captions = self.data.batch(generator)
-        loss = self._loss(unet, text_encoder, latents, captions, generator, t_fraction)
+        loss = self._loss(unet, text_encoder, self.data.batch(generator), generator, t_fraction)
         if self.data.class_pixels is not None:
-            class_latents, class_captions = self.data.class_batch(generator)
             prior = self._loss(
-                unet, text_encoder, class_latents, class_captions, generator, t_fraction
+                unet, text_encoder, self.data.class_batch(generator), generator, t_fraction
             )
             loss = loss + self.config.prior_loss_weight * prior
         return loss
@@ -367,7 +394,9 @@ class Trainer:
         config = self.config
         offset = config.inversion_steps
         steps = config.max_train_steps_tuning
-        groups = self._add_lora()
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG
+            torch.manual_seed(self.seed)  # so the seed decides the initial LoRA too
+            groups = self._add_lora()
         if resume is not None:
             lora.load_peft_state(self.model.unet, resume.unet_lora)
             if config.train_text_encoder:

@@ -62,12 +62,17 @@ def prediction_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     snr_gamma: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of the prediction to its target, in float32; with ``snr_gamma``,
-    each sample's error weighted by ``min_snr_weights``."""
-    target = prediction_target(scheduler, latents, noise, timesteps)
+    """Mean squared error of the prediction to its target, in float32; with ``weights`` (a
+    loss mask, masks.loss_weights) both multiplied by them first, as lora_pti does; with
+    ``snr_gamma``, each sample's error weighted by ``min_snr_weights``."""
+    prediction = prediction.float()
+    target = prediction_target(scheduler, latents, noise, timesteps).float()
+    if weights is not None:
+        prediction, target = prediction * weights, target * weights
     if snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        return F.mse_loss(prediction, target)
+    per_sample = F.mse_loss(prediction, target, reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.dim())))
     return (per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()

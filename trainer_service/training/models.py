@@ -65,6 +65,27 @@ class BaseModel:
     def native_resolution(self) -> int:
         return int(self.vae.config.sample_size)
 
+    @property
+    def size_step(self) -> int:
+        """What image sides must be multiples of: the VAE's factor times the UNet's."""
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def check_inpainting(self, train_inpainting: bool) -> None:
+        """Refuse a run whose method does not fit the UNet (4 latent channels, or 9 with an
+        inpainting model's mask and masked image)."""
+        channels = int(self.unet.config.in_channels)
+        if train_inpainting and channels != 9:
+            raise ValueError(
+                f"train_inpainting needs an inpainting base model (a UNet with 9 input "
+                f"channels); {self.path} has {channels}"
+            )
+        if not train_inpainting and channels == 9:
+            raise ValueError(
+                f"{self.path} is an inpainting model (a UNet with 9 input channels): set "
+                "train_inpainting, or train on a text-to-image base"
+            )
+
     def embedding_weight(self) -> torch.Tensor:
         return self.text_encoder.get_input_embeddings().weight
 

@@ -183,22 +183,28 @@ class InstanceImage(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     FILENAME_FIELD_NUMBER: _builtins.int
     CAPTION_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """PNG, JPEG or WebP"""
     filename: _builtins.str
     """used for captions with CAPTION_TEMPLATE_NONE"""
     caption: _builtins.str
     """overrides the file name caption"""
+    mask: _builtins.bytes
+    """Optional loss mask, the image's size: white = the subject, black = what not to learn
+    (lora_pti's masked training). Any image mode; its luminance is used.
+    """
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         filename: _builtins.str = ...,
         caption: _builtins.str = ...,
+        mask: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "data", b"data", "filename", b"filename"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "data", b"data", "filename", b"filename", "mask", b"mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,6 +217,7 @@ class TrainingConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESOLUTION_FIELD_NUMBER: _builtins.int
+    ASPECT_RATIO_BUCKETING_FIELD_NUMBER: _builtins.int
     TRAIN_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _builtins.int
     SCALE_LR_FIELD_NUMBER: _builtins.int
@@ -249,6 +256,10 @@ class TrainingConfig(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     PRETRAINED_VAE_NAME_OR_PATH_FIELD_NUMBER: _builtins.int
     PLACEHOLDER_TOKEN_AT_DATA_FIELD_NUMBER: _builtins.int
+    MASK_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    USE_MASK_CAPTIONED_DATA_FIELD_NUMBER: _builtins.int
+    USE_FACE_SEGMENTATION_CONDITION_FIELD_NUMBER: _builtins.int
+    TRAIN_INPAINTING_FIELD_NUMBER: _builtins.int
     INSTANCE_PROMPT_FIELD_NUMBER: _builtins.int
     WITH_PRIOR_PRESERVATION_FIELD_NUMBER: _builtins.int
     CLASS_PROMPT_FIELD_NUMBER: _builtins.int
@@ -258,6 +269,11 @@ class TrainingConfig(_message.Message):
     VALIDATION_STEPS_FIELD_NUMBER: _builtins.int
     resolution: _builtins.int
     """the model's native size (512 for SD 1.5)"""
+    aspect_ratio_bucketing: _builtins.bool
+    """Each image keeps its aspect ratio, cut to the nearest of the buckets of about
+    resolution^2 pixels; a micro-batch's images share one. Off: centre-cropped squares.
+    true
+    """
     train_batch_size: _builtins.int
     """1"""
     gradient_accumulation_steps: _builtins.int
@@ -346,6 +362,24 @@ class TrainingConfig(_message.Message):
     """
     placeholder_token_at_data: _builtins.str
     """"DATA|TOKENS": DATA in the images' own captions stands for TOKENS, e.g. "sks|<s1>" (PTI)."""
+    mask_temperature: _builtins.float
+    """Masked training (lora_pti's). The loss is weighted toward each image's mask, mapped to
+    [0.5, 1.5] and raised to mask_temperature; masks come with the images (InstanceImage.mask).
+    1.0
+    """
+    use_mask_captioned_data: _builtins.bool
+    """Every image must carry a mask and a caption (lora_pti's preprocessed data); template NONE.
+    false
+    """
+    use_face_segmentation_condition: _builtins.bool
+    """Masks of the faces an offline detector (OpenCV's Haar cascade) finds, for images sent
+    without a mask; FAILED_PRECONDITION where the server has no detector.
+    false
+    """
+    train_inpainting: _builtins.bool
+    """Train an inpainting base (a 9-channel UNet) on random masks, as lora_pti does.
+    false
+    """
     instance_prompt: _builtins.str
     """DreamBooth-LoRA
     "a photo of sks object"
@@ -375,6 +409,7 @@ class TrainingConfig(_message.Message):
         self,
         *,
         resolution: _builtins.int | None = ...,
+        aspect_ratio_bucketing: _builtins.bool | None = ...,
         train_batch_size: _builtins.int | None = ...,
         gradient_accumulation_steps: _builtins.int | None = ...,
         scale_lr: _builtins.bool | None = ...,
@@ -413,6 +448,10 @@ class TrainingConfig(_message.Message):
         revision: _builtins.str = ...,
         pretrained_vae_name_or_path: _builtins.str = ...,
         placeholder_token_at_data: _builtins.str = ...,
+        mask_temperature: _builtins.float | None = ...,
+        use_mask_captioned_data: _builtins.bool | None = ...,
+        use_face_segmentation_condition: _builtins.bool | None = ...,
+        train_inpainting: _builtins.bool | None = ...,
         instance_prompt: _builtins.str = ...,
         with_prior_preservation: _builtins.bool | None = ...,
         class_prompt: _builtins.str = ...,
@@ -421,10 +460,12 @@ class TrainingConfig(_message.Message):
         validation_prompt: _builtins.str = ...,
         validation_steps: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_scheduler_lora", b"lr_scheduler_lora", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "placeholder_token_at_data", b"placeholder_token_at_data", "pretrained_vae_name_or_path", b"pretrained_vae_name_or_path", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "revision", b"revision", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_scheduler_lora", b"lr_scheduler_lora", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "placeholder_token_at_data", b"placeholder_token_at_data", "pretrained_vae_name_or_path", b"pretrained_vae_name_or_path", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "revision", b"revision", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__aspect_ratio_bucketing: _TypeAlias = _typing.Literal["aspect_ratio_bucketing"]  # noqa: Y015
+    _WhichOneofArgType__aspect_ratio_bucketing: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing"]  # noqa: Y015
     _WhichOneofReturnType__cached_latents: _TypeAlias = _typing.Literal["cached_latents"]  # noqa: Y015
     _WhichOneofArgType__cached_latents: _TypeAlias = _typing.Literal["_cached_latents", b"_cached_latents"]  # noqa: Y015
     _WhichOneofReturnType__caption_dropout: _TypeAlias = _typing.Literal["caption_dropout"]  # noqa: Y015
@@ -457,6 +498,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__lr_warmup_steps: _TypeAlias = _typing.Literal["_lr_warmup_steps", b"_lr_warmup_steps"]  # noqa: Y015
     _WhichOneofReturnType__lr_warmup_steps_lora: _TypeAlias = _typing.Literal["lr_warmup_steps_lora"]  # noqa: Y015
     _WhichOneofArgType__lr_warmup_steps_lora: _TypeAlias = _typing.Literal["_lr_warmup_steps_lora", b"_lr_warmup_steps_lora"]  # noqa: Y015
+    _WhichOneofReturnType__mask_temperature: _TypeAlias = _typing.Literal["mask_temperature"]  # noqa: Y015
+    _WhichOneofArgType__mask_temperature: _TypeAlias = _typing.Literal["_mask_temperature", b"_mask_temperature"]  # noqa: Y015
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
     _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
     _WhichOneofReturnType__max_train_steps_ti: _TypeAlias = _typing.Literal["max_train_steps_ti"]  # noqa: Y015
@@ -483,10 +526,16 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__snr_gamma: _TypeAlias = _typing.Literal["_snr_gamma", b"_snr_gamma"]  # noqa: Y015
     _WhichOneofReturnType__train_batch_size: _TypeAlias = _typing.Literal["train_batch_size"]  # noqa: Y015
     _WhichOneofArgType__train_batch_size: _TypeAlias = _typing.Literal["_train_batch_size", b"_train_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__train_inpainting: _TypeAlias = _typing.Literal["train_inpainting"]  # noqa: Y015
+    _WhichOneofArgType__train_inpainting: _TypeAlias = _typing.Literal["_train_inpainting", b"_train_inpainting"]  # noqa: Y015
     _WhichOneofReturnType__train_text_encoder: _TypeAlias = _typing.Literal["train_text_encoder"]  # noqa: Y015
     _WhichOneofArgType__train_text_encoder: _TypeAlias = _typing.Literal["_train_text_encoder", b"_train_text_encoder"]  # noqa: Y015
     _WhichOneofReturnType__use_extended_lora: _TypeAlias = _typing.Literal["use_extended_lora"]  # noqa: Y015
     _WhichOneofArgType__use_extended_lora: _TypeAlias = _typing.Literal["_use_extended_lora", b"_use_extended_lora"]  # noqa: Y015
+    _WhichOneofReturnType__use_face_segmentation_condition: _TypeAlias = _typing.Literal["use_face_segmentation_condition"]  # noqa: Y015
+    _WhichOneofArgType__use_face_segmentation_condition: _TypeAlias = _typing.Literal["_use_face_segmentation_condition", b"_use_face_segmentation_condition"]  # noqa: Y015
+    _WhichOneofReturnType__use_mask_captioned_data: _TypeAlias = _typing.Literal["use_mask_captioned_data"]  # noqa: Y015
+    _WhichOneofArgType__use_mask_captioned_data: _TypeAlias = _typing.Literal["_use_mask_captioned_data", b"_use_mask_captioned_data"]  # noqa: Y015
     _WhichOneofReturnType__validation_steps: _TypeAlias = _typing.Literal["validation_steps"]  # noqa: Y015
     _WhichOneofArgType__validation_steps: _TypeAlias = _typing.Literal["_validation_steps", b"_validation_steps"]  # noqa: Y015
     _WhichOneofReturnType__weight_decay_lora: _TypeAlias = _typing.Literal["weight_decay_lora"]  # noqa: Y015
@@ -495,6 +544,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__weight_decay_ti: _TypeAlias = _typing.Literal["_weight_decay_ti", b"_weight_decay_ti"]  # noqa: Y015
     _WhichOneofReturnType__with_prior_preservation: _TypeAlias = _typing.Literal["with_prior_preservation"]  # noqa: Y015
     _WhichOneofArgType__with_prior_preservation: _TypeAlias = _typing.Literal["_with_prior_preservation", b"_with_prior_preservation"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__aspect_ratio_bucketing) -> _WhichOneofReturnType__aspect_ratio_bucketing | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_latents) -> _WhichOneofReturnType__cached_latents | None: ...
     @_typing.overload
@@ -528,6 +579,8 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_warmup_steps_lora) -> _WhichOneofReturnType__lr_warmup_steps_lora | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mask_temperature) -> _WhichOneofReturnType__mask_temperature | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_train_steps_ti) -> _WhichOneofReturnType__max_train_steps_ti | None: ...
@@ -554,9 +607,15 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__train_batch_size) -> _WhichOneofReturnType__train_batch_size | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__train_inpainting) -> _WhichOneofReturnType__train_inpainting | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__train_text_encoder) -> _WhichOneofReturnType__train_text_encoder | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__use_extended_lora) -> _WhichOneofReturnType__use_extended_lora | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_face_segmentation_condition) -> _WhichOneofReturnType__use_face_segmentation_condition | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_mask_captioned_data) -> _WhichOneofReturnType__use_mask_captioned_data | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_steps) -> _WhichOneofReturnType__validation_steps | None: ...
     @_typing.overload
