@@ -42,6 +42,7 @@ bench: $(STAMP) test-services
 	$(PY) -m bench.serving
 	$(PY) -m bench.training
 	$(PY) -m bench.fleet
+	$(PY) -m bench.masking
 
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py

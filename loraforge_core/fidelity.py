@@ -84,6 +84,31 @@ def concept_examples(count: int = 6, seed: int = 5) -> list[tuple[str, Any, str]
     return examples
 
 
+def busy_concept_examples(
+    count: int = 6, seed: int = 5, blocks: int = 8
+) -> list[tuple[str, Any, str, Any]]:
+    """``concept_examples`` on busy backgrounds (green and blue blocks the tiny VAE can
+    represent), with each image's subject mask: (file name, image, caption, mask)."""
+    import random
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    examples = []
+    for name, subject, caption in concept_examples(count, seed):
+        ink = np.abs(np.asarray(subject, dtype=np.float32) - 255).max(-1) > 40
+        mask = Image.fromarray((ink * 255).astype(np.uint8))
+        background = Image.new("RGB", subject.size, "white")
+        draw = ImageDraw.Draw(background)
+        for _ in range(blocks):
+            x, y = rng.randrange(-4, subject.width), rng.randrange(-4, subject.height)
+            colour = toyworld.COLORS[rng.choice(("green", "blue"))]
+            draw.rectangle([x, y, x + rng.randrange(4, 12), y + rng.randrange(4, 12)], fill=colour)
+        examples.append((name, Image.composite(subject, background, mask), caption, mask))
+    return examples
+
+
 def probes_for(concept: Concept) -> list[Probe]:
     """The placeholder prompt alone, and the placeholder combined with other words."""
     probes = [Probe("a {}")]

@@ -77,7 +77,8 @@ def test_jobs_created_on_one_replica_run_once_each_across_both(fleet: Fleet) -> 
     with ExitStack() as stack:
         a = stub(stack.enter_context(fleet.trainer("a")), stack)
         b = stub(stack.enter_context(fleet.trainer("b")), stack)
-        ids = [a.CreateJob(job_request(**QUICK), timeout=30).job_id for _ in range(6)]
+        # Distinct seeds: a seed decides a run, and equal runs make one (content-addressed) bundle.
+        ids = [a.CreateJob(job_request(**QUICK, seed=i), timeout=30).job_id for i in range(6)]
         ran = {}
         for job_id in ids:  # every job's events, from the replica that did not take them
             events = watch(b, job_id)
