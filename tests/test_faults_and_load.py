@@ -39,6 +39,7 @@ def test_sigkill_at_random_points_then_the_job_finishes_with_a_gapless_log(
     port = None
     job_id = ""
     kills = 0
+    seen = 0  # the last event sequence watched
     state = trainer_pb2.JOB_STATE_UNSPECIFIED
     for round_ in range(8):
         server = ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model), port=port)
@@ -55,7 +56,8 @@ def test_sigkill_at_random_points_then_the_job_finishes_with_a_gapless_log(
                     timeout=30,
                 ).job_id
             if round_ < 4:
-                time.sleep(rng.uniform(2.5, 6.0))  # start-up, then some training steps
+                seen = next_checkpoint(stub, job_id, seen)  # this round trained a step
+                time.sleep(rng.uniform(0.0, 0.8))  # then a random point of the next steps
                 kill_tree(server)
                 kills += 1
                 continue
@@ -69,6 +71,20 @@ def test_sigkill_at_random_points_then_the_job_finishes_with_a_gapless_log(
     assert_resumed_from_checkpoints(events, total_steps=38, kills=kills)
     bundle = read_bundle(tmp_path / "artifacts" / job.final_artifact_id)  # verifies sha256
     assert bundle.manifest.global_step == 38
+
+
+def next_checkpoint(stub: trainer_pb2_grpc.TrainerStub, job_id: str, after: int) -> int:
+    """Wait for the job's next checkpoint event after sequence ``after``; its sequence."""
+    stream = stub.WatchJob(
+        trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=after), timeout=120
+    )
+    try:
+        for event in stream:
+            if event.WhichOneof("kind") == "checkpoint":
+                return event.sequence
+    finally:
+        stream.cancel()
+    raise AssertionError("the job ended before a checkpoint")
 
 
 def assert_resumed_from_checkpoints(events: list, *, total_steps: int, kills: int) -> None:
