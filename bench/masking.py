@@ -5,7 +5,7 @@ PTI with the demo's recipe (fewer tuning steps) on the concept on green and blue
 adapter renders the concept's probes at scale 0 (the base model) and 1; the leak is the
 fraction of pixels that are coloured but not the subject (the checker's largest region).
 
-    python -m bench.masking [--steps 1200] [--out bench/results]
+    python -m bench.masking [--steps 1200] [--temperatures 1 3] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import report
-
-VARIANTS = {"unmasked": None, "masked, temperature 1": 1.0, "masked, temperature 3": 3.0}
 
 
 def leak(image) -> float:
@@ -79,12 +77,14 @@ def measure(temperature: float | None, steps: int, root: Path) -> dict[str, floa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    variants = {"unmasked": None} | {f"masked, temperature {t:g}": t for t in args.temperatures}
     rows = []
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, temperature) in enumerate(VARIANTS.items()):
+        for i, (name, temperature) in enumerate(variants.items()):
             results[name] = measure(temperature, args.steps, Path(tmp) / str(i))
             print(name, results[name], flush=True)  # minutes apart: show each as it ends
     base = results["unmasked"]
