@@ -35,17 +35,6 @@ def value(prom, expression: str) -> float:
     return float(result[0]["value"][1])
 
 
-def scraped_after(prom, moment: float, deadline_s: float = 60.0) -> None:
-    """Wait until Prometheus holds a sample of both services taken after ``moment``."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        stamps = [float(r["value"][1]) for r in prom.query("timestamp(up)")]  # sample times
-        if len(stamps) == 2 and min(stamps) > moment:
-            return
-        time.sleep(0.5)  # the next scrape is the event; Prometheus has no push for it
-    raise TimeoutError("Prometheus did not scrape both services")
-
-
 def seen(prom, expression: str, deadline_s: float = 60.0) -> None:
     """Wait until a PromQL filter expression (``metric == 2``) matches a scraped sample."""
     deadline = time.monotonic() + deadline_s
@@ -93,7 +82,7 @@ def test_prometheus_scrapes_what_the_services_did(tiny_model: Path, tmp_path: Pa
                 ), timeout=60)  # fmt: skip
             for job_id in ids:
                 list(t.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300))
-            scraped_after(prom, time.time())
+            seen(prom, f"count(timestamp(up) > {time.time()}) == 2")  # both scraped since
             assert_scraped(prom, raw=scrape(ports["generator"]))  # raw: what curl shows
 
 
