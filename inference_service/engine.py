@@ -33,6 +33,7 @@ from inference_service.requests import (
     GenerationJob,
     GenerationSpec,
 )
+from loraforge_core import families
 from loraforge_core.errors import Cancelled, FailedPrecondition
 from loraforge_core.objectstore import ObjectStore
 
@@ -52,6 +53,7 @@ class GeneratorEngine:
         compile_backend: str | None = None,
     ) -> None:  # fmt: skip
         self.pipe = pipe
+        self.family = families.family_of_class(type(pipe).__name__)
         self._mode_pipes = {"txt2img": pipe}  # img2img and inpainting share its modules
         # An inpainting model's UNet takes the mask and the masked image (9 channels).
         self.inpainting_base = int(pipe.unet.config.in_channels) == 9
@@ -123,10 +125,9 @@ class GeneratorEngine:
         """The pipeline of a mode, built once from the warm one's modules (so the adapters,
         the mixer and the learned tokens apply to it as they do to text to image)."""
         if mode not in self._mode_pipes:
-            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+            import diffusers
 
-            cls = {"img2img": StableDiffusionImg2ImgPipeline,
-                   "inpaint": StableDiffusionInpaintPipeline}[mode]  # fmt: skip
+            cls = getattr(diffusers, self.family.pipelines[mode])
             components = {**self.pipe.components, "safety_checker": None}
             pipe = cls(**components, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)

@@ -68,6 +68,26 @@ TINY = {
     },
 }
 
+# A tiny SDXL: two text encoders (the second with a projection, whose pooled output and the
+# six size and crop numbers condition the UNet), the same small UNet and VAE as TINY.
+_TINY_TEXT_ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "max_position_embeddings": 77,
+                      "projection_dim": 32}  # fmt: skip
+TINY_SDXL = {
+    "unet": {
+        **TINY["unet"],
+        "cross_attention_dim": 64,  # both encoders' hidden states side by side
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 6 * 8 + 32,  # time ids + pooled text
+    },
+    "vae": TINY["vae"],
+    "text_encoder": {**_TINY_TEXT_ENCODER, "hidden_act": "quick_gelu"},
+    "text_encoder_2": {**_TINY_TEXT_ENCODER, "hidden_act": "gelu"},
+    "scheduler": TINY["scheduler"],
+}
+
 _SD_VAE = {
     "sample_size": 512,
     "in_channels": 3,

@@ -300,7 +300,11 @@ async def serve(
     await asyncio.wait({warm, stopper}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if warm.done() and warm.exception() is not None:
-        log.error("start-up failed", exc_info=warm.exception())
+        problem = warm.exception()
+        if isinstance(problem, errors.ServiceError):  # the operator's to fix: the message says how
+            log.error("start-up failed: %s", problem.message)
+        else:
+            log.error("start-up failed", exc_info=problem)
         exit_code = 1
     else:
         await stopper

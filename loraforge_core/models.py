@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraforge_core.architectures import TINY, TINY_VOCAB_WORDS
+from loraforge_core import families
+from loraforge_core.architectures import TINY, TINY_SDXL, TINY_VOCAB_WORDS
 from loraforge_core.files import file_lock
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
 RANDOM_TINY_NAMES = ("tiny-random", "loraforge/tiny-random")
 TINY_MODEL_VERSION = "tiny-sd-v2"
+TINY_ARCHITECTURES = {"sd": TINY, "sdxl": TINY_SDXL}
 CACHE_ENV = "LORAFORGE_CACHE"
 # The tiny model trained on the toy world (tools/train_tiny_base.py), shipped in the package.
 TRAINED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
@@ -100,37 +102,38 @@ def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = TINY_VOCAB_WORDS
 
 def build_pipeline(
     architecture: dict[str, Any] = TINY, *, seed: int = 0, tokenizer_dir: Path | None = None
-) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline with random weights (fixed seed) from component configs."""
+) -> Any:
+    """A pipeline with random weights (fixed seed) from component configs: Stable Diffusion,
+    or SDXL where the architecture has a second text encoder."""
     import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = tokenizer_dir or Path(tmp)
         vocab_size = write_tiny_tokenizer(folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
-        text_config = dict(architecture["text_encoder"])
-        text_config.setdefault("vocab_size", vocab_size)
-        if text_config["vocab_size"] < len(tokenizer):
-            raise ValueError("text encoder vocabulary is smaller than the tokenizer's")
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                **text_config,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        text_encoder = _text_encoder(CLIPTextModel, architecture["text_encoder"], tokenizer,
+                                     vocab_size)  # fmt: skip
+        second = architecture.get("text_encoder_2")
+        text_encoder_2 = second and _text_encoder(
+            CLIPTextModelWithProjection, second, tokenizer, vocab_size
         )
         unet = UNet2DConditionModel(**architecture["unet"])
         vae = AutoencoderKL(**architecture["vae"])
         scheduler = DDIMScheduler(**architecture["scheduler"])
+        if text_encoder_2 is not None:
+            return StableDiffusionXLPipeline(
+                vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+            )  # fmt: skip
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -143,16 +146,34 @@ def build_pipeline(
         )
 
 
-def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
-    """Build the tiny pipeline and save it with ``save_pretrained`` (atomically) into folder."""
+def _text_encoder(cls: Any, config: dict[str, Any], tokenizer: Any, vocab_size: int) -> Any:
+    from transformers import CLIPTextConfig
+
+    config = {"vocab_size": vocab_size, **config}
+    if config["vocab_size"] < len(tokenizer):
+        raise ValueError("text encoder vocabulary is smaller than the tokenizer's")
+    return cls(
+        CLIPTextConfig(
+            **config,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def save_tiny_model(folder: Path, *, seed: int = 0, family: str = "sd") -> Path:
+    """Build the tiny pipeline of a family (``TINY_ARCHITECTURES``) and save it with
+    ``save_pretrained`` (atomically) into folder."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
     try:
-        pipe = build_pipeline(TINY, seed=seed)
+        pipe = build_pipeline(TINY_ARCHITECTURES[family], seed=seed)
         pipe.save_pretrained(staging, safe_serialization=True)
+        name = "loraforge/tiny" + ("" if family == "sd" else f"-{family}")
         (staging / "loraforge_model.json").write_text(
-            json.dumps({"name": "loraforge/tiny", "version": TINY_MODEL_VERSION, "seed": seed})
+            json.dumps({"name": name, "version": TINY_MODEL_VERSION, "seed": seed})
         )
         if folder.exists():
             shutil.rmtree(folder)
@@ -216,24 +237,31 @@ def resolve_model(name_or_path: str | None) -> str:
 def load_pipeline(
     name_or_path: str | None, *, device: torch.device | str = "cpu", dtype: Any = None
 ) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline with the real loading code (``from_pretrained``)."""
-    from diffusers import StableDiffusionPipeline
+    """Load a text-to-image pipeline of the model's family with the real loading code
+    (``from_pretrained``); FailedPrecondition for a family loraforge does not serve."""
+    import diffusers
 
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    path = resolve_model(name_or_path)
+    family = families.require_served(path) or families.SD
+    cls = getattr(diffusers, family.pipelines["txt2img"])
+    kwargs: dict[str, Any] = {}
+    if "safety_checker" in cls._optional_components:
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model(name_or_path), **kwargs)
+    pipe = cls.from_pretrained(path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m loraforge_core.models OUT``: write the tiny model to a folder."""
-    parser = argparse.ArgumentParser(description="Build the tiny offline SD model")
+    parser = argparse.ArgumentParser(description="Build a tiny offline model (random weights)")
     parser.add_argument("output", type=Path, help="folder to write (replaced if present)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=sorted(TINY_ARCHITECTURES), default="sd")
     args = parser.parse_args(argv)
-    print(save_tiny_model(args.output, seed=args.seed))
+    print(save_tiny_model(args.output, seed=args.seed, family=args.family))
 
 
 if __name__ == "__main__":

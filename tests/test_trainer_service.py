@@ -186,6 +186,20 @@ def test_bad_requests_get_invalid_argument_with_the_field_and_queue_nothing(stub
     assert len(stub.ListJobs(trainer_pb2.ListJobsRequest(page_size=500)).jobs) == before
 
 
+def test_a_job_on_a_family_loraforge_does_not_train_is_refused(stub, tmp_path) -> None:
+    from tests.test_families import write_flux_index
+
+    request = job_request("flux-job")
+    request.base_model = str(write_flux_index(tmp_path / "flux"))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateJob(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is FLUX.1 (FluxPipeline)" in caught.value.details()
+    assert "supported families: Stable Diffusion 1.x/2.x" in caught.value.details()
+    listed = stub.ListJobs(trainer_pb2.ListJobsRequest(page_size=500)).jobs
+    assert all(job.request_id != "flux-job" for job in listed)
+
+
 def test_unknown_job_is_not_found(stub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetJob(trainer_pb2.GetJobRequest(job_id="job-nope"))

@@ -11,9 +11,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraforge_core import families
 from loraforge_core.errors import FailedPrecondition, Violations
 from loraforge_core.images import decode_image
 from loraforge_core.logs import REQUEST_ID
+from loraforge_core.models import resolve_model
 from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir
@@ -68,6 +70,9 @@ def validate(spec: JobSpec) -> None:
         _check_mask(v, name, image, decoded.size, spec.config)
     spec.config.validate(v, prefix="config.")
     v.raise_if_any()
+    # A folder (or a hub model in the local cache) of a family we cannot train: say so now.
+    families.require_served(resolve_model(spec.config.pretrained_model_name_or_path),
+                            local_only=True)  # fmt: skip
     if spec.config.use_face_segmentation_condition and not all(i.mask for i in spec.images):
         problem = face_detector_problem()
         if problem is not None:

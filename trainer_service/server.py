@@ -18,6 +18,7 @@ from loraforge.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 from prometheus_client import REGISTRY
 
 from loraforge_core import bundle as bundles
+from loraforge_core import families
 from loraforge_core.artifacts import fetch_bundle
 from loraforge_core.devices import resolve_device, validate_device, visible_gpus
 from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -224,6 +225,7 @@ class TrainerService:
         for folder in (self.jobs_dir, self.artifacts_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.base_model = await asyncio.to_thread(resolve_model, self.settings.model)
+        await asyncio.to_thread(families.require_served, self.base_model, local_only=True)
         self.device = resolve_device(self.settings.device)
         self.objects = await asyncio.to_thread(
             open_object_store, self.settings.artifact_store, self.data_dir

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from loraforge_core import families
 from loraforge_core.models import resolve_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,6 +40,7 @@ class BaseModel:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         path = resolve_model(name_or_path)
+        families.require_served(path)
         at = {"revision": revision or None}
         model = cls(
             path=path,

@@ -1,0 +1,133 @@
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and the next ones.
+
+A family is recognised from its folder's ``model_index.json`` (the pipeline class diffusers
+saved it with) and says what the rest of the code needs to know about it: its pipelines per
+mode, its text encoders, where LoRA goes by default, how learned tokens are stored in A1111 and
+ComfyUI embedding files, and kohya's key prefixes. The trainer, the generator, the bundle and
+interop ask the family; nothing else branches on it. A family is ``served`` once both services
+run it end to end; a model of any other family is refused when it is loaded, naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraforge_core.errors import FailedPrecondition
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as operators and manifests spell it
+    title: str  # for people
+    # mode (txt2img, img2img, inpaint) -> diffusers class; model_index.json's "_class_name"
+    # is one of them
+    pipelines: dict[str, str]
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    tokenizers: tuple[str, ...] = ("tokenizer",)
+    # An A1111/ComfyUI embedding file's key per text encoder ("" : the one-tensor form).
+    embedding_keys: tuple[str, ...] = ("",)
+    # kohya/A1111 LoRA key prefix per component.
+    kohya_prefixes: dict[str, str] = field(default_factory=dict)
+    served: bool = False
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The modules LoRA can adapt: the UNet, then each text encoder."""
+        return ("unet", *self.text_encoders)
+
+
+SD = Family(
+    name="sd",
+    title="Stable Diffusion 1.x/2.x",
+    pipelines={
+        "txt2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline",
+    },
+    kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te_"},
+    served=True,
+)
+
+SDXL = Family(
+    name="sdxl",
+    title="Stable Diffusion XL",
+    pipelines={
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    embedding_keys=("clip_l", "clip_g"),
+    kohya_prefixes={
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te1_",
+        "text_encoder_2": "lora_te2_",
+    },
+)
+
+# Families recognised by name only, so that a refusal can say what the model is.
+_KNOWN_UNSERVED = {
+    "StableDiffusion3Pipeline": "Stable Diffusion 3",
+    "FluxPipeline": "FLUX.1",
+    "PixArtSigmaPipeline": "PixArt-Sigma",
+    "SanaPipeline": "Sana",
+}
+
+FAMILIES = (SD, SDXL)
+
+
+def served() -> list[Family]:
+    return [f for f in FAMILIES if f.served]
+
+
+def family_of_class(class_name: str) -> Family:
+    """The family of a pipeline class name; an unserved stand-in for ones we do not know."""
+    for family in FAMILIES:
+        if class_name in family.pipelines.values():
+            return family
+    title = _KNOWN_UNSERVED.get(class_name, class_name.removesuffix("Pipeline") or "unknown")
+    return Family(name=class_name, title=title, pipelines={"txt2img": class_name})
+
+
+def read_model_index(name_or_path: str, *, local_only: bool = False) -> dict[str, Any] | None:
+    """A model's ``model_index.json``: from the folder, else through diffusers' own resolution
+    of a hub id (its cache only with ``local_only``); None where it cannot be read."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        index = folder / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else None
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(name_or_path, local_files_only=local_only)
+    except (OSError, ValueError):
+        return None
+
+
+def detect(name_or_path: str, *, local_only: bool = False) -> Family | None:
+    """The family of a model folder or id, or None where its index cannot be read."""
+    index = read_model_index(name_or_path, local_only=local_only)
+    if index is None:
+        return None
+    return family_of_class(str(index.get("_class_name", "")))
+
+
+def refusal(family: Family, name_or_path: str) -> str:
+    supported = ", ".join(f"{f.title} ({f.name})" for f in served())
+    return (
+        f"the model {name_or_path!r} is {family.title} ({family.pipelines['txt2img']}), which "
+        f"loraforge does not support yet; supported families: {supported}"
+    )
+
+
+def require_served(name_or_path: str, *, local_only: bool = False) -> Family | None:
+    """The model's family, FailedPrecondition where loraforge does not serve it; None where
+    the index cannot be read here (the load that follows reports that)."""
+    family = detect(name_or_path, local_only=local_only)
+    if family is not None and not family.served:
+        raise FailedPrecondition(refusal(family, name_or_path))
+    return family

@@ -1,0 +1,61 @@
+"""Model families: recognised from the model folder, and a family loraforge does not serve is
+refused when a server starts on it or a job names it, with a message naming the family and
+the supported ones (an SDXL folder used to start the generator, which then answered INTERNAL)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraforge_core import families
+from loraforge_core.launch import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from loraforge_core.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_flux_index(tmp_path_factory.mktemp("models") / "flux")
+
+
+def write_flux_index(folder: Path) -> Path:
+    """A folder whose index says FLUX.1 (the refusal reads nothing else)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.36.0"}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_the_family_comes_from_the_model_folder(tiny_model: Path, tiny_sdxl: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    assert families.detect(str(tiny_model)) is families.SD
+    assert families.detect(str(tiny_sdxl)) is families.SDXL
+    # The tiny SDXL is a real one: diffusers' own pipeline class loads and runs it.
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    assert pipe.text_encoder_2.config.projection_dim == 32
+    assert families.detect(str(tiny_model / "missing")) is None
+
+
+def _refused_at_start(kind: str, model: Path, tmp_path: Path) -> str:
+    server = ServerProcess(kind, data_dir=tmp_path / kind, model=str(model)).start()
+    assert server.process is not None
+    assert server.process.wait(120) != 0
+    return server.log()
+
+
+@pytest.mark.parametrize("kind", ["generator", "trainer"])
+def test_a_server_on_an_unsupported_family_exits_naming_it(
+    kind: str, tiny_sdxl: Path, flux_folder: Path, tmp_path: Path
+) -> None:
+    for model, title in ((tiny_sdxl, "Stable Diffusion XL"), (flux_folder, "FLUX.1")):
+        log = _refused_at_start(kind, model, tmp_path / title)
+        assert f"is {title}" in log and "supported families: Stable Diffusion 1.x/2.x" in log
+        assert "Traceback" not in log  # the operator's problem, said once, not our crash
