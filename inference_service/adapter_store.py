@@ -18,7 +18,7 @@ import torch
 
 from inference_service.requests import is_adapter_id, learned_token_problem
 from loraforge_core import bundle as bundles
-from loraforge_core import interop
+from loraforge_core import families, interop
 from loraforge_core.artifacts import ARTIFACTS, BundleCache
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from loraforge_core.files import atomic_write_bytes, safe_child
@@ -72,6 +72,7 @@ class AdapterStore:
         self.cache = None
         if objects is not None and objects.local_root is None:
             self.cache = BundleCache(objects, self.store_dir / "artifacts", cache_bytes, in_use)
+        self.family = families.family_of_class(type(pipe).__name__)
         self.text_hidden = int(pipe.text_encoder.config.hidden_size)
         self.cross_dim = int(pipe.unet.config.cross_attention_dim)
 
@@ -150,6 +151,16 @@ class AdapterStore:
         for token in manifest.tokens:
             if problem := learned_token_problem(token):
                 raise InvalidArgument(f"adapter {adapter_id!r}: {problem}", field_name)
+        if manifest.family != self.family.name:
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r} was made for {manifest.family!r} models; this server "
+                f"serves {self.family.title} ({self.family.name})"
+            )
+        if manifest.tokens and len(self.family.text_encoders) > 1:
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r} has learned tokens; tokens for {self.family.title} "
+                "(one vector per text encoder) are not served yet: send its LoRA alone"
+            )
         trained_for = (manifest.text_hidden_size, manifest.cross_attention_dim)
         if trained_for != (self.text_hidden, self.cross_dim):
             raise FailedPrecondition(
@@ -167,5 +178,5 @@ class AdapterStore:
             adapter_id=adapter_id, source_format=source_format, path=path,
             tokens=manifest.tokens, embeddings=bundle.embeddings(), rank=manifest.rank,
             size_bytes=bundle.size_bytes(), sha256=bundle.sha256(), has_lora=bool(lora_keys),
-            has_text_encoder=any(k.startswith("text_encoder.") for k in lora_keys),
+            has_text_encoder=any(k.startswith("text_encoder") for k in lora_keys),
         )  # fmt: skip

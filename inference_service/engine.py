@@ -61,7 +61,7 @@ class GeneratorEngine:
         # Requests swap the pipeline's scheduler: "default" means the model's own.
         self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
         self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-        self.mixer = LoraMixer(pipe, fuse=fuse_adapters)
+        self.mixer = LoraMixer(pipe, self.family.components, fuse=fuse_adapters)
         self.adapters = AdapterRegistry(
             pipe, store_dir, self.mixer, max_resident=max_resident, model_name=model_name,
             slot_rank=slot_rank, objects=objects, cache_bytes=cache_bytes,
@@ -127,9 +127,7 @@ class GeneratorEngine:
         if mode not in self._mode_pipes:
             import diffusers
 
-            cls = getattr(diffusers, self.family.pipelines[mode])
-            components = {**self.pipe.components, "safety_checker": None}
-            pipe = cls(**components, requires_safety_checker=False)
+            pipe = getattr(diffusers, self.family.pipelines[mode]).from_pipe(self.pipe)
             pipe.set_progress_bar_config(disable=True)
             self._mode_pipes[mode] = pipe
         return self._mode_pipes[mode]
@@ -188,50 +186,54 @@ class GeneratorEngine:
 
     def _encode_prompts(
         self, batch: Batch, guided: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Generator], dict[str, list[float]]]:
-        """Each request's prompts through the text encoder at its own scales; the batch's
-        embeddings, one generator per image, and each adapter's UNet scale per image."""
+    ) -> tuple[dict[str, torch.Tensor | None], list[torch.Generator], dict[str, list[float]]]:
+        """Each request's prompts through the text encoders at its own scales; the batch's
+        embeddings (the pipeline call's keyword arguments: the family's ``prompt_outputs``),
+        one generator per image, and each adapter's UNet scale per image."""
         device = self.pipe._execution_device
-        positives, negatives, generators = [], [], []
+        outputs: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.family.prompt_outputs}
+        generators: list[torch.Generator] = []
         unet_scales: dict[str, list[float]] = {}
         for job, entries in batch:
             spec = job.spec
             prompt, negative = self._private_prompts(entries, spec)
-            self.mixer.set("text_encoder", self._lora_weights(entries, spec, "text_encoder"))
-            positive, negative_embeds = self.pipe.encode_prompt(
-                prompt, device, spec.num_images, guided, negative or None
-            )
-            positives.append(positive)
-            negatives.append(negative_embeds)
+            for encoder in self.family.text_encoders:
+                self.mixer.set(encoder, self._lora_weights(entries, spec, "text_encoder"))
+            encoded = self.pipe.encode_prompt(
+                prompt=prompt, device=device, num_images_per_prompt=spec.num_images,
+                do_classifier_free_guidance=guided, negative_prompt=negative or None,
+            )  # fmt: skip
+            for name, tensor in zip(self.family.prompt_outputs, encoded, strict=True):
+                outputs[name].append(tensor)
             first_image = len(generators)
             seeds = range(spec.seed, spec.seed + spec.num_images)
             generators += [torch.Generator().manual_seed(seed) for seed in seeds]
             for name, scale in self._lora_weights(entries, spec, "unet").items():
                 column = unet_scales.setdefault(name, [])
                 column += [0.0] * (first_image - len(column)) + [scale] * spec.num_images
-        self.mixer.set("text_encoder", {})
+        for encoder in self.family.text_encoders:
+            self.mixer.set(encoder, {})
         for column in unet_scales.values():
             column += [0.0] * (len(generators) - len(column))
-        return (
-            torch.cat(positives),
-            torch.cat(negatives) if guided else None,
-            generators,
-            unet_scales,
-        )
+        embeddings = {  # unguided: no negative embeddings at all
+            name: torch.cat(tensors) if tensors[0] is not None else None  # type: ignore[misc]
+            for name, tensors in outputs.items()
+        }
+        return embeddings, generators, unet_scales
 
     def _run(self, pipe, batch: Batch, first: GenerationSpec, guided: bool, inputs: dict,
              step_end: Callable) -> list:  # fmt: skip
         """The batch through ``pipe``, each row with its request's adapters and scales."""
         pipe.scheduler = self._scheduler(first.scheduler)
         try:
-            positive, negative, generators, unet_scales = self._encode_prompts(batch, guided)
+            embeddings, generators, unet_scales = self._encode_prompts(batch, guided)
             # Classifier-free guidance runs the negative and the positive halves together.
             self.mixer.set("unet", {
                 name: row_weights(column, repeats=2 if guided else 1)
                 for name, column in unet_scales.items()
             })  # fmt: skip
             return pipe(
-                prompt_embeds=positive, negative_prompt_embeds=negative,
+                **embeddings,
                 num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
                 generator=generators, callback_on_step_end=step_end, **inputs,
             ).images  # fmt: skip

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-COMPONENTS = ("unet", "text_encoder")
 # Components whose forward runs many times per adapter set, so merging the set pays.
 FUSED_COMPONENTS = ("unet",)
 
@@ -117,10 +116,11 @@ class LoraMixer:
     """Owns how LoRA layers apply adapters: ``set(component, {peft name: weight})`` before a
     forward, ``clear()`` after."""
 
-    def __init__(self, pipe: Any, *, fuse: bool = True) -> None:
+    def __init__(self, pipe: Any, components: Sequence[str], *, fuse: bool = True) -> None:
         self.pipe = pipe
         self.fuse = fuse
-        self.layers: dict[str, list[Any]] = {c: [] for c in COMPONENTS}
+        self.components = tuple(components)  # the UNet and the text encoders
+        self.layers: dict[str, list[Any]] = {c: [] for c in self.components}
         self.ranks: dict[str, int] = {}  # peft name -> rank in use, where less than the layer's
         self.version = 0  # bumped when any adapter's factors change: built plans are stale
         self._built: dict[str, tuple[Any, list[Plan | None]]] = {}
@@ -131,7 +131,7 @@ class LoraMixer:
         """Take over LoRA layers that diffusers created since the last call."""
         classes = _layer_classes()
         mixed = tuple(classes.values())
-        for component in COMPONENTS:
+        for component in self.components:
             found = []
             for module in getattr(self.pipe, component).modules():
                 if type(module) in classes:
@@ -163,7 +163,7 @@ class LoraMixer:
             object.__setattr__(layer, "mix_plan", plan)  # skips nn.Module's attribute checks
 
     def clear(self) -> None:
-        for component in COMPONENTS:
+        for component in self.components:
             for layer in self.layers[component]:
                 object.__setattr__(layer, "mix_plan", None)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from inference_service.requests import RESERVED_TOKEN_PREFIX
+from loraforge_core import families
 
 Pairs = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -49,7 +50,8 @@ class SlotPool:
     def _create(self, slot: str) -> None:
         zeros: dict[str, torch.Tensor] = {}
         modules: list[tuple[str, str]] = []
-        for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+        for component in families.family_of_class(type(self.pipe).__name__).components:
+            targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
             for name, linear in _targeted(getattr(self.pipe, component), targets):
                 zeros[f"{component}.{name}.lora_A.weight"] = torch.zeros(
                     self.rank, linear.in_features

@@ -4,8 +4,8 @@ A family is recognised from its folder's ``model_index.json`` (the pipeline clas
 saved it with) and says what the rest of the code needs to know about it: its pipelines per
 mode, its text encoders, where LoRA goes by default, how learned tokens are stored in A1111 and
 ComfyUI embedding files, and kohya's key prefixes. The trainer, the generator, the bundle and
-interop ask the family; nothing else branches on it. A family is ``served`` once both services
-run it end to end; a model of any other family is refused when it is loaded, naming it.
+interop ask the family; nothing else branches on it. A family lists the services that run it
+end to end; a service refuses a model of any other family when it is named, naming it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class Family:
     embedding_keys: tuple[str, ...] = ("",)
     # kohya/A1111 LoRA key prefix per component.
     kohya_prefixes: dict[str, str] = field(default_factory=dict)
-    served: bool = False
+    # What the pipeline's encode_prompt returns, in order: its call's keyword arguments.
+    prompt_outputs: tuple[str, ...] = ("prompt_embeds", "negative_prompt_embeds")
+    services: frozenset[str] = frozenset()  # "generator", "trainer"
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -48,7 +50,7 @@ SD = Family(
         "inpaint": "StableDiffusionInpaintPipeline",
     },
     kohya_prefixes={"unet": "lora_unet_", "text_encoder": "lora_te_"},
-    served=True,
+    services=frozenset({"generator", "trainer"}),
 )
 
 SDXL = Family(
@@ -67,6 +69,13 @@ SDXL = Family(
         "text_encoder": "lora_te1_",
         "text_encoder_2": "lora_te2_",
     },
+    prompt_outputs=(
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    ),
+    services=frozenset({"generator"}),
 )
 
 # Families recognised by name only, so that a refusal can say what the model is.
@@ -80,8 +89,8 @@ _KNOWN_UNSERVED = {
 FAMILIES = (SD, SDXL)
 
 
-def served() -> list[Family]:
-    return [f for f in FAMILIES if f.served]
+def served_by(service: str) -> list[Family]:
+    return [f for f in FAMILIES if service in f.services]
 
 
 def family_of_class(class_name: str) -> Family:
@@ -116,18 +125,18 @@ def detect(name_or_path: str, *, local_only: bool = False) -> Family | None:
     return family_of_class(str(index.get("_class_name", "")))
 
 
-def refusal(family: Family, name_or_path: str) -> str:
-    supported = ", ".join(f"{f.title} ({f.name})" for f in served())
+def refusal(family: Family, name_or_path: str, service: str) -> str:
+    supported = ", ".join(f"{f.title} ({f.name})" for f in served_by(service))
     return (
         f"the model {name_or_path!r} is {family.title} ({family.pipelines['txt2img']}), which "
-        f"loraforge does not support yet; supported families: {supported}"
+        f"the loraforge {service} does not support yet; supported families: {supported}"
     )
 
 
-def require_served(name_or_path: str, *, local_only: bool = False) -> Family | None:
-    """The model's family, FailedPrecondition where loraforge does not serve it; None where
+def require_served(name_or_path: str, service: str, *, local_only: bool = False) -> Family | None:
+    """The model's family, FailedPrecondition where ``service`` does not run it; None where
     the index cannot be read here (the load that follows reports that)."""
     family = detect(name_or_path, local_only=local_only)
-    if family is not None and not family.served:
-        raise FailedPrecondition(refusal(family, name_or_path))
+    if family is not None and service not in family.services:
+        raise FailedPrecondition(refusal(family, name_or_path, service))
     return family

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from loraforge_core.bundle import Bundle, Manifest, store_bundle
 
 KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.string_to_param\.\*$")
-LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_(A|B)\.weight$")
+LORA_KEY = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.lora_(A|B)\.weight$")
 # Every key form diffusers' converters produce: peft (lora_A/B) and older diffusers names.
 ANY_LORA_KEY = re.compile(
     r"^(unet|text_encoder)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$"

@@ -242,7 +242,7 @@ def load_pipeline(
     import diffusers
 
     path = resolve_model(name_or_path)
-    family = families.require_served(path) or families.SD
+    family = families.require_served(path, "generator") or families.SD
     cls = getattr(diffusers, family.pipelines["txt2img"])
     kwargs: dict[str, Any] = {}
     if "safety_checker" in cls._optional_components:

@@ -51,11 +51,31 @@ def _refused_at_start(kind: str, model: Path, tmp_path: Path) -> str:
     return server.log()
 
 
-@pytest.mark.parametrize("kind", ["generator", "trainer"])
-def test_a_server_on_an_unsupported_family_exits_naming_it(
-    kind: str, tiny_sdxl: Path, flux_folder: Path, tmp_path: Path
-) -> None:
+def test_the_generator_refuses_a_family_it_does_not_serve(flux_folder, tmp_path) -> None:
+    log = _refused_at_start("generator", flux_folder, tmp_path)
+    assert "is FLUX.1 (FluxPipeline), which the loraforge generator does not support" in log
+    assert "supported families: Stable Diffusion 1.x/2.x (sd), Stable Diffusion XL" in log
+    assert "Traceback" not in log  # the operator's problem, said once, not our crash
+
+
+def test_the_trainer_refuses_sdxl_until_it_trains_it(tiny_sdxl, flux_folder, tmp_path) -> None:
     for model, title in ((tiny_sdxl, "Stable Diffusion XL"), (flux_folder, "FLUX.1")):
-        log = _refused_at_start(kind, model, tmp_path / title)
+        log = _refused_at_start("trainer", model, tmp_path / title)
         assert f"is {title}" in log and "supported families: Stable Diffusion 1.x/2.x" in log
-        assert "Traceback" not in log  # the operator's problem, said once, not our crash
+        assert "Traceback" not in log
+
+
+def test_the_generator_serves_an_sdxl_model(tiny_sdxl: Path, tmp_path: Path) -> None:
+    """It used to start on an SDXL folder and answer INTERNAL to LoadAdapter."""
+    from loraforge_client import GeneratorClient
+
+    from trainer_service.training.lora import random_lora_bundle
+
+    bundle = random_lora_bundle(str(tiny_sdxl), tmp_path / "bundles", seed=1)
+    with (
+        ServerProcess("generator", data_dir=tmp_path / "g", model=str(tiny_sdxl)) as server,
+        GeneratorClient(server.target) as client,
+    ):
+        client.load_adapter("xl", bundle.path)
+        images = client.generate("a red circle", adapters=[("xl", 0.8)], steps=2, seed=3)
+        assert len(images) == 1 and images[0].width == 32

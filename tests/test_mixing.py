@@ -12,6 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from inference_service.mixing import LoraMixer, row_weights
+from loraforge_core.families import SD
 
 ADAPTERS = {"a": 4, "b": 2, "c": 3}  # name -> rank
 ROWS = 4
@@ -77,7 +78,7 @@ def peft_reference(model: Model, weights_per_row: list[dict[str, float]]):
 def mixed(model: Model, weights: dict, *, fuse: bool, component: str = "unet"):
     pipe = SimpleNamespace(unet=torch.nn.Identity(), text_encoder=torch.nn.Identity())
     setattr(pipe, component, model)
-    mixer = LoraMixer(pipe, fuse=fuse)
+    mixer = LoraMixer(pipe, SD.components, fuse=fuse)
     mixer.set(component, weights)
     kinds = {layer.mix_plan.kind for layer in mixer.layers[component]}
     with torch.no_grad():
@@ -103,7 +104,7 @@ def test_one_set_for_every_row_matches_peft(fuse):
 def test_the_text_encoder_takes_the_stacked_factors_not_a_merge():
     model = lora_model()
     pipe = SimpleNamespace(unet=torch.nn.Identity(), text_encoder=model)
-    mixer = LoraMixer(pipe)
+    mixer = LoraMixer(pipe, SD.components)
     mixer.set("text_encoder", {"a": 0.5})
     assert {layer.mix_plan.kind for layer in mixer.layers["text_encoder"]} == {"stacked"}
     mixer.set("text_encoder", {"a": (0.5, 0.0)})
@@ -147,7 +148,7 @@ def test_a_slot_uses_only_its_adapters_rank():
                 layer.lora_A["a"].weight[2:] = 0  # what a slot holds past the adapter's rank
     reference = peft_reference(copy.deepcopy(model), [{"a": 0.8}] * ROWS)
     pipe = SimpleNamespace(unet=model, text_encoder=torch.nn.Identity())
-    mixer = LoraMixer(pipe, fuse=False)
+    mixer = LoraMixer(pipe, SD.components, fuse=False)
     mixer.adapter_changed("a", rank=2)
     mixer.set("unet", {"a": 0.8})
     assert {layer.mix_plan.down.shape[0] for layer in mixer.layers["unet"]} == {2}
@@ -158,7 +159,7 @@ def test_a_slot_uses_only_its_adapters_rank():
 def test_new_factors_are_applied_once_the_mixer_is_told():
     model = lora_model()
     pipe = SimpleNamespace(unet=model, text_encoder=torch.nn.Identity())
-    mixer = LoraMixer(pipe, fuse=True)
+    mixer = LoraMixer(pipe, SD.components, fuse=True)
     mixer.set("unet", {"a": 1.0})
     with torch.no_grad():
         first = model(*inputs())

@@ -71,8 +71,8 @@ def validate(spec: JobSpec) -> None:
     spec.config.validate(v, prefix="config.")
     v.raise_if_any()
     # A folder (or a hub model in the local cache) of a family we cannot train: say so now.
-    families.require_served(resolve_model(spec.config.pretrained_model_name_or_path),
-                            local_only=True)  # fmt: skip
+    model = resolve_model(spec.config.pretrained_model_name_or_path)
+    families.require_served(model, "trainer", local_only=True)
     if spec.config.use_face_segmentation_condition and not all(i.mask for i in spec.images):
         problem = face_detector_problem()
         if problem is not None:

@@ -225,7 +225,9 @@ class TrainerService:
         for folder in (self.jobs_dir, self.artifacts_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.base_model = await asyncio.to_thread(resolve_model, self.settings.model)
-        await asyncio.to_thread(families.require_served, self.base_model, local_only=True)
+        await asyncio.to_thread(
+            families.require_served, self.base_model, "trainer", local_only=True
+        )
         self.device = resolve_device(self.settings.device)
         self.objects = await asyncio.to_thread(
             open_object_store, self.settings.artifact_store, self.data_dir

@@ -52,8 +52,10 @@ def diffusers_lora_state(
     text_encoder_state: dict[str, torch.Tensor] | None,
     rank: int,
     alpha: float,
+    text_encoder_2_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """peft states -> one ``pytorch_lora_weights`` dict (``unet.`` / ``text_encoder.`` keys).
+    """peft states -> one ``pytorch_lora_weights`` dict (``unet.`` / ``text_encoder.`` keys,
+    and ``text_encoder_2.`` for SDXL's second encoder).
 
     Keys keep peft's ``lora_A`` / ``lora_B`` names (what ``load_lora_weights`` reads first).
     diffusers' files carry no alpha and loaders assume alpha == rank, so alpha/rank is folded
@@ -61,7 +63,10 @@ def diffusers_lora_state(
     """
     scale = alpha / rank
     packed: dict[str, torch.Tensor] = {}
-    for prefix, state in (("unet", unet_state), ("text_encoder", text_encoder_state or {})):
+    for prefix, state in (
+        ("unet", unet_state), ("text_encoder", text_encoder_state or {}),
+        ("text_encoder_2", text_encoder_2_state or {}),
+    ):  # fmt: skip
         for key, value in state.items():
             value = value * scale if "lora_B" in key else value
             packed[f"{prefix}.{key}"] = value.float().contiguous()
@@ -85,8 +90,9 @@ def random_lora_bundle(
     where what the adapter has learned does not matter.
     """
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    from loraforge_core import families
     from loraforge_core.bundle import Manifest, store_bundle
     from loraforge_core.models import resolve_model
     from trainer_service.config import (
@@ -96,26 +102,32 @@ def random_lora_bundle(
     )
 
     model = resolve_model(model)
+    family = families.detect(model) or families.SD
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet_targets = [*DEFAULT_UNET_TARGETS, *(EXTENDED_UNET_TARGETS if extended else ())]
     add_unet_lora(unet, lora_config(rank, rank, unet_targets, 0.0))
-    text = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    texts = [
+        (CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection)
+        .from_pretrained(model, subfolder=name)
+        for name in family.text_encoders
+    ]  # fmt: skip
     if text_encoder:
-        add_text_encoder_lora(text, lora_config(rank, rank, list(DEFAULT_CLIP_TARGETS), 0.0))
+        for text in texts:
+            add_text_encoder_lora(text, lora_config(rank, rank, list(DEFAULT_CLIP_TARGETS), 0.0))
     with torch.no_grad():
-        for module in (unet, text):
+        for module in (unet, *texts):
             for param in lora_parameters(module):
                 param.normal_(0, std / max(1, (param.shape[-1] / 64) ** 0.5))
-    state = diffusers_lora_state(
-        peft_state(unet), peft_state(text) if text_encoder else None, rank, rank
-    )
-    embeddings = {token: torch.randn(text.config.hidden_size) * 0.4} if token else {}
+    text_states = [peft_state(text) if text_encoder else None for text in texts]
+    state = diffusers_lora_state(peft_state(unet), text_states[0], rank, rank, *text_states[1:])
+    hidden = texts[0].config.hidden_size
+    embeddings = {token: torch.randn(hidden) * 0.4} if token else {}
     manifest = Manifest(
         base_model=model, method="pti", tokens=[token] if token else [], rank=rank,
         alpha=rank, unet_target_modules=unet_targets,
         text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS) if text_encoder else [],
-        global_step=0, text_hidden_size=text.config.hidden_size,
-        cross_attention_dim=unet.config.cross_attention_dim,
+        global_step=0, text_hidden_size=hidden,
+        cross_attention_dim=unet.config.cross_attention_dim, family=family.name,
     )  # fmt: skip
     return store_bundle(root, state, embeddings, manifest)

@@ -40,7 +40,7 @@ class BaseModel:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         path = resolve_model(name_or_path)
-        families.require_served(path)
+        families.require_served(path, "trainer")
         at = {"revision": revision or None}
         model = cls(
             path=path,
