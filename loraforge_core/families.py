@@ -34,6 +34,8 @@ class Family:
     # What the pipeline's encode_prompt returns, in order: its call's keyword arguments.
     prompt_outputs: tuple[str, ...] = ("prompt_embeds", "negative_prompt_embeds")
     services: frozenset[str] = frozenset()  # "generator", "trainer"
+    # kohya's ss_base_model_version ("": sd_v1 or sd_v2, told apart by the model's shapes)
+    kohya_model_version: str = ""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -76,6 +78,7 @@ SDXL = Family(
         "negative_pooled_prompt_embeds",
     ),
     services=frozenset({"generator"}),
+    kohya_model_version="sdxl_base_v1-0",
 )
 
 # Families recognised by name only, so that a refusal can say what the model is.
@@ -91,6 +94,14 @@ FAMILIES = (SD, SDXL)
 
 def served_by(service: str) -> list[Family]:
     return [f for f in FAMILIES if service in f.services]
+
+
+def by_name(name: str) -> Family:
+    """A known family by its name (a manifest's ``family``)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; known: {[f.name for f in FAMILIES]}")
 
 
 def family_of_class(class_name: str) -> Family:

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from loraforge_core import families
 from loraforge_core.bundle import Bundle, Manifest, store_bundle
 
 KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.string_to_param\.\*$")
 LORA_KEY = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.lora_(A|B)\.weight$")
 # Every key form diffusers' converters produce: peft (lora_A/B) and older diffusers names.
 ANY_LORA_KEY = re.compile(
-    r"^(unet|text_encoder)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$"
+    r"^(unet|text_encoder(?:_2)?)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$"
 )
 # diffusers' attention-processor form: <attention>.processor.to_k_lora.down.weight
 PROCESSOR_KEY = re.compile(
@@ -62,13 +63,15 @@ def lora_pairs(
     return {k: (v["A"], v["B"]) for k, v in pairs.items()}
 
 
-def _kohya_module(component: str, module: str) -> str:
-    if component == "unet":
-        return "lora_unet_" + module.replace(".", "_")
+def _kohya_module(family: families.Family, component: str, module: str) -> str:
     # transformers 5.x's CLIPTextModel has no "text_model." level; kohya/A1111 names do.
-    if not module.startswith("text_model."):
+    if component != "unet" and not module.startswith("text_model."):
         module = "text_model." + module
-    return "lora_te_" + module.replace(".", "_")
+    return family.kohya_prefixes[component] + module.replace(".", "_")
+
+
+def _pipe_family(pipe: Any) -> families.Family:
+    return families.family_of_class(type(pipe).__name__)
 
 
 def export_kohya(
@@ -89,10 +92,11 @@ def export_kohya(
                 f"A1111 cuts bundled tokens at their first '.': {dotted} would load under "
                 "another name; export without bundled embeddings (they go beside the file)"
             )
-    sd2 = bundle.manifest.cross_attention_dim == 1024
+    family = families.by_name(bundle.manifest.family)
+    sd2 = family is families.SD and bundle.manifest.cross_attention_dim == 1024
     state: dict[str, torch.Tensor] = {}
     for (component, module), (down, up) in lora_pairs(bundle.lora_state_dict()).items():
-        key = _kohya_module(component, module)
+        key = _kohya_module(family, component, module)
         state[f"{key}.lora_down.weight"] = down.contiguous()
         state[f"{key}.lora_up.weight"] = up.contiguous()
         # Alpha is folded into up already: alpha == rank means a multiplier of 1.
@@ -106,7 +110,7 @@ def export_kohya(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(manifest.rank),
         "ss_network_alpha": str(manifest.rank),
-        "ss_base_model_version": "sd_v2" if sd2 else "sd_v1",
+        "ss_base_model_version": family.kohya_model_version or ("sd_v2" if sd2 else "sd_v1"),
         "ss_v2": str(sd2),  # A1111 lists an SD 2.x LoRA with SD 2.x models only when "True"
         "ss_sd_model_name": manifest.base_model,
         "ss_training_comment": f"loraforge {manifest.method}, tokens {manifest.tokens}",
@@ -144,7 +148,7 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     keys = list(state)
     if any(CLONEOFSIMO_KEY.match(k) for k in keys):
         return "lora_diffusion"
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
     if any("lora" in k for k in keys):
         return "diffusers"
@@ -210,7 +214,7 @@ def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
     """An adapter loaded into the pipeline's peft layers, read back with its scaling folded
     into B (so alpha == rank), in our bundle's key format."""
     state: dict[str, torch.Tensor] = {}
-    for component in ("unet", "text_encoder"):
+    for component in _pipe_family(pipe).components:
         model = getattr(pipe, component)
         for name, module in model.named_modules():
             lora_a = getattr(module, "lora_A", None)
@@ -226,7 +230,7 @@ def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
 
 def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
     """Refuse, naming the first mismatch, a LoRA whose shapes do not fit this model."""
-    modules = {c: dict(getattr(pipe, c).named_modules()) for c in ("unet", "text_encoder")}
+    modules = {c: dict(getattr(pipe, c).named_modules()) for c in _pipe_family(pipe).components}
     for key, value in lora.items():
         match = ANY_LORA_KEY.match(key)
         processor = PROCESSOR_KEY.match(key)
@@ -239,8 +243,9 @@ def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
         else:
             continue
         down = peft_side == "A" or old_side == "down"
-        path = path.removeprefix("text_model.") if component == "text_encoder" else path
-        module = modules[component].get(path)
+        if component == "text_encoder":  # transformers 5.x: no "text_model." level there
+            path = path.removeprefix("text_model.")
+        module = modules.get(component, {}).get(path)
         if module is not None and hasattr(module, "base_layer"):
             module = module.base_layer
         if module is None or not hasattr(module, "in_features"):
@@ -259,8 +264,8 @@ def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
 
 def discard_adapter(pipe: Any, adapter_name: str) -> None:
     """Remove whatever part of an adapter got injected (a failed load never lingers)."""
-    for component in (pipe.unet, pipe.text_encoder):
-        if adapter_name in (getattr(component, "peft_config", None) or {}):
+    for name in _pipe_family(pipe).components:
+        if adapter_name in (getattr(getattr(pipe, name), "peft_config", None) or {}):
             pipe.delete_adapters(adapter_name)
             return
 
@@ -323,9 +328,10 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
         unet_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
                                     for k in lora if k.startswith("unet.")}),
         text_encoder_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
-                                            for k in lora if k.startswith("text_encoder.")}),
+                                            for k in lora if k.startswith("text_encoder")}),
         global_step=0, text_hidden_size=int(hidden),
         cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
+        family=_pipe_family(pipe).name,
         training_config={"imported_from": path.name, "source_format": kind,
                          "source_metadata": metadata},
     )  # fmt: skip
