@@ -1,13 +1,15 @@
-"""GPU figures on the SD 2.1-base architecture with random weights (no download).
+"""GPU figures on the SD 2.1-base and SDXL architectures with random weights (no download).
 
-    bash bench/gpu.sh                       # on a GPU machine: 512x512, fp16
+    bash bench/gpu.sh                       # on a GPU machine: SD 2.1 512px, SDXL 1024px, fp16
     python -m bench.gpu --arch tiny --size 64 --dtype fp32 --device cpu   # syntax check on CPU
+    python -m bench.gpu --arch tiny-sdxl --size 64 --dtype fp32 --device cpu
 
 Reports denoising steps/s with 0, 1 and 4 adapters, the time to switch between resident
 adapters and to load a new one (ours and diffusers'), a mixed batch of 4 requests with 4
 adapters vs the same requests one after another, the LoRA overhead rows of the CPU bench
 (1 and 2 adapters fused and with fusion off, 8 distinct adapters in one batch vs 8 on one,
-beside an A/A twin of the base), LoRA training steps/s (batch 1), and peak GPU memory.
+beside an A/A twin of the base), LoRA training steps/s (batch 1, where the trainer runs the
+model's family: not SDXL yet), and peak GPU memory.
 Random weights give real shapes and real costs, not meaningful images.
 """
 
@@ -25,9 +27,10 @@ from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import median_ms, report
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationSpec
+from loraforge_core import families
 from loraforge_core.architectures import ARCHITECTURES
 from loraforge_core.bundle import pack
-from loraforge_core.models import build_pipeline
+from loraforge_core.models import build_pipeline, load_pipeline
 from trainer_service.training.lora import random_lora_bundle
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    rows += train_rows(model_dir, args)
+    if "trainer" in (families.detect(str(model_dir)) or families.SD).services:
+        rows += train_rows(model_dir, args)
     rows.append(("wall time of this script", time.monotonic() - started, "s"))
     report(f"gpu-{args.arch}-{args.size}", rows, args.out)
 
@@ -70,13 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 def serving_rows(
     model_dir: Path, work: Path, bundles: list, args: argparse.Namespace
 ) -> list[tuple[str, float, str]]:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, torch_dtype=DTYPES[args.dtype], safety_checker=None,
-        requires_safety_checker=False,
-    ).to(args.device)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(str(model_dir), device=args.device, dtype=DTYPES[args.dtype])
     engine = GeneratorEngine(pipe, work, max_resident=8)
     for i in range(8):
         engine.adapters.register(f"a{i}", data=pack(bundles[i].path))

@@ -31,7 +31,7 @@ class AdapterEntry:
     source_format: str  # bundle, or what it was imported from: kohya | diffusers | ...
     path: Path
     tokens: list[str]
-    embeddings: dict[str, torch.Tensor]
+    embeddings: dict[str, list[torch.Tensor]]  # token -> its vector per text encoder
     rank: int
     size_bytes: int
     sha256: str
@@ -156,11 +156,6 @@ class AdapterStore:
                 f"adapter {adapter_id!r} was made for {manifest.family!r} models; this server "
                 f"serves {self.family.title} ({self.family.name})"
             )
-        if manifest.tokens and len(self.family.text_encoders) > 1:
-            raise FailedPrecondition(
-                f"adapter {adapter_id!r} has learned tokens; tokens for {self.family.title} "
-                "(one vector per text encoder) are not served yet: send its LoRA alone"
-            )
         trained_for = (manifest.text_hidden_size, manifest.cross_attention_dim)
         if trained_for != (self.text_hidden, self.cross_dim):
             raise FailedPrecondition(
@@ -176,7 +171,7 @@ class AdapterStore:
         source_format = manifest.method.split(":", 1)[1] if ":" in manifest.method else "bundle"
         return AdapterEntry(
             adapter_id=adapter_id, source_format=source_format, path=path,
-            tokens=manifest.tokens, embeddings=bundle.embeddings(), rank=manifest.rank,
+            tokens=manifest.tokens, embeddings=bundle.token_vectors(), rank=manifest.rank,
             size_bytes=bundle.size_bytes(), sha256=bundle.sha256(), has_lora=bool(lora_keys),
             has_text_encoder=any(k.startswith("text_encoder") for k in lora_keys),
         )  # fmt: skip

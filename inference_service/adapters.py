@@ -138,7 +138,9 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ residency
     def _make_resident(self, entry: AdapterEntry, keep: Keep = frozenset()) -> None:
         """Load the adapter's weights: into a pre-shaped slot when it fits, else generally."""
-        refuse_non_finite(entry.adapter_id, entry.embeddings)
+        refuse_non_finite(entry.adapter_id, {
+            token: torch.cat(vectors) for token, vectors in entry.embeddings.items()
+        })  # fmt: skip
         self._evict_for_one(keep)
         if entry.has_lora:
             self._load_weights(entry)

@@ -137,33 +137,43 @@ class TokenPool:
     CHUNK = 16
 
     def __init__(self, pipe: Any) -> None:
-        self.pipe = pipe
+        family = families.family_of_class(type(pipe).__name__)
+        # Each text encoder with its tokenizer; a token has one name in all of them.
+        pairs = zip(family.tokenizers, family.text_encoders, strict=True)
+        self.encoders = [(getattr(pipe, t), getattr(pipe, e)) for t, e in pairs]
         self.free: list[str] = []
         self.count = 0
 
     def _grow(self) -> None:
         names = [f"{self.PREFIX}{self.count + i}|>" for i in range(self.CHUNK)]
         self.count += self.CHUNK
-        self.pipe.tokenizer.add_tokens(names)
-        self.pipe.text_encoder.resize_token_embeddings(
-            len(self.pipe.tokenizer), mean_resizing=False
-        )
+        for tokenizer, encoder in self.encoders:
+            tokenizer.add_tokens(names)
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         self.free.extend(reversed(names))
 
     @torch.no_grad()
-    def acquire(self, vectors: list[torch.Tensor]) -> list[str]:
+    def acquire(self, vectors: list[list[torch.Tensor]]) -> list[str]:
+        """Private names for tokens given as their vectors, one per text encoder."""
         while len(self.free) < len(vectors):
             self._grow()
         names = [self.free.pop() for _ in vectors]
-        weight = self.pipe.text_encoder.get_input_embeddings().weight
-        for name, vector in zip(names, vectors, strict=True):
-            if vector.numel() != weight.shape[1]:
+        for name, per_encoder in zip(names, vectors, strict=True):
+            if len(per_encoder) != len(self.encoders):
                 self.release(names)
                 raise ValueError(
-                    f"a learned token has {vector.numel()} dimensions, this "
-                    f"model's text encoder {weight.shape[1]}"
+                    f"a learned token has vectors for {len(per_encoder)} text encoders, this "
+                    f"model has {len(self.encoders)}"
                 )
-            weight[self.pipe.tokenizer.convert_tokens_to_ids(name)] = vector.to(weight)
+            for (tokenizer, encoder), vector in zip(self.encoders, per_encoder, strict=True):
+                weight = encoder.get_input_embeddings().weight
+                if vector.numel() != weight.shape[1]:
+                    self.release(names)
+                    raise ValueError(
+                        f"a learned token has {vector.numel()} dimensions, this "
+                        f"model's text encoder {weight.shape[1]}"
+                    )
+                weight[tokenizer.convert_tokens_to_ids(name)] = vector.reshape(-1).to(weight)
         return names
 
     def release(self, names: list[str]) -> None:

@@ -163,4 +163,41 @@ SD21_BASE = {
     "scheduler": _SD_SCHEDULER,
 }
 
-ARCHITECTURES: dict[str, dict[str, Any]] = {"tiny": TINY, "sd15": SD15, "sd21-base": SD21_BASE}
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0's config.json files): CLIP ViT-L
+# and OpenCLIP bigG, a 3-level UNet with 1/2/10 transformer layers, text_time conditioning.
+SDXL_BASE = {
+    "unet": {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [5, 10, 20],
+        "transformer_layers_per_block": [1, 2, 10],
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+    "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    "text_encoder": {**SD15["text_encoder"]},
+    "text_encoder_2": {
+        "vocab_size": 49408,
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "projection_dim": 1280,
+    },
+    "scheduler": _SD_SCHEDULER,
+}
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": TINY, "tiny-sdxl": TINY_SDXL, "sd15": SD15, "sd21-base": SD21_BASE,
+    "sdxl-base": SDXL_BASE,
+}  # fmt: skip

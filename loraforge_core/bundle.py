@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraforge_core import families
 from loraforge_core.files import fsync_dir
 
 if TYPE_CHECKING:
@@ -74,6 +75,12 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise BundleError(f"manifest.json is not a {FORMAT} manifest")
         _check_field_types(data)
+        known_families = [f.name for f in families.FAMILIES]
+        if data.get("family", "sd") not in known_families:
+            raise BundleError(
+                f"bundle made for model family {data['family']!r}, which this loraforge does "
+                f"not know ({known_families}); upgrade loraforge"
+            )
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise BundleError(
                 f"bundle format version {data['format_version']} is newer than this server's "
@@ -147,9 +154,22 @@ class Bundle:
         return load_file(self.lora_path)
 
     def embeddings(self) -> dict[str, torch.Tensor]:
+        """The embeddings file as stored (see ``token_vectors`` for its meaning)."""
         from safetensors.torch import load_file
 
         return load_file(self.embeddings_path)
+
+    def token_vectors(self) -> dict[str, list[torch.Tensor]]:
+        """Each learned token's vectors, one per text encoder of the bundle's family. An SD
+        embeddings file maps each token to its vector; an SDXL one holds ``clip_l`` and
+        ``clip_g`` matrices with a row per token in the manifest's order (the layout of SDXL
+        embedding files in A1111, ComfyUI and diffusers' training scripts)."""
+        stored = self.embeddings()
+        keys = families.by_name(self.manifest.family).embedding_keys
+        if keys == ("",):
+            return {token: [vector.reshape(-1)] for token, vector in stored.items()}
+        return {token: [stored[key][row] for key in keys]
+                for row, token in enumerate(self.manifest.tokens)}  # fmt: skip
 
 
 def write_bundle(
@@ -223,7 +243,8 @@ def read_bundle(path: Path, *, verify: bool = True) -> Bundle:
 
 
 def _check_tokens(path: Path, manifest: Manifest) -> None:
-    """The manifest's tokens are exactly the embeddings file's, one vector each."""
+    """The manifest's tokens are exactly the embeddings file's, one vector each (per text
+    encoder: ``Bundle.token_vectors``)."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -231,6 +252,10 @@ def _check_tokens(path: Path, manifest: Manifest) -> None:
             shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as err:
         raise BundleError(f"bundle {path.name}: unreadable {EMBEDDINGS_FILE}: {err}") from err
+    keys = families.by_name(manifest.family).embedding_keys
+    if keys != ("",):
+        _check_token_matrices(path, manifest, shapes, keys)
+        return
     if sorted(shapes) != sorted(manifest.tokens) or len(set(manifest.tokens)) != len(shapes):
         raise BundleError(
             f"bundle {path.name}: manifest tokens {manifest.tokens} are not the embeddings' "
@@ -241,6 +266,29 @@ def _check_tokens(path: Path, manifest: Manifest) -> None:
             raise BundleError(
                 f"bundle {path.name}: embedding {token!r} has shape {shape}, not "
                 f"[{manifest.text_hidden_size}]"
+            )
+
+
+def _check_token_matrices(
+    path: Path, manifest: Manifest, shapes: dict[str, list[int]], keys: tuple[str, ...]
+) -> None:
+    """A row per token in one matrix per text encoder (the first as wide as the manifest's
+    text hidden size)."""
+    tokens = len(manifest.tokens)
+    if not tokens and not shapes:
+        return
+    if sorted(shapes) != sorted(keys) or len(set(manifest.tokens)) != tokens:
+        raise BundleError(
+            f"bundle {path.name}: {manifest.family} embeddings hold {list(keys)}, "
+            f"one row per token of {manifest.tokens}; this one has {sorted(shapes)}"
+        )
+    for key in keys:
+        shape = list(shapes[key])
+        width = manifest.text_hidden_size if key == keys[0] else None
+        if len(shape) != 2 or shape[0] != tokens or (width and shape[1] != width):
+            raise BundleError(
+                f"bundle {path.name}: embeddings {key!r} have shape {shape}, not "
+                f"[{tokens}, {width or 'hidden size'}]"
             )
 
 

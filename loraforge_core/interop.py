@@ -101,8 +101,10 @@ def export_kohya(
         state[f"{key}.lora_up.weight"] = up.contiguous()
         # Alpha is folded into up already: alpha == rank means a multiplier of 1.
         state[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
-    for token, embedding in bundle.embeddings().items() if bundle_embeddings else ():
-        state[f"bundle_emb.{token}.string_to_param.*"] = embedding.reshape(1, -1).contiguous()
+    for token, vectors in bundle.token_vectors().items() if bundle_embeddings else ():
+        for key, vector in _embedding_file(family, token, vectors).items():
+            name = "string_to_param.*" if key == token else key  # SD: A1111's one-vector form
+            state[f"bundle_emb.{token}.{name}"] = vector
     manifest = bundle.manifest
     conv_ranks = [v.shape[0] for k, v in state.items() if k.endswith("lora_down.weight")
                   and v.ndim == 4]  # fmt: skip
@@ -125,22 +127,33 @@ def export_kohya(
 
 
 def export_embeddings(bundle: Bundle) -> dict[str, dict[str, torch.Tensor]]:
-    """One embedding file per learned token: ``{file stem: {token: [1, dim]}}``.
+    """One embedding file per learned token: ``{file stem: {token: [1, dim]}}``, or for SDXL
+    ``{file stem: {"clip_l": [1, dim], "clip_g": [1, dim]}}`` (the family's embedding keys).
 
     The single key is the token itself: diffusers' ``load_textual_inversion`` registers that
     name; A1111 and ComfyUI read the one tensor whatever its key and name the embedding after
     the file (``my-tok.safetensors`` is typed ``my-tok`` in A1111, ``embedding:my-tok`` in
     ComfyUI). Stems are the token's letters, digits, ``_`` and ``-``, made unique.
     """
+    family = families.by_name(bundle.manifest.family)
     files: dict[str, dict[str, torch.Tensor]] = {}
-    for token, embedding in bundle.embeddings().items():
+    for token, vectors in bundle.token_vectors().items():
         base = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
         stem, n = base, 1
         while stem.lower() in (s.lower() for s in files):  # case-insensitive filesystems
             n += 1
             stem = f"{base}-{n}"
-        files[stem] = {token: embedding.reshape(1, -1).contiguous()}
+        files[stem] = _embedding_file(family, token, vectors)
     return files
+
+
+def _embedding_file(
+    family: families.Family, token: str, vectors: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """One token's embedding-file tensors: ``{token: [1, dim]}``, or one per text encoder
+    under the family's keys."""
+    keys = [token] if family.embedding_keys == ("",) else family.embedding_keys
+    return {k: v.reshape(1, -1).contiguous() for k, v in zip(keys, vectors, strict=True)}
 
 
 # ------------------------------------------------------------------------------ importing

@@ -1,6 +1,7 @@
-"""SDXL in the generator: the tiny SDXL's images with LoRA files at per-request scales equal
-stock diffusers' StableDiffusionXLPipeline with the same files, alone, composed and in a mixed
-batch (UNet and both text encoders adapted)."""
+"""SDXL in the generator: the tiny SDXL's images with LoRA files and learned tokens at
+per-request scales equal stock diffusers' StableDiffusionXLPipeline with the same files, alone,
+composed and in a mixed batch (UNet and both text encoders adapted, each token's ``clip_l`` and
+``clip_g`` vectors loaded into both encoders)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from loraforge_core.errors import FailedPrecondition
 from loraforge_core.models import load_pipeline, save_tiny_model
 from trainer_service.training.lora import random_lora_bundle
 
-PROMPTS = {"s1": "a red circle", "s2": "a green square", "base": "a blue triangle"}
+PROMPTS = {"s1": "a <x1> circle", "s2": "a green <x2>", "base": "a blue triangle"}
 STEPS, GUIDANCE = 4, 5.0
 
 
@@ -31,7 +32,7 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bundles(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("sdxl-bundles")
-    return {name: random_lora_bundle(str(tiny_sdxl), root, seed=i)
+    return {name: random_lora_bundle(str(tiny_sdxl), root, seed=i, token=f"<x{i + 1}>")
             for i, name in enumerate(("s1", "s2"))}  # fmt: skip
 
 
@@ -51,6 +52,14 @@ def stock(tiny_sdxl: Path, bundles: dict):
     pipe.set_progress_bar_config(disable=True)
     for name, bundle in bundles.items():
         pipe.load_lora_weights(str(bundle.path / LORA_FILE), adapter_name=name)
+        stored, tokens = bundle.embeddings(), bundle.manifest.tokens
+        for key, encoder, tokenizer in (
+            ("clip_l", pipe.text_encoder, pipe.tokenizer),
+            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
+        ):
+            pipe.load_textual_inversion(
+                stored[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
+            )
     return pipe
 
 
@@ -128,10 +137,20 @@ def test_sdxl_kohya_export_loads_in_stock_diffusers_and_imports_back(
     fresh = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     fresh.set_progress_bar_config(disable=True)
     fresh.load_lora_weights(str(path), adapter_name="s1")  # the file as written
-    adapters = [("s1", 1.0, None)]
-    want = stock_pixels(stock, PROMPTS["s1"], adapters, 5)
-    assert np.abs(stock_pixels(fresh, PROMPTS["s1"], adapters, 5) - want).mean() <= 1e-3
+    adapters, prompt = [("s1", 1.0, None)], "a red circle"  # the LoRA alone: no token
+    want = stock_pixels(stock, prompt, adapters, 5)
+    assert np.abs(stock_pixels(fresh, prompt, adapters, 5) - want).mean() <= 1e-3
     # Imported back through the generator: the same adapter, recorded as SDXL.
     engine.adapters.register("s1-kohya", data=path.read_bytes())
-    imported = engine.generate(spec(PROMPTS["s1"], [("s1-kohya", 1.0, None)], 5))
+    imported = engine.generate(spec(prompt, [("s1-kohya", 1.0, None)], 5))
     assert np.abs(pixels(imported) - want).mean() <= 1e-3
+
+
+def test_sdxl_tokens_export_as_clip_l_and_clip_g_embedding_files(bundles):
+    from loraforge_core import interop
+
+    ((stem, tensors),) = interop.export_embeddings(bundles["s1"]).items()
+    assert stem == "x1" and sorted(tensors) == ["clip_g", "clip_l"]
+    vectors = bundles["s1"].token_vectors()["<x1>"]
+    assert torch.equal(tensors["clip_l"][0], vectors[0])
+    assert torch.equal(tensors["clip_g"][0], vectors[1])

@@ -122,7 +122,13 @@ def random_lora_bundle(
     text_states = [peft_state(text) if text_encoder else None for text in texts]
     state = diffusers_lora_state(peft_state(unet), text_states[0], rank, rank, *text_states[1:])
     hidden = texts[0].config.hidden_size
-    embeddings = {token: torch.randn(hidden) * 0.4} if token else {}
+    vectors = [torch.randn(text.config.hidden_size) * 0.4 for text in texts] if token else []
+    embeddings: dict[str, torch.Tensor] = {}
+    if token and family.embedding_keys == ("",):
+        embeddings = {token: vectors[0]}
+    elif token:  # one row per token in each text encoder's matrix (Bundle.token_vectors)
+        keys = family.embedding_keys
+        embeddings = {k: v.reshape(1, -1) for k, v in zip(keys, vectors, strict=True)}
     manifest = Manifest(
         base_model=model, method="pti", tokens=[token] if token else [], rank=rank,
         alpha=rank, unet_target_modules=unet_targets,
