@@ -70,6 +70,35 @@ def test_tokens_must_be_the_embeddings_files(tmp_path, tokens, embeddings, compl
 
 
 @pytest.mark.parametrize(
+    ("embeddings", "complaint"),
+    [
+        ({"clip_l": torch.zeros(2, 4), "clip_g": torch.zeros(2, 8)}, None),  # two tokens, fine
+        ({"clip_l": torch.zeros(2, 4)}, "hold \\['clip_l', 'clip_g'\\]"),
+        ({"clip_l": torch.zeros(1, 4), "clip_g": torch.zeros(2, 8)}, "'clip_l' have shape"),
+        ({"clip_l": torch.zeros(2, 3), "clip_g": torch.zeros(2, 8)}, "'clip_l' have shape"),
+        ({"<s1>": torch.zeros(4), "<s2>": torch.zeros(4)}, "hold"),  # the SD layout
+    ],
+)
+def test_sdxl_tokens_are_a_row_per_token_in_clip_l_and_clip_g(tmp_path, embeddings, complaint):
+    m = manifest()
+    m.tokens, m.family = ["<s1>", "<s2>"], "sdxl"
+    stored = bundles.store_bundle(tmp_path, weights()[0], embeddings, m)
+    if complaint is None:
+        vectors = bundles.read_bundle(stored.path).token_vectors()
+        assert [len(v) for v in vectors.values()] == [2, 2] and vectors["<s2>"][1].shape == (8,)
+        return
+    with pytest.raises(BundleError, match=complaint):
+        bundles.read_bundle(stored.path)
+
+
+def test_a_bundle_of_a_family_this_loraforge_does_not_know_is_refused() -> None:
+    data = json.loads(manifest().to_json())
+    data["family"] = "flux"
+    with pytest.raises(BundleError, match=r"model family 'flux'.*upgrade loraforge"):
+        Manifest.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [("format_version", "9"), ("tokens", "<s1>"), ("tokens", [1]), ("rank", True),
      ("files", {"x": 1}), ("training_config", [])],
