@@ -154,3 +154,21 @@ def test_sdxl_tokens_export_as_clip_l_and_clip_g_embedding_files(bundles):
     vectors = bundles["s1"].token_vectors()["<x1>"]
     assert torch.equal(tensors["clip_l"][0], vectors[0])
     assert torch.equal(tensors["clip_g"][0], vectors[1])
+
+
+def test_sdxl_img2img_equals_stock_diffusers_with_the_adapter(engine, stock):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from loraforge_core import toyworld
+
+    init = toyworld.render("green", "square")
+    request = spec(PROMPTS["s1"], [("s1", 0.9, None)], 6)
+    request.init_image, request.strength = init, 0.6
+    ours = pixels(engine.generate(request))
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(stock)
+    pipe.set_adapters(["s1"], [{"unet": 0.9, "text_encoder": 0.9, "text_encoder_2": 0.9}])
+    image = pipe(
+        PROMPTS["s1"], image=init, strength=0.6, num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(6),
+    ).images[0]  # fmt: skip
+    assert np.abs(ours - np.asarray(image, dtype=np.float32) / 255).mean() <= 1e-3
