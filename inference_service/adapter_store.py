@@ -37,6 +37,7 @@ class AdapterEntry:
     sha256: str
     has_lora: bool
     has_text_encoder: bool
+    family: str  # loraforge_core.families name
     pinned: bool = False
     resident: bool = False
     peft_name: str = ""  # the name its weights have in the peft layers (a slot, or its own)
@@ -174,4 +175,5 @@ class AdapterStore:
             tokens=manifest.tokens, embeddings=bundle.token_vectors(), rank=manifest.rank,
             size_bytes=bundle.size_bytes(), sha256=bundle.sha256(), has_lora=bool(lora_keys),
             has_text_encoder=any(k.startswith("text_encoder") for k in lora_keys),
+            family=manifest.family,
         )  # fmt: skip

@@ -97,7 +97,7 @@ def adapter_to_proto(entry: AdapterEntry) -> generator_pb2.AdapterInfo:
         adapter_id=entry.adapter_id, rank=entry.rank, tokens=entry.tokens,
         size_bytes=entry.size_bytes, sha256=entry.sha256, resident=entry.resident,
         pinned=entry.pinned, source_format=entry.source_format,
-        has_text_encoder=entry.has_text_encoder,
+        has_text_encoder=entry.has_text_encoder, family=entry.family,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from loraforge_core.files import file_lock
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
 RANDOM_TINY_NAMES = ("tiny-random", "loraforge/tiny-random")
@@ -123,8 +123,10 @@ def build_pipeline(
         text_encoder = _text_encoder(CLIPTextModel, architecture["text_encoder"], tokenizer,
                                      vocab_size)  # fmt: skip
         second = architecture.get("text_encoder_2")
-        text_encoder_2 = second and _text_encoder(
-            CLIPTextModelWithProjection, second, tokenizer, vocab_size
+        text_encoder_2 = (
+            _text_encoder(CLIPTextModelWithProjection, second, tokenizer, vocab_size)
+            if second
+            else None
         )
         unet = UNet2DConditionModel(**architecture["unet"])
         vae = AutoencoderKL(**architecture["vae"])
@@ -236,7 +238,7 @@ def resolve_model(name_or_path: str | None) -> str:
 
 def load_pipeline(
     name_or_path: str | None, *, device: torch.device | str = "cpu", dtype: Any = None
-) -> StableDiffusionPipeline:
+) -> DiffusionPipeline:
     """Load a text-to-image pipeline of the model's family with the real loading code
     (``from_pretrained``); FailedPrecondition for a family loraforge does not serve."""
     import diffusers

@@ -84,7 +84,9 @@ def test_cli_trains_watches_downloads_and_generates(servers, images, tmp_path):
     assert (folder / "manifest.json").is_file()
     loaded = cli(servers, "adapters", "load", "mine", str(folder))
     assert "<s1>" in loaded.stdout
-    assert "mine" in cli(servers, "adapters", "ls").stdout
+    header, *rows = cli(servers, "adapters", "ls").stdout.splitlines()
+    assert header.split()[4] == "FAMILY"
+    assert any(row.split()[0] == "mine" and row.split()[4] == "sd" for row in rows)
     out = cli(
         servers,
         "generate",

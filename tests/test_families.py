@@ -77,5 +77,6 @@ def test_the_generator_serves_an_sdxl_model(tiny_sdxl: Path, tmp_path: Path) -> 
         GeneratorClient(server.target) as client,
     ):
         client.load_adapter("xl", bundle.path)
+        assert [(a.adapter_id, a.family) for a in client.list_adapters()] == [("xl", "sdxl")]
         images = client.generate("a red circle", adapters=[("xl", 0.8)], steps=2, seed=3)
         assert len(images) == 1 and images[0].width == 32

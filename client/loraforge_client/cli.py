@@ -221,12 +221,13 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             print(f"{args.adapter_id}: unloaded")
         else:
             print(
-                f"{'ADAPTER':24s} {'RESIDENT':8s} {'PINNED':6s} {'RANK':>4s} {'FORMAT':11s} TOKENS"
+                f"{'ADAPTER':24s} {'RESIDENT':8s} {'PINNED':6s} {'RANK':>4s} {'FAMILY':6s} "
+                f"{'FORMAT':11s} TOKENS"
             )
             for a in client.list_adapters():
                 print(
                     f"{a.adapter_id:24s} {a.resident!s:8s} {a.pinned!s:6s} {a.rank:4d} "
-                    f"{a.source_format:11s} {' '.join(a.tokens)}"
+                    f"{a.family:6s} {a.source_format:11s} {' '.join(a.tokens)}"
                 )
     return 0
 

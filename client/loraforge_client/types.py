@@ -171,6 +171,7 @@ class AdapterInfo:
     resident: bool
     pinned: bool
     source_format: str
+    family: str = ""  # the model family it was made for: sd | sdxl
 
     @classmethod
     def from_proto(cls, a: generator_pb2.AdapterInfo) -> AdapterInfo:
@@ -183,6 +184,7 @@ class AdapterInfo:
             a.resident,
             a.pinned,
             a.source_format,
+            a.family,
         )
 
 

@@ -281,6 +281,7 @@ class AdapterInfo(_message.Message):
     PINNED_FIELD_NUMBER: _builtins.int
     SOURCE_FORMAT_FIELD_NUMBER: _builtins.int
     HAS_TEXT_ENCODER_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     rank: _builtins.int
     size_bytes: _builtins.int
@@ -290,6 +291,8 @@ class AdapterInfo(_message.Message):
     source_format: _builtins.str
     """bundle | diffusers | kohya | lora_diffusion"""
     has_text_encoder: _builtins.bool
+    family: _builtins.str
+    """The model family the adapter was made for, which is the serving model's: sd | sdxl."""
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -304,10 +307,11 @@ class AdapterInfo(_message.Message):
         pinned: _builtins.bool = ...,
         source_format: _builtins.str = ...,
         has_text_encoder: _builtins.bool = ...,
+        family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "has_text_encoder", b"has_text_encoder", "pinned", b"pinned", "rank", b"rank", "resident", b"resident", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_format", b"source_format", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "family", b"family", "has_text_encoder", b"has_text_encoder", "pinned", b"pinned", "rank", b"rank", "resident", b"resident", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_format", b"source_format", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
