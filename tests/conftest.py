@@ -26,6 +26,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL (random weights), built locally like the tiny SD."""
+    from loraforge_core.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> Iterator:
     """One PostgreSQL cluster for the run; tests take fresh databases from it. Its folder is
     outside pytest's (root-only) temporary tree: the server runs as the postgres user."""

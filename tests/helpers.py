@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -34,3 +36,12 @@ def random_bundle(
     from trainer_service.training.lora import random_lora_bundle
 
     return random_lora_bundle(model, root, seed=seed, token=token, text_encoder=text_encoder)
+
+
+def write_flux_index(folder: Path) -> Path:
+    """A model folder whose index says FLUX.1, a family loraforge does not run (the refusal
+    reads nothing else)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.36.0"}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder

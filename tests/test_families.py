@@ -4,33 +4,18 @@ the supported ones (an SDXL folder used to start the generator, which then answe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from loraforge_core import families
 from loraforge_core.launch import ServerProcess
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from loraforge_core.models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+from tests.helpers import write_flux_index
 
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_flux_index(tmp_path_factory.mktemp("models") / "flux")
-
-
-def write_flux_index(folder: Path) -> Path:
-    """A folder whose index says FLUX.1 (the refusal reads nothing else)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.36.0"}
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
 
 
 def test_the_family_comes_from_the_model_folder(tiny_model: Path, tiny_sdxl: Path) -> None:

@@ -17,16 +17,11 @@ from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import LORA_FILE, pack
 from loraforge_core.errors import FailedPrecondition
-from loraforge_core.models import load_pipeline, save_tiny_model
+from loraforge_core.models import load_pipeline
 from trainer_service.training.lora import random_lora_bundle
 
 PROMPTS = {"s1": "a <x1> circle", "s2": "a green <x2>", "base": "a blue triangle"}
 STEPS, GUIDANCE = 4, 5.0
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
 
 
 @pytest.fixture(scope="module")
