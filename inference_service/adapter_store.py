@@ -73,7 +73,7 @@ class AdapterStore:
         self.cache = None
         if objects is not None and objects.local_root is None:
             self.cache = BundleCache(objects, self.store_dir / "artifacts", cache_bytes, in_use)
-        self.family = families.family_of_class(type(pipe).__name__)
+        self.family = families.of_pipeline(pipe)
         self.text_hidden = int(pipe.text_encoder.config.hidden_size)
         self.cross_dim = int(pipe.unet.config.cross_attention_dim)
 

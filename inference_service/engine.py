@@ -53,7 +53,7 @@ class GeneratorEngine:
         compile_backend: str | None = None,
     ) -> None:  # fmt: skip
         self.pipe = pipe
-        self.family = families.family_of_class(type(pipe).__name__)
+        self.family = families.of_pipeline(pipe)
         self._mode_pipes = {"txt2img": pipe}  # img2img and inpainting share its modules
         # An inpainting model's UNet takes the mask and the masked image (9 channels).
         self.inpainting_base = int(pipe.unet.config.in_channels) == 9
@@ -216,7 +216,7 @@ class GeneratorEngine:
         for column in unet_scales.values():
             column += [0.0] * (len(generators) - len(column))
         embeddings = {  # unguided: no negative embeddings at all
-            name: torch.cat(tensors) if tensors[0] is not None else None  # type: ignore[misc]
+            name: torch.cat(tensors) if tensors[0] is not None else None
             for name, tensors in outputs.items()
         }
         return embeddings, generators, unet_scales

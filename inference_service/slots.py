@@ -50,7 +50,7 @@ class SlotPool:
     def _create(self, slot: str) -> None:
         zeros: dict[str, torch.Tensor] = {}
         modules: list[tuple[str, str]] = []
-        for component in families.family_of_class(type(self.pipe).__name__).components:
+        for component in families.of_pipeline(self.pipe).components:
             targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
             for name, linear in _targeted(getattr(self.pipe, component), targets):
                 zeros[f"{component}.{name}.lora_A.weight"] = torch.zeros(
@@ -137,7 +137,7 @@ class TokenPool:
     CHUNK = 16
 
     def __init__(self, pipe: Any) -> None:
-        family = families.family_of_class(type(pipe).__name__)
+        family = families.of_pipeline(pipe)
         # Each text encoder with its tokenizer; a token has one name in all of them.
         pairs = zip(family.tokenizers, family.text_encoders, strict=True)
         self.encoders = [(getattr(pipe, t), getattr(pipe, e)) for t, e in pairs]

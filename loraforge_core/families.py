@@ -2,10 +2,11 @@
 
 A family is recognised from its folder's ``model_index.json`` (the pipeline class diffusers
 saved it with) and says what the rest of the code needs to know about it: its pipelines per
-mode, its text encoders, where LoRA goes by default, how learned tokens are stored in A1111 and
-ComfyUI embedding files, and kohya's key prefixes. The trainer, the generator, the bundle and
-interop ask the family; nothing else branches on it. A family lists the services that run it
-end to end; a service refuses a model of any other family when it is named, naming it.
+mode, its text encoders, what its prompt encoding returns, how learned tokens are stored in
+A1111 and ComfyUI embedding files, and kohya's key prefixes. The trainer, the generator, the
+bundle and interop ask the family; nothing else branches on it. A family lists the services
+that run it end to end; a service refuses a model of any other family when it is named,
+naming it.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ def family_of_class(class_name: str) -> Family:
             return family
     title = _KNOWN_UNSERVED.get(class_name, class_name.removesuffix("Pipeline") or "unknown")
     return Family(name=class_name, title=title, pipelines={"txt2img": class_name})
+
+
+def of_pipeline(pipe: Any) -> Family:
+    """The family of a loaded diffusers pipeline."""
+    return family_of_class(type(pipe).__name__)
 
 
 def read_model_index(name_or_path: str, *, local_only: bool = False) -> dict[str, Any] | None:

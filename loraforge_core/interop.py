@@ -70,10 +70,6 @@ def _kohya_module(family: families.Family, component: str, module: str) -> str:
     return family.kohya_prefixes[component] + module.replace(".", "_")
 
 
-def _pipe_family(pipe: Any) -> families.Family:
-    return families.family_of_class(type(pipe).__name__)
-
-
 def export_kohya(
     bundle: Bundle, *, bundle_embeddings: bool = False, name: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -227,7 +223,7 @@ def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
     """An adapter loaded into the pipeline's peft layers, read back with its scaling folded
     into B (so alpha == rank), in our bundle's key format."""
     state: dict[str, torch.Tensor] = {}
-    for component in _pipe_family(pipe).components:
+    for component in families.of_pipeline(pipe).components:
         model = getattr(pipe, component)
         for name, module in model.named_modules():
             lora_a = getattr(module, "lora_A", None)
@@ -243,7 +239,8 @@ def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
 
 def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
     """Refuse, naming the first mismatch, a LoRA whose shapes do not fit this model."""
-    modules = {c: dict(getattr(pipe, c).named_modules()) for c in _pipe_family(pipe).components}
+    components = families.of_pipeline(pipe).components
+    modules = {c: dict(getattr(pipe, c).named_modules()) for c in components}
     for key, value in lora.items():
         match = ANY_LORA_KEY.match(key)
         processor = PROCESSOR_KEY.match(key)
@@ -277,7 +274,7 @@ def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
 
 def discard_adapter(pipe: Any, adapter_name: str) -> None:
     """Remove whatever part of an adapter got injected (a failed load never lingers)."""
-    for name in _pipe_family(pipe).components:
+    for name in families.of_pipeline(pipe).components:
         if adapter_name in (getattr(getattr(pipe, name), "peft_config", None) or {}):
             pipe.delete_adapters(adapter_name)
             return
@@ -344,7 +341,7 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
                                             for k in lora if k.startswith("text_encoder")}),
         global_step=0, text_hidden_size=int(hidden),
         cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
-        family=_pipe_family(pipe).name,
+        family=families.of_pipeline(pipe).name,
         training_config={"imported_from": path.name, "source_format": kind,
                          "source_metadata": metadata},
     )  # fmt: skip
