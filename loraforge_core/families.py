@@ -27,7 +27,12 @@ class Family:
     # is one of them
     pipelines: dict[str, str]
     text_encoders: tuple[str, ...] = ("text_encoder",)
+    # transformers class of each text encoder
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)
     tokenizers: tuple[str, ...] = ("tokenizer",)
+    # Which hidden states of each text encoder the UNet reads: None, its output (after the
+    # final layer norm); -2, the penultimate layer's, side by side over the encoders (SDXL).
+    text_hidden_layer: int | None = None
     # An A1111/ComfyUI embedding file's key per text encoder ("" : the one-tensor form).
     embedding_keys: tuple[str, ...] = ("",)
     # kohya/A1111 LoRA key prefix per component.
@@ -42,6 +47,12 @@ class Family:
     def components(self) -> tuple[str, ...]:
         """The modules LoRA can adapt: the UNet, then each text encoder."""
         return ("unet", *self.text_encoders)
+
+    @property
+    def micro_conditioned(self) -> bool:
+        """Whether the UNet also takes the pooled text embedding and the image's size and
+        crop (SDXL's ``added_cond_kwargs``: ``text_embeds`` and ``time_ids``)."""
+        return "pooled_prompt_embeds" in self.prompt_outputs
 
 
 SD = Family(
@@ -65,7 +76,9 @@ SDXL = Family(
         "inpaint": "StableDiffusionXLInpaintPipeline",
     },
     text_encoders=("text_encoder", "text_encoder_2"),
+    text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     tokenizers=("tokenizer", "tokenizer_2"),
+    text_hidden_layer=-2,
     embedding_keys=("clip_l", "clip_g"),
     kohya_prefixes={
         "unet": "lora_unet_",
@@ -78,7 +91,7 @@ SDXL = Family(
         "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds",
     ),
-    services=frozenset({"generator"}),
+    services=frozenset({"generator", "trainer"}),
     kohya_model_version="sdxl_base_v1-0",
 )
 

@@ -28,7 +28,6 @@ from trainer_service.training.data import InstanceExample, TrainingData, bucket_
 from trainer_service.training.engine import RunPaths, Trainer
 from trainer_service.training.loss import prediction_loss
 from trainer_service.training.masks import face_mask, loss_weights
-from trainer_service.training.models import encode_prompts
 
 QUICK = dict(max_train_steps_ti=2, max_train_steps_tuning=2, save_steps=100, seed=0,
              gradient_accumulation_steps=1)  # fmt: skip
@@ -231,7 +230,7 @@ def learned_where(tmp_path: Path, masked: bool) -> float:
     trainer.run()
     unet, model = trainer.model.unet, trainer.model
     latents = trainer.data.latent_cache[0][0][None] * model.vae.config.scaling_factor
-    hidden = encode_prompts(model.tokenizer, model.text_encoder, ["a sks circle"])
+    hidden = model.encode(["a sks circle"]).hidden
     weights = (
         torch.nn.functional.interpolate(
             torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None, None],

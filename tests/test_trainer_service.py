@@ -136,6 +136,22 @@ def test_pti_job_streams_ordered_events_and_yields_a_loadable_bundle(
     assert np.abs(render() - base).mean() > 1e-3
 
 
+def test_an_sdxl_job_trains_with_previews_and_yields_an_sdxl_bundle(
+    stub, tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    request = job_request("sdxl-job", validation_prompt="a photo of a <s1>")
+    request.base_model = str(tiny_sdxl)
+    job = stub.CreateJob(request, timeout=30)
+    events = watch_all(stub, job.job_id)
+    final = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id))
+    assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.failure_reason
+    previews = [e.preview for e in events if e.WhichOneof("kind") == "preview"]
+    assert previews and previews[0].image.data.startswith(b"\x89PNG")
+    bundle = read_bundle(download(stub, final.final_artifact_id, tmp_path / "bundle"))
+    assert bundle.manifest.family == "sdxl"
+    assert sorted(bundle.embeddings()) == ["clip_g", "clip_l"]
+
+
 def test_reconnecting_after_a_sequence_gives_exactly_the_missed_events(stub) -> None:
     job = stub.CreateJob(job_request(), timeout=30)
     stream = stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300)

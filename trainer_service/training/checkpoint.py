@@ -1,9 +1,10 @@
 """Training state for resume: one object, saved and loaded in one place.
 
 A checkpoint holds what a resumed run needs to continue as the uninterrupted one would: the
-step and phase, the seed, the learned token rows, the LoRA weights, the optimizer and LR
-schedule states and the torch RNG. It is written to a temporary file, fsynced and renamed
-(``step-0000100.pt`` in the job's checkpoints folder), and loaded with ``weights_only=True``.
+step and phase, the seed, the learned token rows (per text encoder), the LoRA weights (per
+component), the optimizer and LR schedule states and the torch RNG. It is written to a
+temporary file, fsynced and renamed (``step-0000100.pt`` in the job's checkpoints folder), and
+loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ class TrainingState:
     global_step: int
     phase: str  # inversion | tuning
     seed: int
-    embeddings: torch.Tensor  # the learned tokens' rows, in config order
-    unet_lora: dict[str, torch.Tensor]
-    text_lora: dict[str, torch.Tensor]
+    embeddings: list[torch.Tensor]  # per text encoder, the learned tokens' rows in order
+    lora: dict[str, dict[str, torch.Tensor]]  # component (unet, text_encoder...) -> peft state
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     torch_rng: torch.Tensor
@@ -47,6 +47,11 @@ class TrainingState:
     @classmethod
     def load(cls, path: Path) -> TrainingState:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if "unet_lora" in state:  # written before SDXL: one text encoder
+            state["lora"] = {"unet": state.pop("unet_lora"),
+                             "text_encoder": state.pop("text_lora")}  # fmt: skip
+            rows = state["embeddings"]
+            state["embeddings"] = [rows] if rows.numel() else []
         return cls(**state)
 
     @staticmethod

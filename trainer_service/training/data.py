@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from trainer_service.training.masks import loss_weights, random_holes
 
 if TYPE_CHECKING:
+    from loraforge_core.families import Family
     from trainer_service.config import TrainingConfig
 
 OBJECT_TEMPLATES = (
@@ -101,6 +102,25 @@ def _pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def size_and_crop(image_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's micro-conditioning of an image ``image_size`` (width, height) cut to ``size`` as
+    ``_pixels`` cuts it: (original height, original width, crop top, crop left, target height,
+    target width), the crop's corner in the resized image (diffusers' SDXL training scripts)."""
+    (width, height), (target_w, target_h) = image_size, size
+    scale = max(target_w / width, target_h / height)
+    top = round((height * scale - target_h) / 2)
+    left = round((width * scale - target_w) / 2)
+    return torch.tensor([height, width, top, left, target_h, target_w], dtype=torch.float32)
+
+
+def mirrored(time_ids: torch.Tensor) -> torch.Tensor:
+    """The micro-conditioning of an image flipped left to right after its crop: the crop's
+    left edge counted from the other side."""
+    height, width, top, left, target_h, target_w = time_ids.tolist()
+    resized_width = round(width * max(target_w / width, target_h / height))
+    return torch.tensor([height, width, top, resized_width - target_w - left, target_h, target_w])
+
+
 def _mask(mask: Image.Image | None, size: tuple[int, int]) -> torch.Tensor:
     """A loss mask cut like its image, in [0, 1], [1, H, W]; no mask: all subject."""
     if mask is None:
@@ -150,6 +170,7 @@ class Batch:
     captions: list[str]
     weights: torch.Tensor | None = None
     conditioning: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None  # [B, 6]: ``size_and_crop`` of each image
 
 
 class TrainingData:
@@ -177,10 +198,12 @@ class TrainingData:
         ]  # fmt: skip
         pixels = [_pixels(e.image, size) for e, size in zip(examples, sizes, strict=True)]
         masks = [_mask(e.mask, size) for e, size in zip(examples, sizes, strict=True)]
+        time_ids = [size_and_crop(e.image.size, s) for e, s in zip(examples, sizes, strict=True)]
         if config.random_flip:
             pixels += [p.flip(-1) for p in pixels]
             masks += [m.flip(-1) for m in masks]
-        self.pixels, self.masks = pixels, masks
+            time_ids += [mirrored(t) for t in time_ids]
+        self.pixels, self.masks, self.time_ids = pixels, masks, time_ids
         self.masked = any(e.mask is not None for e in examples)
         self.shapes = [tuple(p.shape[-2:]) for p in pixels]  # (height, width) of each
         self.latent_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -209,7 +232,8 @@ class TrainingData:
                 pixels = torch.stack([color_jitter(p, generator) for p in pixels])
             with torch.no_grad():
                 latents = self.vae.encode(pixels.to(self.device)).latent_dist.sample()
-        batch = Batch(latents * self.vae.config.scaling_factor, captions)
+        time_ids = torch.stack([self.time_ids[i] for i in index]).to(self.device)
+        batch = Batch(latents * self.vae.config.scaling_factor, captions, time_ids=time_ids)
         if self.masked:
             masks = torch.stack([self.masks[i] for i in index]).to(self.device)
             batch.weights = loss_weights(masks, latents.shape[-2:], config.mask_temperature)
@@ -261,20 +285,25 @@ class TrainingData:
         with torch.no_grad():
             dist = self.vae.encode(self.class_pixels[index].to(self.device)).latent_dist
         latents = dist.mean * self.vae.config.scaling_factor
-        return Batch(latents, [self.config.class_prompt] * size)
+        height, width = self.class_pixels.shape[-2:]
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * size, dtype=torch.float32)
+        return Batch(latents, [self.config.class_prompt] * size, time_ids=time_ids.to(self.device))
 
 
 def generate_class_images(
-    model_path: str, config: TrainingConfig, resolution: int, seed: int, device: torch.device,
-    vae: Any,
+    model_path: str, family: Family, config: TrainingConfig, resolution: int, seed: int,
+    device: torch.device, vae: Any,
 ) -> torch.Tensor:  # fmt: skip
-    """Prior-preservation images of the class prompt, drawn by the base model (at the
-    configured revision, with the VAE that training uses)."""
-    from diffusers import StableDiffusionPipeline
+    """Prior-preservation images of the class prompt, drawn by the base model through its
+    family's pipeline, in float32 (at the configured revision, with the VAE that training
+    uses); the pipeline is dropped afterwards."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, revision=config.revision or None, vae=vae, safety_checker=None,
-        requires_safety_checker=False,
+    cls = getattr(diffusers, family.pipelines["txt2img"])
+    extra = {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(
+        model_path, revision=config.revision or None, vae=vae,
+        **(extra if "safety_checker" in cls._optional_components else {}),
     ).to(device)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)

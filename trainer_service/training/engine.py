@@ -5,7 +5,7 @@ Follows cloneofsimo/lora's ``lora_pti``:
 - Phase 1 (textual inversion): only the rows of the new tokens learn (tokens.py). Timesteps are
   drawn from the first 80% of the schedule, and gradients accumulate over
   ``gradient_accumulation_steps`` micro-steps.
-- Phase 2 (tuning): peft LoRA on the UNet (and the text encoder with ``train_text_encoder``),
+- Phase 2 (tuning): peft LoRA on the UNet (and the text encoders with ``train_text_encoder``),
   one learning rate per group, optional continued inversion, gradient clipping, all timesteps.
 
 A step is one micro-batch, as in lora_pti. The loss is loss.py's. accelerate handles the
@@ -53,7 +53,7 @@ from trainer_service.training.data import (
 )
 from trainer_service.training.loss import add_noise, prediction_loss
 from trainer_service.training.masks import face_mask
-from trainer_service.training.models import BaseModel, encode_prompts
+from trainer_service.training.models import BaseModel, unet_conditioning
 from trainer_service.training.progress import StepRate, eta_seconds
 from trainer_service.training.tokens import PlaceholderTokens
 
@@ -177,6 +177,7 @@ class Trainer:
         self.emit(Log("info", f"generating {config.num_class_images} class images"))
         return generate_class_images(
             self.model.path,
+            self.model.family,
             config,
             self.resolution,
             self.seed,
@@ -186,7 +187,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- loss
     def _loss(
-        self, unet: Any, text_encoder: Any, batch: Batch, generator: torch.Generator,
+        self, unet: Any, text_encoders: list[Any], batch: Batch, generator: torch.Generator,
         t_fraction: float,
     ) -> torch.Tensor:  # fmt: skip
         scheduler = self.model.noise_scheduler
@@ -195,22 +196,22 @@ class Trainer:
         if batch.conditioning is not None:  # an inpainting UNet's mask and masked image
             noisy = torch.cat([noisy, batch.conditioning], dim=1)
         with self.accelerator.autocast():
-            hidden = encode_prompts(
-                self.model.tokenizer, text_encoder, batch.captions, self.accelerator.device
+            conditioning = unet_conditioning(
+                self.model.encode(batch.captions, text_encoders), batch.time_ids
             )
-            prediction = unet(noisy.to(self.model.weight_dtype), timesteps, hidden).sample
+            prediction = unet(noisy.to(self.model.weight_dtype), timesteps, **conditioning).sample
         return prediction_loss(
             prediction, scheduler, latents, noise, timesteps, self.config.snr_gamma,
             weights=batch.weights,
         )  # fmt: skip
 
-    def _step_loss(self, unet: Any, text_encoder: Any, t_fraction: float) -> torch.Tensor:
+    def _step_loss(self, unet: Any, text_encoders: list[Any], t_fraction: float) -> torch.Tensor:
         """The loss of the current step's micro-batch (plus the prior-preservation term)."""
         generator = _step_generator(self.seed, self.rank, self.global_step)
-        loss = self._loss(unet, text_encoder, self.data.batch(generator), generator, t_fraction)
+        loss = self._loss(unet, text_encoders, self.data.batch(generator), generator, t_fraction)
         if self.data.class_pixels is not None:
             prior = self._loss(
-                unet, text_encoder, self.data.class_batch(generator), generator, t_fraction
+                unet, text_encoders, self.data.class_batch(generator), generator, t_fraction
             )
             loss = loss + self.config.prior_loss_weight * prior
         return loss
@@ -254,19 +255,23 @@ class Trainer:
             raise StopRequested()
 
     # ---------------------------------------------------------------- checkpoints and bundles
-    def _lora_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The peft LoRA weights of the UNet and the text encoder (empty before phase 2)."""
-        return lora.peft_state(self.model.unet), lora.peft_state(self.model.text_encoder)
+    def _components(self) -> dict[str, Any]:
+        """The modules LoRA can adapt, by the family's names (unet, text_encoder...)."""
+        modules = [self.model.unet, *self.model.text_encoders]
+        return dict(zip(self.model.family.components, modules, strict=True))
+
+    def _lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The peft LoRA weights of each component (empty before phase 2)."""
+        return {name: lora.peft_state(module) for name, module in self._components().items()}
 
     def _save_checkpoint(self, phase: str, optimizer: Any, scheduler: Any) -> None:
         """Training state (atomic) and a bundle artifact of the weights so far."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
             started = time.perf_counter()
-            unet_lora, text_lora = self._lora_states()
             TrainingState(
                 global_step=self.global_step, phase=phase, seed=self.seed,
-                embeddings=self.tokens.rows(), unet_lora=unet_lora, text_lora=text_lora,
+                embeddings=self.tokens.rows(), lora=self._lora_states(),
                 optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
                 torch_rng=torch.get_rng_state(),
             ).save(self.paths.checkpoints)  # fmt: skip
@@ -299,9 +304,15 @@ class Trainer:
                              "trained_alpha": config.effective_alpha,
                              "num_processes": self.accelerator.num_processes},
             base_model_revision=config.revision,
+            family=self.model.family.name,
         )  # fmt: skip
+        states = self._lora_states()
         lora_state = lora.diffusers_lora_state(
-            *self._lora_states(), config.lora_rank, config.effective_alpha
+            states["unet"],
+            states["text_encoder"],
+            config.lora_rank,
+            config.effective_alpha,
+            states.get("text_encoder_2"),
         )
         return store_bundle(self.paths.artifacts, lora_state, self.tokens.learned(), manifest)
 
@@ -332,25 +343,27 @@ class Trainer:
         steps = config.inversion_steps
         if steps == 0 or self.global_step >= steps:
             return
-        embedding = self.model.embedding_weight()
-        embedding.requires_grad_(True)
+        embeddings = self.model.embedding_weights()  # every encoder's: SDXL learns in both
+        for embedding in embeddings:
+            embedding.requires_grad_(True)
         optimizer = torch.optim.AdamW(
-            [embedding], lr=self._lr(config.learning_rate_ti), weight_decay=config.weight_decay_ti
+            embeddings, lr=self._lr(config.learning_rate_ti), weight_decay=config.weight_decay_ti
         )
         accumulation = config.gradient_accumulation_steps
         # The schedule counts optimizer steps (one per accumulation window).
         scheduler = self._scheduler(
             optimizer, math.ceil(steps / accumulation), config.lr_scheduler, config.lr_warmup_steps
         )
-        (text_encoder,), optimizer, scheduler = self._prepare(
-            [self.model.text_encoder], optimizer, scheduler, resume
+        text_encoders, optimizer, scheduler = self._prepare(
+            self.model.text_encoders, optimizer, scheduler, resume
         )
-        text_encoder.train()
+        for text_encoder in text_encoders:
+            text_encoder.train()
         self._phase_started("inversion", steps)
         while self.global_step < steps:
             self._check_stop()
             self.global_step += 1
-            loss = self._step_loss(self.model.unet, text_encoder, INVERSION_TIMESTEP_FRACTION)
+            loss = self._step_loss(self.model.unet, text_encoders, INVERSION_TIMESTEP_FRACTION)
             self.accelerator.backward(loss / accumulation)
             lr = scheduler.get_last_lr()[0]
             if self.global_step % accumulation == 0 or self.global_step == steps:
@@ -360,33 +373,31 @@ class Trainer:
                 scheduler.step()
             self._progress("inversion", self.global_step, steps, loss.item(), lr)
             self._after_step("inversion", optimizer, scheduler)
-        embedding.requires_grad_(False)
+        for embedding in embeddings:
+            embedding.requires_grad_(False)
         self.accelerator.free_memory()
 
     def _add_lora(self) -> list[dict[str, Any]]:
-        """peft LoRA on the UNet (and the text encoder): the optimizer's parameter groups."""
+        """peft LoRA on the UNet (and every text encoder): the optimizer's parameter groups."""
         config = self.config
-        unet, text_encoder = self.model.unet, self.model.text_encoder
+        unet, text_encoders = self.model.unet, self.model.text_encoders
         lora.add_unet_lora(unet, lora.lora_config(
             config.lora_rank, config.effective_alpha, config.unet_lora_targets,
             config.lora_dropout,
         ))  # fmt: skip
         if config.train_text_encoder:
-            lora.add_text_encoder_lora(text_encoder, lora.lora_config(
-                config.lora_rank, config.effective_alpha, config.lora_clip_target_modules,
-                config.lora_dropout,
-            ))  # fmt: skip
+            for text_encoder in text_encoders:
+                lora.add_text_encoder_lora(text_encoder, lora.lora_config(
+                    config.lora_rank, config.effective_alpha, config.lora_clip_target_modules,
+                    config.lora_dropout,
+                ))  # fmt: skip
+        text_params = [p for encoder in text_encoders for p in lora.lora_parameters(encoder)]
         # LoRA weights train in fp32 whatever the frozen weights' dtype.
-        for param in lora.lora_parameters(unet) + lora.lora_parameters(text_encoder):
+        for param in lora.lora_parameters(unet) + text_params:
             param.data = param.data.float()
         groups = [{"params": lora.lora_parameters(unet), "lr": self._lr(config.learning_rate_unet)}]
         if config.train_text_encoder:
-            groups.append(
-                {
-                    "params": lora.lora_parameters(text_encoder),
-                    "lr": self._lr(config.learning_rate_text),
-                }
-            )
+            groups.append({"params": text_params, "lr": self._lr(config.learning_rate_text)})
         return groups
 
     def _run_tuning(self, resume: TrainingState | None) -> None:
@@ -398,29 +409,31 @@ class Trainer:
             torch.manual_seed(self.seed)  # so the seed decides the initial LoRA too
             groups = self._add_lora()
         if resume is not None:
-            lora.load_peft_state(self.model.unet, resume.unet_lora)
-            if config.train_text_encoder:
-                lora.load_peft_state(self.model.text_encoder, resume.text_lora)
+            for name, module in self._components().items():
+                if name == "unet" or config.train_text_encoder:
+                    lora.load_peft_state(module, resume.lora[name])
         invert = config.continue_inversion and bool(self.tokens.ids)
         if invert:
-            embedding = self.model.embedding_weight()
-            embedding.requires_grad_(True)
+            embeddings = self.tokens.weights()
+            for embedding in embeddings:
+                embedding.requires_grad_(True)
             lr_ti = config.continue_inversion_lr or config.learning_rate_ti
-            groups.append({"params": [embedding], "lr": self._lr(lr_ti)})
+            groups.append({"params": embeddings, "lr": self._lr(lr_ti)})
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay_lora)
         scheduler = self._scheduler(optimizer, steps, *config.tuning_schedule)
         trains_text = config.train_text_encoder or invert
-        trained = [self.model.unet, self.model.text_encoder][: 2 if trains_text else 1]
+        trained = [self.model.unet, *(self.model.text_encoders if trains_text else [])]
         wrapped, optimizer, scheduler = self._prepare(trained, optimizer, scheduler, resume)
-        unet, text_encoder = wrapped[0], wrapped[1] if trains_text else self.model.text_encoder
+        unet, text_encoders = wrapped[0], wrapped[1:] or self.model.text_encoders
         unet.train()
-        text_encoder.train(trains_text)
+        for text_encoder in text_encoders:
+            text_encoder.train(trains_text)
         params = [p for group in groups for p in group["params"]]
         self._phase_started("tuning", steps)
         while self.global_step < offset + steps:
             self._check_stop()
             self.global_step += 1
-            loss = self._step_loss(unet, text_encoder, 1.0)
+            loss = self._step_loss(unet, text_encoders, 1.0)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 self.accelerator.clip_grad_norm_(params, config.max_grad_norm)

@@ -6,9 +6,10 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from trainer_service.training.data import to_tensor
+from loraforge_core import families
+from trainer_service.training.data import size_and_crop, to_tensor
 from trainer_service.training.loss import add_noise, prediction_loss
-from trainer_service.training.models import encode_prompts
+from trainer_service.training.models import encode_prompts, unet_conditioning
 
 
 @torch.no_grad()
@@ -32,6 +33,12 @@ def denoising_loss(
     generator = torch.Generator().manual_seed(seed)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     noise, timesteps, noisy = add_noise(scheduler, latents, generator)
-    hidden = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt] * samples, pipe.device)
-    prediction = pipe.unet(noisy, timesteps, hidden).sample
+    family = families.of_pipeline(pipe)
+    embeddings = encode_prompts(
+        family, [getattr(pipe, name) for name in family.tokenizers],
+        [getattr(pipe, name) for name in family.text_encoders], [prompt] * samples, pipe.device,
+    )  # fmt: skip
+    side = (resolution, resolution)
+    time_ids = size_and_crop(side, side).repeat(samples, 1).to(pipe.device)
+    prediction = pipe.unet(noisy, timesteps, **unet_conditioning(embeddings, time_ids)).sample
     return prediction_loss(prediction, scheduler, latents, noise, timesteps).item()

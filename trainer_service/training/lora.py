@@ -89,8 +89,8 @@ def random_lora_bundle(
     Made with the same injection and export code as training, for serving tests and benchmarks
     where what the adapter has learned does not matter.
     """
+    import transformers
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from loraforge_core import families
     from loraforge_core.bundle import Manifest, store_bundle
@@ -107,11 +107,9 @@ def random_lora_bundle(
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet_targets = [*DEFAULT_UNET_TARGETS, *(EXTENDED_UNET_TARGETS if extended else ())]
     add_unet_lora(unet, lora_config(rank, rank, unet_targets, 0.0))
-    texts = [
-        (CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection)
-        .from_pretrained(model, subfolder=name)
-        for name in family.text_encoders
-    ]  # fmt: skip
+    encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
+    texts = [getattr(transformers, kind).from_pretrained(model, subfolder=name)
+             for name, kind in encoders]  # fmt: skip
     if text_encoder:
         for text in texts:
             add_text_encoder_lora(text, lora_config(rank, rank, list(DEFAULT_CLIP_TARGETS), 0.0))

@@ -20,10 +20,19 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
+class PromptEmbeddings:
+    """What the UNet is conditioned on for a batch of prompts."""
+
+    hidden: torch.Tensor  # [B, tokens, cross-attention dim]
+    pooled: torch.Tensor | None = None  # [B, D] the last encoder's projection (SDXL)
+
+
+@dataclass
 class BaseModel:
     path: str
-    tokenizer: Any
-    text_encoder: Any
+    family: families.Family
+    tokenizers: list[Any]  # one per text encoder, in the family's order
+    text_encoders: list[Any]
     vae: Any
     unet: Any
     noise_scheduler: Any
@@ -36,36 +45,55 @@ class BaseModel:
     ) -> BaseModel:  # fmt: skip
         """The model's parts (at ``revision`` of its hub repository, when given), with the VAE
         from ``vae`` (a hub id or folder of an ``AutoencoderKL``) instead of its own if set."""
+        import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTokenizer
 
         path = resolve_model(name_or_path)
-        families.require_served(path, "trainer")
+        family = families.require_served(path, "trainer") or families.SD
         at = {"revision": revision or None}
+        encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
         model = cls(
             path=path,
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **at),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **at),
+            family=family,
+            tokenizers=[CLIPTokenizer.from_pretrained(path, subfolder=name, **at)
+                        for name in family.tokenizers],
+            text_encoders=[getattr(transformers, kind).from_pretrained(path, subfolder=name, **at)
+                           for name, kind in encoders],
             vae=AutoencoderKL.from_pretrained(vae) if vae
             else AutoencoderKL.from_pretrained(path, subfolder="vae", **at),
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **at),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **at),
             weight_dtype=DTYPES.get(accelerator.mixed_precision, torch.float32),
         )  # fmt: skip
-        for module in (model.text_encoder, model.vae, model.unet):
+        for module in (*model.text_encoders, model.vae, model.unet):
             module.requires_grad_(False)
         device = accelerator.device
         model.vae.to(device, dtype=torch.float32)
         model.unet.to(device, dtype=model.weight_dtype)
-        model.text_encoder.to(device)
+        for text_encoder in model.text_encoders:
+            text_encoder.to(device)
+            if checkpointing:
+                text_encoder.gradient_checkpointing_enable()
         if checkpointing:
             model.unet.enable_gradient_checkpointing()
-            model.text_encoder.gradient_checkpointing_enable()
         return model
 
     @property
+    def text_encoder(self) -> Any:
+        """The first (SD's only) text encoder."""
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
+
+    @property
     def native_resolution(self) -> int:
-        return int(self.vae.config.sample_size)
+        """The image side the UNet was trained at (SD 1.5: 512, SDXL: 1024): its latent side
+        times the VAE's factor (a replacement VAE's own ``sample_size`` may say otherwise)."""
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.sample_size) * vae_factor
 
     @property
     def size_step(self) -> int:
@@ -88,40 +116,115 @@ class BaseModel:
                 "train_inpainting, or train on a text-to-image base"
             )
 
-    def embedding_weight(self) -> torch.Tensor:
-        return self.text_encoder.get_input_embeddings().weight
+    def embedding_weights(self) -> list[torch.Tensor]:
+        """Each text encoder's token embedding matrix."""
+        return [encoder.get_input_embeddings().weight for encoder in self.text_encoders]
+
+    def encode(
+        self, prompts: list[str], text_encoders: list[Any] | None = None
+    ) -> PromptEmbeddings:
+        """The UNet's conditioning for ``prompts`` through ``text_encoders`` (accelerate's
+        wrappers of this model's encoders; these by default)."""
+        encoders = text_encoders or self.text_encoders
+        device = self.unet.device
+        return encode_prompts(self.family, self.tokenizers, encoders, prompts, device)
+
+    def pipeline(self, scheduler: Any) -> Any:
+        """The family's text-to-image pipeline around these very modules."""
+        import diffusers
+
+        cls = getattr(diffusers, self.family.pipelines["txt2img"])
+        parts = {
+            "vae": self.vae, "unet": self.unet, "scheduler": scheduler,
+            **dict(zip(self.family.text_encoders, self.text_encoders, strict=True)),
+            **dict(zip(self.family.tokenizers, self.tokenizers, strict=True)),
+        }  # fmt: skip
+        if "safety_checker" in cls._optional_components:
+            parts |= {"safety_checker": None, "feature_extractor": None,
+                      "requires_safety_checker": False}  # fmt: skip
+        pipe = cls(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     @torch.no_grad()
     def render(self, prompt: str, resolution: int, seed: int, steps: int = 20) -> Any:
         """One image of ``prompt`` with the weights as they are now (a training preview); the
-        modules' train/eval modes are left as they were."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        modules' train/eval modes are left as they were.
 
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            unet=self.unet, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        modes = self.unet.training, self.text_encoder.training
-        self.unet.eval()
-        self.text_encoder.eval()
+        The UNet runs in its own dtype under autocast (the text encoders stay float32); the
+        VAE decodes in float32, which SDXL's needs (fp16 overflows in it)."""
+        from diffusers import DDIMScheduler
+
+        pipe = self.pipeline(DDIMScheduler.from_config(self.noise_scheduler.config))
+        modules = [self.unet, *self.text_encoders]
+        modes = [module.training for module in modules]
+        for module in modules:
+            module.eval()
+        device = self.unet.device
+        mixed = self.weight_dtype != torch.float32
         try:
-            return pipe(
-                prompt, height=resolution, width=resolution, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed),
-            ).images[0]  # fmt: skip
+            with torch.autocast(device.type, dtype=self.weight_dtype, enabled=mixed):
+                latents = pipe(
+                    prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                    generator=torch.Generator().manual_seed(seed), output_type="latent",
+                ).images  # fmt: skip
+            return self.decode(latents)[0]
         finally:
-            self.unet.train(modes[0])
-            self.text_encoder.train(modes[1])
+            for module, mode in zip(modules, modes, strict=True):
+                module.train(mode)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Any]:
+        """Images of latents as the family's pipelines decode them, in float32."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        config = self.vae.config
+        latents = latents.float()
+        if getattr(config, "latents_mean", None) and getattr(config, "latents_std", None):
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        pixels = self.vae.decode(latents).sample
+        return VaeImageProcessor().postprocess(pixels, output_type="pil")
 
 
 def encode_prompts(
-    tokenizer: Any, text_encoder: Any, prompts: list[str], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """The text encoder's hidden states for prompts padded to the tokenizer's length."""
-    ids = tokenizer(
-        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids.to(device)  # fmt: skip
-    return text_encoder(ids)[0]
+    family: families.Family, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str],
+    device: torch.device | str = "cpu",
+) -> PromptEmbeddings:  # fmt: skip
+    """The UNet's conditioning for prompts padded to the tokenizers' length, as the family's
+    pipeline computes it (diffusers' ``encode_prompt``): SD, the text encoder's output; SDXL,
+    both encoders' penultimate hidden states side by side and the second's pooled projection.
+    """
+    hidden, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        ids = tokenizer(
+            prompts, padding="max_length", truncation=True,
+            max_length=tokenizer.model_max_length, return_tensors="pt",
+        ).input_ids.to(device)  # fmt: skip
+        if family.text_hidden_layer is None:
+            hidden.append(text_encoder(ids)[0])
+            continue
+        output = text_encoder(ids, output_hidden_states=True)
+        if output[0].ndim == 2:  # a projection model's pooled, projected embedding
+            pooled = output[0]
+        hidden.append(output.hidden_states[family.text_hidden_layer])
+    return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled if family.micro_conditioned else None)
+
+
+def unet_conditioning(
+    embeddings: PromptEmbeddings, time_ids: torch.Tensor | None
+) -> dict[str, Any]:
+    """The UNet's keyword arguments for a batch: the hidden states, and for a
+    micro-conditioned family the pooled embedding and the (original size, crop top-left,
+    target size) of each image, (height, width) each."""
+    kwargs: dict[str, Any] = {"encoder_hidden_states": embeddings.hidden}
+    if embeddings.pooled is not None:
+        if time_ids is None:
+            raise ValueError("a micro-conditioned UNet needs the images' sizes and crops")
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": embeddings.pooled, "time_ids": time_ids.to(embeddings.pooled),
+        }  # fmt: skip
+    return kwargs

@@ -1,11 +1,15 @@
-"""The placeholder tokens of pivotal tuning: new rows in the text encoder's embedding.
+"""The placeholder tokens of pivotal tuning: new rows in each text encoder's embedding.
 
-Only these rows learn: after each optimizer step every other row is restored, and with
-``clip_ti_decay`` each new row's norm is pulled toward 0.4 with strength min(1, 100 * lr), as
-lora_pti does.
+A token is added to every tokenizer of the model and gets a row in every text encoder (SDXL:
+a 768-wide one in CLIP-L and a 1280-wide one in CLIP-G, learned together, as the diffusers
+advanced SDXL script and cog-sdxl do). Only these rows learn: after each optimizer step every
+other row is restored, and with ``clip_ti_decay`` each new row's norm is pulled toward 0.4
+with strength min(1, 100 * lr), as lora_pti does.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,54 +19,36 @@ from trainer_service.training.models import BaseModel
 CLIP_TI_TARGET_NORM = 0.4
 
 
-class PlaceholderTokens:
-    """Adds ``tokens`` to the model's tokenizer and embedding, initialised from
-    ``initializers`` (a one-token word, ``<zero>`` or ``<rand-STD>``)."""
+class _TokenRows:
+    """The new tokens' rows in one (tokenizer, text encoder) pair."""
 
     def __init__(
-        self, model: BaseModel, tokens: list[str], initializers: list[str], seed: int
-    ) -> None:
-        self.model = model
-        self.tokens = list(tokens)
-        self.ids: list[int] = []
-        if not tokens:
-            return
-        tokenizer = model.tokenizer
+        self, tokenizer: Any, text_encoder: Any, tokens: list[str], initializers: list[str],
+        generator: torch.Generator,
+    ) -> None:  # fmt: skip
+        self.text_encoder = text_encoder
         if tokenizer.add_tokens(tokens) != len(tokens):
             raise ValueError(f"placeholder tokens {tokens} already exist in the tokenizer")
-        model.text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        self.ids = tokenizer.convert_tokens_to_ids(tokens)
-        weight = model.embedding_weight()
-        generator = torch.Generator().manual_seed(seed)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        self.ids: list[int] = tokenizer.convert_tokens_to_ids(tokens)
+        weight = self.weight
         with torch.no_grad():
             for token_id, init in zip(self.ids, initializers, strict=True):
-                weight[token_id] = self._initial(init, weight, generator)
+                weight[token_id] = _initial(tokenizer, init, weight, generator)
         self.original = weight.detach().clone()
         self.keep_rows = torch.ones(len(tokenizer), dtype=torch.bool)
         self.keep_rows[self.ids] = False
 
-    def _initial(self, init: str, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        dim = weight.shape[1]
-        if init == "<zero>":
-            return torch.zeros(dim)
-        if init.startswith("<rand-"):
-            std = float(init[len("<rand-") : -1])
-            return torch.randn(dim, generator=generator).to(weight) * std
-        ids = self.model.tokenizer(init, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise ValueError(
-                f"initializer {init!r} is {len(ids)} tokens in this tokenizer; use one token"
-            )
-        return weight[ids[0]].detach().clone()
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.text_encoder.get_input_embeddings().weight
 
     @torch.no_grad()
-    def after_step(self, lr: float, clip_ti_decay: bool) -> None:
-        """Restore every row but the new tokens'; pull their norms toward 0.4."""
-        weight = self.model.embedding_weight()
-        if clip_ti_decay:
+    def after_step(self, strength: float | None) -> None:
+        weight = self.weight
+        if strength is not None:
             rows = weight[self.ids]
             norm = rows.norm(dim=-1, keepdim=True)
-            strength = min(1.0, 100 * lr)
             weight[self.ids] = F.normalize(rows, dim=-1) * (
                 norm + strength * (CLIP_TI_TARGET_NORM - norm)
             )
@@ -70,18 +56,80 @@ class PlaceholderTokens:
         weight[keep] = self.original.to(weight)[keep]
 
     def rows(self) -> torch.Tensor:
-        """The new tokens' rows (for a checkpoint)."""
-        if not self.ids:
-            return torch.zeros(0)
-        return self.model.embedding_weight()[self.ids].detach().cpu().clone()
+        return self.weight[self.ids].detach().float().cpu().clone()
 
     @torch.no_grad()
     def load_rows(self, rows: torch.Tensor) -> None:
-        if self.ids:
-            weight = self.model.embedding_weight()
-            weight[self.ids] = rows.to(weight)
+        self.weight[self.ids] = rows.to(self.weight)
+
+
+def _initial(
+    tokenizer: Any, init: str, weight: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """A new row: zeros (``<zero>``), Gaussian (``<rand-STD>``), or a one-token word's row."""
+    dim = weight.shape[1]
+    if init == "<zero>":
+        return torch.zeros(dim)
+    if init.startswith("<rand-"):
+        std = float(init[len("<rand-") : -1])
+        return torch.randn(dim, generator=generator).to(weight) * std
+    ids = tokenizer(init, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(
+            f"initializer {init!r} is {len(ids)} tokens in this tokenizer; use one token"
+        )
+    return weight[ids[0]].detach().clone()
+
+
+class PlaceholderTokens:
+    """Adds ``tokens`` to the model's tokenizers and text encoders, initialised from
+    ``initializers`` (a one-token word, ``<zero>`` or ``<rand-STD>``)."""
+
+    def __init__(
+        self, model: BaseModel, tokens: list[str], initializers: list[str], seed: int
+    ) -> None:
+        self.model = model
+        self.tokens = list(tokens)
+        self.tables: list[_TokenRows] = []
+        if not tokens:
+            return
+        generator = torch.Generator().manual_seed(seed)
+        self.tables = [
+            _TokenRows(tokenizer, encoder, self.tokens, initializers, generator)
+            for tokenizer, encoder in zip(model.tokenizers, model.text_encoders, strict=True)
+        ]
+
+    @property
+    def ids(self) -> list[int]:
+        """The tokens' ids in the first tokenizer (empty: no tokens)."""
+        return self.tables[0].ids if self.tables else []
+
+    def weights(self) -> list[torch.Tensor]:
+        """The embedding matrices that hold the tokens' rows (what inversion optimises)."""
+        return [table.weight for table in self.tables]
+
+    def after_step(self, lr: float, clip_ti_decay: bool) -> None:
+        """Restore every row but the new tokens'; pull their norms toward 0.4."""
+        strength = min(1.0, 100 * lr) if clip_ti_decay else None
+        for table in self.tables:
+            table.after_step(strength)
+
+    def rows(self) -> list[torch.Tensor]:
+        """The new tokens' rows in each text encoder (for a checkpoint)."""
+        return [table.rows() for table in self.tables]
+
+    def load_rows(self, rows: list[torch.Tensor]) -> None:
+        for table, table_rows in zip(self.tables, rows, strict=True):
+            table.load_rows(table_rows)
 
     def learned(self) -> dict[str, torch.Tensor]:
-        """{token: embedding} (for a bundle)."""
-        weight = self.model.embedding_weight().detach().float().cpu()
-        return {token: weight[i].clone() for token, i in zip(self.tokens, self.ids, strict=True)}
+        """The bundle's embeddings: {token: vector} for one text encoder; for several, one
+        [tokens, width] matrix per encoder under the family's embedding-file keys
+        (``clip_l``, ``clip_g``), rows in token order."""
+        if not self.tables:
+            return {}
+        keys = self.model.family.embedding_keys
+        if keys == ("",):
+            rows = self.tables[0].rows()
+            return {token: row.clone() for token, row in zip(self.tokens, rows, strict=True)}
+        return {key: table.rows() for key, table in zip(keys, self.tables, strict=True)}
