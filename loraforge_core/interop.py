@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from loraforge_core import families
 from loraforge_core.bundle import Bundle, Manifest, store_bundle
 
-KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.string_to_param\.\*$")
+# A1111's bundled embedding: one vector (SD), or one per text encoder (SDXL: clip_l, clip_g).
+KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.(string_to_param\.\*|clip_l|clip_g)$")
 LORA_KEY = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.lora_(A|B)\.weight$")
 # Every key form diffusers' converters produce: peft (lora_A/B) and older diffusers names.
 ANY_LORA_KEY = re.compile(
@@ -291,19 +292,20 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
     except Exception as err:
         raise FormatError(f"{path}: not a readable safetensors file ({err})") from err
     kind = detect_format(state)
-    tokens: dict[str, torch.Tensor] = {}
+    family = families.of_pipeline(pipe)
+    vectors: dict[str, list[torch.Tensor]] = {}  # token -> its vector per text encoder
     if kind == "lora_diffusion":
         lora, tokens = cloneofsimo_to_diffusers(state, metadata, pipe.unet, pipe.text_encoder)
+        vectors = {token: [vector] for token, vector in tokens.items()}
         check_shapes(pipe, lora)
         source: Any = lora
     else:
-        for key in list(state):
-            match = KOHYA_EMBEDDING.match(key)
-            if match:
-                tokens[match.group(1)] = state.pop(key).reshape(-1)
+        vectors = _bundled_embeddings(state, family)
         source = state
         try:
-            converted = pipe.lora_state_dict(dict(state))[0]
+            # The UNet's config lets diffusers map kohya's SGM block names (input_blocks_4_1,
+            # as sd-scripts writes SDXL files) to its own, as load_lora_weights does.
+            converted = pipe.lora_state_dict(dict(state), unet_config=pipe.unet.config)[0]
         except (ValueError, KeyError) as err:
             raise FormatError(f"{path.name}: diffusers cannot read this LoRA ({err})") from err
         check_shapes(pipe, converted)
@@ -324,16 +326,11 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
         discard_adapter(pipe, name)
     if not lora:
         raise FormatError(f"{path.name}: no LoRA layer of it matched this model")
-    tokens = {t: v.reshape(-1).float() for t, v in tokens.items()}
+    embeddings = _token_embeddings(pipe, family, vectors)
     hidden = pipe.text_encoder.config.hidden_size
-    for token, vector in tokens.items():
-        if vector.numel() != hidden:
-            raise ArchitectureMismatch(
-                f"token {token} has {vector.numel()} dimensions, this model's text encoder {hidden}"
-            )
     ranks = {v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")}
     manifest = Manifest(
-        base_model=base_model, method=f"import:{kind}", tokens=sorted(tokens),
+        base_model=base_model, method=f"import:{kind}", tokens=sorted(vectors),
         rank=max(ranks), alpha=float(max(ranks)),
         unet_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
                                     for k in lora if k.startswith("unet.")}),
@@ -341,8 +338,50 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
                                             for k in lora if k.startswith("text_encoder")}),
         global_step=0, text_hidden_size=int(hidden),
         cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
-        family=families.of_pipeline(pipe).name,
+        family=family.name,
         training_config={"imported_from": path.name, "source_format": kind,
                          "source_metadata": metadata},
     )  # fmt: skip
-    return store_bundle(store, lora, tokens, manifest)
+    return store_bundle(store, lora, embeddings, manifest)
+
+
+def _bundled_embeddings(
+    state: dict[str, torch.Tensor], family: families.Family
+) -> dict[str, list[torch.Tensor]]:
+    """Take A1111's bundled embeddings out of a kohya state: token -> a vector per text
+    encoder of the family (missing ones left out, for ``_token_embeddings`` to refuse)."""
+    found: dict[str, dict[int, torch.Tensor]] = {}
+    for key in list(state):
+        match = KOHYA_EMBEDDING.match(key)
+        if match:
+            token, kind = match.groups()
+            if kind != "string_to_param.*" and kind not in family.embedding_keys:
+                raise ArchitectureMismatch(
+                    f"token {token} is stored for {kind}, a text encoder {family.title} "
+                    "does not have: it was made for another model family"
+                )
+            index = 0 if kind == "string_to_param.*" else family.embedding_keys.index(kind)
+            found.setdefault(token, {})[index] = state.pop(key).reshape(-1)
+    return {token: [by_index[i] for i in sorted(by_index)] for token, by_index in found.items()}
+
+
+def _token_embeddings(
+    pipe: Any, family: families.Family, vectors: dict[str, list[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Imported tokens in the bundle's form (``Bundle.token_vectors``), each checked to have
+    one vector as wide as each of the model's text encoders."""
+    widths = [int(getattr(pipe, name).config.hidden_size) for name in family.text_encoders]
+    tokens = sorted(vectors)
+    for token in tokens:
+        sizes = [vector.numel() for vector in vectors[token]]
+        if sizes != widths:
+            raise ArchitectureMismatch(
+                f"token {token} has vectors of {sizes} dimensions; this model's text "
+                f"encoders take {widths}"
+            )
+    if not tokens:
+        return {}
+    if family.embedding_keys == ("",):
+        return {token: vectors[token][0].float() for token in tokens}
+    return {key: torch.stack([vectors[token][i].float() for token in tokens])
+            for i, key in enumerate(family.embedding_keys)}  # fmt: skip

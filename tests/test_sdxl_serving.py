@@ -6,6 +6,7 @@ composed and in a mixed batch (UNet and both text encoders adapted, each token's
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,47 @@ def test_sdxl_kohya_export_loads_in_stock_diffusers_and_imports_back(
     engine.adapters.register("s1-kohya", data=path.read_bytes())
     imported = engine.generate(spec(prompt, [("s1-kohya", 1.0, None)], 5))
     assert np.abs(pixels(imported) - want).mean() <= 1e-3
+
+
+def sgm_names(state: dict, layers_per_block: int) -> dict:
+    """kohya keys as sd-scripts writes SDXL files: the UNet's attention blocks under SGM names
+    (``input_blocks_4_1``, ``middle_block_1``, ``output_blocks_0_1``), not diffusers'."""
+    block = re.compile(r"lora_unet_(down_blocks|mid_block|up_blocks)_(?:(\d+)_)?attentions_(\d+)_")
+
+    def rename(match: re.Match) -> str:
+        kind, index, layer = match.group(1), int(match.group(2) or 0), int(match.group(3))
+        if kind == "mid_block":
+            return "lora_unet_middle_block_1_"
+        if kind == "down_blocks":
+            return f"lora_unet_input_blocks_{1 + index * (layers_per_block + 1) + layer}_1_"
+        return f"lora_unet_output_blocks_{index * (layers_per_block + 1) + layer}_1_"
+
+    return {block.sub(rename, key): value for key, value in state.items()}
+
+
+def test_a_kohya_sdxl_file_with_sgm_block_names_and_bundled_tokens_imports(
+    engine, stock, bundles, tmp_path
+):
+    from safetensors.torch import save_file
+
+    from loraforge_core import interop
+
+    state, metadata = interop.export_kohya(bundles["s2"], bundle_embeddings=True)
+    renamed = sgm_names(state, engine.pipe.unet.config.layers_per_block)
+    assert any("_input_blocks_" in key for key in renamed)
+    assert not any("_down_blocks_" in key or "_up_blocks_" in key for key in renamed)
+    assert {"bundle_emb.<x2>.clip_l", "bundle_emb.<x2>.clip_g"} <= set(renamed)
+    path = tmp_path / "s2-sgm.safetensors"
+    save_file(renamed, path, metadata=metadata)
+    engine.adapters.register("s2-sgm", data=path.read_bytes())
+    adapters = [("s2", 0.7, None)]
+    imported = engine.generate(spec(PROMPTS["s2"], [("s2-sgm", 0.7, None)], 8))
+    assert np.abs(pixels(imported) - stock_pixels(stock, PROMPTS["s2"], adapters, 8)).mean() <= 1e-3
+    # A token with its CLIP-G vector missing is refused, naming both widths.
+    del renamed["bundle_emb.<x2>.clip_g"]
+    save_file(renamed, path, metadata=metadata)
+    with pytest.raises(FailedPrecondition, match=r"<x2> has vectors of \[32\] dimensions"):
+        engine.adapters.register("s2-half", data=path.read_bytes())
 
 
 def test_sdxl_tokens_export_as_clip_l_and_clip_g_embedding_files(bundles):
