@@ -150,11 +150,21 @@ class GeneratorEngine:
 
     @torch.no_grad()
     def _through_vae(self, images: list) -> list:
-        """Init images encoded and decoded: what a strength too small for one step returns."""
+        """Init images encoded and decoded: what a strength too small for one step returns.
+        A VAE that overflows in fp16 (SDXL's: ``force_upcast``) runs in float32 for it, as
+        the pipelines run it."""
         processor, vae = self.pipe.image_processor, self.pipe.vae
-        pixels = processor.preprocess(images).to(vae.device, dtype=vae.dtype)
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-        return processor.postprocess(decoded, output_type="pil")
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            pixels = processor.preprocess(images).to(vae.device, dtype=vae.dtype)
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        finally:
+            if upcast:
+                vae.to(dtype)
+        return processor.postprocess(decoded.float(), output_type="pil")
 
     def _scheduler(self, name: str):
         import diffusers

@@ -209,3 +209,47 @@ def test_sdxl_img2img_equals_stock_diffusers_with_the_adapter(engine, stock):
         guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(6),
     ).images[0]  # fmt: skip
     assert np.abs(ours - np.asarray(image, dtype=np.float32) / 255).mean() <= 1e-3
+
+
+def test_sdxl_inpainting_equals_stock_diffusers_with_the_adapter(engine, stock):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from loraforge_core import toyworld
+
+    init = toyworld.render("green", "square")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    request = spec(PROMPTS["s2"], [("s2", 0.8, 1.2)], 9)
+    request.init_image, request.mask_image = init, mask
+    ours = pixels(engine.generate(request))
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(stock)
+    pipe.set_adapters(["s2"], [{"unet": 0.8, "text_encoder": 1.2, "text_encoder_2": 1.2}])
+    image = pipe(
+        PROMPTS["s2"], image=init, mask_image=mask, strength=1.0, num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE, width=32, height=32, generator=torch.Generator().manual_seed(9),
+    ).images[0]  # fmt: skip
+    assert np.abs(ours - np.asarray(image, dtype=np.float32) / 255).mean() <= 1e-3
+    # The adapter acts on inpainting too.
+    request.adapters = []
+    assert np.abs(ours - pixels(engine.generate(request))).mean() > 1e-2
+
+
+def test_an_fp16_sdxl_vae_runs_the_strength_zero_round_trip_in_float32(engine) -> None:
+    """SDXL's VAE overflows in fp16 (its config says ``force_upcast``); the pipelines decode in
+    float32, and so must the shortcut that returns the init image at strength 0."""
+    from loraforge_core import toyworld
+
+    vae = engine.pipe.vae
+    assert vae.config.force_upcast
+    request = spec(PROMPTS["base"], [], 10)
+    request.init_image, request.strength = toyworld.render("red", "circle"), 0.0
+    engine.generate(request)  # the img2img pipeline is made (from_pipe casts to the UNet's)
+    seen: list[torch.dtype] = []
+    hook = vae.decoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    vae.to(torch.float16)
+    try:
+        engine.generate(request)
+        assert seen == [torch.float32] and vae.dtype == torch.float16
+    finally:
+        hook.remove()
+        vae.to(torch.float32)
