@@ -102,6 +102,20 @@ def test_pti_learns_each_token_in_both_encoders_and_serves_like_stock_diffusers(
     assert np.abs(ours - stock_render(tiny_sdxl, None, 0.0)).mean() > 1e-2  # it learned
 
 
+def test_training_encodes_prompts_as_the_sdxl_pipeline_does(tiny_sdxl: Path) -> None:
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer_service.training.models import BaseModel
+
+    prompts = ["a photo of a red circle", ""]
+    model = BaseModel.load(str(tiny_sdxl), Accelerator(cpu=True), False)
+    ours = model.encode(prompts)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    hidden, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    assert torch.equal(ours.hidden, hidden) and torch.equal(ours.pooled, pooled)
+
+
 def recorded_time_ids(model: Path, folder: Path, image: Image.Image, **overrides) -> list:
     """The ``time_ids`` the UNet received over a one-step DreamBooth run on ``image``."""
     seen: list = []
