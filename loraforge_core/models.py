@@ -25,12 +25,16 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
+TINY_SDXL_NAMES = ("tiny-sdxl", "loraforge/tiny-sdxl")
 RANDOM_TINY_NAMES = ("tiny-random", "loraforge/tiny-random")
 TINY_MODEL_VERSION = "tiny-sd-v2"
 TINY_ARCHITECTURES = {"sd": TINY, "sdxl": TINY_SDXL}
 CACHE_ENV = "LORAFORGE_CACHE"
 # The tiny model trained on the toy world (tools/train_tiny_base.py), shipped in the package.
 TRAINED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+# Its SDXL twin, trained on the same world from its VAE and UNet (two text encoders, SDXL's
+# conditioning): for SDXL training and serving tests that need a model that draws.
+TRAINED_TINY_SDXL = TRAINED_TINY_MODEL.with_name("tiny-sdxl")
 
 
 def cache_dir() -> Path:
@@ -231,6 +235,8 @@ def resolve_model(name_or_path: str | None) -> str:
     name = (name_or_path or "").strip()
     if name in TINY_MODEL_NAMES:
         return str(default_model_path())
+    if name in TINY_SDXL_NAMES:
+        return str(TRAINED_TINY_SDXL)
     if name in RANDOM_TINY_NAMES:
         return str(random_tiny_model_path())
     return name

@@ -7,6 +7,12 @@ be encoded); stage 2 trains the UNet and the CLIP text encoder together on capti
 every base colour-shape pair but the held-out one, with zero-terminal-SNR v-prediction, caption
 dropout (for classifier-free guidance) and EMA. The result is saved with ``save_pretrained``
 and scored with the toy-world checker on held-out seeds.
+
+``--family sdxl --init-from loraforge_core/assets/tiny-sd`` makes the toy-world SDXL: the SD
+model's VAE as it is and its UNet's weights where the shapes agree (so no VAE stage), both
+text encoders from scratch, the UNet conditioned as SDXL's is (both encoders' penultimate
+hidden states, the second's pooled projection, size and crop ids), dropped captions as zeros
+(the pipeline's ``force_zeros_for_empty_prompt``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loraforge_core import toyworld
+from loraforge_core import families, toyworld
 from loraforge_core.architectures import TINY
-from loraforge_core.models import build_pipeline
+from loraforge_core.models import TINY_ARCHITECTURES, build_pipeline
 
 
 def pixels_of(images) -> torch.Tensor:
@@ -71,7 +77,10 @@ def train_vae(vae, seconds: float, steps: int, seed: int) -> dict:
 def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4) -> dict:
     from diffusers import DDPMScheduler
 
-    unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
+    family = families.of_pipeline(pipe)
+    unet, vae = pipe.unet, pipe.vae
+    text_encoders = [getattr(pipe, name) for name in family.text_encoders]
+    tokenizer = pipe.tokenizer  # the tiny tokenizers are one vocabulary
     samples = toyworld.samples(6144, seed + 1)
     captions = [s.caption for s in samples]
     with torch.no_grad():
@@ -97,13 +106,14 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
         }
     )
     scaling = vae.config.scaling_factor
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    live = [unet, *text_encoders]
+    params = [p for module in live for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
-    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    emas = [copy.deepcopy(module) for module in live]
     generator = torch.Generator().manual_seed(seed)
-    unet.train()
-    text_encoder.train()
+    for module in live:
+        module.train()
     started = time.monotonic()
     for step in range(steps):
         index = torch.randint(0, len(means), (32,), generator=generator)
@@ -112,12 +122,16 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
         ) * scaling
         ids = ids_all[index].clone()
         dropped = torch.rand(32, generator=generator) < 0.1
-        ids[dropped] = empty_ids
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t)
-        prediction = unet(noisy, t, text_encoder(ids)[0]).sample
+        if family.micro_conditioned:
+            conditioning = _sdxl_conditioning(family, text_encoders, ids, dropped)
+        else:
+            ids[dropped] = empty_ids
+            conditioning = {"encoder_hidden_states": text_encoders[0](ids)[0]}
+        prediction = unet(noisy, t, **conditioning).sample
         loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,8 +140,8 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
         schedule.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for e, p in zip(ema.parameters(), live.parameters(), strict=True):
+            for ema, module in zip(emas, live, strict=True):
+                for e, p in zip(ema.parameters(), module.parameters(), strict=True):
                     e.lerp_(p, 1 - decay)
         if step % 100 == 0:
             print(
@@ -136,8 +150,47 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
             )
         if time.monotonic() - started > seconds:
             break
-    pipe.unet, pipe.text_encoder = ema_unet.eval(), ema_text.eval()
+    pipe.register_modules(**dict(zip(("unet", *family.text_encoders), emas, strict=True)))
+    for module in emas:
+        module.eval()
     return {"denoiser_steps": step + 1, "denoiser_seconds": time.monotonic() - started, "lr": lr}
+
+
+def _sdxl_conditioning(
+    family: families.Family, text_encoders: list, ids: torch.Tensor, dropped: torch.Tensor
+) -> dict:
+    """The UNet's conditioning as the SDXL pipeline computes it; dropped captions are zeros,
+    what the pipeline feeds the unconditional branch."""
+    hidden, pooled = [], None
+    for encoder in text_encoders:
+        output = encoder(ids, output_hidden_states=True)
+        if output[0].ndim == 2:
+            pooled = output[0]
+        hidden.append(output.hidden_states[family.text_hidden_layer])
+    keep = (~dropped).float()
+    side = toyworld.SIZE
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]] * len(ids), dtype=torch.float32)
+    return {
+        "encoder_hidden_states": torch.cat(hidden, dim=-1) * keep[:, None, None],
+        "added_cond_kwargs": {"text_embeds": pooled * keep[:, None], "time_ids": time_ids},
+    }
+
+
+def warm_start(pipe, source: Path) -> None:
+    """The VAE of a model this script saved, and its UNet's weights wherever the shapes agree
+    (a 1x1 convolution's as a linear layer's)."""
+    from diffusers import DiffusionPipeline
+
+    donor = DiffusionPipeline.from_pretrained(source)
+    pipe.vae.load_state_dict(donor.vae.state_dict())
+    own = pipe.unet.state_dict()
+    copied = 0
+    for key, value in donor.unet.state_dict().items():
+        if key in own and own[key].numel() == value.numel():
+            own[key] = value.reshape(own[key].shape)
+            copied += 1
+    pipe.unet.load_state_dict(own)
+    print(f"warm start from {source}: VAE and {copied} of {len(own)} UNet tensors")
 
 
 def prompt_accuracy(pipe, seeds: range, guidance: float = 5.0, steps: int = 20) -> dict:
@@ -154,8 +207,11 @@ def prompt_accuracy(pipe, seeds: range, guidance: float = 5.0, steps: int = 20) 
         ).images[0]
         hits.setdefault(f"{color} {shape}", []).append(toyworld.check(image).matches(color, shape))
     total = [h for v in hits.values() for h in v]
+    held_out = " ".join(toyworld.HELD_OUT)
+    seen = [h for pair, v in hits.items() if pair != held_out for h in v]
     return {
         "accuracy": sum(total) / len(total),
+        "seen_pairs_accuracy": sum(seen) / len(seen),
         "per_pair": {k: sum(v) / len(v) for k, v in hits.items()},
     }
 
@@ -174,19 +230,27 @@ def main() -> None:
         help="continue the denoiser of a model this script saved (no VAE stage)",
     )
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--family", choices=sorted(TINY_ARCHITECTURES), default="sd")
+    parser.add_argument(
+        "--init-from", type=Path, help="a model this script saved: its VAE and UNet to start from"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     history: list = []
     if args.resume:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.resume)
+        pipe = DiffusionPipeline.from_pretrained(args.resume)
         previous = json.loads((args.resume / "loraforge_model.json").read_text())
         history = [*previous.get("history", []), previous["report"]]
         report: dict = {}
+    elif args.init_from:
+        pipe = build_pipeline(TINY_ARCHITECTURES[args.family], seed=args.seed)
+        warm_start(pipe, args.init_from)
+        report = {"init_from": str(args.init_from)}
     else:
-        pipe = build_pipeline(TINY, seed=args.seed)
+        pipe = build_pipeline(TINY_ARCHITECTURES[args.family], seed=args.seed)
         report = train_vae(pipe.vae, args.vae_seconds, args.vae_steps, args.seed)
         pipe.vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
     pipe.set_progress_bar_config(disable=True)
@@ -194,13 +258,15 @@ def main() -> None:
     report |= train_denoiser(
         pipe, args.unet_seconds, args.unet_steps, args.seed + len(history), lr=args.lr
     )
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.requires_grad_(False)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
     report |= {"held_out_seeds": prompt_accuracy(pipe, range(10_000, 10_064))}
     print(json.dumps(report, indent=2))
     pipe.save_pretrained(args.out, safe_serialization=True)
     (args.out / "loraforge_model.json").write_text(json.dumps(
-        {"name": "loraforge/tiny", "trained_on": "toy world", "report": report,
+        {"name": "loraforge/tiny" + ("" if args.family == "sd" else f"-{args.family}"),
+         "trained_on": "toy world", "report": report,
          "history": history}, indent=2))  # fmt: skip
 
 
