@@ -21,6 +21,7 @@ from loraforge_core import bundle as bundles
 from loraforge_core import families, interop
 from loraforge_core.artifacts import ARTIFACTS, BundleCache
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraforge_core.evaluation import Evaluation
 from loraforge_core.files import atomic_write_bytes, safe_child
 from loraforge_core.objectstore import ObjectStore
 
@@ -38,10 +39,16 @@ class AdapterEntry:
     has_lora: bool
     has_text_encoder: bool
     family: str  # loraforge_core.families name
+    evaluation: Evaluation | None = None  # the training checkpoint's, where it was scored
     pinned: bool = False
     resident: bool = False
     peft_name: str = ""  # the name its weights have in the peft layers (a slot, or its own)
     token_map: dict[str, str] = field(default_factory=dict)  # learned token -> private name
+
+    @property
+    def recommended_scale(self) -> float:
+        """What ``use_recommended_scale`` multiplies: the evaluation's, else 1."""
+        return self.evaluation.recommended_scale if self.evaluation else 1.0
 
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
@@ -176,4 +183,5 @@ class AdapterStore:
             size_bytes=bundle.size_bytes(), sha256=bundle.sha256(), has_lora=bool(lora_keys),
             has_text_encoder=any(k.startswith("text_encoder") for k in lora_keys),
             family=manifest.family,
+            evaluation=Evaluation.from_dict(manifest.evaluation) if manifest.evaluation else None,
         )  # fmt: skip

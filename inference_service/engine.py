@@ -190,6 +190,7 @@ class GeneratorEngine:
     ) -> dict[str, float]:
         return {
             e.peft_name: (a.scale if component == "unet" else a.te_scale)
+            * (e.recommended_scale if a.use_recommended_scale else 1.0)
             for e, a in zip(entries, spec.adapters, strict=True)
             if e.has_lora
         }

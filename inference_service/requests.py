@@ -52,6 +52,8 @@ class AdapterRequest:
     adapter_id: str
     scale: float = 1.0
     text_encoder_scale: float | None = None
+    # The scales multiply the adapter's recommended scale (its evaluation's; 1 without one).
+    use_recommended_scale: bool = False
 
     @property
     def te_scale(self) -> float:

@@ -33,6 +33,7 @@ from inference_service.requests import (
 )
 from loraforge_core.devices import resolve_device, validate_device
 from loraforge_core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from loraforge_core.evaluation import to_proto as evaluation_to_proto
 from loraforge_core.images import decode_image
 from loraforge_core.models import load_pipeline, resolve_model
 from loraforge_core.objectstore import open_object_store
@@ -65,6 +66,7 @@ def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
             AdapterRequest(
                 a.adapter_id, a.scale if a.HasField("scale") else 1.0,
                 a.text_encoder_scale if a.HasField("text_encoder_scale") else None,
+                a.use_recommended_scale,
             )
             for a in request.adapters
         ],
@@ -93,12 +95,15 @@ def _multiple_of_8(image, axis: int) -> int:
 
 
 def adapter_to_proto(entry: AdapterEntry) -> generator_pb2.AdapterInfo:
-    return generator_pb2.AdapterInfo(
+    info = generator_pb2.AdapterInfo(
         adapter_id=entry.adapter_id, rank=entry.rank, tokens=entry.tokens,
         size_bytes=entry.size_bytes, sha256=entry.sha256, resident=entry.resident,
         pinned=entry.pinned, source_format=entry.source_format,
         has_text_encoder=entry.has_text_encoder, family=entry.family,
     )  # fmt: skip
+    if entry.evaluation is not None:
+        evaluation_to_proto(entry.evaluation, info.evaluation)
+    return info
 
 
 class GeneratorService:

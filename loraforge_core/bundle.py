@@ -59,6 +59,9 @@ class Manifest:
     training_config: dict[str, Any] = field(default_factory=dict)
     base_model_revision: str = ""
     family: str = "sd"  # loraforge_core.families: the model family it was made for
+    # loraforge_core.evaluation.Evaluation as a dict: the training checkpoint's measured
+    # strength (empty: not evaluated)
+    evaluation: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -98,7 +101,8 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "base_model": str, "method": str, "tokens": list, "rank": int, "alpha": (int, float),
     "unet_target_modules": list, "text_encoder_target_modules": list, "global_step": int,
     "text_hidden_size": int, "cross_attention_dim": int, "training_config": dict,
-    "base_model_revision": str, "family": str, "files": dict, "format": str, "format_version": int,
+    "base_model_revision": str, "family": str, "evaluation": dict, "files": dict, "format": str,
+    "format_version": int,
 }  # fmt: skip
 _STRING_LISTS = ("tokens", "unet_target_modules", "text_encoder_target_modules")
 

@@ -124,14 +124,15 @@ FIRST_SEED = 10_000  # probes use seeds FIRST_SEED, FIRST_SEED + 1, ...
 
 
 def score(
-    render: Render, concept: Concept, tokens: str, *, scales=SCALES, seeds: int = 8
-) -> list[Row]:
+    render: Render, concept: Concept, tokens: str, *, scales=SCALES, seeds: int = 8,
+    first_seed: int = FIRST_SEED,
+) -> list[Row]:  # fmt: skip
     """Subject and prompt fidelity at each scale of images drawn by ``render``."""
     rows = []
     for scale in scales:
         subject = prompt = total = 0
         for probe in probes_for(concept):
-            for seed in range(FIRST_SEED, FIRST_SEED + seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 reading = toyworld.check(render(probe.template.format(tokens), scale, seed))
                 shows = concept.shown_by(reading)
                 subject += shows
@@ -152,31 +153,40 @@ def evaluate(
     guidance: float = GUIDANCE,
     text_encoder_follows: bool = True,
 ) -> list[Row]:
-    """Fidelity of the bundle loaded into a stock diffusers pipeline (tokens loaded
-    throughout)."""
+    """Fidelity of the bundle loaded into a stock diffusers pipeline of its family (tokens
+    loaded into every text encoder throughout)."""
+    from loraforge_core import families
+
+    family = families.of_pipeline(pipe)
     bundle = read_bundle(bundle_path)
-    embeddings = bundle.embeddings()
+    vectors = bundle.token_vectors()  # token -> one vector per text encoder
+    tokens = list(vectors)
+    pairs = [(getattr(pipe, e), getattr(pipe, t))
+             for e, t in zip(family.text_encoders, family.tokenizers, strict=True)]  # fmt: skip
     name = "fidelity"
     pipe.load_lora_weights(bundle.lora_path, adapter_name=name)
-    if embeddings:
-        pipe.load_textual_inversion(list(embeddings.values()), token=list(embeddings))
-
+    for i, (encoder, tokenizer) in enumerate(pairs):
+        if tokens:
+            pipe.load_textual_inversion([vectors[t][i] for t in tokens], token=tokens,
+                                        text_encoder=encoder, tokenizer=tokenizer)  # fmt: skip
     active: list[float] = []
 
     def render(text: str, scale: float, seed: int) -> Any:
         if active != [scale]:  # set_adapters walks every module: once per scale
             te_scale = scale if text_encoder_follows else 1.0
-            pipe.set_adapters([name], [{"unet": scale, "text_encoder": te_scale}])
+            weights = {"unet": scale, **dict.fromkeys(family.text_encoders, te_scale)}
+            pipe.set_adapters([name], [weights])
             active[:] = [scale]
         return pipe(text, num_inference_steps=steps, guidance_scale=guidance,
                     generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
 
     try:
-        return score(render, concept, "".join(embeddings), scales=scales, seeds=seeds)
+        return score(render, concept, "".join(tokens), scales=scales, seeds=seeds)
     finally:
         pipe.delete_adapters(name)
-        if embeddings:
-            pipe.unload_textual_inversion(list(embeddings))
+        for encoder, tokenizer in pairs:
+            if tokens:
+                pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=encoder)
 
 
 def format_table(rows: list[Row]) -> str:

@@ -73,11 +73,22 @@ def cli(servers, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+EVALUATE = ["--evaluation-scales", "0", "1", "--evaluation-images", "1", "--evaluation-steps",
+            "2", "--evaluation-scorer", "toy_world", "--select-final", "best"]  # fmt: skip
+
+
 def test_cli_trains_watches_downloads_and_generates(servers, images, tmp_path):
-    trained = cli(servers, "train", str(images), "--token", "<s1>", "--watch", *FAST)
+    trained = cli(servers, "train", str(images), "--token", "<s1>", "--watch", *FAST, *EVALUATE)
     job_id, artifact_id = trained.stdout.split()
     assert "tuning" in trained.stderr and "it/s" in trained.stderr and "ETA" in trained.stderr
     assert f"final artifact: {artifact_id}" in trained.stderr
+    # Each checkpoint's evaluation as a table, the recommended scale marked.
+    assert trained.stderr.count("scale  subject  prompt  images") == 2, trained.stderr
+    assert "evaluation at step 3 (toy_world" in trained.stderr
+    assert "<- recommended" in trained.stderr
+    with TrainerClient(servers[0].target) as client:
+        job = client.get_job(job_id)
+    assert job.best_artifact_id == artifact_id  # select_final best
     assert job_id in cli(servers, "jobs").stdout
     folder = tmp_path / "bundle"
     cli(servers, "download", artifact_id, "-o", str(folder))
@@ -85,14 +96,15 @@ def test_cli_trains_watches_downloads_and_generates(servers, images, tmp_path):
     loaded = cli(servers, "adapters", "load", "mine", str(folder))
     assert "<s1>" in loaded.stdout
     header, *rows = cli(servers, "adapters", "ls").stdout.splitlines()
-    assert header.split()[4] == "FAMILY"
-    assert any(row.split()[0] == "mine" and row.split()[4] == "sd" for row in rows)
+    assert header.split()[4] == "FAMILY" and header.split()[6] == "SCALE"
+    (mine,) = [row.split() for row in rows if row.split()[0] == "mine"]
+    assert mine[4] == "sd" and float(mine[6]) in (0.0, 1.0)  # its recommended scale
     out = cli(
         servers,
         "generate",
         "a photo of a <s1>",
         "--adapter",
-        "mine:0.8:0.5",
+        "mine:0.8x:0.5x",  # multiples of its recommended scale
         "--seed",
         "5",
         "-n",

@@ -28,6 +28,8 @@ METHODS = ("pti", "dreambooth_lora")
 TEMPLATES = ("object", "style", "none")
 LR_SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+EVALUATION_SCORERS = ("auto", "toy_world", "clip")
+FINAL_SELECTIONS = ("last", "best")
 MAX_STEPS = 100_000
 MAX_RANK = 256
 # No dots: A1111 cuts a bundled token at its first "." and loads it under another name.
@@ -110,6 +112,17 @@ class TrainingConfig:
     # Previews
     validation_prompt: str = ""
     validation_steps: int | None = None  # None: save_steps
+    # Evaluation of every checkpoint (training/scoring.py): rendered at these adapter scales
+    # and scored; none given, none done.
+    evaluation_scales: list[float] = field(default_factory=list)
+    evaluation_prompts: list[str] = field(default_factory=list)  # "{}": the learned tokens
+    evaluation_images: int = 4  # per prompt and scale
+    evaluation_seed: int = 0
+    evaluation_scorer: str = "auto"  # auto: toy world on loraforge's toy models, else CLIP
+    evaluation_model: str = ""  # CLIP's hub id or folder; empty: openai/clip-vit-base-patch32
+    evaluation_steps: int = 20
+    evaluation_guidance: float = 5.0
+    select_final: str = "last"  # last | best: the final artifact is the best checkpoint
 
     @property
     def effective_alpha(self) -> float:
@@ -278,6 +291,7 @@ class TrainingConfig:
             )
         if self.validation_steps is not None:
             v.check(self.validation_steps >= 1, f("validation_steps"), "must be >= 1")
+        self._validate_evaluation(v, f)
         for name in ("lora_unet_target_modules", "lora_clip_target_modules"):
             modules = getattr(self, name)
             v.check(bool(modules), f(name), "needs at least one module name")
@@ -302,6 +316,33 @@ class TrainingConfig:
                     "prior preservation needs a class prompt",
                 )
         return v
+
+    def _validate_evaluation(self, v: Violations, f: Any) -> None:
+        scales = self.evaluation_scales
+        v.check(len(scales) <= 16, f("evaluation_scales"), "give at most 16 scales")
+        v.check(all(math.isfinite(s) and -4 <= s <= 4 for s in scales), f("evaluation_scales"),
+                "scales must be in [-4, 4] (0 is the base model with the tokens)")  # fmt: skip
+        v.check(
+            len(self.evaluation_prompts) <= 8
+            and all(0 < len(p) <= 300 for p in self.evaluation_prompts),
+            f("evaluation_prompts"), "give at most 8 prompts of 1 to 300 characters",
+        )  # fmt: skip
+        v.check(1 <= self.evaluation_images <= 64, f("evaluation_images"), "must be in 1..64")
+        v.check(1 <= self.evaluation_steps <= 200, f("evaluation_steps"), "must be in 1..200")
+        v.check(0 <= self.evaluation_seed < 2**63, f("evaluation_seed"), "must be in 0..2^63-1")
+        v.check(
+            math.isfinite(self.evaluation_guidance) and 0 <= self.evaluation_guidance <= 30,
+            f("evaluation_guidance"), "must be in [0, 30]",
+        )  # fmt: skip
+        v.check(self.evaluation_scorer in EVALUATION_SCORERS, f("evaluation_scorer"),
+                f"must be one of {EVALUATION_SCORERS}")  # fmt: skip
+        v.check(len(self.evaluation_model) <= 1024, f("evaluation_model"),
+                "must be at most 1024 characters")  # fmt: skip
+        v.check(self.select_final in FINAL_SELECTIONS, f("select_final"),
+                f"must be one of {FINAL_SELECTIONS}")  # fmt: skip
+        if self.select_final == "best":
+            v.check(bool(scales), f("select_final"),
+                    "best is chosen by evaluation: give evaluation_scales too")  # fmt: skip
 
     def _validate_tokens(self, v: Violations) -> None:
         if self.method != "pti":

@@ -21,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger("loraforge.trainer.database")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # MIGRATIONS[i] takes a database from version i to i + 1.
 MIGRATIONS: list[list[str]] = [
     [
@@ -69,6 +69,9 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # the request id of the CreateJob call: its training process logs under it too
         "ALTER TABLE jobs ADD COLUMN request_trace TEXT NOT NULL DEFAULT ''",
+    ],
+    [  # the checkpoint whose evaluation scored best
+        "ALTER TABLE jobs ADD COLUMN best_artifact_id TEXT NOT NULL DEFAULT ''",
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION

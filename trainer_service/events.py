@@ -46,6 +46,16 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Evaluated:
+    """A checkpoint was scored: ``evaluation`` is loraforge_core.evaluation's, as a dict."""
+
+    kind: ClassVar[str] = "evaluation"
+    artifact_id: str
+    evaluation: dict[str, Any]
+    best: bool = False  # the best of the job's checkpoints so far
+
+
+@dataclass(frozen=True)
 class FinalArtifact:
     kind: ClassVar[str] = "final_artifact"
     artifact_id: str
@@ -69,9 +79,10 @@ class Log:
     message: str
 
 
-JobEvent = StateChange | Progress | Checkpoint | FinalArtifact | Preview | Log
+JobEvent = StateChange | Progress | Checkpoint | Evaluated | FinalArtifact | Preview | Log
 KINDS: dict[str, type] = {
-    cls.kind: cls for cls in (StateChange, Progress, Checkpoint, FinalArtifact, Preview, Log)
+    cls.kind: cls
+    for cls in (StateChange, Progress, Checkpoint, Evaluated, FinalArtifact, Preview, Log)
 }
 _BYTES = {"png"}  # bytes fields, base64 in JSON
 

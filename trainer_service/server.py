@@ -22,6 +22,8 @@ from loraforge_core import families
 from loraforge_core.artifacts import fetch_bundle
 from loraforge_core.devices import resolve_device, validate_device, visible_gpus
 from loraforge_core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from loraforge_core.evaluation import Evaluation
+from loraforge_core.evaluation import to_proto as evaluation_to_proto
 from loraforge_core.models import resolve_model
 from loraforge_core.objectstore import ObjectStore, open_object_store
 from loraforge_core.protomaps import enum_names, enum_numbers
@@ -47,6 +49,10 @@ PRECISION_TO_PROTO = enum_numbers(trainer_pb2.MixedPrecision, "MIXED_PRECISION_"
 LR_SCHEDULERS = enum_names(trainer_pb2.LrScheduler, "LR_SCHEDULER_", "linear")
 LR_SCHEDULER_TO_PROTO = enum_numbers(trainer_pb2.LrScheduler, "LR_SCHEDULER_")
 ARTIFACT_KIND_TO_PROTO = enum_numbers(trainer_pb2.ArtifactKind, "ARTIFACT_KIND_")
+SCORERS = enum_names(trainer_pb2.EvaluationScorer, "EVALUATION_SCORER_", "auto")
+SCORER_TO_PROTO = enum_numbers(trainer_pb2.EvaluationScorer, "EVALUATION_SCORER_")
+FINAL_SELECTIONS = enum_names(trainer_pb2.FinalSelection, "FINAL_SELECTION_", "last")
+FINAL_SELECTION_TO_PROTO = enum_numbers(trainer_pb2.FinalSelection, "FINAL_SELECTION_")
 # TrainingConfig proto fields that map one to one onto the dataclass (optional scalars).
 _SCALAR_OPTIONS = [
     f.name for f in trainer_pb2.TrainingConfig.DESCRIPTOR.fields
@@ -54,7 +60,11 @@ _SCALAR_OPTIONS = [
 ]  # fmt: skip
 _STRING_OPTIONS = (
     "instance_prompt", "class_prompt", "validation_prompt", "revision",
-    "pretrained_vae_name_or_path", "placeholder_token_at_data",
+    "pretrained_vae_name_or_path", "placeholder_token_at_data", "evaluation_model",
+)  # fmt: skip
+_LIST_OPTIONS = (
+    "lora_unet_target_modules", "lora_clip_target_modules", "evaluation_scales",
+    "evaluation_prompts",
 )  # fmt: skip
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 # Below the minimum a small bundle becomes hundreds of thousands of messages.
@@ -77,11 +87,16 @@ def config_from_request(request: trainer_pb2.CreateJobRequest) -> TrainingConfig
     for name in _STRING_OPTIONS:
         if getattr(message, name):
             values[name] = getattr(message, name)
-    for name in ("lora_unet_target_modules", "lora_clip_target_modules"):
+    for name in _LIST_OPTIONS:
         if getattr(message, name):
             values[name] = list(getattr(message, name))
+    if "evaluation_scales" in values:  # float32 on the wire: keep the decimals written
+        values["evaluation_scales"] = [float(f"{x:.7g}") for x in values["evaluation_scales"]]
     for name in ("lr_scheduler", "lr_scheduler_lora"):
         values[name] = _enum(LR_SCHEDULERS, getattr(message, name), f"config.{name}")
+    values["evaluation_scorer"] = _enum(SCORERS, message.evaluation_scorer,
+                                        "config.evaluation_scorer")  # fmt: skip
+    values["select_final"] = _enum(FINAL_SELECTIONS, message.select_final, "config.select_final")
     values["mixed_precision"] = _enum(PRECISIONS, message.mixed_precision, "config.mixed_precision")
     values["method"] = _enum(METHODS, request.method, "method")
     values["use_template"] = _enum(TEMPLATES, request.template, "template")
@@ -103,6 +118,7 @@ def config_from_request(request: trainer_pb2.CreateJobRequest) -> TrainingConfig
         "caption_dropout",
         "snr_gamma",
         "mask_temperature",
+        "evaluation_guidance",
     ):
         if name in values:  # float32 on the wire: keep the decimal the caller wrote
             values[name] = float(f"{values[name]:.7g}")
@@ -116,8 +132,10 @@ def config_to_proto(config: dict) -> trainer_pb2.TrainingConfig:
             setattr(message, name, config[name])
     for name in _STRING_OPTIONS:
         setattr(message, name, config.get(name) or "")
-    message.lora_unet_target_modules.extend(config.get("lora_unet_target_modules", []))
-    message.lora_clip_target_modules.extend(config.get("lora_clip_target_modules", []))
+    for name in _LIST_OPTIONS:
+        getattr(message, name).extend(config.get(name, []))
+    message.evaluation_scorer = SCORER_TO_PROTO.get(config.get("evaluation_scorer", "auto"), 0)
+    message.select_final = FINAL_SELECTION_TO_PROTO[config.get("select_final", "last")]
     message.lr_scheduler = LR_SCHEDULER_TO_PROTO[config["lr_scheduler"]]
     message.lr_scheduler_lora = LR_SCHEDULER_TO_PROTO[config.get("lr_scheduler_lora", "linear")]
     message.mixed_precision = PRECISION_TO_PROTO[config["mixed_precision"]]
@@ -149,6 +167,7 @@ def job_to_proto(job: JobRecord) -> trainer_pb2.Job:
         final_artifact_id=job.final_artifact_id,
         checkpoint_artifact_ids=job.checkpoint_artifact_ids, num_instance_images=job.num_images,
         config=config_to_proto(job.config), last_event_sequence=job.last_sequence,
+        best_artifact_id=job.best_artifact_id,
     )  # fmt: skip
 
 
@@ -167,6 +186,9 @@ def event_to_proto(record: EventRecord) -> trainer_pb2.JobEvent:
             message.checkpoint.global_step = step
         case events.FinalArtifact(artifact_id=artifact_id):
             message.final_artifact.artifact_id = artifact_id
+        case events.Evaluated(artifact_id=artifact_id, evaluation=evaluation, best=best):
+            message.evaluation.artifact_id, message.evaluation.best = artifact_id, best
+            evaluation_to_proto(Evaluation.from_dict(evaluation), message.evaluation.evaluation)
         case events.Preview() as preview:
             message.preview.global_step = preview.global_step
             message.preview.prompt = preview.prompt
@@ -426,7 +448,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         assert record is not None
         bundle = await asyncio.to_thread(bundles.read_bundle, path, verify=False)
         manifest = bundle.manifest
-        return trainer_pb2.Artifact(
+        artifact = trainer_pb2.Artifact(
             artifact_id=record.artifact_id, job_id=record.job_id,
             kind=ARTIFACT_KIND_TO_PROTO[record.kind],
             global_step=record.global_step, base_model=manifest.base_model,
@@ -436,6 +458,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
                                             sha256=info["sha256"])
                    for name, info in sorted(manifest.files.items())],
         )  # fmt: skip
+        if manifest.evaluation:
+            evaluation_to_proto(Evaluation.from_dict(manifest.evaluation), artifact.evaluation)
+        return artifact
 
     async def DownloadArtifact(self, request, context):
         path = await self.service.artifact_path(request.artifact_id)

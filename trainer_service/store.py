@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer_service.database import Database, SqliteDatabase, Tx
-from trainer_service.events import JobEvent, Log, Progress, StateChange, from_payload, to_payload
+from trainer_service.events import (
+    Evaluated,
+    JobEvent,
+    Log,
+    Progress,
+    StateChange,
+    from_payload,
+    to_payload,
+)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled",
@@ -56,6 +64,7 @@ class JobRecord:
     cancel_requested: bool = False
     attempts: int = 0  # times a replica claimed it
     request_trace: str = ""  # the x-request-id of the CreateJob call
+    best_artifact_id: str = ""  # the checkpoint whose evaluation scored best
 
 
 @dataclass
@@ -151,7 +160,7 @@ class JobStore:
             last_sequence=row["last_sequence"], checkpoint_artifact_ids=checkpoints,
             owner=row["owner"], lease_expires_at=row["lease_expires_at"],
             cancel_requested=bool(row["cancel_requested"]), attempts=row["attempts"],
-            request_trace=row["request_trace"],
+            request_trace=row["request_trace"], best_artifact_id=row["best_artifact_id"],
         )  # fmt: skip
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -310,6 +319,9 @@ class JobStore:
         with self.db.transaction() as tx:
             self._check_owner(tx, job_id, owner)
             sequence = self._append(tx, job_id, event, time.time())
+            if isinstance(event, Evaluated) and event.best:
+                tx.run("UPDATE jobs SET best_artifact_id=? WHERE job_id=?",
+                       (event.artifact_id, job_id))  # fmt: skip
         return sequence
 
     def events_after(self, job_id: str, after: int, limit: int = 500) -> list[EventRecord]:

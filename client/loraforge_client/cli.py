@@ -38,7 +38,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         elif field.type == field.TYPE_BOOL:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif field.type == field.TYPE_STRING and field.is_repeated:
-            group.add_argument(flag, nargs="+", metavar="MODULE")
+            group.add_argument(flag, nargs="+", metavar="TEXT")
+        elif field.type == field.TYPE_FLOAT and field.is_repeated:
+            group.add_argument(flag, nargs="+", type=float, metavar="X")
         elif field.type == field.TYPE_STRING:
             group.add_argument(flag)
         elif field.type == field.TYPE_FLOAT:
@@ -107,6 +109,10 @@ class ProgressPrinter:
             self.stream.write(f"checkpoint at step {event.global_step}: {event.artifact_id}\n")
         elif event.kind == "final_artifact":
             self.stream.write(f"final artifact: {event.artifact_id}\n")
+        elif event.kind == "evaluation" and event.evaluation is not None:
+            best = " (best so far)" if event.best else ""
+            self.stream.write(f"{event.evaluation.table()}\n  checkpoint {event.artifact_id}"
+                              f"{best}\n")  # fmt: skip
         elif event.kind == "preview":
             self.stream.write(
                 f"preview at step {event.global_step} ({len(event.preview_png)} bytes PNG)\n"
@@ -222,12 +228,14 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         else:
             print(
                 f"{'ADAPTER':24s} {'RESIDENT':8s} {'PINNED':6s} {'RANK':>4s} {'FAMILY':6s} "
-                f"{'FORMAT':11s} TOKENS"
+                f"{'FORMAT':11s} {'SCALE':>5s} TOKENS"
             )
             for a in client.list_adapters():
+                # the recommended scale, where its training measured one
+                scale = f"{a.evaluation.recommended_scale:5.2f}" if a.evaluation else "    -"
                 print(
                     f"{a.adapter_id:24s} {a.resident!s:8s} {a.pinned!s:6s} {a.rank:4d} "
-                    f"{a.family:6s} {a.source_format:11s} {' '.join(a.tokens)}"
+                    f"{a.family:6s} {a.source_format:11s} {scale} {' '.join(a.tokens)}"
                 )
     return 0
 

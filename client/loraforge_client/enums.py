@@ -24,6 +24,8 @@ TRAINING_ENUMS = {  # TrainingConfig fields that are enums
     "lr_scheduler": by_name(trainer_pb2.LrScheduler, "LR_SCHEDULER_"),
     "lr_scheduler_lora": by_name(trainer_pb2.LrScheduler, "LR_SCHEDULER_"),
     "mixed_precision": by_name(trainer_pb2.MixedPrecision, "MIXED_PRECISION_"),
+    "evaluation_scorer": by_name(trainer_pb2.EvaluationScorer, "EVALUATION_SCORER_"),
+    "select_final": by_name(trainer_pb2.FinalSelection, "FINAL_SELECTION_"),
 }
 # "default": the server's model's own scheduler (SCHEDULER_UNSPECIFIED).
 SCHEDULERS = {"default": 0, **by_name(generator_pb2.Scheduler, "SCHEDULER_")}

@@ -32,6 +32,44 @@ class Progress:
 
 
 @dataclass
+class ScaleScore:
+    scale: float
+    subject_fidelity: float
+    prompt_fidelity: float
+    images: int
+
+
+@dataclass
+class Evaluation:
+    """A checkpoint rendered at several adapter scales and scored (see the proto)."""
+
+    global_step: int
+    scores: list[ScaleScore]
+    scorer: str
+    scorer_model: str
+    recommended_scale: float
+    score: float
+    seconds: float
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Evaluation) -> Evaluation:
+        scores = [ScaleScore(s.scale, s.subject_fidelity, s.prompt_fidelity, s.images)
+                  for s in m.scores]  # fmt: skip
+        return cls(m.global_step, scores, m.scorer, m.scorer_model, m.recommended_scale,
+                   m.score, m.seconds)  # fmt: skip
+
+    def table(self) -> str:
+        """The scores as a small table, the recommended scale marked."""
+        lines = [f"evaluation at step {self.global_step} ({self.scorer}, {self.seconds:.1f} s)",
+                 "  scale  subject  prompt  images"]  # fmt: skip
+        for s in self.scores:
+            mark = "  <- recommended" if abs(s.scale - self.recommended_scale) < 1e-6 else ""
+            lines.append(f"  {s.scale:5.2f}  {s.subject_fidelity:7.3f}  "
+                         f"{s.prompt_fidelity:6.3f}  {s.images:6d}{mark}")  # fmt: skip
+        return "\n".join(lines)
+
+
+@dataclass
 class Job:
     job_id: str
     request_id: str
@@ -44,6 +82,7 @@ class Job:
     checkpoint_artifact_ids: list[str]
     last_event_sequence: int
     proto: trainer_pb2.Job = field(repr=False)
+    best_artifact_id: str = ""  # the checkpoint whose evaluation scored best
 
     @property
     def done(self) -> bool:
@@ -56,7 +95,7 @@ class Job:
             list(job.placeholder_tokens), job.failure_reason,
             Progress.from_proto(job.progress) if job.HasField("progress") else None,
             job.final_artifact_id, list(job.checkpoint_artifact_ids), job.last_event_sequence,
-            job,
+            job, job.best_artifact_id,
         )  # fmt: skip
 
 
@@ -66,7 +105,7 @@ class JobEvent:
 
     job_id: str
     sequence: int
-    kind: str  # state | progress | checkpoint | preview | log | final_artifact
+    kind: str  # state | progress | checkpoint | evaluation | preview | log | final_artifact
     state: str = ""
     reason: str = ""
     progress: Progress | None = None
@@ -75,6 +114,8 @@ class JobEvent:
     preview_png: bytes = b""
     level: str = ""
     message: str = ""
+    evaluation: Evaluation | None = None  # with artifact_id; best: the job's best so far
+    best: bool = False
 
     @classmethod
     def from_proto(cls, e: trainer_pb2.JobEvent) -> JobEvent:
@@ -92,6 +133,10 @@ class JobEvent:
             )
         elif kind == "final_artifact":
             event.artifact_id = e.final_artifact.artifact_id
+        elif kind == "evaluation":
+            event.artifact_id, event.best = e.evaluation.artifact_id, e.evaluation.best
+            event.evaluation = Evaluation.from_proto(e.evaluation.evaluation)
+            event.global_step = event.evaluation.global_step
         elif kind == "preview":
             event.preview_png, event.global_step = e.preview.image.data, e.preview.global_step
         else:
@@ -131,14 +176,20 @@ class GeneratedImage:
 
 @dataclass
 class AdapterRef:
-    """An adapter in a request: W = W0 + scale * dW (text encoder: text_encoder_scale)."""
+    """An adapter in a request: W = W0 + scale * dW (text encoder: text_encoder_scale). With
+    ``use_recommended_scale`` the scales multiply the adapter's recommended scale."""
 
     adapter_id: str
     scale: float = 1.0
     text_encoder_scale: float | None = None
+    use_recommended_scale: bool = False
 
     def to_proto(self) -> generator_pb2.AdapterRef:
-        ref = generator_pb2.AdapterRef(adapter_id=self.adapter_id, scale=self.scale)
+        ref = generator_pb2.AdapterRef(
+            adapter_id=self.adapter_id,
+            scale=self.scale,
+            use_recommended_scale=self.use_recommended_scale,
+        )
         if self.text_encoder_scale is not None:
             ref.text_encoder_scale = self.text_encoder_scale
         return ref
@@ -154,11 +205,14 @@ class AdapterRef:
 
     @classmethod
     def parse(cls, text: str) -> AdapterRef:
-        """CLI form ``id[:scale[:text_encoder_scale]]``."""
+        """CLI form ``id[:scale[:text_encoder_scale]]``; a scale written with ``x`` (``1x``,
+        ``0.8x``) is a multiple of the adapter's recommended scale."""
         adapter_id, *scales = text.split(":")
         if not adapter_id or len(scales) > 2:
             raise ValueError(f"{text!r}: use ID[:SCALE[:TE_SCALE]]")
-        return cls(adapter_id, *(float(s) for s in scales))
+        relative = any(s.endswith("x") for s in scales)
+        return cls(adapter_id, *(float(s.removesuffix("x")) for s in scales),
+                   use_recommended_scale=relative)  # fmt: skip
 
 
 @dataclass
@@ -172,6 +226,7 @@ class AdapterInfo:
     pinned: bool
     source_format: str
     family: str = ""  # the model family it was made for: sd | sdxl
+    evaluation: Evaluation | None = None  # its training checkpoint's, where it was scored
 
     @classmethod
     def from_proto(cls, a: generator_pb2.AdapterInfo) -> AdapterInfo:
@@ -185,6 +240,7 @@ class AdapterInfo:
             a.pinned,
             a.source_format,
             a.family,
+            Evaluation.from_proto(a.evaluation) if a.HasField("evaluation") else None,
         )
 
 

@@ -10,7 +10,7 @@ loaded with ``weights_only=True``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class TrainingState:
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     torch_rng: torch.Tensor
+    # The checkpoints' evaluations so far: {"artifact_id": ..., **Evaluation.to_dict()}
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)

@@ -31,10 +31,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from loraforge_core.bundle import Bundle, Manifest, store_bundle
+from loraforge_core.bundle import Bundle, Manifest, read_bundle, store_bundle
+from loraforge_core.evaluation import Evaluation
 from trainer_service.config import TrainingConfig
 from trainer_service.events import (
     Checkpoint,
+    Evaluated,
     FinalArtifact,
     JobEvent,
     Log,
@@ -55,6 +57,7 @@ from trainer_service.training.loss import add_noise, prediction_loss
 from trainer_service.training.masks import face_mask
 from trainer_service.training.models import BaseModel, unet_conditioning
 from trainer_service.training.progress import StepRate, eta_seconds
+from trainer_service.training.scoring import EvaluationPlan, make_scorer
 from trainer_service.training.tokens import PlaceholderTokens
 
 log = logging.getLogger("loraforge.training")
@@ -102,6 +105,8 @@ class Trainer:
         )
         self.rank = self.accelerator.process_index
         self.global_step = 0
+        # (artifact id, evaluation) of each evaluated checkpoint, in order
+        self.evaluations: list[tuple[str, Evaluation]] = []
         self._rate = StepRate()
         self._phase_started("preparing", config.total_steps)
         self.model = BaseModel.load(
@@ -119,6 +124,11 @@ class Trainer:
             config, examples, self.model.vae, self.resolution, self.accelerator.device,
             class_pixels=self._class_pixels(), bucket_step=self.model.size_step,
         )  # fmt: skip
+        # Made before training, so that a scorer that cannot load fails the job at once.
+        self.scorer = make_scorer(
+            config.evaluation_scorer, config.evaluation_model, [e.image for e in examples],
+            self.model.path, self.accelerator.device,
+        ) if config.evaluation_scales and self.is_main else None  # fmt: skip
         self._report_ranks()
 
     # ---------------------------------------------------------------- reporting
@@ -265,28 +275,79 @@ class Trainer:
         return {name: lora.peft_state(module) for name, module in self._components().items()}
 
     def _save_checkpoint(self, phase: str, optimizer: Any, scheduler: Any) -> None:
-        """Training state (atomic) and a bundle artifact of the weights so far."""
+        """A bundle artifact of the weights so far (scored first, with evaluation on), then
+        the training state (atomic), which records the evaluations too."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            evaluation = self._evaluate()
             started = time.perf_counter()
+            bundle = self.export_bundle(evaluation)
             TrainingState(
                 global_step=self.global_step, phase=phase, seed=self.seed,
                 embeddings=self.tokens.rows(), lora=self._lora_states(),
                 optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
                 torch_rng=torch.get_rng_state(),
+                evaluations=[{"artifact_id": artifact_id, **e.to_dict()}
+                             for artifact_id, e in self._evaluations_with(bundle.id, evaluation)],
             ).save(self.paths.checkpoints)  # fmt: skip
-            bundle = self.export_bundle()
             self.emit(Checkpoint(bundle.id, self.global_step, time.perf_counter() - started))
+            if evaluation is not None:
+                self._record_evaluation(bundle.id, evaluation)
         self.accelerator.wait_for_everyone()
 
     def _restore(self, state: TrainingState) -> None:
-        """The step, seed, token rows and RNG of a checkpoint (the phase restores the rest)."""
+        """The step, seed, token rows, RNG and evaluations of a checkpoint (the phase
+        restores the rest)."""
         self.global_step = state.global_step
         self.seed = state.seed
         self.tokens.load_rows(state.embeddings)
         torch.set_rng_state(state.torch_rng)
+        self.evaluations = [(e.pop("artifact_id"), Evaluation.from_dict(e))
+                            for e in map(dict, state.evaluations)]  # fmt: skip
 
-    def export_bundle(self) -> Bundle:
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate(self) -> Evaluation | None:
+        """The weights as they are now, rendered at the configured scales and scored (on the
+        training device, timed: training waits exactly that long)."""
+        config = self.config
+        if self.scorer is None:
+            return None
+        started = time.perf_counter()
+        plan = EvaluationPlan(list(config.evaluation_scales), list(config.evaluation_prompts),
+                              config.evaluation_images, config.evaluation_seed)  # fmt: skip
+        subject = "".join(config.learned_tokens) or config.instance_prompt
+        scores = self.scorer.evaluate(self._render_at, subject, plan)
+        return Evaluation.of(self.global_step, scores, self.scorer.name, self.scorer.model,
+                             time.perf_counter() - started)  # fmt: skip
+
+    def _render_at(self, prompt: str, scale: float, seed: int) -> Any:
+        """One evaluation image with every LoRA layer at ``scale`` (the tokens stay)."""
+        config = self.config
+        with lora.scaled(list(self._components().values()), scale):
+            return self.model.render(prompt, self.resolution, seed, config.evaluation_steps,
+                                     config.evaluation_guidance)  # fmt: skip
+
+    def _evaluations_with(
+        self, artifact_id: str, evaluation: Evaluation | None
+    ) -> list[tuple[str, Evaluation]]:
+        return self.evaluations + ([(artifact_id, evaluation)] if evaluation else [])
+
+    def _record_evaluation(self, artifact_id: str, evaluation: Evaluation) -> None:
+        """Keep and report an evaluation; the best so far is the highest score (the later of
+        equals)."""
+        best = all(evaluation.score >= e.score for _, e in self.evaluations)
+        self.evaluations.append((artifact_id, evaluation))
+        self.emit(Evaluated(artifact_id, evaluation.to_dict(), best))
+
+    def _final_choice(self, final: Bundle) -> tuple[str, int]:
+        """(artifact id, step) of the job's final artifact: the last bundle, or with
+        ``select_final`` best the best-scoring evaluated one."""
+        if self.config.select_final != "best" or not self.evaluations:
+            return final.id, self.global_step
+        best_id, best = max(reversed(self.evaluations), key=lambda item: item[1].score)
+        return best_id, best.global_step
+
+    def export_bundle(self, evaluation: Evaluation | None = None) -> Bundle:
         config = self.config
         manifest = Manifest(
             base_model=config.pretrained_model_name_or_path or "loraforge/tiny",
@@ -305,6 +366,7 @@ class Trainer:
                              "num_processes": self.accelerator.num_processes},
             base_model_revision=config.revision,
             family=self.model.family.name,
+            evaluation=evaluation.to_dict() if evaluation else {},
         )  # fmt: skip
         states = self._lora_states()
         lora_state = lora.diffusers_lora_state(
@@ -446,9 +508,22 @@ class Trainer:
             self._progress("tuning", self.global_step - offset, steps, loss.item(), lrs[0])
             self._after_step("tuning", optimizer, scheduler)
 
+    def _final_bundle(self) -> Bundle:
+        """The last step's bundle: the last checkpoint's evaluation where it was one, else
+        scored now (with evaluation on)."""
+        last = self.evaluations[-1] if self.evaluations else None
+        if last is not None and last[1].global_step == self.global_step:
+            return self.export_bundle(last[1])
+        evaluation = self._evaluate()
+        bundle = self.export_bundle(evaluation)
+        if evaluation is not None:
+            self._record_evaluation(bundle.id, evaluation)
+        return bundle
+
     # ---------------------------------------------------------------- entry point
     def run(self, resume: bool = True) -> Bundle | None:
-        """Train (resuming from the latest checkpoint when there is one); return the bundle.
+        """Train (resuming from the latest checkpoint when there is one); return the final
+        artifact's bundle (the last step's, or with ``select_final`` best the best checkpoint's).
 
         Ranks other than the main process return None.
         """
@@ -464,8 +539,11 @@ class Trainer:
             self._run_tuning(None)
         self._phase_started("saving", self.config.total_steps)
         self.accelerator.wait_for_everyone()
-        bundle = self.export_bundle() if self.is_main else None
+        bundle = self._final_bundle() if self.is_main else None
         if bundle is not None:
-            self.emit(FinalArtifact(artifact_id=bundle.id, global_step=self.global_step))
+            artifact_id, step = self._final_choice(bundle)
+            if artifact_id != bundle.id:  # an earlier checkpoint scored best
+                bundle = read_bundle(self.paths.artifacts / artifact_id)
+            self.emit(FinalArtifact(artifact_id=artifact_id, global_step=step))
         self.accelerator.end_training()
         return bundle

@@ -6,6 +6,9 @@ directly, because transformers 5.x's ``add_adapter`` demands peft >= 0.22 (see c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
@@ -26,6 +29,23 @@ def add_unet_lora(unet: torch.nn.Module, config: LoraConfig) -> None:
 
 def add_text_encoder_lora(text_encoder: torch.nn.Module, config: LoraConfig) -> None:
     inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
+
+
+@contextmanager
+def scaled(modules: list[torch.nn.Module], scale: float) -> Iterator[None]:
+    """Every peft LoRA layer of ``modules`` at ``scale`` times its trained strength, for the
+    duration (an evaluation's renders); restored after."""
+    layers = [layer for module in modules for layer in module.modules()
+              if isinstance(getattr(layer, "scaling", None), dict)]  # fmt: skip
+    saved = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        for name in layer.scaling:
+            layer.scaling[name] *= scale
+    try:
+        yield
+    finally:
+        for layer, scaling in zip(layers, saved, strict=True):
+            layer.scaling.update(scaling)
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -147,7 +147,10 @@ class BaseModel:
         return pipe
 
     @torch.no_grad()
-    def render(self, prompt: str, resolution: int, seed: int, steps: int = 20) -> Any:
+    def render(
+        self, prompt: str, resolution: int, seed: int, steps: int = 20,
+        guidance: float | None = None,
+    ) -> Any:  # fmt: skip
         """One image of ``prompt`` with the weights as they are now (a training preview); the
         modules' train/eval modes are left as they were.
 
@@ -164,9 +167,11 @@ class BaseModel:
         mixed = self.weight_dtype != torch.float32
         try:
             with torch.autocast(device.type, dtype=self.weight_dtype, enabled=mixed):
+                options = {} if guidance is None else {"guidance_scale": guidance}
                 latents = pipe(
                     prompt, height=resolution, width=resolution, num_inference_steps=steps,
                     generator=torch.Generator().manual_seed(seed), output_type="latent",
+                    **options,
                 ).images  # fmt: skip
             return self.decode(latents)[0]
         finally:

@@ -24,15 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraforge/v1/common.proto\x12\x0cloraforge.v1\"m\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.loraforge.v1.ImageFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraforge/v1/common.proto\x12\x0cloraforge.v1\"m\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.loraforge.v1.ImageFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"^\n\nScaleScore\x12\r\n\x05scale\x18\x01 \x01(\x02\x12\x18\n\x10subject_fidelity\x18\x02 \x01(\x02\x12\x17\n\x0fprompt_fidelity\x18\x03 \x01(\x02\x12\x0e\n\x06images\x18\x04 \x01(\r\"\xac\x01\n\nEvaluation\x12\x13\n\x0bglobal_step\x18\x01 \x01(\r\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.loraforge.v1.ScaleScore\x12\x0e\n\x06scorer\x18\x03 \x01(\t\x12\x14\n\x0cscorer_model\x18\x04 \x01(\t\x12\x19\n\x11recommended_scale\x18\x05 \x01(\x02\x12\r\n\x05score\x18\x06 \x01(\x02\x12\x0f\n\x07seconds\x18\x07 \x01(\x02*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraforge.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEFORMAT']._serialized_start=154
-  _globals['_IMAGEFORMAT']._serialized_end=265
+  _globals['_IMAGEFORMAT']._serialized_start=425
+  _globals['_IMAGEFORMAT']._serialized_end=536
   _globals['_IMAGE']._serialized_start=43
   _globals['_IMAGE']._serialized_end=152
+  _globals['_SCALESCORE']._serialized_start=154
+  _globals['_SCALESCORE']._serialized_end=248
+  _globals['_EVALUATION']._serialized_start=251
+  _globals['_EVALUATION']._serialized_end=423
 # @@protoc_insertion_point(module_scope)

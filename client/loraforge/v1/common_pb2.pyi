@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -72,3 +74,89 @@ class Image(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Image: _TypeAlias = Image  # noqa: Y015
+
+@_typing.final
+class ScaleScore(_message.Message):
+    """One adapter scale's scores in a checkpoint's evaluation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCALE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIDELITY_FIELD_NUMBER: _builtins.int
+    PROMPT_FIDELITY_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    scale: _builtins.float
+    subject_fidelity: _builtins.float
+    """Does it show the subject: toy world, the fraction of renders the checker reads as the
+    concept; CLIP, the mean cosine similarity of renders to the instance images (CLIP-I).
+    """
+    prompt_fidelity: _builtins.float
+    """Does it follow the rest of the prompt: toy world, the fraction that also show what the
+    prompt asks; CLIP, the mean cosine similarity of renders to their prompts (CLIP-T).
+    """
+    images: _builtins.int
+    def __init__(
+        self,
+        *,
+        scale: _builtins.float = ...,
+        subject_fidelity: _builtins.float = ...,
+        prompt_fidelity: _builtins.float = ...,
+        images: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "prompt_fidelity", b"prompt_fidelity", "scale", b"scale", "subject_fidelity", b"subject_fidelity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleScore: _TypeAlias = ScaleScore  # noqa: Y015
+
+@_typing.final
+class Evaluation(_message.Message):
+    """A checkpoint rendered at several adapter scales and scored (training's evaluation)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GLOBAL_STEP_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    SCORER_FIELD_NUMBER: _builtins.int
+    SCORER_MODEL_FIELD_NUMBER: _builtins.int
+    RECOMMENDED_SCALE_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    global_step: _builtins.int
+    scorer: _builtins.str
+    """toy_world | clip"""
+    scorer_model: _builtins.str
+    """the CLIP model's id or folder; empty for toy_world"""
+    recommended_scale: _builtins.float
+    """The smallest scale whose subject fidelity gets 90% of the way from the smallest scale's
+    to the best (no scale gaining anything: the one nearest 1): "1.0" of this adapter
+    (AdapterRef.use_recommended_scale).
+    """
+    score: _builtins.float
+    """subject + prompt fidelity there: ranks checkpoints"""
+    seconds: _builtins.float
+    """scoring time, which training waited for"""
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScaleScore]:
+        """by scale"""
+
+    def __init__(
+        self,
+        *,
+        global_step: _builtins.int = ...,
+        scores: _abc.Iterable[Global___ScaleScore] | None = ...,
+        scorer: _builtins.str = ...,
+        scorer_model: _builtins.str = ...,
+        recommended_scale: _builtins.float = ...,
+        score: _builtins.float = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_step", b"global_step", "recommended_scale", b"recommended_scale", "score", b"score", "scorer", b"scorer", "scorer_model", b"scorer_model", "scores", b"scores", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Evaluation: _TypeAlias = Evaluation  # noqa: Y015

@@ -56,21 +56,27 @@ class AdapterRef(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
     TEXT_ENCODER_SCALE_FIELD_NUMBER: _builtins.int
+    USE_RECOMMENDED_SCALE_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     scale: _builtins.float
     """unset: 1.0"""
     text_encoder_scale: _builtins.float
     """unset: scale"""
+    use_recommended_scale: _builtins.bool
+    """The scales are multiples of the adapter's recommended scale (its evaluation's; 1.0 where
+    it has none): scale 1.0 is "this adapter's measured strength".
+    """
     def __init__(
         self,
         *,
         adapter_id: _builtins.str = ...,
         scale: _builtins.float | None = ...,
         text_encoder_scale: _builtins.float | None = ...,
+        use_recommended_scale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "_text_encoder_scale", b"_text_encoder_scale", "scale", b"scale", "text_encoder_scale", b"text_encoder_scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "_text_encoder_scale", b"_text_encoder_scale", "adapter_id", b"adapter_id", "scale", b"scale", "text_encoder_scale", b"text_encoder_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "_text_encoder_scale", b"_text_encoder_scale", "adapter_id", b"adapter_id", "scale", b"scale", "text_encoder_scale", b"text_encoder_scale", "use_recommended_scale", b"use_recommended_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
     _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
@@ -282,6 +288,7 @@ class AdapterInfo(_message.Message):
     SOURCE_FORMAT_FIELD_NUMBER: _builtins.int
     HAS_TEXT_ENCODER_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     rank: _builtins.int
     size_bytes: _builtins.int
@@ -295,6 +302,10 @@ class AdapterInfo(_message.Message):
     """The model family the adapter was made for, which is the serving model's: sd | sdxl."""
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def evaluation(self) -> _common_pb2.Evaluation:
+        """unset: the bundle carries none"""
+
     def __init__(
         self,
         *,
@@ -308,10 +319,11 @@ class AdapterInfo(_message.Message):
         source_format: _builtins.str = ...,
         has_text_encoder: _builtins.bool = ...,
         family: _builtins.str = ...,
+        evaluation: _common_pb2.Evaluation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "family", b"family", "has_text_encoder", b"has_text_encoder", "pinned", b"pinned", "rank", b"rank", "resident", b"resident", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_format", b"source_format", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "evaluation", b"evaluation", "family", b"family", "has_text_encoder", b"has_text_encoder", "pinned", b"pinned", "rank", b"rank", "resident", b"resident", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_format", b"source_format", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

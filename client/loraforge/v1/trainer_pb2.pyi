@@ -159,6 +159,48 @@ TRAINING_PHASE_TUNING: TrainingPhase.ValueType  # 3
 TRAINING_PHASE_SAVING: TrainingPhase.ValueType  # 4
 Global___TrainingPhase: _TypeAlias = TrainingPhase  # noqa: Y015
 
+class _EvaluationScorer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EvaluationScorerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EvaluationScorer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVALUATION_SCORER_UNSPECIFIED: _EvaluationScorer.ValueType  # 0
+    """auto: toy world on loraforge's toy models, else CLIP"""
+    EVALUATION_SCORER_TOY_WORLD: _EvaluationScorer.ValueType  # 1
+    EVALUATION_SCORER_CLIP: _EvaluationScorer.ValueType  # 2
+
+class EvaluationScorer(_EvaluationScorer, metaclass=_EvaluationScorerEnumTypeWrapper): ...
+
+EVALUATION_SCORER_UNSPECIFIED: EvaluationScorer.ValueType  # 0
+"""auto: toy world on loraforge's toy models, else CLIP"""
+EVALUATION_SCORER_TOY_WORLD: EvaluationScorer.ValueType  # 1
+EVALUATION_SCORER_CLIP: EvaluationScorer.ValueType  # 2
+Global___EvaluationScorer: _TypeAlias = EvaluationScorer  # noqa: Y015
+
+class _FinalSelection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FinalSelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinalSelection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FINAL_SELECTION_UNSPECIFIED: _FinalSelection.ValueType  # 0
+    """last"""
+    FINAL_SELECTION_LAST: _FinalSelection.ValueType  # 1
+    """the bundle of the last step"""
+    FINAL_SELECTION_BEST: _FinalSelection.ValueType  # 2
+    """the checkpoint whose evaluation scored best"""
+
+class FinalSelection(_FinalSelection, metaclass=_FinalSelectionEnumTypeWrapper): ...
+
+FINAL_SELECTION_UNSPECIFIED: FinalSelection.ValueType  # 0
+"""last"""
+FINAL_SELECTION_LAST: FinalSelection.ValueType  # 1
+"""the bundle of the last step"""
+FINAL_SELECTION_BEST: FinalSelection.ValueType  # 2
+"""the checkpoint whose evaluation scored best"""
+Global___FinalSelection: _TypeAlias = FinalSelection  # noqa: Y015
+
 class _ArtifactKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -267,6 +309,15 @@ class TrainingConfig(_message.Message):
     PRIOR_LOSS_WEIGHT_FIELD_NUMBER: _builtins.int
     VALIDATION_PROMPT_FIELD_NUMBER: _builtins.int
     VALIDATION_STEPS_FIELD_NUMBER: _builtins.int
+    EVALUATION_SCALES_FIELD_NUMBER: _builtins.int
+    EVALUATION_PROMPTS_FIELD_NUMBER: _builtins.int
+    EVALUATION_IMAGES_FIELD_NUMBER: _builtins.int
+    EVALUATION_SEED_FIELD_NUMBER: _builtins.int
+    EVALUATION_SCORER_FIELD_NUMBER: _builtins.int
+    EVALUATION_MODEL_FIELD_NUMBER: _builtins.int
+    EVALUATION_STEPS_FIELD_NUMBER: _builtins.int
+    EVALUATION_GUIDANCE_FIELD_NUMBER: _builtins.int
+    SELECT_FINAL_FIELD_NUMBER: _builtins.int
     resolution: _builtins.int
     """the model's native size (512 for SD 1.5)"""
     aspect_ratio_bucketing: _builtins.bool
@@ -397,6 +448,20 @@ class TrainingConfig(_message.Message):
     """
     validation_steps: _builtins.int
     """save_steps"""
+    evaluation_images: _builtins.int
+    """4 per prompt and scale"""
+    evaluation_seed: _builtins.int
+    """0: render i of a prompt uses seed + i"""
+    evaluation_scorer: Global___EvaluationScorer.ValueType
+    """auto"""
+    evaluation_model: _builtins.str
+    """CLIP: openai/clip-vit-base-patch32"""
+    evaluation_steps: _builtins.int
+    """20"""
+    evaluation_guidance: _builtins.float
+    """5.0"""
+    select_final: Global___FinalSelection.ValueType
+    """last; best needs evaluation_scales"""
     @_builtins.property
     def lora_unet_target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """attention projections + GEGLU"""
@@ -404,6 +469,18 @@ class TrainingConfig(_message.Message):
     @_builtins.property
     def lora_clip_target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """CLIP attention projections"""
+
+    @_builtins.property
+    def evaluation_scales(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Evaluation of every checkpoint: rendered at these adapter scales (UNet and text
+        encoders alike; the learned tokens stay) and scored. Empty: no evaluation.
+        """
+
+    @_builtins.property
+    def evaluation_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"{}" stands for the learned tokens (DreamBooth-LoRA: the instance prompt). CLIP scorer;
+        empty: "a {}" and "a photo of a {}". The toy-world scorer uses its own probes.
+        """
 
     def __init__(
         self,
@@ -459,10 +536,19 @@ class TrainingConfig(_message.Message):
         prior_loss_weight: _builtins.float | None = ...,
         validation_prompt: _builtins.str = ...,
         validation_steps: _builtins.int | None = ...,
+        evaluation_scales: _abc.Iterable[_builtins.float] | None = ...,
+        evaluation_prompts: _abc.Iterable[_builtins.str] | None = ...,
+        evaluation_images: _builtins.int | None = ...,
+        evaluation_seed: _builtins.int | None = ...,
+        evaluation_scorer: Global___EvaluationScorer.ValueType = ...,
+        evaluation_model: _builtins.str = ...,
+        evaluation_steps: _builtins.int | None = ...,
+        evaluation_guidance: _builtins.float | None = ...,
+        select_final: Global___FinalSelection.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_evaluation_guidance", b"_evaluation_guidance", "_evaluation_images", b"_evaluation_images", "_evaluation_seed", b"_evaluation_seed", "_evaluation_steps", b"_evaluation_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "evaluation_guidance", b"evaluation_guidance", "evaluation_images", b"evaluation_images", "evaluation_seed", b"evaluation_seed", "evaluation_steps", b"evaluation_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_scheduler_lora", b"lr_scheduler_lora", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "placeholder_token_at_data", b"placeholder_token_at_data", "pretrained_vae_name_or_path", b"pretrained_vae_name_or_path", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "revision", b"revision", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_evaluation_guidance", b"_evaluation_guidance", "_evaluation_images", b"_evaluation_images", "_evaluation_seed", b"_evaluation_seed", "_evaluation_steps", b"_evaluation_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "evaluation_guidance", b"evaluation_guidance", "evaluation_images", b"evaluation_images", "evaluation_model", b"evaluation_model", "evaluation_prompts", b"evaluation_prompts", "evaluation_scales", b"evaluation_scales", "evaluation_scorer", b"evaluation_scorer", "evaluation_seed", b"evaluation_seed", "evaluation_steps", b"evaluation_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_scheduler_lora", b"lr_scheduler_lora", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "placeholder_token_at_data", b"placeholder_token_at_data", "pretrained_vae_name_or_path", b"pretrained_vae_name_or_path", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "revision", b"revision", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "select_final", b"select_final", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__aspect_ratio_bucketing: _TypeAlias = _typing.Literal["aspect_ratio_bucketing"]  # noqa: Y015
     _WhichOneofArgType__aspect_ratio_bucketing: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing"]  # noqa: Y015
@@ -478,6 +564,14 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__continue_inversion: _TypeAlias = _typing.Literal["_continue_inversion", b"_continue_inversion"]  # noqa: Y015
     _WhichOneofReturnType__continue_inversion_lr: _TypeAlias = _typing.Literal["continue_inversion_lr"]  # noqa: Y015
     _WhichOneofArgType__continue_inversion_lr: _TypeAlias = _typing.Literal["_continue_inversion_lr", b"_continue_inversion_lr"]  # noqa: Y015
+    _WhichOneofReturnType__evaluation_guidance: _TypeAlias = _typing.Literal["evaluation_guidance"]  # noqa: Y015
+    _WhichOneofArgType__evaluation_guidance: _TypeAlias = _typing.Literal["_evaluation_guidance", b"_evaluation_guidance"]  # noqa: Y015
+    _WhichOneofReturnType__evaluation_images: _TypeAlias = _typing.Literal["evaluation_images"]  # noqa: Y015
+    _WhichOneofArgType__evaluation_images: _TypeAlias = _typing.Literal["_evaluation_images", b"_evaluation_images"]  # noqa: Y015
+    _WhichOneofReturnType__evaluation_seed: _TypeAlias = _typing.Literal["evaluation_seed"]  # noqa: Y015
+    _WhichOneofArgType__evaluation_seed: _TypeAlias = _typing.Literal["_evaluation_seed", b"_evaluation_seed"]  # noqa: Y015
+    _WhichOneofReturnType__evaluation_steps: _TypeAlias = _typing.Literal["evaluation_steps"]  # noqa: Y015
+    _WhichOneofArgType__evaluation_steps: _TypeAlias = _typing.Literal["_evaluation_steps", b"_evaluation_steps"]  # noqa: Y015
     _WhichOneofReturnType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofArgType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["_gradient_accumulation_steps", b"_gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
@@ -558,6 +652,14 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__continue_inversion) -> _WhichOneofReturnType__continue_inversion | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__continue_inversion_lr) -> _WhichOneofReturnType__continue_inversion_lr | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evaluation_guidance) -> _WhichOneofReturnType__evaluation_guidance | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evaluation_images) -> _WhichOneofReturnType__evaluation_images | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evaluation_seed) -> _WhichOneofReturnType__evaluation_seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evaluation_steps) -> _WhichOneofReturnType__evaluation_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_accumulation_steps) -> _WhichOneofReturnType__gradient_accumulation_steps | None: ...
     @_typing.overload
@@ -743,6 +845,7 @@ class Job(_message.Message):
     NUM_INSTANCE_IMAGES_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    BEST_ARTIFACT_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     request_id: _builtins.str
     state: Global___JobState.ValueType
@@ -752,6 +855,8 @@ class Job(_message.Message):
     final_artifact_id: _builtins.str
     num_instance_images: _builtins.int
     last_event_sequence: _builtins.int
+    best_artifact_id: _builtins.str
+    """The checkpoint whose evaluation scored best so far (with evaluation on)."""
     @_builtins.property
     def placeholder_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -789,10 +894,11 @@ class Job(_message.Message):
         num_instance_images: _builtins.int = ...,
         config: Global___TrainingConfig | None = ...,
         last_event_sequence: _builtins.int = ...,
+        best_artifact_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "created_at", b"created_at", "finished_at", b"finished_at", "progress", b"progress", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "checkpoint_artifact_ids", b"checkpoint_artifact_ids", "config", b"config", "created_at", b"created_at", "failure_reason", b"failure_reason", "final_artifact_id", b"final_artifact_id", "finished_at", b"finished_at", "job_id", b"job_id", "last_event_sequence", b"last_event_sequence", "method", b"method", "num_instance_images", b"num_instance_images", "placeholder_tokens", b"placeholder_tokens", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "best_artifact_id", b"best_artifact_id", "checkpoint_artifact_ids", b"checkpoint_artifact_ids", "config", b"config", "created_at", b"created_at", "failure_reason", b"failure_reason", "final_artifact_id", b"final_artifact_id", "finished_at", b"finished_at", "job_id", b"job_id", "last_event_sequence", b"last_event_sequence", "method", b"method", "num_instance_images", b"num_instance_images", "placeholder_tokens", b"placeholder_tokens", "progress", b"progress", "request_id", b"request_id", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1022,6 +1128,34 @@ class ArtifactReady(_message.Message):
 Global___ArtifactReady: _TypeAlias = ArtifactReady  # noqa: Y015
 
 @_typing.final
+class CheckpointEvaluated(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    BEST_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """the checkpoint's bundle"""
+    best: _builtins.bool
+    """the best of the job's checkpoints so far"""
+    @_builtins.property
+    def evaluation(self) -> _common_pb2.Evaluation: ...
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        evaluation: _common_pb2.Evaluation | None = ...,
+        best: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "best", b"best", "evaluation", b"evaluation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointEvaluated: _TypeAlias = CheckpointEvaluated  # noqa: Y015
+
+@_typing.final
 class JobEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1034,6 +1168,7 @@ class JobEvent(_message.Message):
     PREVIEW_FIELD_NUMBER: _builtins.int
     LOG_FIELD_NUMBER: _builtins.int
     FINAL_ARTIFACT_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     sequence: _builtins.int
     """1, 2, 3 ... per job, without gaps"""
@@ -1051,6 +1186,8 @@ class JobEvent(_message.Message):
     def log(self) -> Global___LogLine: ...
     @_builtins.property
     def final_artifact(self) -> Global___ArtifactReady: ...
+    @_builtins.property
+    def evaluation(self) -> Global___CheckpointEvaluated: ...
     def __init__(
         self,
         *,
@@ -1063,12 +1200,13 @@ class JobEvent(_message.Message):
         preview: Global___Preview | None = ...,
         log: Global___LogLine | None = ...,
         final_artifact: Global___ArtifactReady | None = ...,
+        evaluation: Global___CheckpointEvaluated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "final_artifact", b"final_artifact", "kind", b"kind", "log", b"log", "preview", b"preview", "progress", b"progress", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "evaluation", b"evaluation", "final_artifact", b"final_artifact", "kind", b"kind", "log", b"log", "preview", b"preview", "progress", b"progress", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "final_artifact", b"final_artifact", "job_id", b"job_id", "kind", b"kind", "log", b"log", "preview", b"preview", "progress", b"progress", "sequence", b"sequence", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "evaluation", b"evaluation", "final_artifact", b"final_artifact", "job_id", b"job_id", "kind", b"kind", "log", b"log", "preview", b"preview", "progress", b"progress", "sequence", b"sequence", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["state_change", "progress", "checkpoint", "preview", "log", "final_artifact"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["state_change", "progress", "checkpoint", "preview", "log", "final_artifact", "evaluation"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1114,6 +1252,7 @@ class Artifact(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     job_id: _builtins.str
     kind: Global___ArtifactKind.ValueType
@@ -1129,6 +1268,10 @@ class Artifact(_message.Message):
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactFile]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def evaluation(self) -> _common_pb2.Evaluation:
+        """unset: the job did not evaluate it"""
+
     def __init__(
         self,
         *,
@@ -1143,10 +1286,11 @@ class Artifact(_message.Message):
         sha256: _builtins.str = ...,
         files: _abc.Iterable[Global___ArtifactFile] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        evaluation: _common_pb2.Evaluation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "base_model", b"base_model", "created_at", b"created_at", "files", b"files", "global_step", b"global_step", "job_id", b"job_id", "kind", b"kind", "rank", b"rank", "sha256", b"sha256", "size_bytes", b"size_bytes", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "base_model", b"base_model", "created_at", b"created_at", "evaluation", b"evaluation", "files", b"files", "global_step", b"global_step", "job_id", b"job_id", "kind", b"kind", "rank", b"rank", "sha256", b"sha256", "size_bytes", b"size_bytes", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
