@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from loraforge.v1 import trainer_pb2
 from loraforge_client import (
     AsyncGeneratorClient,
     AsyncTrainerClient,
@@ -88,7 +89,11 @@ def test_cli_trains_watches_downloads_and_generates(servers, images, tmp_path):
     assert "<- recommended" in trained.stderr
     with TrainerClient(servers[0].target) as client:
         job = client.get_job(job_id)
+        request = trainer_pb2.GetArtifactRequest(artifact_id=artifact_id)
+        artifact = client.stub.GetArtifact(request, timeout=30)
     assert job.best_artifact_id == artifact_id  # select_final best
+    assert artifact.evaluation.global_step in (3, 6)  # the curve travels with the bundle
+    assert [s.scale for s in artifact.evaluation.scores] == [0.0, 1.0]
     assert job_id in cli(servers, "jobs").stdout
     folder = tmp_path / "bundle"
     cli(servers, "download", artifact_id, "-o", str(folder))
