@@ -8,7 +8,8 @@ Two scorers, both answering "does it show the subject" and "does it follow the p
 - ``clip``: CLIP embeddings, as lora_pti's ``evaluate_pipe`` and DreamBooth's paper measure:
   subject fidelity is the mean cosine similarity of each render's image embedding to the
   instance images' (CLIP-I), prompt fidelity that of the render to its prompt's text with the
-  learned tokens taken out (CLIP-T). The model loads with ``from_pretrained(path_or_id)``.
+  learned tokens taken out (CLIP-T), which says most with prompts that ask for more than the
+  subject ("{} on a beach"). The model loads with ``from_pretrained(path_or_id)``.
 
 A checkpoint's evaluation (loraforge_core.evaluation) records the scores per scale, the
 recommended scale and its score, by which the best checkpoint is chosen.
@@ -16,9 +17,11 @@ recommended scale and its score, by which the best checkpoint is chosen.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +32,6 @@ from loraforge_core.fidelity import Concept
 from loraforge_core.fidelity import score as toy_score
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-SCORERS = ("auto", "toy_world", "clip")
 
 Render = Callable[[str, float, int], Any]  # (prompt, scale, seed) -> PIL image
 
@@ -59,7 +61,8 @@ class ToyWorldScorer:
                 "the toy-world scorer needs instance images that share a colour or a shape "
                 "the checker reads; use evaluation_scorer CLIP"
             )
-        # A colour concept shown on several shapes is the colour (the shapes are the prompt's).
+        # Images sharing a colour are its concept even when they share a shape too: a colour
+        # and shape together would leave only the bare probe ("a {}") to test prompts with.
         self.concept = Concept(color, shape if color is None or len(readings) == 1 else None)
 
     def evaluate(self, render: Render, tokens: str, plan: EvaluationPlan) -> list[ScaleScore]:
@@ -129,8 +132,6 @@ def make_scorer(
 
 
 def _is_toy_model(path: str) -> bool:
-    import json
-    from pathlib import Path
-
+    """Whether ``path`` is one of loraforge's toy-world models (its marker file says so)."""
     marker = Path(path) / "loraforge_model.json"
     return marker.is_file() and "toy world" in json.loads(marker.read_text()).get("trained_on", "")
