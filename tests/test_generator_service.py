@@ -154,8 +154,12 @@ def test_concurrent_requests_do_not_cross_talk(stub):
     alone = [generate(stub, c) for c in cases]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda c: generate(stub, c), cases))
+    # Batched and alone run the same math in another order (float sums differ in the last
+    # bits), so a pixel may round to the neighbouring 8-bit level; cross-talk (another
+    # request's adapter, scale or seed) moves the image by far more.
     for a, b in zip(alone, together, strict=True):
-        assert np.array_equal(a, b)
+        assert np.abs(a - b).max() <= 1 / 255 + 1e-6
+        assert np.abs(a - b).mean() <= 1e-3
 
 
 def test_eviction_under_a_budget_keeps_results_correct(stub):

@@ -186,6 +186,11 @@ def test_duplicate_request_id_returns_the_same_job(stub) -> None:
         ),
         (lambda r: r.initializer_tokens.append("extra"), "initializer_tokens"),
         (lambda r: r.config.__setattr__("caption_dropout", 1.0), "config.caption_dropout"),
+        (lambda r: r.config.evaluation_scales.append(9.0), "config.evaluation_scales"),
+        (  # the best checkpoint is chosen by evaluation, which needs scales
+            lambda r: r.config.__setattr__("select_final", trainer_pb2.FINAL_SELECTION_BEST),
+            "config.select_final",
+        ),
     ],
 )
 def test_bad_requests_get_invalid_argument_with_the_field_and_queue_nothing(stub, mutate, field):
