@@ -49,7 +49,7 @@ def reference_loop(model: str, steps: int, rank: int) -> float:
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from trainer_service.config import DEFAULT_UNET_TARGETS
+    from loraforge_core.targets import DEFAULT_UNET_TARGETS
     from trainer_service.training.data import to_tensor
 
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")

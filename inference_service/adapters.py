@@ -47,8 +47,8 @@ def refuse_non_finite(adapter_id: str, tensors: dict[str, torch.Tensor]) -> None
 class AdapterRegistry:
     def __init__(
         self, pipe: Any, store_dir: Path, mixer: LoraMixer, *, max_resident: int = 8,
-        model_name: str = "", slot_rank: int = 16, objects: ObjectStore | None = None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        model_name: str = "", slot_rank: int = 16, extended_slots: bool = False,
+        objects: ObjectStore | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:  # fmt: skip
         self.pipe = pipe
         self.mixer = mixer
@@ -60,8 +60,13 @@ class AdapterRegistry:
         self.entries: dict[str, AdapterEntry] = {}
         self.lru: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.RLock()
-        # Pre-shaped slots (rank slot_rank, default targets): loading becomes a weight copy.
-        self.slots = SlotPool(pipe, max_resident, slot_rank) if slot_rank > 0 else None
+        # Pre-shaped slots (rank slot_rank; default targets, or extended LoRA's): loading
+        # becomes a weight copy.
+        self.slots = (
+            SlotPool(pipe, max_resident, slot_rank, extended=extended_slots)
+            if slot_rank > 0
+            else None
+        )
         mixer.refresh()  # the mixer applies the slots' layers, not peft
         self.tokens = TokenPool(pipe)
 
@@ -129,6 +134,10 @@ class AdapterRegistry:
                 seen[token] = entry.adapter_id
         return entries
 
+    def outside_slots(self, entry: AdapterEntry) -> bool:
+        """Whether the adapter's LoRA weights were loaded by diffusers, not into a slot."""
+        return entry.has_lora and not (self.slots is not None and self.slots.owns(entry.peft_name))
+
     def touch(self, entries: Iterable[AdapterEntry]) -> None:
         """Mark adapters as just used (the eviction order)."""
         for entry in entries:
@@ -165,7 +174,8 @@ class AdapterRegistry:
         try:
             if slot is not None:
                 entry.peft_name = slot
-                self.mixer.adapter_changed(slot, rank=self.slots.fill(slot, pairs))
+                rank = self.slots.fill(slot, pairs)
+                self.mixer.adapter_changed(slot, rank, self.slots.used_layers(slot))
             else:
                 entry.peft_name = f"adapter-{entry.adapter_id}"
                 self.pipe.load_lora_weights(

@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting(
         serve,
+        "--adapter-slot-targets",
+        default="default",
+        choices=["default", "extended"],
+        help="layers the slots cover: default (attention and GEGLU, CLIP attention) or "
+        "extended (also extended LoRA's: the UNet's ResNet convolutions and linears, the "
+        "transformers' projections in and out, the down/upsamplers; LoCon adapters then load "
+        "by copy too; the slots' unused factors cost memory, not compute)",
+    )
+    add_setting(
+        serve,
         "--max-batch-images",
         default=8,
         type=int,
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                     queue_size=args.queue_size,
                     max_batch_images=args.max_batch_images,
                     slot_rank=args.adapter_slot_rank,
+                    extended_slots=args.adapter_slot_targets == "extended",
                     preload=tuple(a for a in args.preload.split(",") if a),
                     cache_bytes=int(args.artifact_cache_gb * 2**30),
                     fuse_adapters=args.adapter_fusion == "on",

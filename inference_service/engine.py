@@ -48,7 +48,7 @@ class GeneratorEngine:
 
     def __init__(
         self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = "",
-        slot_rank: int = 16, objects: ObjectStore | None = None,
+        slot_rank: int = 16, extended_slots: bool = False, objects: ObjectStore | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES, fuse_adapters: bool = True,
         compile_backend: str | None = None,
     ) -> None:  # fmt: skip
@@ -61,10 +61,12 @@ class GeneratorEngine:
         # Requests swap the pipeline's scheduler: "default" means the model's own.
         self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
         self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-        self.mixer = LoraMixer(pipe, self.family.components, fuse=fuse_adapters)
+        self.mixer = LoraMixer(pipe, self.family.components, fuse=fuse_adapters,
+                               compiled=("unet",) if compile_backend else ())  # fmt: skip
         self.adapters = AdapterRegistry(
             pipe, store_dir, self.mixer, max_resident=max_resident, model_name=model_name,
-            slot_rank=slot_rank, objects=objects, cache_bytes=cache_bytes,
+            slot_rank=slot_rank, extended_slots=extended_slots, objects=objects,
+            cache_bytes=cache_bytes,
         )  # fmt: skip
         if compile_backend:
             # After the slots exist: a change of adapters or scales then changes tensor values

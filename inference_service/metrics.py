@@ -78,6 +78,12 @@ class GeneratorCollector(Collector):
             "loraforge_generator_adapters_pinned", "Adapters that are never evicted",
             value=sum(e.pinned for e in entries),
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "loraforge_generator_adapters_outside_slots",
+            "Resident adapters that took diffusers' general path (targets or a rank the slots "
+            "lack: see --adapter-slot-targets and --adapter-slot-rank), whose loads are slower",
+            value=sum(e.resident and registry.outside_slots(e) for e in entries),
+        )  # fmt: skip
         # Like vLLM's lora_requests_info: which adapters this replica holds, for routers.
         yield InfoMetricFamily(
             "loraforge_generator_adapters", "The ids of the resident adapters",

@@ -18,8 +18,9 @@ same few operations whatever the number of adapters:
   gathered into ``[rows, rank, in]`` and ``[rows, out, rank]`` (padded to the largest row's
   rank sum), and the delta is one batched matmul pair, as Punica's BGMV does.
 
-The maths is peft's own (``scaling`` = alpha / r); only each adapter's used rank is computed
-(a rank-8 adapter in a rank-16 slot costs rank 8).
+The maths is peft's own (``scaling`` = alpha / r); only each adapter's used rank and layers
+are computed (a rank-8 adapter in a rank-16 slot costs rank 8, and a slot's layers that its
+adapter lacks cost nothing, except in a compiled component, whose graph must not change).
 """
 
 from __future__ import annotations
@@ -116,12 +117,19 @@ class LoraMixer:
     """Owns how LoRA layers apply adapters: ``set(component, {peft name: weight})`` before a
     forward, ``clear()`` after."""
 
-    def __init__(self, pipe: Any, components: Sequence[str], *, fuse: bool = True) -> None:
+    def __init__(
+        self, pipe: Any, components: Sequence[str], *, fuse: bool = True,
+        compiled: Sequence[str] = (),
+    ) -> None:  # fmt: skip
         self.pipe = pipe
         self.fuse = fuse
+        # Components under torch.compile: a layer's plan appearing and vanishing with the
+        # adapter set would change the graph, so there a slot's zero layers are applied too.
+        self.compiled = frozenset(compiled)
         self.components = tuple(components)  # the UNet and the text encoders
         self.layers: dict[str, list[Any]] = {c: [] for c in self.components}
         self.ranks: dict[str, int] = {}  # peft name -> rank in use, where less than the layer's
+        self.holding: dict[str, set[int]] = {}  # peft name -> its layers, where fewer than all
         self.version = 0  # bumped when any adapter's factors change: built plans are stale
         self._built: dict[str, tuple[Any, list[Plan | None]]] = {}
         self._scratch: dict[int, torch.Tensor] = {}  # fused weights, one buffer per layer
@@ -142,13 +150,18 @@ class LoraMixer:
             self.layers[component] = found
         self.version += 1
 
-    def adapter_changed(self, name: str, rank: int | None = None) -> None:
-        """An adapter's factors were written (``rank``: the rank it uses, where a slot is larger)
-        or dropped."""
-        if rank is None:
-            self.ranks.pop(name, None)
-        else:
+    def adapter_changed(
+        self, name: str, rank: int | None = None, layers: Sequence[Any] | None = None
+    ) -> None:
+        """An adapter's factors were written (``rank``: the rank it uses, where a slot is larger;
+        ``layers``: the LoRA layers it has factors in, where a slot holds zeros in others) or
+        dropped (no ``rank``)."""
+        self.ranks.pop(name, None)
+        self.holding.pop(name, None)
+        if rank is not None:
             self.ranks[name] = rank
+        if rank is not None and layers is not None:
+            self.holding[name] = {id(layer) for layer in layers}
         self.version += 1
 
     def set(self, component: str, weights: dict[str, Weight]) -> None:
@@ -157,7 +170,8 @@ class LoraMixer:
         key = (self.version, fuse, tuple(sorted(weights.items())))
         built = self._built.get(component)
         if built is None or built[0] != key:
-            plans = [self._plan(layer, weights, fuse) for layer in self.layers[component]]
+            skip = component not in self.compiled
+            plans = [self._plan(layer, weights, fuse, skip) for layer in self.layers[component]]
             self._built[component] = built = (key, plans)
         for layer, plan in zip(self.layers[component], built[1], strict=True):
             object.__setattr__(layer, "mix_plan", plan)  # skips nn.Module's attribute checks
@@ -169,8 +183,11 @@ class LoraMixer:
 
     # ------------------------------------------------------------------ plans
     @torch.no_grad()
-    def _plan(self, layer: Any, weights: dict[str, Weight], fuse: bool) -> Plan | None:
-        names = [n for n in weights if n in layer.lora_A]
+    def _plan(
+        self, layer: Any, weights: dict[str, Weight], fuse: bool, skip_unused: bool = True
+    ) -> Plan | None:
+        names = [n for n in weights if n in layer.lora_A and
+                 (not skip_unused or self._holds(n, layer))]  # fmt: skip
         if not names:
             return None
         factors = [self._factors(layer, n) for n in names]
@@ -182,6 +199,12 @@ class LoraMixer:
                 return Plan("fused", weight=self._merged_weight(layer, down, up))
             return Plan("stacked", down=down, up=up)
         return _gathered(factors, per_row)
+
+    def _holds(self, name: str, layer: Any) -> bool:
+        """Whether the adapter has factors in the layer (a slot's other layers hold zeros,
+        which would cost a delta's work and add nothing)."""
+        holding = self.holding.get(name)
+        return holding is None or id(layer) in holding
 
     def _factors(self, layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, scaling * B) of one adapter in one layer, trimmed to the rank it uses, in the

@@ -123,6 +123,7 @@ class GeneratorService:
         queue_size: int = 16,
         preload: tuple[str, ...] = (),
         slot_rank: int = 16,
+        extended_slots: bool = False,
         max_batch_images: int = 8,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         fuse_adapters: bool = True,
@@ -138,6 +139,7 @@ class GeneratorService:
         self.queue_size = queue_size
         self.preload = preload
         self.slot_rank = slot_rank
+        self.extended_slots = extended_slots
         self.engine: GeneratorEngine | None = None
         # One thread owns the pipeline: requests run one at a time, in arrival order.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
@@ -162,7 +164,8 @@ class GeneratorService:
         self.engine = GeneratorEngine(
             pipe, Path(self.settings.data_dir), max_resident=self.max_resident,
             model_name=self.settings.model or "loraforge/tiny", slot_rank=self.slot_rank,
-            objects=objects, cache_bytes=self.cache_bytes, fuse_adapters=self.fuse_adapters,
+            extended_slots=self.extended_slots, objects=objects, cache_bytes=self.cache_bytes,
+            fuse_adapters=self.fuse_adapters,
             compile_backend="inductor" if self.compile_unet else None,
         )  # fmt: skip
         for adapter_id in self.preload:

@@ -1,13 +1,14 @@
 """Pre-shaped adapter slots: load a LoRA by copying weights, not by rebuilding layers.
 
 At start-up the pool injects ``count`` zero LoRAs of rank ``rank`` on the default targets (UNet
-attention projections and GEGLU, CLIP attention) through diffusers, once. Loading an adapter
-then copies its A and B matrices into a free slot's tensors in place (padded with zeros to the
-slot's rank; a module the adapter lacks gets zeros), which skips peft's walk over the module
-tree and keeps every tensor's identity, so a compiled UNet needs no recompilation. This is what
-diffusers' hotswap does for the UNet, done for the text encoder too (diffusers refuses
-``hotswap=True`` for text encoders). Adapters with other targets or a larger rank take the
-general path (``load_lora_weights`` under their own name).
+attention projections and GEGLU, CLIP attention; with ``extended``, also the UNet's ResNet
+convolutions and linears, as extended LoRA trains them) through diffusers, once. Loading an
+adapter then copies its A and B matrices into a free slot's tensors in place (padded with zeros
+to the slot's rank; a module the adapter lacks gets zeros, and the mixer skips it), which skips
+peft's walk over the module tree and keeps every tensor's identity, so a compiled UNet needs no
+recompilation. This is what diffusers' hotswap does for the UNet, done for the text encoder too
+(diffusers refuses ``hotswap=True`` for text encoders). Adapters with other targets or a larger
+rank take the general path (``load_lora_weights`` under their own name).
 """
 
 from __future__ import annotations
@@ -18,31 +19,23 @@ import torch
 
 from inference_service.requests import RESERVED_TOKEN_PREFIX
 from loraforge_core import families
+from loraforge_core.targets import (
+    DEFAULT_CLIP_TARGETS,
+    DEFAULT_UNET_TARGETS,
+    EXTENDED_UNET_TARGETS,
+    targeted_layers,
+)
 
 Pairs = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-def _targeted(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[str, Any]]:
-    found = []
-    for name, module in model.named_modules():
-        linear = getattr(module, "base_layer", module)
-        if (
-            isinstance(linear, torch.nn.Linear)
-            and name.endswith(targets)
-            and any(name == t or name.endswith("." + t) for t in targets)
-        ):
-            found.append((name, linear))
-    return found
-
 
 class SlotPool:
-    def __init__(self, pipe: Any, count: int, rank: int) -> None:
+    def __init__(self, pipe: Any, count: int, rank: int, *, extended: bool = False) -> None:
         self.pipe = pipe
         self.rank = rank
+        self.unet_targets = DEFAULT_UNET_TARGETS + (EXTENDED_UNET_TARGETS if extended else ())
         self.owner: dict[str, str | None] = {}
+        self.filled: dict[str, list[tuple[str, str]]] = {}  # slot -> layers the adapter has
         self.layers: dict[str, dict[tuple[str, str], Any]] = {}
         for index in range(count):
             self._create(f"slot-{index}")
@@ -51,14 +44,11 @@ class SlotPool:
         zeros: dict[str, torch.Tensor] = {}
         modules: list[tuple[str, str]] = []
         for component in families.of_pipeline(self.pipe).components:
-            targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
-            for name, linear in _targeted(getattr(self.pipe, component), targets):
-                zeros[f"{component}.{name}.lora_A.weight"] = torch.zeros(
-                    self.rank, linear.in_features
-                )
-                zeros[f"{component}.{name}.lora_B.weight"] = torch.zeros(
-                    linear.out_features, self.rank
-                )
+            targets = self.unet_targets if component == "unet" else DEFAULT_CLIP_TARGETS
+            for name, layer in targeted_layers(getattr(self.pipe, component), targets):
+                down, up = _factor_shapes(layer, self.rank)
+                zeros[f"{component}.{name}.lora_A.weight"] = torch.zeros(down)
+                zeros[f"{component}.{name}.lora_B.weight"] = torch.zeros(up)
                 modules.append((component, name))
         self.pipe.load_lora_weights(zeros, adapter_name=slot)
         layers = {}
@@ -77,6 +67,10 @@ class SlotPool:
             key in any_slot and down.shape[0] <= self.rank for key, (down, _) in pairs.items()
         )
 
+    def used_layers(self, slot: str) -> list[Any]:
+        """The slot's LoRA layers that the last fill wrote factors to (the rest are zero)."""
+        return [self.layers[slot][key] for key in self.filled.get(slot, ())]
+
     def acquire(self, adapter_id: str) -> str | None:
         for slot, owner in self.owner.items():
             if owner is None:
@@ -94,6 +88,7 @@ class SlotPool:
     def fill(self, slot: str, pairs: Pairs) -> int:
         """Copy the adapter into the slot in place and return the rank it uses (the rest of
         the slot stays zero); on any error the slot is left all zeros."""
+        self.filled[slot] = [key for key in self.layers[slot] if key in pairs]
         try:
             for key, layer in self.layers[slot].items():
                 down_weight = layer.lora_A[slot].weight
@@ -104,10 +99,13 @@ class SlotPool:
                     continue
                 down, up = pairs[key]
                 rank = down.shape[0]
-                if down.shape[1] != down_weight.shape[1] or up.shape[0] != up_weight.shape[0]:
+                if down.shape[1:] != down_weight.shape[1:] or (up.shape[0], *up.shape[2:]) != (
+                    up_weight.shape[0],
+                    *up_weight.shape[2:],
+                ):
                     raise ValueError(
-                        f"{key[0]} layer {key[1]} has {down_weight.shape[1]} inputs and "
-                        f"{up_weight.shape[0]} outputs, the adapter {down.shape[1]} and "
+                        f"{key[0]} layer {key[1]} has {_shape(down_weight)} inputs and "
+                        f"{up_weight.shape[0]} outputs, the adapter {_shape(down)} and "
                         f"{up.shape[0]}: it was made for another architecture"
                     )
                 down_weight[:rank].copy_(down)
@@ -119,9 +117,23 @@ class SlotPool:
 
     @torch.no_grad()
     def clear(self, slot: str) -> None:
+        self.filled.pop(slot, None)
         for layer in self.layers[slot].values():
             layer.lora_A[slot].weight.zero_()
             layer.lora_B[slot].weight.zero_()
+
+
+def _factor_shapes(layer: Any, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of peft's A and B weights for a rank-``rank`` LoRA on ``layer``: a Linear's
+    matrices, or a Conv2d's kernel-sized A and 1x1 B."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return (rank, layer.in_features), (layer.out_features, rank)
+
+
+def _shape(down: torch.Tensor) -> str:
+    """A factor's inputs as the error names them: channels and kernel for a convolution."""
+    return str(down.shape[1]) if down.dim() == 2 else "x".join(map(str, down.shape[1:]))
 
 
 class TokenPool:

@@ -32,12 +32,16 @@ def make_engine(tiny_model: Path, root: Path, compile_backend: str | None) -> Ge
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
     engine = GeneratorEngine(
-        pipe, root, max_resident=ADAPTERS, slot_rank=8, compile_backend=compile_backend
-    )
+        pipe, root, max_resident=ADAPTERS, slot_rank=8, extended_slots=True,
+        compile_backend=compile_backend,
+    )  # fmt: skip
     for i in range(ADAPTERS):
         rank = 4 + 2 * (i % 2)  # two ranks: the gathered factors' width varies with the mix
-        bundle = random_lora_bundle(str(tiny_model), root / "bundles", seed=i, rank=rank)
+        # and one extended (LoCon) adapter: the others hold zeros in its convolutions' slots
+        bundle = random_lora_bundle(str(tiny_model), root / "bundles", seed=i, rank=rank,
+                                    extended=i == ADAPTERS - 1)  # fmt: skip
         engine.adapters.register(f"a{i}", data=pack(bundle.path))
+        assert engine.adapters.entries[f"a{i}"].peft_name.startswith("slot-")
     return engine
 
 

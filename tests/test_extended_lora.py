@@ -5,6 +5,7 @@ imported back."""
 from __future__ import annotations
 
 import io
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from inference_service.requests import AdapterRequest, GenerationJob, Generation
 from loraforge_core import interop
 from loraforge_core.bundle import pack, read_bundle
 from loraforge_core.files import atomic_write_bytes
+from loraforge_core.launch import ServerProcess, free_port
 from loraforge_core.models import load_pipeline
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
@@ -39,13 +41,18 @@ def conv_bundle(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     return random_lora_bundle(str(tiny_model), root, seed=3, token="<c>", extended=True)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path, conv_bundle, tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["extended", "default"])
+def engine(request, tiny_model: Path, conv_bundle, tmp_path_factory: pytest.TempPathFactory):
+    """Slots on extended LoRA's targets (the conv adapter loads by copy) or on the default ones
+    (it takes diffusers' general path)."""
     root = tmp_path_factory.mktemp("extended-engine")
-    engine = GeneratorEngine(load_pipeline(str(tiny_model)), root, max_resident=4, slot_rank=8)
+    engine = GeneratorEngine(load_pipeline(str(tiny_model)), root, max_resident=4, slot_rank=8,
+                             extended_slots=request.param == "extended")  # fmt: skip
     engine.adapters.register("conv", data=pack(conv_bundle.path))
     plain = random_lora_bundle(str(tiny_model), root / "in", seed=4, token="<d>")
     engine.adapters.register("plain", data=pack(plain.path))
+    loaded = engine.adapters.entries["conv"].peft_name
+    assert loaded.startswith("slot-" if request.param == "extended" else "adapter-")
     return engine
 
 
@@ -108,6 +115,38 @@ def test_mixed_batches_with_conv_lora_give_each_request_its_own_image(engine):
     together = engine.generate_batch([GenerationJob(s) for s in specs])
     for single, outcome in zip(alone, together, strict=True):
         assert np.abs(pixels(outcome)[0] - single).mean() <= 1e-3
+
+
+def test_a_slot_applies_only_the_layers_its_adapter_has(engine):
+    """A plain adapter in an extended slot adds no convolution work: the mixer skips the
+    slot's zero layers; the conv adapter's set reaches the convolutions."""
+    mixer, unet = engine.mixer, engine.pipe.unet
+    convolutions = [layer for layer in mixer.layers["unet"]
+                    if isinstance(layer.base_layer, torch.nn.Conv2d)]  # fmt: skip
+    assert convolutions
+    for adapter_id, expected in (("plain", False), ("conv", True)):
+        mixer.set("unet", {engine.adapters.entries[adapter_id].peft_name: 1.0})
+        assert {layer.mix_plan is not None for layer in convolutions} == {expected}, adapter_id
+        mixer.clear()
+    assert unet.down_blocks[0].resnets[0].conv1.mix_plan is None
+
+
+def test_the_server_flag_puts_conv_adapters_in_slots(tiny_model, conv_bundle, tmp_path):
+    """--adapter-slot-targets extended reaches the engine: the LoCon adapter loads by copy,
+    which the outside-slots gauge (an operator's sign of slow loads) shows."""
+    from loraforge_client import GeneratorClient
+
+    port = free_port()
+    with (
+        ServerProcess("generator", data_dir=tmp_path, model=str(tiny_model), extra_args=[
+            "--adapter-slot-targets", "extended", "--metrics-port", str(port)]) as server,
+        GeneratorClient(server.target) as client,
+    ):  # fmt: skip
+        client.load_adapter("conv", conv_bundle.path)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+    assert "loraforge_generator_adapters_resident 1.0" in metrics
+    assert "loraforge_generator_adapters_outside_slots 0.0" in metrics
 
 
 def test_kohya_export_loads_in_stock_diffusers_and_imports_back(conv_bundle, tiny_model, tmp_path):

@@ -14,15 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraforge_core.errors import Violations
-
-# cloneofsimo/lora defaults: {"CrossAttention", "Attention", "GEGLU"} for the UNet, i.e. every
-# Linear of the attention blocks and GEGLU's projection; "CLIPAttention" for the text encoder.
-DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
-DEFAULT_CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# use_extended_lora (lora_pti's, "LoCon"): also every ResNet convolution and linear, the
-# transformers' projections in and out, and the down/upsamplers' convolutions.
-EXTENDED_UNET_TARGETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "proj_in",
-                         "proj_out", "conv")  # fmt: skip
+from loraforge_core.targets import (
+    DEFAULT_CLIP_TARGETS,
+    DEFAULT_UNET_TARGETS,
+    EXTENDED_UNET_TARGETS,
+)
 
 METHODS = ("pti", "dreambooth_lora")
 TEMPLATES = ("object", "style", "none")
@@ -95,7 +91,7 @@ class TrainingConfig:
     lora_alpha: float | None = None  # None: rank (scale 1)
     lora_dropout: float = 0.0
     lora_unet_target_modules: list[str] = field(default_factory=lambda: [*DEFAULT_UNET_TARGETS])
-    use_extended_lora: bool = False  # LoRA on the UNet's convolutions too (see above)
+    use_extended_lora: bool = False  # LoRA on the UNet's convolutions too (targets.py)
     lora_clip_target_modules: list[str] = field(default_factory=lambda: [*DEFAULT_CLIP_TARGETS])
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False

@@ -30,6 +30,7 @@ import torch
 
 from loraforge_core import interop
 from loraforge_core.bundle import Bundle, Manifest, read_bundle, store_bundle
+from loraforge_core.targets import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS, targeted_layers
 
 MODES = ("concat", "sum", "base")
 Pairs = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
@@ -174,7 +175,6 @@ def _layer(pipe: Any, component: str, module: str) -> torch.nn.Linear:
 @torch.no_grad()
 def extract_lora(tuned: str, base: str, rank: int, clamp_quantile: float, output: Path) -> Bundle:
     """A bundle of rank ``rank`` approximating ``tuned`` - ``base`` on the default targets."""
-    from inference_service.slots import TEXT_TARGETS, UNET_TARGETS, _targeted
     from loraforge_core.models import load_pipeline
 
     if not 1 <= rank <= 256:
@@ -183,9 +183,12 @@ def extract_lora(tuned: str, base: str, rank: int, clamp_quantile: float, output
         raise ValueError("clamp quantile must be in (0, 1]")
     tuned_pipe, base_pipe = load_pipeline(tuned), load_pipeline(base)
     state: dict[str, torch.Tensor] = {}
-    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
-        base_layers = dict(_targeted(getattr(base_pipe, component), targets))
-        for name, layer in _targeted(getattr(tuned_pipe, component), targets):
+    for component, targets in (
+        ("unet", DEFAULT_UNET_TARGETS),
+        ("text_encoder", DEFAULT_CLIP_TARGETS),
+    ):
+        base_layers = dict(targeted_layers(getattr(base_pipe, component), targets))
+        for name, layer in targeted_layers(getattr(tuned_pipe, component), targets):
             if name not in base_layers or base_layers[name].weight.shape != layer.weight.shape:
                 raise ValueError(f"{component} layer {name} differs in shape: not the same model")
             diff = layer.weight.float() - base_layers[name].weight.float()
@@ -200,8 +203,8 @@ def extract_lora(tuned: str, base: str, rank: int, clamp_quantile: float, output
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
     manifest = Manifest(
         base_model=base, method="extract", tokens=sorted(tokens), rank=max(ranks),
-        alpha=float(max(ranks)), unet_target_modules=list(UNET_TARGETS),
-        text_encoder_target_modules=list(TEXT_TARGETS), global_step=0,
+        alpha=float(max(ranks)), unet_target_modules=list(DEFAULT_UNET_TARGETS),
+        text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS), global_step=0,
         text_hidden_size=int(base_pipe.text_encoder.config.hidden_size),
         cross_attention_dim=int(base_pipe.unet.config.cross_attention_dim),
         training_config={"extracted_from": tuned, "clamp_quantile": clamp_quantile},

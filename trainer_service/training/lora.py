@@ -13,6 +13,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
+from loraforge_core.targets import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS, EXTENDED_UNET_TARGETS
+
 ADAPTER = "default"
 
 
@@ -115,11 +117,6 @@ def random_lora_bundle(
     from loraforge_core import families
     from loraforge_core.bundle import Manifest, store_bundle
     from loraforge_core.models import resolve_model
-    from trainer_service.config import (
-        DEFAULT_CLIP_TARGETS,
-        DEFAULT_UNET_TARGETS,
-        EXTENDED_UNET_TARGETS,
-    )
 
     model = resolve_model(model)
     family = families.detect(model) or families.SD
