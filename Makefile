@@ -43,6 +43,7 @@ bench: $(STAMP) test-services
 	$(PY) -m bench.training
 	$(PY) -m bench.fleet
 	$(PY) -m bench.masking
+	$(PY) -m bench.masking --background bar
 	$(PY) -m bench.slots
 
 protos: $(STAMP)

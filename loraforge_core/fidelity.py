@@ -84,28 +84,40 @@ def concept_examples(count: int = 6, seed: int = 5) -> list[tuple[str, Any, str]
     return examples
 
 
-def busy_concept_examples(
-    count: int = 6, seed: int = 5, blocks: int = 8
+BACKGROUNDS = ("busy", "bar")
+BAR_ROWS = (24, 32)  # the "bar" background: these pixel rows of a 32-pixel image, all across
+
+
+def staged_concept_examples(
+    background: str = "busy", count: int = 6, seed: int = 5, blocks: int = 8
 ) -> list[tuple[str, Any, str, Any]]:
-    """``concept_examples`` on busy backgrounds (green and blue blocks the tiny VAE can
-    represent), with each image's subject mask: (file name, image, caption, mask)."""
+    """``concept_examples`` on a background, with each image's subject mask: (file name, image,
+    caption, mask). "busy": green and blue blocks (colours the tiny VAE can represent) placed
+    at random in each image; "bar": a red bar along the bottom of every image, the same each
+    time (the edge of one table under every photo), which a LoRA learns along with the
+    subject unless the loss is kept off it."""
     import random
 
     import numpy as np
     from PIL import Image, ImageDraw
 
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}")
     rng = random.Random(seed)
     examples = []
     for name, subject, caption in concept_examples(count, seed):
         ink = np.abs(np.asarray(subject, dtype=np.float32) - 255).max(-1) > 40
         mask = Image.fromarray((ink * 255).astype(np.uint8))
-        background = Image.new("RGB", subject.size, "white")
-        draw = ImageDraw.Draw(background)
-        for _ in range(blocks):
+        backdrop = Image.new("RGB", subject.size, "white")
+        draw = ImageDraw.Draw(backdrop)
+        if background == "bar":
+            top, bottom = BAR_ROWS
+            draw.rectangle([0, top, subject.width - 1, bottom - 1], fill=toyworld.COLORS["red"])
+        for _ in range(blocks if background == "busy" else 0):
             x, y = rng.randrange(-4, subject.width), rng.randrange(-4, subject.height)
             colour = toyworld.COLORS[rng.choice(("green", "blue"))]
             draw.rectangle([x, y, x + rng.randrange(4, 12), y + rng.randrange(4, 12)], fill=colour)
-        examples.append((name, Image.composite(subject, background, mask), caption, mask))
+        examples.append((name, Image.composite(subject, backdrop, mask), caption, mask))
     return examples
 
 

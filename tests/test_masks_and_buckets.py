@@ -17,7 +17,7 @@ from loraforge_client._common import create_job_request
 from PIL import Image
 
 from loraforge_core.errors import FailedPrecondition
-from loraforge_core.fidelity import busy_concept_examples
+from loraforge_core.fidelity import staged_concept_examples
 from loraforge_core.launch import ServerProcess
 from loraforge_core.models import resolve_model
 from tests.helpers import shape_png
@@ -219,7 +219,7 @@ def test_bucket_shapes_reach_the_unet_uncropped(tmp_path: Path):
 def learned_where(tmp_path: Path, masked: bool) -> float:
     """How much of what the LoRA changes in the UNet's prediction of the training image lies
     on the subject: its mean squared change on the mask over that off it."""
-    _, image, _, mask = busy_concept_examples(1)[0]
+    _, image, _, mask = staged_concept_examples("busy", 1)[0]
     config = TrainingConfig(
         method="dreambooth_lora", instance_prompt="a sks circle", max_train_steps_tuning=60,
         learning_rate_unet=2e-3, train_text_encoder=False, random_flip=False, seed=0,
