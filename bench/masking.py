@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import report
-from loraforge_core.fidelity import BACKGROUNDS
+from loraforge_core.fidelity import BACKGROUNDS, BAR_ROWS
 
 BACKGROUND_HUES = ("green", "blue")  # the busy backgrounds' blocks
 
@@ -32,7 +32,6 @@ def leaks(image, background: str = "busy") -> tuple[float, float]:
     """(background leak, stray ink) of one render: the leak as a fraction of the image's
     pixels (busy) or of the bar's (bar), stray ink of the image's."""
     from loraforge_core import toyworld
-    from loraforge_core.fidelity import BAR_ROWS
 
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     ink = np.abs(pixels - 255).max(-1)

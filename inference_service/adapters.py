@@ -175,7 +175,7 @@ class AdapterRegistry:
             if slot is not None:
                 entry.peft_name = slot
                 rank = self.slots.fill(slot, pairs)
-                self.mixer.adapter_changed(slot, rank, self.slots.used_layers(slot))
+                self.mixer.adapter_changed(slot, rank, self.slots.layers_for(slot, pairs))
             else:
                 entry.peft_name = f"adapter-{entry.adapter_id}"
                 self.pipe.load_lora_weights(

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers the slots cover: default (attention and GEGLU, CLIP attention) or "
         "extended (also extended LoRA's: the UNet's ResNet convolutions and linears, the "
         "transformers' projections in and out, the down/upsamplers; LoCon adapters then load "
-        "by copy too; the slots' unused factors cost memory, not compute)",
+        "by copy too; the slots' unused factors cost memory, and compute only under "
+        "--compile-unet in mixed batches)",
     )
     add_setting(
         serve,

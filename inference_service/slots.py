@@ -35,7 +35,6 @@ class SlotPool:
         self.rank = rank
         self.unet_targets = DEFAULT_UNET_TARGETS + (EXTENDED_UNET_TARGETS if extended else ())
         self.owner: dict[str, str | None] = {}
-        self.filled: dict[str, list[tuple[str, str]]] = {}  # slot -> layers the adapter has
         self.layers: dict[str, dict[tuple[str, str], Any]] = {}
         for index in range(count):
             self._create(f"slot-{index}")
@@ -67,9 +66,9 @@ class SlotPool:
             key in any_slot and down.shape[0] <= self.rank for key, (down, _) in pairs.items()
         )
 
-    def used_layers(self, slot: str) -> list[Any]:
-        """The slot's LoRA layers that the last fill wrote factors to (the rest are zero)."""
-        return [self.layers[slot][key] for key in self.filled.get(slot, ())]
+    def layers_for(self, slot: str, pairs: Pairs) -> list[Any]:
+        """The slot's LoRA layers that hold the adapter's factors once filled (the rest zero)."""
+        return [layer for key, layer in self.layers[slot].items() if key in pairs]
 
     def acquire(self, adapter_id: str) -> str | None:
         for slot, owner in self.owner.items():
@@ -88,7 +87,6 @@ class SlotPool:
     def fill(self, slot: str, pairs: Pairs) -> int:
         """Copy the adapter into the slot in place and return the rank it uses (the rest of
         the slot stays zero); on any error the slot is left all zeros."""
-        self.filled[slot] = [key for key in self.layers[slot] if key in pairs]
         try:
             for key, layer in self.layers[slot].items():
                 down_weight = layer.lora_A[slot].weight
@@ -99,10 +97,12 @@ class SlotPool:
                     continue
                 down, up = pairs[key]
                 rank = down.shape[0]
-                if down.shape[1:] != down_weight.shape[1:] or (up.shape[0], *up.shape[2:]) != (
-                    up_weight.shape[0],
-                    *up_weight.shape[2:],
-                ):
+                fits = (
+                    down.shape[1:] == down_weight.shape[1:]  # inputs (and a conv's kernel)
+                    and up.shape[0] == up_weight.shape[0]  # outputs
+                    and up.shape[2:] == up_weight.shape[2:]
+                )
+                if not fits:
                     raise ValueError(
                         f"{key[0]} layer {key[1]} has {_shape(down_weight)} inputs and "
                         f"{up_weight.shape[0]} outputs, the adapter {_shape(down)} and "
@@ -117,7 +117,6 @@ class SlotPool:
 
     @torch.no_grad()
     def clear(self, slot: str) -> None:
-        self.filled.pop(slot, None)
         for layer in self.layers[slot].values():
             layer.lora_A[slot].weight.zero_()
             layer.lora_B[slot].weight.zero_()

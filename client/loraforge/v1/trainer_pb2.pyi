@@ -417,7 +417,8 @@ class TrainingConfig(_message.Message):
     """Masked training (lora_pti's). The loss is weighted toward each image's mask, mapped to
     [0.5, 1.5] and raised to mask_temperature; masks come with the images (InstanceImage.mask).
     At 1.0 the background keeps a third of the subject's weight, and a background shared by
-    every image is learned with the subject; 3 keeps it out (docs/architecture.md).
+    every image is learned with the subject; 3 keeps it out but halves fidelity on varied
+    backgrounds (docs/architecture.md).
     1.0
     """
     use_mask_captioned_data: _builtins.bool
