@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-services lint protos check-protos bench clean
+.PHONY: demo test test-fast test-services lint protos check-protos bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,18 @@ $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m tools.demo
 
+# The suite runs on every core (pytest-xdist, one worker per core; tests/conftest.py gives each
+# worker its share of torch threads and starts the slow tests first; a module whose servers are
+# a module fixture is one xdist_group, so one worker builds them). test-fast leaves out the
+# tests marked slow: the end-to-end training runs.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadgroup
+
 test: $(STAMP) test-services
 	$(PY) tools/gen_protos.py --check
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP) test-services
+	$(PYTEST) -m "not slow"
 
 # The real servers and tools the tests use, each installed only where it is missing
 # (tools/test-services.sh says which and from where; tests/test_setup.py checks its choices).

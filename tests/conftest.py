@@ -8,6 +8,21 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist the cores are shared between the workers: one torch thread each (and in
+# every server a worker starts) instead of each worker's threads fighting for all the cores.
+# The tiny models gain 8% from a second thread, and a second worker nearly doubles throughput.
+# Set before anything imports torch, which reads it once.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort keeps the order within each kind), so that in a
+    parallel run the long ones start early and the short ones fill in around them, instead of
+    one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -74,6 +74,7 @@ def test_token_comparison_checks_every_token() -> None:
     assert not token_matches("", [TOKEN])
 
 
+@pytest.mark.slow
 def test_bearer_tokens_guard_every_method_but_health(tiny_model: Path, tmp_path: Path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# two tokens\n{TOKEN}\n{OTHER}\n")
@@ -104,6 +105,7 @@ def test_bearer_tokens_guard_every_method_but_health(tiny_model: Path, tmp_path:
             client.list_adapters()
 
 
+@pytest.mark.slow
 def test_mutual_tls(tiny_model: Path, tmp_path: Path, pki: dict[str, Path]):
     args = [
         "--tls-cert",

@@ -39,22 +39,22 @@ def hub_cache(root: Path, tiny_model: Path) -> Path:
     return root
 
 
-def conv_in_sum(revision: str, cache: Path) -> float:
-    """Load REPO at ``revision`` with the trainer's loading code in a fresh process (the hub
-    library reads its offline switch and cache folder at import)."""
+def conv_in_sums(revisions: list[str], cache: Path) -> list[float]:
+    """Load REPO at each of ``revisions`` with the trainer's loading code, in one fresh process
+    (the hub library reads its offline switch and cache folder at import)."""
     script = (
         "import sys; from accelerate import Accelerator;"
         "from trainer_service.training.models import BaseModel;"
-        "m = BaseModel.load(sys.argv[1], Accelerator(cpu=True), False, revision=sys.argv[2]);"
-        "print(float(m.unet.conv_in.weight.sum()))"
+        "[print(float(BaseModel.load(sys.argv[1], Accelerator(cpu=True), False, revision=r)"
+        ".unet.conv_in.weight.sum())) for r in sys.argv[2:]]"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", script, REPO, revision],
+        [sys.executable, "-c", script, REPO, *revisions],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    return float(result.stdout.strip().splitlines()[-1])
+    return [float(line) for line in result.stdout.strip().splitlines()[-len(revisions) :]]
 
 
 def test_a_revision_loads_that_snapshot_of_the_repository(tiny_model: Path, tmp_path: Path):
@@ -62,10 +62,11 @@ def test_a_revision_loads_that_snapshot_of_the_repository(tiny_model: Path, tmp_
     base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     expected = float(base.conv_in.weight.detach().sum())
     shift = base.conv_in.weight.numel()
-    assert abs(conv_in_sum("", cache) - expected) < 1e-3  # the default branch
-    assert abs(conv_in_sum("main", cache) - expected) < 1e-3
-    assert abs(conv_in_sum("v2", cache) - (expected + shift)) < 1e-2
-    assert abs(conv_in_sum(COMMITS["v2"], cache) - (expected + shift)) < 1e-2
+    default, main, v2, v2_commit = conv_in_sums(["", "main", "v2", COMMITS["v2"]], cache)
+    assert abs(default - expected) < 1e-3  # the default branch
+    assert abs(main - expected) < 1e-3
+    assert abs(v2 - (expected + shift)) < 1e-2
+    assert abs(v2_commit - (expected + shift)) < 1e-2
 
 
 def test_another_vae_replaces_the_models_own(tiny_model: Path, tmp_path: Path):

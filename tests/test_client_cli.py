@@ -24,6 +24,9 @@ from PIL import Image
 from loraforge_core.launch import ServerProcess
 from tests.helpers import shape_png
 
+# Its servers are a module fixture: one worker builds them once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("client_cli")
+
 FAST = [
     "--max-train-steps-ti",
     "3",
@@ -78,6 +81,7 @@ EVALUATE = ["--evaluation-scales", "0", "1", "--evaluation-images", "1", "--eval
             "2", "--evaluation-scorer", "toy_world", "--select-final", "best"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_trains_watches_downloads_and_generates(servers, images, tmp_path):
     trained = cli(servers, "train", str(images), "--token", "<s1>", "--watch", *FAST, *EVALUATE)
     job_id, artifact_id = trained.stdout.split()
@@ -146,6 +150,7 @@ def test_cli_errors_are_one_clear_line(servers, images):
     assert "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_library_typed_errors_and_async_twins(servers, images):
     trainer, generator = servers
     with TrainerClient(trainer.target) as client:
@@ -176,6 +181,7 @@ def test_library_typed_errors_and_async_twins(servers, images):
     assert same[0].data == generated[0].data
 
 
+@pytest.mark.slow
 def test_watch_survives_a_server_restart(tiny_model: Path, tmp_path: Path, images):
     server = ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model)).start()
     server.wait_serving()

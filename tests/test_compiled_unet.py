@@ -80,6 +80,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_changing_adapters_scales_and_mixes_never_recompiles(tiny_model, tmp_path, fresh_dynamo):
     compiled = make_engine(tiny_model, tmp_path / "compiled", "aot_eager")
     plain = make_engine(tiny_model, tmp_path / "plain", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
@@ -30,6 +31,8 @@ from trainer_service.config import TrainingConfig
 from trainer_service.events import Checkpoint, Evaluated, ListReporter
 from trainer_service.training.data import InstanceExample
 from trainer_service.training.engine import RunPaths, Trainer
+
+pytestmark = pytest.mark.slow
 
 SEEDS = 4  # per probe: 16 images per scale
 EVAL_IMAGES, EVAL_STEPS = 2, 10  # per probe and scale in the evaluation during training

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,6 +29,7 @@ def test_client_distribution_does_not_depend_on_torch() -> None:
     assert names == {"grpcio", "protobuf", "googleapis-common-protos"}
 
 
+@pytest.mark.slow
 def test_client_installs_alone_without_torch_and_its_cli_runs(tmp_path: Path) -> None:
     """`pip install ./client` in a fresh venv: no torch, and `loraforge --help` works."""
     venv = tmp_path / "venv"

@@ -44,6 +44,7 @@ def examples() -> list[InstanceExample]:
     return [InstanceExample(image, name, caption) for name, image, caption in concept_examples()]
 
 
+@pytest.mark.slow
 def test_select_final_best_takes_an_earlier_checkpoint_that_scored_better(tmp_path) -> None:
     config = TrainingConfig(device="cpu", **{
         **CONCEPT_TRAINING, "max_train_steps_tuning": 600, "save_steps": 400,

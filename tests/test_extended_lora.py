@@ -131,6 +131,7 @@ def test_a_slot_applies_only_the_layers_its_adapter_has(engine):
     assert unet.down_blocks[0].resnets[0].conv1.mix_plan is None
 
 
+@pytest.mark.slow
 def test_the_server_flag_puts_conv_adapters_in_slots(tiny_model, conv_bundle, tmp_path):
     """--adapter-slot-targets extended reaches the engine: the LoCon adapter loads by copy,
     which the outside-slots gauge (an operator's sign of slow loads) shows."""

@@ -50,6 +50,7 @@ def test_the_trainer_refuses_a_family_it_does_not_train(flux_folder, tmp_path) -
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_the_generator_serves_an_sdxl_model(tiny_sdxl: Path, tmp_path: Path) -> None:
     """It used to start on an SDXL folder and answer INTERNAL to LoadAdapter."""
     from loraforge_client import GeneratorClient

@@ -29,9 +29,18 @@ def kill_tree(server: ServerProcess) -> None:
     psutil.wait_procs(children, timeout=10)
 
 
+def freeze_tree(server: ServerProcess) -> None:
+    """SIGSTOP the server and its training processes: they hold their state and do no work."""
+    assert server.process is not None
+    for process in [psutil.Process(server.process.pid),
+                    *psutil.Process(server.process.pid).children(recursive=True)]:  # fmt: skip
+        process.suspend()
+
+
 RESUMED = "resumed from checkpoint at step "
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_the_job_finishes_with_a_gapless_log(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -106,6 +115,7 @@ def assert_resumed_from_checkpoints(events: list, *, total_steps: int, kills: in
     assert total_steps <= steps_run <= total_steps + 2 * kills, steps_run
 
 
+@pytest.mark.slow
 def test_a_burst_of_64_clients_against_a_queue_of_16(tiny_model: Path, tmp_path: Path) -> None:
     with (
         ServerProcess(
@@ -141,6 +151,7 @@ def test_a_burst_of_64_clients_against_a_queue_of_16(tiny_model: Path, tmp_path:
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grace", [20])
 def test_drain_finishes_running_work_and_refuses_queued(tiny_model, tmp_path, grace) -> None:
     server = (
@@ -186,6 +197,7 @@ def test_drain_finishes_running_work_and_refuses_queued(tiny_model, tmp_path, gr
     assert sorted(results.values()) == ["UNAVAILABLE", "UNAVAILABLE", "image"], results
 
 
+@pytest.mark.slow
 def test_a_killed_server_takes_its_data_parallel_training_processes_with_it(
     tiny_model: Path, tmp_path: Path
 ) -> None:

@@ -20,8 +20,14 @@ from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer
 
 from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import ServerProcess
-from tests.test_faults_and_load import assert_resumed_from_checkpoints, kill_tree
+from tests.test_faults_and_load import (
+    assert_resumed_from_checkpoints,
+    freeze_tree,
+    kill_tree,
+)
 from tests.test_trainer_service import job_request
+
+pytestmark = pytest.mark.slow
 
 LEASE_S = 6
 QUICK = dict(max_train_steps_ti=2, max_train_steps_tuning=2, save_steps=2)
@@ -109,7 +115,10 @@ def test_a_killed_replicas_job_resumes_on_another_and_after_both_die(fleet: Flee
             last = event.sequence
             if event.WhichOneof("kind") == "checkpoint" and event.checkpoint.global_step >= 8:
                 break  # in the tuning phase, past a checkpoint
-        b_server = stack.enter_context(fleet.trainer("b"))  # started after a took the job
+        # a stands still while b starts (seconds, on a busy machine), so it cannot finish
+        # the job first; b was started after a took the job.
+        freeze_tree(a_server)
+        b_server = stack.enter_context(fleet.trainer("b"))
         b = stub(b_server, stack)
         kill_tree(a_server)
         killed_at = time.time()

@@ -21,6 +21,9 @@ from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess
 from tests.helpers import random_bundle
 
+# Its servers are a module fixture: one worker builds them once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("generator_service")
+
 STEPS = 6
 
 
@@ -316,6 +319,7 @@ def test_an_adapter_with_non_finite_weights_is_refused_naming_the_tensor(
     assert "broken" not in [a.adapter_id for a in listed]
 
 
+@pytest.mark.slow
 def test_the_client_sends_each_adapter_to_one_replica_of_several(tiny_model: Path, tmp_path):
     """Three generators that can each load any of six bundles by id: with affinity every
     adapter is loaded on one replica only, whatever the number of requests; a replica that

@@ -41,6 +41,9 @@ from loraforge_core.launch import ServerProcess, health_status
 from tests.helpers import random_bundle, shape_png
 from trainer_service.server import MAX_CHUNK_SIZE, MAX_PAGE_SIZE, MIN_CHUNK_SIZE
 
+# Its servers are a module fixture: one worker builds them once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("hostile_input")
+
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
@@ -260,6 +263,7 @@ def _poison_job(request: trainer_pb2.CreateJobRequest, which: int, junk: bytes, 
         request.config.resolution = 12
 
 
+@pytest.mark.slow
 def test_trainer_real_paths_under_hostile_content(servers, trainer_stub):
     @FUZZ
     @given(
@@ -362,6 +366,7 @@ def _poison_generation(request: generator_pb2.GenerateRequest, which: int, text:
         request.seed, request.num_images = 2**64 - 1, 2
 
 
+@pytest.mark.slow
 def test_generator_renders_valid_requests_with_hostile_content(generator_stub):
     @FUZZ
     @given(request=valid_generations, poison=st.integers(0, 5), text=HOSTILE_TEXT)
@@ -488,6 +493,7 @@ def not_sniffed(err: grpc.RpcError | None) -> bool:
     return err is None or "give a bundle archive" not in (err.details() or "")
 
 
+@pytest.mark.slow
 def test_generator_imports_crafted_files_and_archives_cleanly(servers, generator_stub):
     files = CRAFTED_FILES + crafted_archives(servers[2]["bundle"])
 

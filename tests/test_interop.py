@@ -65,6 +65,7 @@ def run_cli(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_export_then_import_round_trips_to_the_same_images(fmt, bundle, tiny_model, tmp_path):
     exported = tmp_path / f"{fmt}.safetensors"

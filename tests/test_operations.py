@@ -21,6 +21,8 @@ from tests.services import Prometheus, running
 from tests.test_deploy import monitoring_queries
 from tests.test_trainer_service import job_request
 
+pytestmark = pytest.mark.slow
+
 QUICK = dict(max_train_steps_ti=2, max_train_steps_tuning=2, save_steps=2)
 
 

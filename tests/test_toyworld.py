@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from loraforge_core import toyworld
@@ -28,6 +29,7 @@ def test_checker_sees_nothing_in_blank_or_noise() -> None:
     assert noise.color is None
 
 
+@pytest.mark.slow
 def test_shipped_base_model_draws_what_the_prompt_says() -> None:
     """>= 90% of images on 64 seeds it never trained on, over the colour-shape pairs it
     learned (the held-out pair is reported, not required: see docs/architecture.md)."""

@@ -76,6 +76,7 @@ def download(stub, artifact_id: str, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_pti_job_streams_ordered_events_and_yields_a_loadable_bundle(
     stub, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -136,6 +137,7 @@ def test_pti_job_streams_ordered_events_and_yields_a_loadable_bundle(
     assert np.abs(render() - base).mean() > 1e-3
 
 
+@pytest.mark.slow
 def test_an_sdxl_job_trains_with_previews_and_yields_an_sdxl_bundle(
     stub, tiny_sdxl: Path, tmp_path: Path
 ) -> None:
@@ -249,6 +251,7 @@ def test_list_jobs_pages_and_filters(stub) -> None:
     assert all(j.state == trainer_pb2.JOB_STATE_SUCCEEDED for j in done.jobs)
 
 
+@pytest.mark.slow
 def test_killed_server_resumes_the_job_after_restart(tiny_model: Path, tmp_path: Path) -> None:
     server = ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model))
     with server:
@@ -281,6 +284,7 @@ def test_killed_server_resumes_the_job_after_restart(tiny_model: Path, tmp_path:
         assert final.final_artifact_id
 
 
+@pytest.mark.slow
 def test_the_service_trains_a_job_on_two_processes(tiny_model: Path, tmp_path: Path) -> None:
     from tests.test_training_engine import assert_two_ranks
 
@@ -301,6 +305,7 @@ def test_the_service_trains_a_job_on_two_processes(tiny_model: Path, tmp_path: P
     assert manifest.training_config["num_processes"] == 2
 
 
+@pytest.mark.slow
 def test_a_replica_trains_max_jobs_at_once_and_queues_the_rest(
     tiny_model: Path, tmp_path: Path
 ) -> None:

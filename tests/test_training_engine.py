@@ -51,6 +51,7 @@ def test_overfitting_one_image_lowers_its_denoising_loss(tiny_model: Path, tmp_p
     assert trained < 0.85 * base, (base, trained)
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
     job = JobDir(tmp_path / "job")
     config = TrainingConfig(
