@@ -118,17 +118,18 @@ def test_a_killed_replicas_job_resumes_on_another_and_after_both_die(fleet: Flee
         # a stands still while b starts (seconds, on a busy machine), so it cannot finish
         # the job first; b was started after a took the job.
         freeze_tree(a_server)
+        stopped_at = time.time()  # a renews its lease no more
         b_server = stack.enter_context(fleet.trainer("b"))
         b = stub(b_server, stack)
         kill_tree(a_server)
-        killed_at = time.time()
         seen = []
         for event in b.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=last)):
             seen.append(event)
             if event.WhichOneof("kind") == "checkpoint" and event.checkpoint.global_step >= 24:
                 break  # b resumed and got further: now both die
         takeover = next(e for e in seen if "resumes the job" in e.log.message)
-        print(f"takeover {takeover.time.ToDatetime().timestamp() - killed_at:.1f} s after kill")
+        after = takeover.time.ToDatetime().timestamp() - stopped_at
+        print(f"takeover {after:.1f} s after a stopped")
         kill_tree(b_server)
     with ExitStack() as stack:  # a comes back (same replica id): b's lease runs out, a resumes
         a = stub(stack.enter_context(fleet.trainer("a")), stack)
