@@ -18,10 +18,9 @@ demo: $(STAMP)
 	$(PY) -m tools.demo
 
 # The suite runs on every core (pytest-xdist, one worker per core; tests/conftest.py gives each
-# worker its share of torch threads and starts the slow tests first; a module whose servers are
-# a module fixture is one xdist_group, so one worker builds them). test-fast leaves out the
-# tests marked slow: the end-to-end training runs.
-PYTEST := $(PY) -m pytest -q -n auto --dist loadgroup
+# worker its share of torch threads and starts the modules with slow tests first). test-fast
+# leaves out the tests marked slow: the end-to-end training runs.
+PYTEST := $(PY) -m pytest -q -n auto --dist worksteal
 
 test: $(STAMP) test-services
 	$(PY) tools/gen_protos.py --check

@@ -18,10 +18,13 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first (a stable sort keeps the order within each kind), so that in a
-    parallel run the long ones start early and the short ones fill in around them, instead of
-    one long test running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Modules with slow tests first, so that in a parallel run the long tests start early and
+    the short ones fill in around them, instead of one long test running alone at the end.
+    A stable sort by module keeps each module's tests together and in file order: a module
+    fixture (a server, a pipeline) is built once per worker, and tests see the state their
+    module's earlier tests left, as written."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,9 +24,6 @@ from PIL import Image
 from loraforge_core.launch import ServerProcess
 from tests.helpers import shape_png
 
-# Its servers are a module fixture: one worker builds them once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("client_cli")
-
 FAST = [
     "--max-train-steps-ti",
     "3",

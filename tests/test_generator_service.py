@@ -21,9 +21,6 @@ from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess
 from tests.helpers import random_bundle
 
-# Its servers are a module fixture: one worker builds them once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("generator_service")
-
 STEPS = 6
 
 

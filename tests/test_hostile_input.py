@@ -41,9 +41,6 @@ from loraforge_core.launch import ServerProcess, health_status
 from tests.helpers import random_bundle, shape_png
 from trainer_service.server import MAX_CHUNK_SIZE, MAX_PAGE_SIZE, MIN_CHUNK_SIZE
 
-# Its servers are a module fixture: one worker builds them once (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("hostile_input")
-
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,

@@ -70,7 +70,9 @@ def pixels(images) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(images[0].data)), dtype=np.float32) / 255
 
 
-def stock_pixels(pipe, prompt: str, adapters, seed: int) -> np.ndarray:
+def use_adapters(pipe, adapters: list[tuple[str, float, float | None]]) -> None:
+    """Exactly ``adapters`` active on the stock pipeline (the module shares it, so every test
+    states its whole adapter setting: set_adapters alone does not undo a disable_lora)."""
     names = [a for a, _, _ in adapters]
     weights = [
         {"unet": s, "text_encoder": s if t is None else t, "text_encoder_2": s if t is None else t}
@@ -81,6 +83,10 @@ def stock_pixels(pipe, prompt: str, adapters, seed: int) -> np.ndarray:
         pipe.set_adapters(names, weights)
     else:
         pipe.disable_lora()
+
+
+def stock_pixels(pipe, prompt: str, adapters, seed: int) -> np.ndarray:
+    use_adapters(pipe, adapters)
     image = pipe(
         prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=32, height=32,
         generator=torch.Generator().manual_seed(seed),
@@ -203,7 +209,7 @@ def test_sdxl_img2img_equals_stock_diffusers_with_the_adapter(engine, stock):
     request.init_image, request.strength = init, 0.6
     ours = pixels(engine.generate(request))
     pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(stock)
-    pipe.set_adapters(["s1"], [{"unet": 0.9, "text_encoder": 0.9, "text_encoder_2": 0.9}])
+    use_adapters(pipe, [("s1", 0.9, None)])
     image = pipe(
         PROMPTS["s1"], image=init, strength=0.6, num_inference_steps=STEPS,
         guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(6),
@@ -223,7 +229,7 @@ def test_sdxl_inpainting_equals_stock_diffusers_with_the_adapter(engine, stock):
     request.init_image, request.mask_image = init, mask
     ours = pixels(engine.generate(request))
     pipe = StableDiffusionXLInpaintPipeline.from_pipe(stock)
-    pipe.set_adapters(["s2"], [{"unet": 0.8, "text_encoder": 1.2, "text_encoder_2": 1.2}])
+    use_adapters(pipe, [("s2", 0.8, 1.2)])
     image = pipe(
         PROMPTS["s2"], image=init, mask_image=mask, strength=1.0, num_inference_steps=STEPS,
         guidance_scale=GUIDANCE, width=32, height=32, generator=torch.Generator().manual_seed(9),

@@ -239,16 +239,25 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(stub) -> None:
 
 
 def test_list_jobs_pages_and_filters(stub) -> None:
+    # Its own jobs (the server is the module's: other tests' jobs may or may not be there),
+    # cancelled at once so that they take no training time from the tests after it.
+    created = [stub.CreateJob(job_request(seed=100 + i), timeout=30).job_id for i in range(3)]
+    for job_id in created:
+        stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job_id), timeout=60)
     seen, token = [], ""
     while True:
         page = stub.ListJobs(trainer_pb2.ListJobsRequest(page_size=2, page_token=token))
+        assert len(page.jobs) <= 2
         seen += [j.job_id for j in page.jobs]
         token = page.next_page_token
         if not token:
             break
-    assert len(seen) == len(set(seen)) >= 3
+    assert len(seen) == len(set(seen)) >= 3 and set(created) <= set(seen)
     done = stub.ListJobs(trainer_pb2.ListJobsRequest(state=trainer_pb2.JOB_STATE_SUCCEEDED))
     assert all(j.state == trainer_pb2.JOB_STATE_SUCCEEDED for j in done.jobs)
+    cancelled = stub.ListJobs(trainer_pb2.ListJobsRequest(state=trainer_pb2.JOB_STATE_CANCELLED))
+    assert all(j.state == trainer_pb2.JOB_STATE_CANCELLED for j in cancelled.jobs)
+    assert set(created) <= {j.job_id for j in cancelled.jobs}
 
 
 @pytest.mark.slow
