@@ -179,6 +179,7 @@ def _container_env(objects: list[dict], container: dict) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["loraforge-generator", "loraforge-trainer"])
 def test_servers_start_with_the_manifests_args_and_env(name: str, tmp_path: Path) -> None:
     """The cpu-dev overlay's command line and ConfigMap, as the kubelet would pass them."""

@@ -122,6 +122,7 @@ def test_img2img_and_inpainting_requests_batch_with_their_own_adapters(engine):
         assert np.abs(single - pixels(outcome[0].data)).mean() <= 1e-3
 
 
+@pytest.mark.slow
 def test_the_edge_takes_images_and_refuses_bad_ones(tiny_model: Path, tmp_path: Path):
     with (
         ServerProcess("generator", data_dir=tmp_path, model=str(tiny_model)) as server,

@@ -22,6 +22,7 @@ def _reflected_services(target: str) -> set[str]:
         return {s.name for s in reply.list_services_response.service}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["trainer", "generator"])
 def test_server_is_healthy_reflects_and_stops_on_sigterm(
     kind: str, tiny_model: Path, tmp_path: Path
@@ -39,6 +40,7 @@ def test_server_is_healthy_reflects_and_stops_on_sigterm(
     assert '"msg": "stopped"' in server.log()
 
 
+@pytest.mark.slow
 def test_settings_come_from_the_environment(tiny_model: Path, tmp_path: Path) -> None:
     """LORAFORGE_MODEL stands in for the --model flag."""
     server = ServerProcess("generator", data_dir=tmp_path)

@@ -165,6 +165,7 @@ def test_reconnecting_after_a_sequence_gives_exactly_the_missed_events(stub) -> 
     assert first + rest == full
 
 
+@pytest.mark.slow
 def test_duplicate_request_id_returns_the_same_job(stub) -> None:
     first = stub.CreateJob(job_request("dup-1"), timeout=30)
     again = stub.CreateJob(job_request("dup-1"), timeout=30)
@@ -227,6 +228,7 @@ def test_unknown_job_is_not_found(stub) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(stub) -> None:
     job = stub.CreateJob(job_request(max_train_steps_tuning=5000, save_steps=3), timeout=30)
     for event in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
