@@ -32,8 +32,8 @@ def kill_tree(server: ServerProcess) -> None:
 def freeze_tree(server: ServerProcess) -> None:
     """SIGSTOP the server and its training processes: they hold their state and do no work."""
     assert server.process is not None
-    for process in [psutil.Process(server.process.pid),
-                    *psutil.Process(server.process.pid).children(recursive=True)]:  # fmt: skip
+    root = psutil.Process(server.process.pid)
+    for process in [root, *root.children(recursive=True)]:
         process.suspend()
 
 
