@@ -48,7 +48,8 @@ def examples() -> list[InstanceExample]:
 def test_select_final_best_takes_an_earlier_checkpoint_that_scored_better(tmp_path) -> None:
     config = TrainingConfig(device="cpu", **{
         **CONCEPT_TRAINING, "max_train_steps_tuning": 600, "save_steps": 400,
-        "learning_rate_unet": 2e-3, "evaluation_scales": [0.0, 1.0, 2.0],
+        "learning_rate_unet": 2e-3, "learning_rate_text": 1e-3,
+        "evaluation_scales": [0.0, 1.0, 2.0],
         "evaluation_images": 2, "evaluation_steps": 10, "select_final": "best",
     })  # fmt: skip
     reporter = ListReporter()
