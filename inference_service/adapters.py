@@ -27,6 +27,7 @@ from inference_service.slots import SlotPool, TokenPool
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraforge_core.lora_format import lora_pairs
 from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.adapters")
@@ -168,7 +169,7 @@ class AdapterRegistry:
     def _load_weights(self, entry: AdapterEntry) -> None:
         state = bundles.read_bundle(entry.path, verify=False).lora_state_dict()
         refuse_non_finite(entry.adapter_id, state)
-        pairs = interop.lora_pairs(state)
+        pairs = lora_pairs(state)
         fits = self.slots is not None and self.slots.fits(pairs)
         slot = self.slots.acquire(entry.adapter_id) if fits else None
         try:

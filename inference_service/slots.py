@@ -19,6 +19,7 @@ import torch
 
 from inference_service.requests import RESERVED_TOKEN_PREFIX
 from loraforge_core import families
+from loraforge_core.lora_format import pairs_state
 from loraforge_core.targets import (
     DEFAULT_CLIP_TARGETS,
     DEFAULT_UNET_TARGETS,
@@ -40,18 +41,15 @@ class SlotPool:
             self._create(f"slot-{index}")
 
     def _create(self, slot: str) -> None:
-        zeros: dict[str, torch.Tensor] = {}
-        modules: list[tuple[str, str]] = []
+        zeros = {}
         for component in families.of_pipeline(self.pipe).components:
             targets = self.unet_targets if component == "unet" else DEFAULT_CLIP_TARGETS
             for name, layer in targeted_layers(getattr(self.pipe, component), targets):
                 down, up = _factor_shapes(layer, self.rank)
-                zeros[f"{component}.{name}.lora_A.weight"] = torch.zeros(down)
-                zeros[f"{component}.{name}.lora_B.weight"] = torch.zeros(up)
-                modules.append((component, name))
-        self.pipe.load_lora_weights(zeros, adapter_name=slot)
+                zeros[component, name] = (torch.zeros(down), torch.zeros(up))
+        self.pipe.load_lora_weights(pairs_state(zeros), adapter_name=slot)
         layers = {}
-        for component, name in modules:
+        for component, name in zeros:
             layer = getattr(self.pipe, component).get_submodule(name)
             if layer.r[slot] != self.rank or layer.lora_alpha[slot] != self.rank:
                 raise RuntimeError(f"slot {slot} was shaped with an unexpected rank or alpha")

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from loraforge_core import families
 from loraforge_core.bundle import Bundle, Manifest, store_bundle
+from loraforge_core.lora_format import FormatError, lora_pairs, lora_rank, pairs_state
 
 # A1111's bundled embedding: one vector (SD), or one per text encoder (SDXL: clip_l, clip_g).
 KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.(string_to_param\.\*|clip_l|clip_g)$")
-LORA_KEY = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.lora_(A|B)\.weight$")
 # Every key form diffusers' converters produce: peft (lora_A/B) and older diffusers names.
 ANY_LORA_KEY = re.compile(
     r"^(unet|text_encoder(?:_2)?)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$"
@@ -41,27 +41,8 @@ CLONEOFSIMO_UNET_TARGETS = ("CrossAttention", "Attention", "GEGLU")
 CLONEOFSIMO_CLIP_TARGETS = ("CLIPAttention", "CLIPSdpaAttention")
 
 
-class FormatError(ValueError):
-    """A file this module cannot read as a LoRA."""
-
-
 class ArchitectureMismatch(ValueError):
     """A LoRA made for another model architecture."""
-
-
-# ------------------------------------------------------------------------------ reading ours
-def lora_pairs(
-    state: dict[str, torch.Tensor],
-) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
-    """{(component, module path): (down, up)} from a bundle's peft-format state."""
-    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        match = LORA_KEY.match(key)
-        if not match:
-            raise FormatError(f"unexpected key {key!r} in a loraforge bundle")
-        component, module, which = match.groups()
-        pairs.setdefault((component, module), {})[which] = value
-    return {k: (v["A"], v["B"]) for k, v in pairs.items()}
 
 
 def _kohya_module(family: families.Family, component: str, module: str) -> str:
@@ -194,7 +175,7 @@ def cloneofsimo_to_diffusers(
     text_encoder: torch.nn.Module,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Positional ``unet:{i}:up|down`` pairs -> peft keys on this architecture; tokens apart."""
-    lora: dict[str, torch.Tensor] = {}
+    pairs = {}
     tokens = {k: v for k, v in state.items() if not CLONEOFSIMO_KEY.match(k)}
     for component, model, default in (
         ("unet", unet, CLONEOFSIMO_UNET_TARGETS),
@@ -215,15 +196,14 @@ def cloneofsimo_to_diffusers(
             )
         for index, module in enumerate(modules):
             down, up = state[f"{component}:{index}:down"], state[f"{component}:{index}:up"]
-            lora[f"{component}.{module}.lora_A.weight"] = down.float()
-            lora[f"{component}.{module}.lora_B.weight"] = up.float()
-    return lora, tokens
+            pairs[component, module] = (down.float(), up.float())
+    return pairs_state(pairs), tokens
 
 
 def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
     """An adapter loaded into the pipeline's peft layers, read back with its scaling folded
     into B (so alpha == rank), in our bundle's key format."""
-    state: dict[str, torch.Tensor] = {}
+    pairs = {}
     for component in families.of_pipeline(pipe).components:
         model = getattr(pipe, component)
         for name, module in model.named_modules():
@@ -233,9 +213,8 @@ def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
             down = lora_a[adapter_name].weight.detach().float().cpu()
             up = module.lora_B[adapter_name].weight.detach().float().cpu()
             scale = float(module.scaling[adapter_name])
-            state[f"{component}.{name}.lora_A.weight"] = down.clone()
-            state[f"{component}.{name}.lora_B.weight"] = (up * scale).clone()
-    return state
+            pairs[component, name] = (down.clone(), (up * scale).clone())
+    return pairs_state(pairs)
 
 
 def check_shapes(pipe: Any, lora: dict[str, torch.Tensor]) -> None:
@@ -328,10 +307,10 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
         raise FormatError(f"{path.name}: no LoRA layer of it matched this model")
     embeddings = _token_embeddings(pipe, family, vectors)
     hidden = pipe.text_encoder.config.hidden_size
-    ranks = {v.shape[0] for k, v in lora.items() if k.endswith("lora_A.weight")}
+    rank = lora_rank(lora)
     manifest = Manifest(
         base_model=base_model, method=f"import:{kind}", tokens=sorted(vectors),
-        rank=max(ranks), alpha=float(max(ranks)),
+        rank=rank, alpha=float(rank),
         unet_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
                                     for k in lora if k.startswith("unet.")}),
         text_encoder_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]

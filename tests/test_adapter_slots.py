@@ -14,9 +14,9 @@ from PIL import Image
 
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationSpec
-from loraforge_core import interop
 from loraforge_core.bundle import pack
 from loraforge_core.errors import FailedPrecondition
+from loraforge_core.lora_format import lora_pairs
 from trainer_service.training.lora import random_lora_bundle
 
 
@@ -73,7 +73,7 @@ def test_slots_and_general_path_both_match_a_fresh_diffusers_load(engine, tiny_m
 def test_a_failed_fill_leaves_the_slot_empty_and_the_adapter_unloaded(engine, tiny_model, tmp_path):
     base = render(engine)
     bundle = random_lora_bundle(str(tiny_model), tmp_path / "s", seed=4)
-    pairs = interop.lora_pairs(bundle.lora_state_dict())
+    pairs = lora_pairs(bundle.lora_state_dict())
     key = next(iter(pairs))
     down, up = pairs[key]
     pairs[key] = (torch.zeros(down.shape[0], down.shape[1] + 1), up)  # wrong input size

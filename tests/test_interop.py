@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from loraforge_core import interop
 from loraforge_core.architectures import TINY
 from loraforge_core.bundle import read_bundle, store_bundle
+from loraforge_core.lora_format import lora_pairs
 from loraforge_core.models import build_pipeline
 from tests.helpers import random_bundle
 
@@ -174,7 +175,7 @@ def cloneofsimo_file(bundle, pipe, path: Path) -> dict[str, torch.Tensor]:
     """Written as lora_diffusion.save_safeloras_with_embeds writes it: positional
     ``{model}:{i}:up|down`` in traversal order of the target classes, target lists and ranks in
     the metadata, embeddings under their token names."""
-    pairs = interop.lora_pairs(bundle.lora_state_dict())
+    pairs = lora_pairs(bundle.lora_state_dict())
     state: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for component, model, targets in (
@@ -200,12 +201,12 @@ def test_cloneofsimo_file_imports_with_the_same_delta_w(bundle, tiny_model, pipe
     imported = interop.import_file(source, pipe, tmp_path / "store", base_model="tiny")
     assert imported.manifest.tokens == ["<k1>"]
     walk = list(interop._linear_walk(pipe.unet, ("Attention", "GEGLU")))
-    pairs = interop.lora_pairs(imported.lora_state_dict())
+    pairs = lora_pairs(imported.lora_state_dict())
     for i, module in enumerate(walk):
         expected = state[f"unet:{i}:up"].float() @ state[f"unet:{i}:down"].float()
         down, up = pairs[("unet", module)]
         torch.testing.assert_close(up @ down, expected, atol=1e-5, rtol=1e-4)
-    assert len(pairs) == len(interop.lora_pairs(bundle.lora_state_dict()))
+    assert len(pairs) == len(lora_pairs(bundle.lora_state_dict()))
 
 
 def test_lora_for_another_architecture_is_refused_clearly(tiny_model, pipe, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack, read_bundle
-from loraforge_core.interop import lora_pairs
+from loraforge_core.lora_format import lora_pairs
 from loraforge_core.models import load_pipeline
 from trainer_service.cli import main as trainer_cli
 from trainer_service.merging import merge_bundles

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from loraforge_core import interop
 from loraforge_core.bundle import Bundle, Manifest, read_bundle, store_bundle
+from loraforge_core.lora_format import lora_pairs, lora_rank, pairs_state
 from loraforge_core.targets import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS, targeted_layers
 
 MODES = ("concat", "sum", "base")
@@ -49,7 +49,7 @@ def merge_factors(bundles: Sequence[Bundle], weights: Sequence[float], mode: str
         raise ValueError(f"mode must be concat or sum, not {mode!r}")
     if len(weights) != len(bundles):
         raise ValueError(f"{len(bundles)} bundles need {len(bundles)} weights, got {len(weights)}")
-    all_pairs = [interop.lora_pairs(b.lora_state_dict()) for b in bundles]
+    all_pairs = [lora_pairs(b.lora_state_dict()) for b in bundles]
     merged: Pairs = {}
     if mode == "sum":
         _check_same_layers(all_pairs, bundles)
@@ -97,11 +97,8 @@ def _merge_tokens(bundles: Sequence[Bundle]) -> tuple[dict[str, torch.Tensor], d
 
 def write_merged(store: Path, bundles: Sequence[Bundle], merged: Merged, mode: str) -> Bundle:
     first = bundles[0].manifest
-    state = {}
-    for (component, module), (down, up) in merged.pairs.items():
-        state[f"{component}.{module}.lora_A.weight"] = down.contiguous()
-        state[f"{component}.{module}.lora_B.weight"] = up.contiguous()
-    rank = max(down.shape[0] for down, _ in merged.pairs.values())
+    state = {k: v.contiguous() for k, v in pairs_state(merged.pairs).items()}
+    rank = lora_rank(state)
     manifest = Manifest(
         base_model=first.base_model, method=f"merge:{mode}", tokens=sorted(merged.tokens),
         rank=rank, alpha=float(rank),
@@ -152,7 +149,7 @@ def merge_into_base(
         raise ValueError(f"{len(bundles)} bundles need {len(bundles)} weights, got {len(weights)}")
     pipe = load_pipeline(model)
     for bundle, weight in zip(bundles, weights, strict=True):
-        for (component, module), (down, up) in interop.lora_pairs(bundle.lora_state_dict()).items():
+        for (component, module), (down, up) in lora_pairs(bundle.lora_state_dict()).items():
             layer = _layer(pipe, component, module)
             delta = (up.float() @ down.float()) * weight
             layer.weight += delta.to(layer.weight.dtype)
@@ -182,7 +179,7 @@ def extract_lora(tuned: str, base: str, rank: int, clamp_quantile: float, output
     if not 0 < clamp_quantile <= 1:
         raise ValueError("clamp quantile must be in (0, 1]")
     tuned_pipe, base_pipe = load_pipeline(tuned), load_pipeline(base)
-    state: dict[str, torch.Tensor] = {}
+    pairs = {}
     for component, targets in (
         ("unet", DEFAULT_UNET_TARGETS),
         ("text_encoder", DEFAULT_CLIP_TARGETS),
@@ -195,15 +192,15 @@ def extract_lora(tuned: str, base: str, rank: int, clamp_quantile: float, output
             if not diff.any():
                 continue
             up, down = _low_rank(diff, rank, clamp_quantile)
-            state[f"{component}.{name}.lora_A.weight"] = down
-            state[f"{component}.{name}.lora_B.weight"] = up
-    if not state:
+            pairs[component, name] = (down, up)
+    if not pairs:
         raise ValueError("the tuned model's targeted layers equal the base model's")
     tokens = _new_tokens(tuned_pipe, base_pipe)
-    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    state = pairs_state(pairs)
+    made_rank = lora_rank(state)  # below ``rank`` where a difference has a lower one
     manifest = Manifest(
-        base_model=base, method="extract", tokens=sorted(tokens), rank=max(ranks),
-        alpha=float(max(ranks)), unet_target_modules=list(DEFAULT_UNET_TARGETS),
+        base_model=base, method="extract", tokens=sorted(tokens), rank=made_rank,
+        alpha=float(made_rank), unet_target_modules=list(DEFAULT_UNET_TARGETS),
         text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS), global_step=0,
         text_hidden_size=int(base_pipe.text_encoder.config.hidden_size),
         cross_attention_dim=int(base_pipe.unet.config.cross_attention_dim),

@@ -33,6 +33,7 @@ from accelerate.utils import gather_object
 
 from loraforge_core.bundle import Bundle, Manifest, read_bundle, store_bundle
 from loraforge_core.evaluation import Evaluation
+from loraforge_core.lora_format import pack_lora
 from trainer_service.config import TrainingConfig
 from trainer_service.events import (
     Checkpoint,
@@ -354,7 +355,7 @@ class Trainer:
             method=config.method,
             tokens=config.learned_tokens,
             rank=config.lora_rank,
-            alpha=float(config.lora_rank),  # folded into the weights: see lora.py
+            alpha=float(config.lora_rank),  # folded into the weights: see lora_format.py
             unet_target_modules=list(config.unet_lora_targets),
             text_encoder_target_modules=list(config.lora_clip_target_modules)
             if config.train_text_encoder else [],
@@ -368,14 +369,7 @@ class Trainer:
             family=self.model.family.name,
             evaluation=evaluation.to_dict() if evaluation else {},
         )  # fmt: skip
-        states = self._lora_states()
-        lora_state = lora.diffusers_lora_state(
-            states["unet"],
-            states["text_encoder"],
-            config.lora_rank,
-            config.effective_alpha,
-            states.get("text_encoder_2"),
-        )
+        lora_state = pack_lora(self._lora_states(), config.lora_rank, config.effective_alpha)
         return store_bundle(self.paths.artifacts, lora_state, self.tokens.learned(), manifest)
 
     # ---------------------------------------------------------------- previews

@@ -1,4 +1,4 @@
-"""LoRA injection through peft, and export in diffusers' key format.
+"""LoRA injection through peft (exported in the native format: loraforge_core.lora_format).
 
 UNet: diffusers' ``add_adapter`` (peft underneath). Text encoder: ``peft.inject_adapter_in_model``
 directly, because transformers 5.x's ``add_adapter`` demands peft >= 0.22 (see constraints.txt).
@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
+from loraforge_core.lora_format import pack_lora
 from loraforge_core.targets import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS, EXTENDED_UNET_TARGETS
 
 ADAPTER = "default"
@@ -69,32 +70,6 @@ def load_peft_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
         raise ValueError(f"checkpoint has LoRA keys the model lacks: {unexpected[:3]}")
 
 
-def diffusers_lora_state(
-    unet_state: dict[str, torch.Tensor],
-    text_encoder_state: dict[str, torch.Tensor] | None,
-    rank: int,
-    alpha: float,
-    text_encoder_2_state: dict[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """peft states -> one ``pytorch_lora_weights`` dict (``unet.`` / ``text_encoder.`` keys,
-    and ``text_encoder_2.`` for SDXL's second encoder).
-
-    Keys keep peft's ``lora_A`` / ``lora_B`` names (what ``load_lora_weights`` reads first).
-    diffusers' files carry no alpha and loaders assume alpha == rank, so alpha/rank is folded
-    into the B matrices: the loaded delta W equals the trained one for any alpha.
-    """
-    scale = alpha / rank
-    packed: dict[str, torch.Tensor] = {}
-    for prefix, state in (
-        ("unet", unet_state), ("text_encoder", text_encoder_state or {}),
-        ("text_encoder_2", text_encoder_2_state or {}),
-    ):  # fmt: skip
-        for key, value in state.items():
-            value = value * scale if "lora_B" in key else value
-            packed[f"{prefix}.{key}"] = value.float().contiguous()
-    return packed
-
-
 def random_lora_bundle(
     model: str,
     root,
@@ -135,7 +110,8 @@ def random_lora_bundle(
             for param in lora_parameters(module):
                 param.normal_(0, std / max(1, (param.shape[-1] / 64) ** 0.5))
     text_states = [peft_state(text) if text_encoder else None for text in texts]
-    state = diffusers_lora_state(peft_state(unet), text_states[0], rank, rank, *text_states[1:])
+    states = {"unet": peft_state(unet), **dict(zip(family.text_encoders, text_states, strict=True))}
+    state = pack_lora({k: v for k, v in states.items() if v is not None}, rank, rank)
     hidden = texts[0].config.hidden_size
     vectors = [torch.randn(text.config.hidden_size) * 0.4 for text in texts] if token else []
     embeddings: dict[str, torch.Tensor] = {}
