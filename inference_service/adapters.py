@@ -96,6 +96,15 @@ class AdapterRegistry:
         with self.lock:
             return list(self.entries.values())
 
+    def residency(self) -> metrics.Residency:
+        entries = self.list()
+        return metrics.Residency(
+            resident=sorted(e.adapter_id for e in entries if e.resident),
+            pinned=sum(e.pinned for e in entries),
+            outside_slots=sum(e.resident and self.outside_slots(e) for e in entries),
+            max_resident=self.max_resident,
+        )
+
     def ensure_resident(self, adapter_id: str, keep: Keep = frozenset()) -> AdapterEntry:
         """Resident adapter by id, loading it from the artifact store on demand."""
         with self.lock:

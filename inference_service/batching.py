@@ -1,7 +1,7 @@
 """Which waiting Generate requests are denoised together, and in what order.
 
-No gRPC and no model here: the service (server.py) runs each call's turn on the one pipeline
-thread, and this module decides what a turn serves. The ordering rules:
+No gRPC and no model here: ``PipelineTurns`` runs each call's turn on the one pipeline thread,
+behind a bounded queue, and ``BatchQueue`` decides what a turn serves. The ordering rules:
 
 1. Every call, a Generate request or an adapter operation (load, unload), takes a ticket in
    arrival order, and the pipeline thread runs the turns in ticket order.
@@ -17,14 +17,25 @@ thread, and this module decides what a turn serves. The ordering rules:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from inference_service.requests import GenerationJob, GenerationSpec, batch_key
-from loraforge_core.errors import Cancelled
+from inference_service import metrics
+from inference_service.requests import (
+    GeneratedImage,
+    GenerationJob,
+    GenerationSpec,
+    Outcome,
+    batch_key,
+)
+from loraforge_core.errors import Cancelled, ResourceExhausted, Unavailable
+
+ServeBatch = Callable[[list[GenerationJob]], list[Outcome]]  # one outcome per job
 
 
 def plan(
@@ -127,3 +138,98 @@ class BatchQueue:
             for item in batch:
                 self.pending.remove(item)
             return batch
+
+
+class PipelineTurns:
+    """The one pipeline thread and the bounded queue in front of it.
+
+    Every call takes a ticket and runs on its turn, in arrival order (rule 1); a Generate
+    request's turn serves the batch ``BatchQueue.take`` gives it. More than ``queue_size``
+    calls waiting is RESOURCE_EXHAUSTED; once draining, calls not yet running are UNAVAILABLE.
+    """
+
+    def __init__(self, *, queue_size: int = 16, max_images: int = 8, max_adapters: int = 8):
+        self.queue = BatchQueue(max_images=max_images, max_adapters=max_adapters)
+        self.queue_size = queue_size
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.waiting = 0  # calls admitted and not yet answered
+        self.running = 0  # of which in the batch being denoised
+        self.draining = False
+
+    def _admit(self) -> None:
+        if self.draining:
+            metrics.REJECTED.labels("draining").inc()
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if self.waiting >= self.queue_size:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise ResourceExhausted(
+                f"{self.waiting} requests are waiting (queue of {self.queue_size}); retry later",
+                retry_after_seconds=1.0,
+            )
+
+    async def _on_pipeline_thread(self, fn: Callable[[], Any]) -> Any:
+        def guarded():
+            # Requests still queued when a drain starts are refused; the running one finishes.
+            if self.draining:
+                metrics.REJECTED.labels("draining").inc()
+                raise Unavailable("the server is shutting down; retry on another replica")
+            return fn()
+
+        self.waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, guarded)
+        finally:
+            self.waiting -= 1
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run fn on the pipeline thread on its turn: an adapter operation, a barrier to
+        batching (rule 3)."""
+        self._admit()
+        ticket = self.queue.add_barrier()
+
+        def call():
+            self.queue.lift_barrier(ticket)
+            return fn(*args, **kwargs)
+
+        try:
+            return await self._on_pipeline_thread(call)
+        finally:
+            self.queue.lift_barrier(ticket)
+
+    async def generate(self, job: GenerationJob, serve: ServeBatch) -> list[GeneratedImage]:
+        """Queue a Generate request; whichever turn takes it first serves it with ``serve``."""
+        self._admit()
+        item = self.queue.add(job)
+        try:
+            await self._on_pipeline_thread(lambda: self._serve_next_batch(item.ticket, serve))
+        except Exception:
+            if not item.result.done():  # a drain refuses this turn, yet an earlier batch
+                raise  # may have served the request already: then its images are returned
+        finally:
+            self.queue.discard(item)  # refused on drain, or the caller went away
+        # Served by now: each queued request's turn serves the oldest waiting one (if it is
+        # not younger than the turn), so by this request's own turn it has been taken.
+        return item.result.result(timeout=0)
+
+    def _serve_next_batch(self, turn: int, serve: ServeBatch) -> None:
+        batch = self.queue.take(turn)
+        if not batch:
+            return
+        self.running = len(batch)
+        try:
+            outcomes = serve([item.job for item in batch])
+        except Exception as err:
+            outcomes = [err] * len(batch)
+        finally:
+            self.running = 0
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                item.result.set_exception(outcome)
+            else:
+                item.result.set_result(outcome)
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from inference_service.server import GeneratorService
+    from inference_service.server import GeneratorServicer
+    from inference_service.service import GeneratorService
     from loraforge_core.grpc_edge import serve
     from loraforge_core.logs import configure_logging
 
@@ -103,22 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         build_parser().error(str(err))
     configure_logging(settings.log_level)
-    sys.exit(
-        asyncio.run(
-            serve(
-                GeneratorService(
-                    settings,
-                    max_resident_adapters=args.max_resident_adapters,
-                    queue_size=args.queue_size,
-                    max_batch_images=args.max_batch_images,
-                    slot_rank=args.adapter_slot_rank,
-                    extended_slots=args.adapter_slot_targets == "extended",
-                    preload=tuple(a for a in args.preload.split(",") if a),
-                    cache_bytes=int(args.artifact_cache_gb * 2**30),
-                    fuse_adapters=args.adapter_fusion == "on",
-                    compile_unet=args.compile_unet == "on",
-                ),
-                settings,
-            )
-        )
+    service = GeneratorService(
+        settings,
+        max_resident_adapters=args.max_resident_adapters,
+        queue_size=args.queue_size,
+        max_batch_images=args.max_batch_images,
+        slot_rank=args.adapter_slot_rank,
+        extended_slots=args.adapter_slot_targets == "extended",
+        preload=tuple(a for a in args.preload.split(",") if a),
+        cache_bytes=int(args.artifact_cache_gb * 2**30),
+        fuse_adapters=args.adapter_fusion == "on",
+        compile_unet=args.compile_unet == "on",
     )
+    sys.exit(asyncio.run(serve(service, GeneratorServicer(service), settings)))

@@ -32,6 +32,7 @@ from inference_service.requests import (
     GeneratedImage,
     GenerationJob,
     GenerationSpec,
+    Outcome,
 )
 from loraforge_core import families
 from loraforge_core.errors import Cancelled, FailedPrecondition
@@ -39,7 +40,6 @@ from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.engine")
 
-Outcome = list[GeneratedImage] | Exception
 Batch = list[tuple[GenerationJob, list[AdapterEntry]]]
 
 

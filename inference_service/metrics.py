@@ -7,16 +7,13 @@ counters and histograms are updated where the work happens.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from loraforge_core.metrics import LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from inference_service.adapters import AdapterRegistry
 
 DENOISING_STEPS = Counter(
     "loraforge_generator_denoising_steps_total",
@@ -49,14 +46,24 @@ EVICTIONS = Counter(
 )
 
 
+@dataclass(frozen=True)
+class Residency:
+    """The adapter registry as a scrape reads it."""
+
+    resident: list[str]  # ids, sorted
+    pinned: int
+    outside_slots: int  # resident adapters on diffusers' general path
+    max_resident: int
+
+
 class GeneratorCollector(Collector):
     """Queue and residency, read at scrape time."""
 
     def __init__(
         self, waiting: Callable[[], int], running: Callable[[], int],
-        adapters: Callable[[], AdapterRegistry | None],
+        residency: Callable[[], Residency | None],
     ) -> None:  # fmt: skip
-        self.waiting, self.running, self.adapters = waiting, running, adapters
+        self.waiting, self.running, self.residency = waiting, running, residency
 
     def collect(self):
         yield GaugeMetricFamily(
@@ -67,26 +74,24 @@ class GeneratorCollector(Collector):
             "loraforge_generator_requests_running", "Generate calls in the batch being denoised",
             value=self.running(),
         )  # fmt: skip
-        registry = self.adapters()
-        entries = registry.list() if registry is not None else []
-        resident = sorted(e.adapter_id for e in entries if e.resident)
+        residency = self.residency() or Residency([], 0, 0, 0)
         yield GaugeMetricFamily(
             "loraforge_generator_adapters_resident", "Adapters loaded in the model",
-            value=len(resident),
+            value=len(residency.resident),
         )  # fmt: skip
         yield GaugeMetricFamily(
             "loraforge_generator_adapters_pinned", "Adapters that are never evicted",
-            value=sum(e.pinned for e in entries),
+            value=residency.pinned,
         )  # fmt: skip
         yield GaugeMetricFamily(
             "loraforge_generator_adapters_outside_slots",
             "Resident adapters that took diffusers' general path (targets or a rank the slots "
             "lack: see --adapter-slot-targets and --adapter-slot-rank), whose loads are slower",
-            value=sum(e.resident and registry.outside_slots(e) for e in entries),
+            value=residency.outside_slots,
         )  # fmt: skip
         # Like vLLM's lora_requests_info: which adapters this replica holds, for routers.
         yield InfoMetricFamily(
             "loraforge_generator_adapters", "The ids of the resident adapters",
-            value={"resident": ",".join(resident), "max_resident": str(
-                registry.max_resident if registry is not None else 0)},
+            value={"resident": ",".join(residency.resident),
+                   "max_resident": str(residency.max_resident)},
         )  # fmt: skip

@@ -116,6 +116,9 @@ class GeneratedImage:
     format: str
 
 
+# What serving a request in a batch answers: its images, or the error that refused it alone.
+Outcome = list[GeneratedImage] | Exception
+
 _LEARNED_TOKEN = re.compile(r"^[^\s\x00-\x1f\x7f]{1,64}$")
 
 

@@ -32,13 +32,17 @@ from loraforge_core.settings import ServerSettings
 log = logging.getLogger("loraforge.grpc")
 
 
-class Service(Protocol):
-    """What a loraforge service gives the shared server runner."""
+class Servicer(Protocol):
+    """A service's gRPC face: protobuf in, one domain call, protobuf out."""
 
     #: Fully qualified gRPC service names, for health and reflection.
     service_names: tuple[str, ...]
 
-    def register(self, server: grpc.aio.Server) -> None: ...
+    def add_to(self, server: grpc.aio.Server) -> None: ...
+
+
+class Service(Protocol):
+    """The domain side of a loraforge service, whose life the shared server runner drives."""
 
     async def start(self) -> None:
         """Load models and open stores; the server reports SERVING once this returns."""
@@ -243,6 +247,7 @@ async def _set_health(
 
 async def serve(
     service: Service,
+    servicer: Servicer,
     settings: ServerSettings,
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
 ) -> int:
@@ -256,9 +261,10 @@ async def serve(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service.register(server)
+    servicer.add_to(server)
+    names = servicer.service_names
     reflection.enable_server_reflection(
-        (*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert is not None and settings.tls_key is not None:
@@ -268,9 +274,7 @@ async def serve(
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
-    await _set_health(
-        health_servicer, service.service_names, health_pb2.HealthCheckResponse.NOT_SERVING
-    )
+    await _set_health(health_servicer, names, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     serve_metrics(settings.metrics_port, settings.host)
     log.info(
@@ -290,9 +294,7 @@ async def serve(
 
     async def warm_up() -> None:
         await service.start()
-        await _set_health(
-            health_servicer, service.service_names, health_pb2.HealthCheckResponse.SERVING
-        )
+        await _set_health(health_servicer, names, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"port": port})
 
     warm = asyncio.create_task(warm_up())
@@ -313,9 +315,7 @@ async def serve(
         await warm
 
     log.info("shutting down", extra={"grace_period_s": settings.grace_period})
-    await _set_health(
-        health_servicer, service.service_names, health_pb2.HealthCheckResponse.NOT_SERVING
-    )
+    await _set_health(health_servicer, names, health_pb2.HealthCheckResponse.NOT_SERVING)
     await service.drain()
     await server.stop(settings.grace_period)
     await service.close()

@@ -189,3 +189,46 @@ class ServerSettings:
             from loraforge_core.auth import read_tokens
 
             read_tokens(self.auth_token_file)
+
+
+LEASE_SECONDS = 30.0
+
+
+def _lease(raw: str) -> float:
+    value = float(raw)
+    if not 3 <= value <= 3600:
+        raise ValueError("--lease-seconds must be in 3..3600")
+    return value
+
+
+@dataclass
+class FleetSettings:
+    """How a trainer replica shares jobs with others: the job database (empty: SQLite under the
+    data dir, this replica alone), its name in leases, and the lease length."""
+
+    database_url: str = ""
+    replica_id: str = ""
+    lease_seconds: float = LEASE_SECONDS
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_setting(
+            parser, "--database-url", default="",
+            help="job store and queue shared by trainer replicas: "
+            "postgresql://user:pass@host/db; empty: SQLite under --data-dir, for this replica "
+            "alone",
+        )  # fmt: skip
+        add_setting(
+            parser, "--replica-id", default="",
+            help="this replica's name in job leases (default: HOST:PORT with a database, else "
+            "'local'); unique per replica",
+        )  # fmt: skip
+        add_setting(
+            parser, "--lease-seconds", default=LEASE_SECONDS, type=_lease,
+            help="a running job's lease, renewed every third of it; a replica that dies loses "
+            "its jobs to another replica after at most this long",
+        )  # fmt: skip
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FleetSettings:
+        return cls(args.database_url, args.replica_id, args.lease_seconds)

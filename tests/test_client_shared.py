@@ -11,7 +11,7 @@ from loraforge_client import enums as client_enums
 from loraforge_client._common import WatchCursor
 
 from inference_service import requests
-from inference_service.server import SCHEDULER_NAMES
+from inference_service.proto_mapping import SCHEDULER_NAMES
 from loraforge_core.launch import free_port
 
 

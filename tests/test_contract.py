@@ -52,3 +52,17 @@ def test_client_installs_alone_without_torch_and_its_cli_runs(tmp_path: Path) ->
         [str(venv / "bin" / "loraforge"), "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "generate" in help_text and "train" in help_text
+
+
+def test_the_services_and_the_client_name_every_enum_member_alike() -> None:
+    from loraforge.v1 import common_pb2, generator_pb2, trainer_pb2
+    from loraforge_client.enums import by_name
+
+    from loraforge_core.proto_enums import enum_numbers
+
+    for module in (common_pb2, generator_pb2, trainer_pb2):
+        for enum in module.DESCRIPTOR.enum_types_by_name.values():
+            prefix = "".join(f"_{c}" if c.isupper() else c.upper() for c in enum.name)[1:] + "_"
+            wrapper = getattr(module, enum.name)
+            assert all(name.startswith(prefix) for name in enum.values_by_name), (enum.name, prefix)
+            assert enum_numbers(wrapper, prefix) == by_name(wrapper, prefix), enum.name

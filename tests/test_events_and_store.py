@@ -23,7 +23,7 @@ from trainer_service.database import (
 )
 from trainer_service.jobdir import ImageUpload
 from trainer_service.jobs import JobSpec, create_job
-from trainer_service.server import event_to_proto
+from trainer_service.proto_mapping import event_to_proto
 from trainer_service.store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore, LeaseLost
 
 EXAMPLES = [

@@ -39,7 +39,7 @@ from inference_service.requests import MAX_PROMPT_CHARS, MAX_SCALE, RESERVED_TOK
 from loraforge_core import bundle as bundles
 from loraforge_core.launch import ServerProcess, health_status
 from tests.helpers import random_bundle, shape_png
-from trainer_service.server import MAX_CHUNK_SIZE, MAX_PAGE_SIZE, MIN_CHUNK_SIZE
+from trainer_service.proto_mapping import MAX_CHUNK_SIZE, MAX_PAGE_SIZE, MIN_CHUNK_SIZE
 
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

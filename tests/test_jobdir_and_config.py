@@ -11,7 +11,7 @@ from loraforge.v1 import trainer_pb2
 from loraforge_core.errors import InvalidArgument
 from tests.helpers import shape_png
 from trainer_service import config as configs
-from trainer_service import server
+from trainer_service import proto_mapping
 from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.jobs import JobSpec, validate
@@ -87,11 +87,11 @@ def test_placeholder_tokens_that_other_tools_would_rename_are_refused(token: str
 
 
 def test_the_contract_and_the_config_name_the_same_choices() -> None:
-    assert set(server.METHODS.values()) == set(configs.METHODS)
-    assert set(server.TEMPLATES.values()) == set(configs.TEMPLATES)
-    assert set(server.LR_SCHEDULERS.values()) == set(configs.LR_SCHEDULERS)
-    assert set(server.PRECISIONS.values()) == set(configs.MIXED_PRECISIONS)
-    config = server.config_from_request(
+    assert set(proto_mapping.METHODS.values()) == set(configs.METHODS)
+    assert set(proto_mapping.TEMPLATES.values()) == set(configs.TEMPLATES)
+    assert set(proto_mapping.LR_SCHEDULERS.values()) == set(configs.LR_SCHEDULERS)
+    assert set(proto_mapping.PRECISIONS.values()) == set(configs.MIXED_PRECISIONS)
+    config = proto_mapping.config_from_request(
         trainer_pb2.CreateJobRequest(
             method=trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA,
             config=trainer_pb2.TrainingConfig(
@@ -115,13 +115,13 @@ def test_the_contract_and_the_config_name_the_same_choices() -> None:
         "v2.1", "stabilityai/sd-vae-ft-mse"
     )  # fmt: skip
     assert config.placeholder_token_at_data == "sks|<s1>"
-    message = server.config_to_proto(config.to_dict())
+    message = proto_mapping.config_to_proto(config.to_dict())
     assert message.lr_scheduler == trainer_pb2.LR_SCHEDULER_COSINE and message.lora_rank == 8
     assert message.lr_scheduler_lora == trainer_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP
     assert message.HasField("snr_gamma") and message.lr_warmup_steps_lora == 7
     assert message.revision == "v2.1" and message.placeholder_token_at_data == "sks|<s1>"
     # Unset: the seed's defaults, and no min-SNR weighting.
-    default = server.config_from_request(trainer_pb2.CreateJobRequest())
+    default = proto_mapping.config_from_request(trainer_pb2.CreateJobRequest())
     assert (default.lr_scheduler_lora, default.lr_warmup_steps_lora) == ("linear", 0)
     assert default.snr_gamma is None
-    assert not server.config_to_proto(default.to_dict()).HasField("snr_gamma")
+    assert not proto_mapping.config_to_proto(default.to_dict()).HasField("snr_gamma")

@@ -13,11 +13,10 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from inference_service.batching import PipelineTurns
 from inference_service.engine import GeneratorEngine
 from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
-from inference_service.server import GeneratorService
 from loraforge_core.bundle import pack
-from loraforge_core.settings import ServerSettings
 from trainer_service.training.lora import random_lora_bundle
 
 ADAPTERS = 4
@@ -111,49 +110,35 @@ def test_a_request_that_cannot_be_served_does_not_fail_its_batch(engine):
 
 
 @pytest.mark.parametrize("max_batch_images", [8, 1])
-def test_waiting_requests_share_batches_unless_batching_is_off(
-    engine, tiny_model, tmp_path, max_batch_images
-):
-    service = GeneratorService(
-        ServerSettings(model=str(tiny_model), data_dir=tmp_path),
-        max_batch_images=max_batch_images,
-        max_resident_adapters=ADAPTERS + 1,
-    )
-    service.engine = engine
+def test_waiting_requests_share_batches_unless_batching_is_off(engine, max_batch_images):
+    turns = PipelineTurns(max_images=max_batch_images, max_adapters=ADAPTERS + 1)
     sizes: list[int] = []
-    real = engine.generate_batch
 
-    def recording(jobs):
+    def recording(jobs):  # the real engine serves; only the batch sizes are noted
         sizes.append(len(jobs))
-        return real(jobs)
+        return engine.generate_batch(jobs)
 
-    engine.generate_batch = recording  # the real engine runs; only the batch sizes are noted
     try:
-        outcomes = asyncio.run(_submit_while_busy(service, specs()))
+        outcomes = asyncio.run(_submit_while_busy(turns, recording, engine, specs()))
     finally:
-        del engine.generate_batch
-        service.executor.shutdown()
+        turns.close()
     for spec, outcome in zip(specs(), outcomes, strict=True):
         assert len(outcome) == spec.num_images
     # Three requests, an adapter operation, three more: the operation splits the batches.
     assert sizes == ([3, 3] if max_batch_images == 8 else [1] * 6)
 
 
-async def _submit_while_busy(service: GeneratorService, all_specs: list[GenerationSpec]):
+async def _submit_while_busy(turns: PipelineTurns, serve, engine, all_specs: list[GenerationSpec]):
     gate = threading.Event()
-    service.executor.submit(gate.wait)  # the pipeline thread is busy; everything queues
-    tasks = [asyncio.create_task(service.generate(GenerationJob(s))) for s in all_specs[:3]]
-    tasks.append(asyncio.create_task(service.run(engine_list, service)))
-    tasks += [asyncio.create_task(service.generate(GenerationJob(s))) for s in all_specs[3:]]
-    while len(service.queue.pending) < len(all_specs) or not service.queue.barriers:
+    turns.executor.submit(gate.wait)  # the pipeline thread is busy; everything queues
+    tasks = [asyncio.create_task(turns.generate(GenerationJob(s), serve)) for s in all_specs[:3]]
+    tasks.append(asyncio.create_task(turns.run(engine.adapters.list)))
+    tasks += [asyncio.create_task(turns.generate(GenerationJob(s), serve)) for s in all_specs[3:]]
+    while len(turns.queue.pending) < len(all_specs) or not turns.queue.barriers:
         await asyncio.sleep(0)  # let every task take its ticket (no time passes)
     gate.set()
     results = await asyncio.gather(*tasks)
     return results[:3] + results[4:]
-
-
-def engine_list(service: GeneratorService):
-    return service.engine.adapters.list()
 
 
 def test_the_adapter_list_answers_while_a_generation_runs(engine):

@@ -7,16 +7,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from loraforge_core.settings import ServerSettings, add_setting
+from loraforge_core.settings import FleetSettings, ServerSettings, add_setting
 
 DEFAULT_PORT = 50051
-
-
-def _lease(raw: str) -> float:
-    value = float(raw)
-    if not 3 <= value <= 3600:
-        raise ValueError("--lease-seconds must be in 3..3600")
-    return value
 
 
 def _max_jobs(raw: str) -> int:
@@ -46,28 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs this replica trains at once, each on --num-processes GPUs of its own; "
         "0: answer RPCs only, other replicas train (default: every GPU busy, 1 on a CPU)",
     )
-    add_setting(
-        serve,
-        "--database-url",
-        default="",
-        help="job store and queue shared by trainer replicas: postgresql://user:pass@host/db; "
-        "empty: SQLite under --data-dir, for this replica alone",
-    )
-    add_setting(
-        serve,
-        "--replica-id",
-        default="",
-        help="this replica's name in job leases (default: HOST:PORT with a database, else "
-        "'local'); unique per replica",
-    )
-    add_setting(
-        serve,
-        "--lease-seconds",
-        default=30.0,
-        type=_lease,
-        help="a running job's lease, renewed every third of it; a replica that dies loses its "
-        "jobs to another replica after at most this long",
-    )
+    FleetSettings.add_arguments(serve)
     export = commands.add_parser("export", help="export a bundle for other tools")
     export.add_argument("bundle", type=Path, help="bundle folder")
     export.add_argument(
@@ -194,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from loraforge_core.grpc_edge import serve
     from loraforge_core.logs import configure_logging
-    from trainer_service.server import FleetSettings, TrainerService
+    from trainer_service.server import TrainerServicer
+    from trainer_service.service import TrainerService
 
     settings = ServerSettings.from_args(args)
     try:
@@ -202,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         build_parser().error(str(err))
     configure_logging(settings.log_level)
-    fleet = FleetSettings(args.database_url, args.replica_id, args.lease_seconds)
+    fleet = FleetSettings.from_args(args)
     service = TrainerService(
         settings, num_processes=args.num_processes, max_jobs=args.max_jobs, fleet=fleet
     )
-    sys.exit(asyncio.run(serve(service, settings)))
+    sys.exit(asyncio.run(serve(service, TrainerServicer(service), settings)))

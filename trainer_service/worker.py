@@ -30,6 +30,7 @@ from pathlib import Path
 from loraforge_core.artifacts import publish_bundle
 from loraforge_core.logs import REQUEST_ID, REQUEST_ID_ENV
 from loraforge_core.objectstore import ObjectStore
+from loraforge_core.settings import LEASE_SECONDS
 from trainer_service import metrics
 from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, Progress, parse_line
 from trainer_service.jobdir import JobDir
@@ -50,7 +51,6 @@ log = logging.getLogger("loraforge.trainer.worker")
 CANCEL_GRACE_S = 30.0
 MAX_EVENT_LINE = 64 * 1024 * 1024
 IDLE_POLL_S = 5.0  # also how soon an expired lease is noticed when nothing wakes the loop
-LEASE_S = 30.0
 
 
 def plan_slots(max_jobs: int, num_processes: int, gpus: Sequence[int]) -> list[list[int]]:
@@ -87,7 +87,7 @@ class JobRunner:
         gpus: Sequence[int] = (),
         num_processes: int = 1,
         replica_id: str = "local",
-        lease_s: float = LEASE_S,
+        lease_s: float = LEASE_SECONDS,
         on_event: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.store = store
