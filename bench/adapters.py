@@ -13,7 +13,7 @@ from PIL import Image
 
 from bench.common import interleaved_medians, median_ms
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import GenerationJob, GenerationSpec
+from inference_service.spec import GenerationJob, GenerationSpec
 
 
 def switch_cost(

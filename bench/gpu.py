@@ -26,7 +26,7 @@ import torch
 from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import median_ms, report
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import families
 from loraforge_core.architectures import ARCHITECTURES
 from loraforge_core.bundle import pack
@@ -159,7 +159,7 @@ def train_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, flo
     from trainer_service.config import TrainingConfig
     from trainer_service.events import ListReporter, Progress
     from trainer_service.training.data import InstanceExample
-    from trainer_service.training.engine import RunPaths, Trainer
+    from trainer_service.training.trainer import RunPaths, Trainer
 
     precision = {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[args.dtype]
     images = [

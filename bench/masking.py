@@ -61,7 +61,7 @@ def measure(
     from loraforge_core.models import load_pipeline
     from trainer_service.config import TrainingConfig
     from trainer_service.training.data import InstanceExample
-    from trainer_service.training.engine import RunPaths, Trainer
+    from trainer_service.training.trainer import RunPaths, Trainer
 
     # The LoRA rates its figures in docs/architecture.md were measured at (the recipe's were
     # 1e-3 then).

@@ -25,7 +25,7 @@ import torch
 from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import interleaved_medians, median_ms, report
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess
 from loraforge_core.models import load_pipeline, resolve_model

@@ -20,7 +20,7 @@ import torch
 
 from bench.common import interleaved_medians, report
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.models import load_pipeline, resolve_model
 from trainer_service.training.lora import random_lora_bundle

@@ -115,7 +115,7 @@ def ours(model: str, steps: int, rank: int, *, cached: bool, pti: bool) -> dict[
     from trainer_service.config import TrainingConfig
     from trainer_service.events import ListReporter, Progress
     from trainer_service.training.data import InstanceExample
-    from trainer_service.training.engine import RunPaths, Trainer
+    from trainer_service.training.trainer import RunPaths, Trainer
 
     config = TrainingConfig(
         pretrained_model_name_or_path=model, method="pti" if pti else "dreambooth_lora",

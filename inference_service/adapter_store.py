@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from inference_service.requests import is_adapter_id, learned_token_problem
+from inference_service.spec import is_adapter_id, learned_token_problem
 from loraforge_core import bundle as bundles
 from loraforge_core import families, interop
 from loraforge_core.artifacts import ARTIFACTS, BundleCache

@@ -22,8 +22,8 @@ import torch
 from inference_service import metrics
 from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry, AdapterStore
 from inference_service.mixing import LoraMixer
-from inference_service.requests import AdapterRequest
 from inference_service.slots import SlotPool, TokenPool
+from inference_service.spec import AdapterRequest
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference_service import metrics
-from inference_service.requests import (
+from inference_service.spec import (
     GeneratedImage,
     GenerationJob,
     GenerationSpec,

@@ -26,7 +26,7 @@ from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.adapters import AdapterRegistry
 from inference_service.batching import plan
 from inference_service.mixing import LoraMixer, row_weights
-from inference_service.requests import (
+from inference_service.spec import (
     IMAGE_FORMATS,
     SCHEDULERS,
     GeneratedImage,

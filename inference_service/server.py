@@ -16,8 +16,8 @@ from inference_service.proto_mapping import (
     images_to_proto,
     spec_from_request,
 )
-from inference_service.requests import GenerationJob, validate_adapter_id
 from inference_service.service import GeneratorService
+from inference_service.spec import GenerationJob, validate_adapter_id
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):

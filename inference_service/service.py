@@ -16,7 +16,7 @@ from inference_service import metrics
 from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.batching import PipelineTurns
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import GeneratedImage, GenerationJob
+from inference_service.spec import GeneratedImage, GenerationJob
 from loraforge_core.devices import resolve_device, validate_device
 from loraforge_core.errors import Unavailable
 from loraforge_core.models import load_pipeline, resolve_model

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from inference_service.requests import RESERVED_TOKEN_PREFIX
+from inference_service.spec import RESERVED_TOKEN_PREFIX
 from loraforge_core import families
 from loraforge_core.lora_format import pairs_state
 from loraforge_core.targets import (

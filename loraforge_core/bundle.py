@@ -4,7 +4,7 @@ Layout (docs/artifact-format.md):
 
     pytorch_lora_weights.safetensors   diffusers keys; a stock ``load_lora_weights(folder)`` works
     learned_embeds.safetensors         {token: embedding}; ``load_textual_inversion`` works
-    manifest.json                      base model, method, tokens, rank, alpha, targets, config,
+    manifest.json                      base model, method, tokens, rank, targets, config,
                                        step, and the sha256 of every file
 
 Bundles are immutable and content-addressed: the id is derived from the manifest's sha256,
@@ -48,8 +48,7 @@ class Manifest:
     base_model: str
     method: str
     tokens: list[str]
-    rank: int
-    alpha: float
+    rank: int  # the weights carry alpha / rank folded in (lora_format.py): read at alpha == rank
     unet_target_modules: list[str]
     text_encoder_target_modules: list[str]
     global_step: int
@@ -67,7 +66,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        # "alpha": format-1 readers require it, and it is the rank by construction.
+        return json.dumps({**asdict(self), "alpha": float(self.rank)}, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -78,6 +78,11 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise BundleError(f"manifest.json is not a {FORMAT} manifest")
         _check_field_types(data)
+        if data.get("alpha", data.get("rank")) != data.get("rank"):
+            raise BundleError(
+                "manifest.json: alpha must equal rank (the weights carry alpha "
+                "folded in); import other LoRA files with `loraforge-trainer import`"
+            )
         known_families = [f.name for f in families.FAMILIES]
         if data.get("family", "sd") not in known_families:
             raise BundleError(

@@ -310,7 +310,7 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
     rank = lora_rank(lora)
     manifest = Manifest(
         base_model=base_model, method=f"import:{kind}", tokens=sorted(vectors),
-        rank=rank, alpha=float(rank),
+        rank=rank,
         unet_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
                                     for k in lora if k.startswith("unet.")}),
         text_encoder_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]

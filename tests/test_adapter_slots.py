@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.errors import FailedPrecondition
 from loraforge_core.lora_format import lora_pairs

@@ -15,8 +15,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from trainer_service.training.base_model import BaseModel
 from trainer_service.training.data import InstanceExample, caption_for
-from trainer_service.training.models import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "loraforge-test/tiny"
@@ -44,7 +44,7 @@ def conv_in_sums(revisions: list[str], cache: Path) -> list[float]:
     (the hub library reads its offline switch and cache folder at import)."""
     script = (
         "import sys; from accelerate import Accelerator;"
-        "from trainer_service.training.models import BaseModel;"
+        "from trainer_service.training.base_model import BaseModel;"
         "[print(float(BaseModel.load(sys.argv[1], Accelerator(cpu=True), False, revision=r)"
         ".unet.conv_in.weight.sum())) for r in sys.argv[2:]]"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference_service.batching import BatchQueue, plan
-from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.errors import Cancelled
 
 

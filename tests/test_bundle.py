@@ -17,7 +17,7 @@ from loraforge_core.bundle import BundleError, Manifest
 
 def manifest(step: int = 10) -> Manifest:
     return Manifest(
-        base_model="tiny", method="pti", tokens=["<s1>"], rank=2, alpha=2.0,
+        base_model="tiny", method="pti", tokens=["<s1>"], rank=2,
         unet_target_modules=["to_q"], text_encoder_target_modules=[], global_step=step,
         text_hidden_size=4, cross_attention_dim=4,
     )  # fmt: skip
@@ -95,6 +95,17 @@ def test_a_bundle_of_a_family_this_loraforge_does_not_know_is_refused() -> None:
     data = json.loads(manifest().to_json())
     data["family"] = "flux"
     with pytest.raises(BundleError, match=r"model family 'flux'.*upgrade loraforge"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_alpha_is_written_as_the_rank_and_any_other_alpha_is_refused() -> None:
+    data = json.loads(manifest().to_json())
+    assert data["alpha"] == 2.0  # what format-1 readers require: the weights carry alpha/rank
+    assert Manifest.from_json(json.dumps(data)) == manifest()
+    del data["alpha"]
+    assert Manifest.from_json(json.dumps(data)) == manifest()
+    data["alpha"] = 4.0  # a file whose weights want scaling by 2 is not a bundle
+    with pytest.raises(BundleError, match="alpha must equal rank"):
         Manifest.from_json(json.dumps(data))
 
 

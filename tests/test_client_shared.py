@@ -10,7 +10,7 @@ from loraforge_client import AsyncTrainerClient, TrainerClient, UnavailableError
 from loraforge_client import enums as client_enums
 from loraforge_client._common import WatchCursor
 
-from inference_service import requests
+from inference_service import spec
 from inference_service.proto_mapping import SCHEDULER_NAMES
 from loraforge_core.launch import free_port
 
@@ -59,7 +59,7 @@ def test_a_watch_resumes_after_the_last_event_and_skips_repeats() -> None:
 
 
 def test_the_client_knows_every_choice_the_services_accept() -> None:
-    assert set(client_enums.SCHEDULERS) == set(requests.SCHEDULERS) == set(SCHEDULER_NAMES.values())
-    assert set(client_enums.IMAGE_FORMATS) == set(requests.IMAGE_FORMATS)
+    assert set(client_enums.SCHEDULERS) == set(spec.SCHEDULERS) == set(SCHEDULER_NAMES.values())
+    assert set(client_enums.IMAGE_FORMATS) == set(spec.IMAGE_FORMATS)
     assert client_enums.SCHEDULERS["default"] == generator_pb2.SCHEDULER_UNSPECIFIED
     assert client_enums.JOB_STATES["cancelled"] == trainer_pb2.JOB_STATE_CANCELLED

@@ -21,7 +21,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import pack
 from trainer_service.training.lora import random_lora_bundle
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import Bundle, pack
 from loraforge_core.evaluation import Evaluation
 from loraforge_core.fidelity import (
@@ -28,9 +28,9 @@ from loraforge_core.fidelity import (
 )
 from loraforge_core.models import load_pipeline
 from trainer_service.config import TrainingConfig
-from trainer_service.events import Checkpoint, Evaluated, ListReporter
+from trainer_service.events import Checkpoint, CheckpointEvaluated, ListReporter
 from trainer_service.training.data import InstanceExample
-from trainer_service.training.engine import RunPaths, Trainer
+from trainer_service.training.trainer import RunPaths, Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_pti_teaches_a_colour_the_base_model_never_saw(tmp_path: Path) -> None:
     # One evaluation per checkpoint, of that checkpoint, and one of the last step (1,000 is
     # no multiple of 220); the subject comes with training (step 220: 20 LoRA steps).
     checkpoints = [e for e in reporter.events if isinstance(e, Checkpoint)]
-    evaluated = [e for e in reporter.events if isinstance(e, Evaluated)]
+    evaluated = [e for e in reporter.events if isinstance(e, CheckpointEvaluated)]
     assert [e.artifact_id for e in evaluated[:-1]] == [c.artifact_id for c in checkpoints]
     assert evaluated[-1].artifact_id == bundle.id
     curves = [Evaluation.from_dict(e.evaluation) for e in evaluated]

@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.evaluation import Evaluation, ScaleScore, recommend
 from loraforge_core.fidelity import CONCEPT_TRAINING, concept_examples
 from loraforge_core.models import load_pipeline
 from trainer_service.config import TrainingConfig
-from trainer_service.events import Evaluated, FinalArtifact, ListReporter
+from trainer_service.events import CheckpointEvaluated, FinalArtifact, ListReporter
 from trainer_service.training.data import InstanceExample
-from trainer_service.training.engine import RunPaths, StopRequested, Trainer
+from trainer_service.training.trainer import RunPaths, StopRequested, Trainer
 
 
 class DivergingTrainer(Trainer):
@@ -61,7 +61,7 @@ def test_select_final_best_takes_an_earlier_checkpoint_that_scored_better(tmp_pa
     with pytest.raises(StopRequested):
         stopping.run()
     bundle = DivergingTrainer(config, examples(), paths, reporter).run()
-    evaluated = [e for e in reporter.events if isinstance(e, Evaluated)]
+    evaluated = [e for e in reporter.events if isinstance(e, CheckpointEvaluated)]
     first, second = (Evaluation.from_dict(e.evaluation) for e in evaluated)
     assert (first.global_step, second.global_step) == (400, 800)
     assert first.score > second.score, (first, second)
@@ -113,7 +113,7 @@ def test_the_clip_scorer_loads_a_local_clip_and_tells_the_adapter_from_the_base(
     )  # fmt: skip
     reporter = ListReporter()
     bundle = Trainer(config, examples(), RunPaths(tmp_path / "c", tmp_path / "a"), reporter).run()
-    (event,) = [e for e in reporter.events if isinstance(e, Evaluated)]
+    (event,) = [e for e in reporter.events if isinstance(e, CheckpointEvaluated)]
     evaluation = Evaluation.from_dict(event.evaluation)
     assert (evaluation.scorer, evaluation.scorer_model) == ("clip", str(clip))
     base, adapted = evaluation.scores

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core import interop
 from loraforge_core.bundle import pack, read_bundle
 from loraforge_core.files import atomic_write_bytes
@@ -25,8 +25,8 @@ from loraforge_core.models import load_pipeline
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
 from trainer_service.training.data import InstanceExample
-from trainer_service.training.engine import RunPaths, Trainer
 from trainer_service.training.lora import random_lora_bundle
+from trainer_service.training.trainer import RunPaths, Trainer
 
 PROMPT = "a <c> circle"
 

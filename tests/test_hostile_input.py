@@ -35,7 +35,7 @@ from loraforge.v1 import (
 from PIL import Image
 from safetensors.torch import save
 
-from inference_service.requests import MAX_PROMPT_CHARS, MAX_SCALE, RESERVED_TOKEN_PREFIX
+from inference_service.spec import MAX_PROMPT_CHARS, MAX_SCALE, RESERVED_TOKEN_PREFIX
 from loraforge_core import bundle as bundles
 from loraforge_core.launch import ServerProcess, health_status
 from tests.helpers import random_bundle, shape_png

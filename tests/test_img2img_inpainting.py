@@ -15,7 +15,7 @@ from loraforge.v1 import generator_pb2, generator_pb2_grpc
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core import toyworld
 from loraforge_core.bundle import pack, read_bundle
 from loraforge_core.launch import ServerProcess

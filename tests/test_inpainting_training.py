@@ -14,14 +14,14 @@ from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import toyworld
 from loraforge_core.bundle import pack, read_bundle
 from loraforge_core.errors import FailedPrecondition
 from loraforge_core.models import load_pipeline, save_inpainting_model
 from trainer_service.config import TrainingConfig
 from trainer_service.training.data import InstanceExample
-from trainer_service.training.engine import RunPaths, Trainer
+from trainer_service.training.trainer import RunPaths, Trainer
 
 QUICK = dict(max_train_steps_ti=2, max_train_steps_tuning=4, save_steps=100, seed=0,
              placeholder_tokens=["<p1>"], initializer_tokens=["red"], device="cpu",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack, read_bundle
 from loraforge_core.lora_format import lora_pairs
 from loraforge_core.models import load_pipeline

@@ -82,7 +82,7 @@ def stored_bundles(store, tmp_path: Path, count: int) -> list[str]:
     for seed in range(count):
         generator = torch.Generator().manual_seed(seed)
         manifest = bundles.Manifest(
-            base_model="tiny", method="pti", tokens=["<s1>"], rank=2, alpha=2.0,
+            base_model="tiny", method="pti", tokens=["<s1>"], rank=2,
             unet_target_modules=["to_q"], text_encoder_target_modules=[], global_step=seed,
             text_hidden_size=4, cross_attention_dim=4,
         )  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationJob, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import LORA_FILE, pack
 from loraforge_core.errors import FailedPrecondition
 from loraforge_core.models import load_pipeline

@@ -16,13 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from inference_service.engine import GeneratorEngine
-from inference_service.requests import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import toyworld
 from loraforge_core.bundle import LORA_FILE, Bundle, pack
 from loraforge_core.models import load_pipeline
 from trainer_service.config import TrainingConfig
 from trainer_service.training.data import InstanceExample
-from trainer_service.training.engine import RunPaths, StopRequested, Trainer
+from trainer_service.training.trainer import RunPaths, StopRequested, Trainer
 
 PROMPT, SEED, STEPS, GUIDANCE = "a photo of a <s1>", 3, 4, 5.0
 
@@ -106,7 +106,7 @@ def test_training_encodes_prompts_as_the_sdxl_pipeline_does(tiny_sdxl: Path) -> 
     from accelerate import Accelerator
     from diffusers import StableDiffusionXLPipeline
 
-    from trainer_service.training.models import BaseModel
+    from trainer_service.training.base_model import BaseModel
 
     prompts = ["a photo of a red circle", ""]
     model = BaseModel.load(str(tiny_sdxl), Accelerator(cpu=True), False)

@@ -27,8 +27,8 @@ from trainer_service.events import (
 )
 from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.training.data import InstanceExample
-from trainer_service.training.engine import RunPaths, Trainer
 from trainer_service.training.evaluate import denoising_loss
+from trainer_service.training.trainer import RunPaths, Trainer, train
 
 
 def test_overfitting_one_image_lowers_its_denoising_loss(tiny_model: Path, tmp_path: Path) -> None:
@@ -49,6 +49,32 @@ def test_overfitting_one_image_lowers_its_denoising_loss(tiny_model: Path, tmp_p
     pipe.load_lora_weights(bundle.path)
     trained = denoising_loss(pipe, image, prompt)
     assert trained < 0.85 * base, (base, trained)
+
+
+def test_train_runs_from_python_without_the_service_and_resumes(tiny_model, tmp_path) -> None:
+    service = ["grpc", *(f"trainer_service.{m}" for m in
+               ("server", "service", "store", "database", "worker", "jobs", "jobdir"))]  # fmt: skip
+    code = ("import sys, trainer_service.training.trainer; "
+            f"print(sorted(set(sys.modules) & {set(service)!r}))")  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "[]", loaded  # the library needs none of the service
+    image = Image.open(io.BytesIO(shape_png("blue"))).convert("RGB")
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model), max_train_steps_ti=2,
+        max_train_steps_tuning=3, save_steps=3, seed=0, device="cpu",
+    )  # fmt: skip
+    events: list = []
+    bundle = train(config, [image, image], tmp_path / "run", events.append)
+    assert bundle.manifest.global_step == 5 and bundle.path.parent == tmp_path / "run" / "artifacts"
+    assert [e.global_step for e in events if isinstance(e, Checkpoint)] == [3]
+    assert [e.artifact_id for e in events if isinstance(e, FinalArtifact)] == [bundle.id]
+    assert max(e.global_step for e in events if isinstance(e, Progress)) == 5
+    again: list = []
+    resumed = train(config, [image, image], tmp_path / "run", again.append)
+    assert any(isinstance(e, Log) and "resumed from checkpoint at step 3" in e.message
+               for e in again)  # fmt: skip
+    assert min(e.global_step for e in again if isinstance(e, Progress)) == 4
+    assert resumed.id == bundle.id  # the same steps from the same state: the same bundle
 
 
 @pytest.mark.slow

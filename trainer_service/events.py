@@ -4,6 +4,11 @@ The engine emits these; the training process writes each as a JSON line on stdou
 runner reads them back and the job store persists them under the same kind with the same
 fields; the gRPC edge turns each into its ``JobEvent`` message. One codec serves the line and
 the store (``to_payload`` / ``from_payload``), so no field is listed twice.
+
+Names: an event's ``kind`` is its field's name in the proto ``JobEvent`` (the store and the
+client's ``JobEvent.kind`` say the same; ``state_change`` is stored as ``state``, as since 0.1),
+and where its class names what happened differently from the proto message, the message's
+name is used (``CheckpointEvaluated``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
-class Evaluated:
+class CheckpointEvaluated:
     """A checkpoint was scored: ``evaluation`` is loraforge_core.evaluation's, as a dict."""
 
     kind: ClassVar[str] = "evaluation"
@@ -79,10 +84,10 @@ class Log:
     message: str
 
 
-JobEvent = StateChange | Progress | Checkpoint | Evaluated | FinalArtifact | Preview | Log
+JobEvent = StateChange | Progress | Checkpoint | CheckpointEvaluated | FinalArtifact | Preview | Log
 KINDS: dict[str, type] = {
     cls.kind: cls
-    for cls in (StateChange, Progress, Checkpoint, Evaluated, FinalArtifact, Preview, Log)
+    for cls in (StateChange, Progress, Checkpoint, CheckpointEvaluated, FinalArtifact, Preview, Log)
 }
 _BYTES = {"png"}  # bytes fields, base64 in JSON
 

@@ -101,7 +101,7 @@ def write_merged(store: Path, bundles: Sequence[Bundle], merged: Merged, mode: s
     rank = lora_rank(state)
     manifest = Manifest(
         base_model=first.base_model, method=f"merge:{mode}", tokens=sorted(merged.tokens),
-        rank=rank, alpha=float(rank),
+        rank=rank,
         unet_target_modules=sorted({m for b in bundles for m in b.manifest.unet_target_modules}),
         text_encoder_target_modules=sorted(
             {m for b in bundles for m in b.manifest.text_encoder_target_modules}
@@ -200,7 +200,7 @@ def extract_lora(tuned: str, base: str, rank: int, clamp_quantile: float, output
     made_rank = lora_rank(state)  # below ``rank`` where a difference has a lower one
     manifest = Manifest(
         base_model=base, method="extract", tokens=sorted(tokens), rank=made_rank,
-        alpha=float(made_rank), unet_target_modules=list(DEFAULT_UNET_TARGETS),
+        unet_target_modules=list(DEFAULT_UNET_TARGETS),
         text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS), global_step=0,
         text_hidden_size=int(base_pipe.text_encoder.config.hidden_size),
         cross_attention_dim=int(base_pipe.unet.config.cross_attention_dim),

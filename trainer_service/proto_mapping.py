@@ -168,7 +168,7 @@ def event_to_proto(record: EventRecord) -> trainer_pb2.JobEvent:
             message.checkpoint.global_step = step
         case events.FinalArtifact(artifact_id=artifact_id):
             message.final_artifact.artifact_id = artifact_id
-        case events.Evaluated(artifact_id=artifact_id, evaluation=evaluation, best=best):
+        case events.CheckpointEvaluated(artifact_id=artifact_id, evaluation=evaluation, best=best):
             message.evaluation.artifact_id, message.evaluation.best = artifact_id, best
             evaluation_to_proto(Evaluation.from_dict(evaluation), message.evaluation.evaluation)
         case events.Preview() as preview:

@@ -21,7 +21,7 @@ from typing import Any
 
 from trainer_service.database import Database, SqliteDatabase, Tx
 from trainer_service.events import (
-    Evaluated,
+    CheckpointEvaluated,
     JobEvent,
     Log,
     Progress,
@@ -319,7 +319,7 @@ class JobStore:
         with self.db.transaction() as tx:
             self._check_owner(tx, job_id, owner)
             sequence = self._append(tx, job_id, event, time.time())
-            if isinstance(event, Evaluated) and event.best:
+            if isinstance(event, CheckpointEvaluated) and event.best:
                 tx.run("UPDATE jobs SET best_artifact_id=? WHERE job_id=?",
                        (event.artifact_id, job_id))  # fmt: skip
         return sequence

@@ -1,10 +1,14 @@
-"""Training state for resume: one object, saved and loaded in one place.
+"""Checkpoints: the training state for resume (one object, saved and loaded in one place), and
+the bundle each checkpoint (and the run's last step) publishes.
 
 A checkpoint holds what a resumed run needs to continue as the uninterrupted one would: the
 step and phase, the seed, the learned token rows (per text encoder), the LoRA weights (per
 component), the optimizer and LR schedule states and the torch RNG. It is written to a
 temporary file, fsynced and renamed (``step-0000100.pt`` in the job's checkpoints folder), and
 loaded with ``weights_only=True``.
+
+A bundle (loraforge_core.bundle) holds the LoRA in the native format, the learned tokens and a
+manifest of how they were made; it is what the generator loads and the job's artifacts are.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from loraforge_core.bundle import Bundle, Manifest, store_bundle
+from loraforge_core.evaluation import Evaluation
+from loraforge_core.lora_format import pack_lora
+from trainer_service.config import TrainingConfig
 
 GLOB = "step-*.pt"
 
@@ -60,3 +69,31 @@ class TrainingState:
     def latest(folder: Path) -> Path | None:
         found = sorted(folder.glob(GLOB))
         return found[-1] if found else None
+
+
+def export_bundle(
+    store: Path, config: TrainingConfig, model: Any, *, lora: dict[str, dict[str, torch.Tensor]],
+    tokens: dict[str, torch.Tensor], global_step: int, seed: int, processes: int,
+    evaluation: Evaluation | None = None,
+) -> Bundle:  # fmt: skip
+    """The bundle of the weights at ``global_step``: ``lora`` is each component's peft state,
+    ``tokens`` the learned embeddings, ``model`` the run's frozen base (base_model.py)."""
+    manifest = Manifest(
+        base_model=config.pretrained_model_name_or_path or "loraforge/tiny",
+        method=config.method,
+        tokens=config.learned_tokens,
+        rank=config.lora_rank,
+        unet_target_modules=list(config.unet_lora_targets),
+        text_encoder_target_modules=list(config.lora_clip_target_modules)
+        if config.train_text_encoder else [],
+        global_step=global_step,
+        text_hidden_size=int(model.text_encoder.config.hidden_size),
+        cross_attention_dim=int(model.unet.config.cross_attention_dim),
+        training_config={**config.to_dict(), "seed": seed,
+                         "trained_alpha": config.effective_alpha, "num_processes": processes},
+        base_model_revision=config.revision,
+        family=model.family.name,
+        evaluation=evaluation.to_dict() if evaluation else {},
+    )  # fmt: skip
+    packed = pack_lora(lora, config.lora_rank, config.effective_alpha)
+    return store_bundle(store, packed, tokens, manifest)

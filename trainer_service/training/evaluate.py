@@ -7,9 +7,9 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from loraforge_core import families
+from trainer_service.training.base_model import encode_prompts, unet_conditioning
 from trainer_service.training.data import size_and_crop, to_tensor
 from trainer_service.training.loss import add_noise, prediction_loss
-from trainer_service.training.models import encode_prompts, unet_conditioning
 
 
 @torch.no_grad()

@@ -122,7 +122,7 @@ def random_lora_bundle(
         embeddings = {k: v.reshape(1, -1) for k, v in zip(keys, vectors, strict=True)}
     manifest = Manifest(
         base_model=model, method="pti", tokens=[token] if token else [], rank=rank,
-        alpha=rank, unet_target_modules=unet_targets,
+        unet_target_modules=unet_targets,
         text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS) if text_encoder else [],
         global_step=0, text_hidden_size=hidden,
         cross_attention_dim=unet.config.cross_attention_dim, family=family.name,

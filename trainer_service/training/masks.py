@@ -14,6 +14,10 @@ them, hence ``opencv-python-headless<5`` (the ``faces`` extra).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -79,3 +83,17 @@ def random_holes(
         top, left = draw(0, height - hole_h), draw(0, width - hole_w)
         mask[:, top : top + hole_h, left : left + hole_w] = 1.0
     return mask
+
+
+def with_face_masks(examples: list[Any], warn: Callable[[str], None]) -> list[Any]:
+    """The instance examples, each one sent without a mask given its faces' mask (``warn``
+    says which images showed no face: they train unmasked)."""
+    out = []
+    for i, example in enumerate(examples):
+        if example.mask is None:
+            mask = face_mask(example.image)
+            if mask is None:
+                warn(f"no face found in image {i} ({example.filename or 'unnamed'}): unmasked")
+            example = dataclasses.replace(example, mask=mask)
+        out.append(example)
+    return out

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer_service.events import JsonLinesReporter, Log
     from trainer_service.jobdir import JobDir
-    from trainer_service.training.engine import RunPaths, StopRequested, Trainer
+    from trainer_service.training.trainer import RunPaths, StopRequested, Trainer
 
     reporter = JsonLinesReporter(stream)
     job = JobDir(args.job_dir)

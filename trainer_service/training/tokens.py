@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer_service.training.models import BaseModel
+from trainer_service.training.base_model import BaseModel
 
 CLIP_TI_TARGET_NORM = 0.4
 

@@ -9,20 +9,21 @@ Follows cloneofsimo/lora's ``lora_pti``:
   one learning rate per group, optional continued inversion, gradient clipping, all timesteps.
 
 A step is one micro-batch, as in lora_pti. The loss is loss.py's. accelerate handles the
-device, mixed precision and data parallelism. The pieces: models.py (the frozen base model),
-tokens.py, data.py (batches), checkpoint.py (resume state), events.py (what is reported).
+device, mixed precision and data parallelism. The pieces: phases.py (what each phase trains and
+how fast), base_model.py (the frozen base model), tokens.py, data.py (batches), checkpoint.py
+(resume state and bundles), checkpoint_scores.py (evaluations and the final artifact),
+events.py (what is reported). ``train()`` is the entry point for Python callers; the trainer
+service runs the same ``Trainer`` in a child process (run.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,24 +31,24 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from PIL import Image
 
-from loraforge_core.bundle import Bundle, Manifest, read_bundle, store_bundle
+from loraforge_core.bundle import Bundle, read_bundle
 from loraforge_core.evaluation import Evaluation
-from loraforge_core.lora_format import pack_lora
 from trainer_service.config import TrainingConfig
 from trainer_service.events import (
     Checkpoint,
-    Evaluated,
     FinalArtifact,
     JobEvent,
     Log,
     NullReporter,
-    Preview,
     Progress,
     Reporter,
 )
-from trainer_service.training import lora
-from trainer_service.training.checkpoint import TrainingState
+from trainer_service.training import lora, phases, renders
+from trainer_service.training.base_model import BaseModel, unet_conditioning
+from trainer_service.training.checkpoint import TrainingState, export_bundle
+from trainer_service.training.checkpoint_scores import CheckpointScores
 from trainer_service.training.data import (
     Batch,
     InstanceExample,
@@ -55,10 +56,9 @@ from trainer_service.training.data import (
     generate_class_images,
 )
 from trainer_service.training.loss import add_noise, prediction_loss
-from trainer_service.training.masks import face_mask
-from trainer_service.training.models import BaseModel, unet_conditioning
+from trainer_service.training.masks import with_face_masks
 from trainer_service.training.progress import StepRate, eta_seconds
-from trainer_service.training.scoring import EvaluationPlan, make_scorer
+from trainer_service.training.scoring import make_scorer
 from trainer_service.training.tokens import PlaceholderTokens
 
 log = logging.getLogger("loraforge.training")
@@ -106,8 +106,7 @@ class Trainer:
         )
         self.rank = self.accelerator.process_index
         self.global_step = 0
-        # (artifact id, evaluation) of each evaluated checkpoint, in order
-        self.evaluations: list[tuple[str, Evaluation]] = []
+        self.evaluations = CheckpointScores()
         self._rate = StepRate()
         self._phase_started("preparing", config.total_steps)
         self.model = BaseModel.load(
@@ -120,7 +119,10 @@ class Trainer:
             self.model, config.learned_tokens, config.initializers(), self.seed
         )
         if config.use_face_segmentation_condition:
-            examples = self._with_face_masks(examples)
+            sent = sum(e.mask is not None for e in examples)
+            examples = with_face_masks(examples, lambda text: self.emit(Log("warning", text)))
+            found = sum(e.mask is not None for e in examples) - sent
+            self.emit(Log("info", f"face masks for {found} of {len(examples)} images"))
         self.data = TrainingData(
             config, examples, self.model.vae, self.resolution, self.accelerator.device,
             class_pixels=self._class_pixels(), bucket_step=self.model.size_step,
@@ -166,35 +168,14 @@ class Trainer:
             f"{self.accelerator.device}; first batch per rank: {shards}"
         )))  # fmt: skip
 
-    def _with_face_masks(self, examples: list[InstanceExample]) -> list[InstanceExample]:
-        """The examples, each one sent without a mask given its faces' mask."""
-        out = []
-        for i, example in enumerate(examples):
-            if example.mask is None:
-                mask = face_mask(example.image)
-                if mask is None:
-                    name = example.filename or "unnamed"
-                    self.emit(Log("warning", f"no face found in image {i} ({name}): unmasked"))
-                example = dataclasses.replace(example, mask=mask)
-            out.append(example)
-        found = sum(e.mask is not None for e in out) - sum(e.mask is not None for e in examples)
-        self.emit(Log("info", f"face masks for {found} of {len(examples)} images"))
-        return out
-
     def _class_pixels(self) -> torch.Tensor | None:
         config = self.config
         if config.method != "dreambooth_lora" or not config.with_prior_preservation:
             return None
         self.emit(Log("info", f"generating {config.num_class_images} class images"))
-        return generate_class_images(
-            self.model.path,
-            self.model.family,
-            config,
-            self.resolution,
-            self.seed,
-            self.accelerator.device,
-            self.model.vae,
-        )
+        model = self.model
+        return generate_class_images(model.path, model.family, config, self.resolution, self.seed,
+                                     self.accelerator.device, model.vae)  # fmt: skip
 
     # ---------------------------------------------------------------- loss
     def _loss(
@@ -229,26 +210,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- optimisation helpers
     def _lr(self, base: float) -> float:
-        if not self.config.scale_lr:
-            return base
-        accumulation = self.config.gradient_accumulation_steps
-        return base * accumulation * self.config.train_batch_size * self.accelerator.num_processes
+        return phases.scaled_lr(self.config, base, self.accelerator.num_processes)
 
-    def _scheduler(
-        self, optimizer: torch.optim.Optimizer, steps: int, name: str, warmup_steps: int
-    ) -> Any:
-        """The schedule ``name`` over ``steps`` optimizer steps.
-
-        accelerate advances a prepared scheduler once per process on every step, so the
-        schedule is stretched by the process count (as diffusers' training scripts do).
-        """
-        from diffusers.optimization import get_scheduler
-
-        processes = self.accelerator.num_processes
-        return get_scheduler(
-            name, optimizer=optimizer, num_warmup_steps=warmup_steps * processes,
-            num_training_steps=max(steps, 1) * processes,
-        )  # fmt: skip
+    def _schedule(self, optimizer: Any, steps: int, name: str, warmup_steps: int) -> Any:
+        return phases.schedule(optimizer, steps, name, warmup_steps, self.accelerator.num_processes)
 
     def _prepare(
         self, modules: list[Any], optimizer: Any, scheduler: Any, resume: TrainingState | None
@@ -288,12 +253,11 @@ class Trainer:
                 embeddings=self.tokens.rows(), lora=self._lora_states(),
                 optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
                 torch_rng=torch.get_rng_state(),
-                evaluations=[{"artifact_id": artifact_id, **e.to_dict()}
-                             for artifact_id, e in self._evaluations_with(bundle.id, evaluation)],
+                evaluations=self.evaluations.to_state(bundle.id, evaluation),
             ).save(self.paths.checkpoints)  # fmt: skip
             self.emit(Checkpoint(bundle.id, self.global_step, time.perf_counter() - started))
             if evaluation is not None:
-                self._record_evaluation(bundle.id, evaluation)
+                self.emit(self.evaluations.record(bundle.id, evaluation))
         self.accelerator.wait_for_everyone()
 
     def _restore(self, state: TrainingState) -> None:
@@ -303,94 +267,31 @@ class Trainer:
         self.seed = state.seed
         self.tokens.load_rows(state.embeddings)
         torch.set_rng_state(state.torch_rng)
-        self.evaluations = [(e.pop("artifact_id"), Evaluation.from_dict(e))
-                            for e in map(dict, state.evaluations)]  # fmt: skip
+        self.evaluations = CheckpointScores.from_state(state.evaluations)
 
-    # ---------------------------------------------------------------- evaluation
+    # ---------------------------------------------------------------- renders
     def _evaluate(self) -> Evaluation | None:
-        """The weights as they are now, rendered at the configured scales and scored (on the
-        training device, timed: training waits exactly that long)."""
-        config = self.config
         if self.scorer is None:
             return None
-        started = time.perf_counter()
-        plan = EvaluationPlan(list(config.evaluation_scales), list(config.evaluation_prompts),
-                              config.evaluation_images, config.evaluation_seed)  # fmt: skip
-        subject = "".join(config.learned_tokens) or config.instance_prompt
-        scores = self.scorer.evaluate(self._render_at, subject, plan)
-        return Evaluation.of(self.global_step, scores, self.scorer.name, self.scorer.model,
-                             time.perf_counter() - started)  # fmt: skip
-
-    def _render_at(self, prompt: str, scale: float, seed: int) -> Any:
-        """One evaluation image with every LoRA layer at ``scale`` (the tokens stay)."""
-        config = self.config
-        with lora.scaled(list(self._components().values()), scale):
-            return self.model.render(prompt, self.resolution, seed, config.evaluation_steps,
-                                     config.evaluation_guidance)  # fmt: skip
-
-    def _evaluations_with(
-        self, artifact_id: str, evaluation: Evaluation | None
-    ) -> list[tuple[str, Evaluation]]:
-        return self.evaluations + ([(artifact_id, evaluation)] if evaluation else [])
-
-    def _record_evaluation(self, artifact_id: str, evaluation: Evaluation) -> None:
-        """Keep and report an evaluation; the best so far is the highest score (the later of
-        equals)."""
-        best = all(evaluation.score >= e.score for _, e in self.evaluations)
-        self.evaluations.append((artifact_id, evaluation))
-        self.emit(Evaluated(artifact_id, evaluation.to_dict(), best))
-
-    def _final_choice(self, final: Bundle) -> tuple[str, int]:
-        """(artifact id, step) of the job's final artifact: the last bundle, or with
-        ``select_final`` best the best-scoring evaluated one."""
-        if self.config.select_final != "best" or not self.evaluations:
-            return final.id, self.global_step
-        best_id, best = max(reversed(self.evaluations), key=lambda item: item[1].score)
-        return best_id, best.global_step
+        components = list(self._components().values())
+        return renders.evaluate_weights(self.scorer, self.config, self.model, components,
+                                        self.resolution, self.global_step)  # fmt: skip
 
     def export_bundle(self, evaluation: Evaluation | None = None) -> Bundle:
-        config = self.config
-        manifest = Manifest(
-            base_model=config.pretrained_model_name_or_path or "loraforge/tiny",
-            method=config.method,
-            tokens=config.learned_tokens,
-            rank=config.lora_rank,
-            alpha=float(config.lora_rank),  # folded into the weights: see lora_format.py
-            unet_target_modules=list(config.unet_lora_targets),
-            text_encoder_target_modules=list(config.lora_clip_target_modules)
-            if config.train_text_encoder else [],
-            global_step=self.global_step,
-            text_hidden_size=int(self.model.text_encoder.config.hidden_size),
-            cross_attention_dim=int(self.model.unet.config.cross_attention_dim),
-            training_config={**config.to_dict(), "seed": self.seed,
-                             "trained_alpha": config.effective_alpha,
-                             "num_processes": self.accelerator.num_processes},
-            base_model_revision=config.revision,
-            family=self.model.family.name,
-            evaluation=evaluation.to_dict() if evaluation else {},
+        return export_bundle(
+            self.paths.artifacts, self.config, self.model, lora=self._lora_states(),
+            tokens=self.tokens.learned(), global_step=self.global_step, seed=self.seed,
+            processes=self.accelerator.num_processes, evaluation=evaluation,
         )  # fmt: skip
-        lora_state = pack_lora(self._lora_states(), config.lora_rank, config.effective_alpha)
-        return store_bundle(self.paths.artifacts, lora_state, self.tokens.learned(), manifest)
-
-    # ---------------------------------------------------------------- previews
-    @torch.no_grad()
-    def _maybe_preview(self) -> None:
-        config = self.config
-        every = config.validation_steps or config.save_steps
-        if not config.validation_prompt or self.global_step % every or not self.is_main:
-            return
-        image = self.model.render(config.validation_prompt, self.resolution, self.seed)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        self.emit(Preview(
-            global_step=self.global_step, prompt=config.validation_prompt,
-            png=buffer.getvalue(), width=image.width, height=image.height,
-        ))  # fmt: skip
 
     def _after_step(self, phase: str, optimizer: Any, scheduler: Any) -> None:
         if self.global_step % self.config.save_steps == 0:
             self._save_checkpoint(phase, optimizer, scheduler)
-        self._maybe_preview()
+        if self.is_main:
+            event = renders.preview(self.config, self.model, self.resolution, self.seed,
+                                    self.global_step)  # fmt: skip
+            if event is not None:
+                self.emit(event)
 
     # ---------------------------------------------------------------- phases
     def _run_inversion(self, resume: TrainingState | None) -> None:
@@ -407,7 +308,7 @@ class Trainer:
         )
         accumulation = config.gradient_accumulation_steps
         # The schedule counts optimizer steps (one per accumulation window).
-        scheduler = self._scheduler(
+        scheduler = self._schedule(
             optimizer, math.ceil(steps / accumulation), config.lr_scheduler, config.lr_warmup_steps
         )
         text_encoders, optimizer, scheduler = self._prepare(
@@ -433,29 +334,6 @@ class Trainer:
             embedding.requires_grad_(False)
         self.accelerator.free_memory()
 
-    def _add_lora(self) -> list[dict[str, Any]]:
-        """peft LoRA on the UNet (and every text encoder): the optimizer's parameter groups."""
-        config = self.config
-        unet, text_encoders = self.model.unet, self.model.text_encoders
-        lora.add_unet_lora(unet, lora.lora_config(
-            config.lora_rank, config.effective_alpha, config.unet_lora_targets,
-            config.lora_dropout,
-        ))  # fmt: skip
-        if config.train_text_encoder:
-            for text_encoder in text_encoders:
-                lora.add_text_encoder_lora(text_encoder, lora.lora_config(
-                    config.lora_rank, config.effective_alpha, config.lora_clip_target_modules,
-                    config.lora_dropout,
-                ))  # fmt: skip
-        text_params = [p for encoder in text_encoders for p in lora.lora_parameters(encoder)]
-        # LoRA weights train in fp32 whatever the frozen weights' dtype.
-        for param in lora.lora_parameters(unet) + text_params:
-            param.data = param.data.float()
-        groups = [{"params": lora.lora_parameters(unet), "lr": self._lr(config.learning_rate_unet)}]
-        if config.train_text_encoder:
-            groups.append({"params": text_params, "lr": self._lr(config.learning_rate_text)})
-        return groups
-
     def _run_tuning(self, resume: TrainingState | None) -> None:
         """Phase 2; ``resume`` is a tuning-phase checkpoint to continue from."""
         config = self.config
@@ -463,7 +341,9 @@ class Trainer:
         steps = config.max_train_steps_tuning
         with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG
             torch.manual_seed(self.seed)  # so the seed decides the initial LoRA too
-            groups = self._add_lora()
+            groups = phases.add_lora(
+                config, self.model.unet, self.model.text_encoders, self.accelerator.num_processes
+            )
         if resume is not None:
             for name, module in self._components().items():
                 if name == "unet" or config.train_text_encoder:
@@ -476,7 +356,7 @@ class Trainer:
             lr_ti = config.continue_inversion_lr or config.learning_rate_ti
             groups.append({"params": embeddings, "lr": self._lr(lr_ti)})
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay_lora)
-        scheduler = self._scheduler(optimizer, steps, *config.tuning_schedule)
+        scheduler = self._schedule(optimizer, steps, *config.tuning_schedule)
         trains_text = config.train_text_encoder or invert
         trained = [self.model.unet, *(self.model.text_encoders if trains_text else [])]
         wrapped, optimizer, scheduler = self._prepare(trained, optimizer, scheduler, resume)
@@ -505,13 +385,13 @@ class Trainer:
     def _final_bundle(self) -> Bundle:
         """The last step's bundle: the last checkpoint's evaluation where it was one, else
         scored now (with evaluation on)."""
-        last = self.evaluations[-1] if self.evaluations else None
+        last = self.evaluations.last()
         if last is not None and last[1].global_step == self.global_step:
             return self.export_bundle(last[1])
         evaluation = self._evaluate()
         bundle = self.export_bundle(evaluation)
         if evaluation is not None:
-            self._record_evaluation(bundle.id, evaluation)
+            self.emit(self.evaluations.record(bundle.id, evaluation))
         return bundle
 
     # ---------------------------------------------------------------- entry point
@@ -535,9 +415,33 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         bundle = self._final_bundle() if self.is_main else None
         if bundle is not None:
-            artifact_id, step = self._final_choice(bundle)
+            artifact_id, step = self.evaluations.final(
+                bundle.id, self.global_step, self.config.select_final
+            )
             if artifact_id != bundle.id:  # an earlier checkpoint scored best
                 bundle = read_bundle(self.paths.artifacts / artifact_id)
             self.emit(FinalArtifact(artifact_id=artifact_id, global_step=step))
         self.accelerator.end_training()
         return bundle
+
+
+class _CallbackReporter:
+    def __init__(self, on_event: Callable[[JobEvent], None]) -> None:
+        self.emit = on_event
+
+
+def train(
+    config: TrainingConfig, data: Sequence[InstanceExample | Image.Image], output_dir: Path,
+    on_event: Callable[[JobEvent], None] = lambda event: None, *, resume: bool = True,
+) -> Bundle:  # fmt: skip
+    """Train ``config`` on ``data`` (instance images, or examples with captions and masks) and
+    return the final bundle, in ``output_dir``/artifacts; ``on_event`` gets every event the
+    trainer service would stream. Checkpoints go to ``output_dir``/checkpoints, and a rerun
+    resumes from the latest one (``resume``). The entry point for Python callers; the trainer
+    service runs the same ``Trainer`` in a child process (run.py)."""
+    examples = [d if isinstance(d, InstanceExample) else InstanceExample(d) for d in data]
+    paths = RunPaths(Path(output_dir) / "checkpoints", Path(output_dir) / "artifacts")
+    bundle = Trainer(config, examples, paths, _CallbackReporter(on_event)).run(resume=resume)
+    if bundle is None:  # a data-parallel rank other than the first
+        raise RuntimeError("train() runs in one process; launch Trainer per rank instead")
+    return bundle

@@ -1,10 +1,10 @@
-"""Generate requests: defaults and validation (inference_service/requests.py)."""
+"""Generate requests: defaults and validation (inference_service/spec.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from inference_service.requests import (
+from inference_service.spec import (
     MAX_ADAPTERS_PER_REQUEST,
     AdapterRequest,
     GenerationSpec,
