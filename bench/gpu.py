@@ -25,7 +25,7 @@ import torch
 
 from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import median_ms, report
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import families
 from loraforge_core.architectures import ARCHITECTURES
@@ -75,7 +75,7 @@ def serving_rows(
     model_dir: Path, work: Path, bundles: list, args: argparse.Namespace
 ) -> list[tuple[str, float, str]]:
     pipe = load_pipeline(str(model_dir), device=args.device, dtype=DTYPES[args.dtype])
-    engine = GeneratorEngine(pipe, work, max_resident=8)
+    engine = build_engine(pipe, work, max_resident=8)
     for i in range(8):
         engine.adapters.register(f"a{i}", data=pack(bundles[i].path))
 

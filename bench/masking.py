@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import report
-from loraforge_core.fidelity import BACKGROUNDS, BAR_ROWS
+from loraforge_core.toyworld.fidelity import BACKGROUNDS, BAR_ROWS
 
 BACKGROUND_HUES = ("green", "blue")  # the busy backgrounds' blocks
 
@@ -50,7 +50,8 @@ def measure(
     import torch
 
     from loraforge_core.bundle import read_bundle
-    from loraforge_core.fidelity import (
+    from loraforge_core.models import load_pipeline
+    from loraforge_core.toyworld.fidelity import (
         CONCEPT_COLOR,
         CONCEPT_TRAINING,
         GUIDANCE,
@@ -58,7 +59,6 @@ def measure(
         score,
         staged_concept_examples,
     )
-    from loraforge_core.models import load_pipeline
     from trainer_service.config import TrainingConfig
     from trainer_service.training.data import InstanceExample
     from trainer_service.training.trainer import RunPaths, Trainer

@@ -24,7 +24,7 @@ import torch
 
 from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import interleaved_medians, median_ms, report
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(11)
     ]
     pipe = load_pipeline(model, device=device)
-    engine = GeneratorEngine(pipe, work / "generator", max_resident=8)
+    engine = build_engine(pipe, work / "generator", max_resident=8)
     for i, bundle in enumerate(bundles[:8]):
         engine.adapters.register(f"a{i}", data=pack(bundle.path))
     size, steps, repeat = args.size, args.steps, args.repeat

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import interleaved_medians, report
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.models import load_pipeline, resolve_model
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     locon = pack(random_lora_bundle(model, work / "b", seed=9, token="<c>", extended=True).path)
     engines = {}
     for layout in ("default", "extended"):
-        engines[layout] = engine = GeneratorEngine(
+        engines[layout] = engine = build_engine(
             load_pipeline(model, device=device), work / layout, max_resident=PLAIN_ADAPTERS + 1,
             extended_slots=layout == "extended",
         )  # fmt: skip

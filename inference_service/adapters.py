@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from inference_service import metrics
-from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry, AdapterStore
+from inference_service.adapter_sources import AdapterEntry, AdapterSources
 from inference_service.mixing import LoraMixer
 from inference_service.slots import SlotPool, TokenPool
 from inference_service.spec import AdapterRequest
@@ -28,7 +28,6 @@ from loraforge_core import bundle as bundles
 from loraforge_core import interop
 from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from loraforge_core.lora_format import lora_pairs
-from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.adapters")
 
@@ -47,16 +46,12 @@ def refuse_non_finite(adapter_id: str, tensors: dict[str, torch.Tensor]) -> None
 
 class AdapterRegistry:
     def __init__(
-        self, pipe: Any, store_dir: Path, mixer: LoraMixer, *, max_resident: int = 8,
-        model_name: str = "", slot_rank: int = 16, extended_slots: bool = False,
-        objects: ObjectStore | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+        self, pipe: Any, sources: AdapterSources, mixer: LoraMixer, *, max_resident: int = 8,
+        slot_rank: int = 16, extended_slots: bool = False,
     ) -> None:  # fmt: skip
         self.pipe = pipe
         self.mixer = mixer
-        self.store = AdapterStore(
-            pipe, store_dir, model_name, after_import=mixer.refresh, objects=objects,
-            cache_bytes=cache_bytes, in_use=lambda: {e.path for e in self.entries.values()},
-        )  # fmt: skip
+        self.sources = sources
         self.max_resident = max_resident
         self.entries: dict[str, AdapterEntry] = {}
         self.lru: OrderedDict[str, None] = OrderedDict()
@@ -80,7 +75,7 @@ class AdapterRegistry:
         with self.lock, metrics.ADAPTER_LOAD_SECONDS.labels(source).time():
             if adapter_id in self.entries:
                 self._forget(adapter_id)
-            entry = self.store.open(adapter_id, data=data, uri=uri)
+            entry = self.sources.open(adapter_id, data=data, uri=uri)
             entry.pinned = pin
             self._make_resident(entry, keep)
         metrics.ADAPTER_LOADS.labels(source).inc()
@@ -95,6 +90,10 @@ class AdapterRegistry:
     def list(self) -> list[AdapterEntry]:
         with self.lock:
             return list(self.entries.values())
+
+    def paths_in_use(self) -> set[Path]:
+        """The bundle folders of the known adapters (a bounded cache must keep them)."""
+        return {e.path for e in self.list()}
 
     def residency(self) -> metrics.Residency:
         entries = self.list()

@@ -16,13 +16,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from inference_service import metrics
-from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
+from inference_service.adapter_sources import DEFAULT_CACHE_BYTES, AdapterEntry, AdapterSources
 from inference_service.adapters import AdapterRegistry
 from inference_service.batching import plan
 from inference_service.mixing import LoraMixer, row_weights
@@ -40,16 +41,54 @@ from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.engine")
 
-Batch = list[tuple[GenerationJob, list[AdapterEntry]]]
+
+@dataclass
+class Resolved:
+    """A request ready to denoise, worked out once: its resident adapters, its prompts with
+    their learned tokens under private names, and each component's LoRA weights
+    ``{peft adapter name: scale}`` (the request's scale, times the adapter's recommended scale
+    where asked; the text encoders take the text-encoder scale)."""
+
+    job: GenerationJob
+    entries: list[AdapterEntry]
+    prompt: str
+    negative_prompt: str
+    weights: dict[str, dict[str, float]]
+
+    @property
+    def spec(self) -> GenerationSpec:
+        return self.job.spec
+
+
+Batch = list[Resolved]
+
+
+def build_engine(
+    pipe, data_dir: Path, *, max_resident: int = 8, model_name: str = "",
+    slot_rank: int = 16, extended_slots: bool = False, objects: ObjectStore | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES, fuse_adapters: bool = True,
+    compile_backend: str | None = None,
+) -> GeneratorEngine:  # fmt: skip
+    """The engine and its parts, each given what it uses: the LoRA mixer; the adapter sources
+    (bytes, the data dir, the artifact store ``objects`` behind a cache of ``cache_bytes``);
+    the registry of resident adapters (slots of ``slot_rank``, at most ``max_resident``)."""
+    family = families.of_pipeline(pipe)
+    mixer = LoraMixer(pipe, family.components, fuse=fuse_adapters,
+                      compiled=("unet",) if compile_backend else ())  # fmt: skip
+    sources = AdapterSources(
+        pipe, data_dir, model_name, after_import=mixer.refresh, objects=objects,
+        cache_bytes=cache_bytes, in_use=lambda: registry.paths_in_use(),
+    )  # fmt: skip
+    registry = AdapterRegistry(pipe, sources, mixer, max_resident=max_resident,
+                               slot_rank=slot_rank, extended_slots=extended_slots)  # fmt: skip
+    return GeneratorEngine(pipe, registry, mixer, compile_backend=compile_backend)
 
 
 class GeneratorEngine:
-    """Owns the pipeline and its adapters (``self.adapters``)."""
+    """Owns the pipeline and its adapters (``self.adapters``); ``build_engine`` makes one."""
 
     def __init__(
-        self, pipe, store_dir: Path, *, max_resident: int = 8, model_name: str = "",
-        slot_rank: int = 16, extended_slots: bool = False, objects: ObjectStore | None = None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES, fuse_adapters: bool = True,
+        self, pipe, adapters: AdapterRegistry, mixer: LoraMixer, *,
         compile_backend: str | None = None,
     ) -> None:  # fmt: skip
         self.pipe = pipe
@@ -61,13 +100,8 @@ class GeneratorEngine:
         # Requests swap the pipeline's scheduler: "default" means the model's own.
         self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
         self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-        self.mixer = LoraMixer(pipe, self.family.components, fuse=fuse_adapters,
-                               compiled=("unet",) if compile_backend else ())  # fmt: skip
-        self.adapters = AdapterRegistry(
-            pipe, store_dir, self.mixer, max_resident=max_resident, model_name=model_name,
-            slot_rank=slot_rank, extended_slots=extended_slots, objects=objects,
-            cache_bytes=cache_bytes,
-        )  # fmt: skip
+        self.mixer = mixer
+        self.adapters = adapters
         if compile_backend:
             # After the slots exist: a change of adapters or scales then changes tensor values
             # (fused weights, gathered factors), not the graph, so nothing recompiles.
@@ -85,36 +119,56 @@ class GeneratorEngine:
         return outcome
 
     def generate_batch(self, jobs: list[GenerationJob]) -> list[Outcome]:
-        """Serve requests in as few denoising batches as ``batching.plan`` allows, each with
-        its own adapters and scales; a request that cannot be served (an unknown adapter, say)
-        gets its error and the others go on."""
+        """Serve any requests in as few denoising batches as ``batching.plan`` allows, each
+        with its own adapters and scales (the server's queue plans its batches itself and
+        calls ``serve_batch``)."""
         outcomes: list[Outcome] = [[] for _ in jobs]
         groups = plan([job.spec for job in jobs], max_adapters=self.adapters.max_resident)
         for indexes in groups:
-            for i, outcome in zip(indexes, self._serve([jobs[i] for i in indexes]), strict=True):
+            served = self.serve_batch([jobs[i] for i in indexes])
+            for i, outcome in zip(indexes, served, strict=True):
                 outcomes[i] = outcome
         return outcomes
 
-    def _serve(self, jobs: list[GenerationJob]) -> list[Outcome]:
-        """One denoising batch (the jobs share batch_key)."""
+    def serve_batch(self, jobs: list[GenerationJob]) -> list[Outcome]:
+        """One denoising batch of requests that ``batching.plan`` put together; a request
+        that cannot be served (an unknown adapter, say) gets its error and the others go on."""
         keep = {a.adapter_id for job in jobs for a in job.spec.adapters}
         outcomes: list[Outcome] = [[] for _ in jobs]
-        ready: list[tuple[int, GenerationJob, list[AdapterEntry]]] = []
+        ready: list[tuple[int, Resolved]] = []
         for index, job in enumerate(jobs):
             try:
-                self._check_mode(job.spec)
-                ready.append((index, job, self.adapters.resolve(job.spec.adapters, keep)))
+                ready.append((index, self._resolve(job, keep)))
             except Exception as err:  # this request's own problem: the others go on
                 outcomes[index] = err
         if not ready:
             return outcomes
         try:
-            images: list[Outcome] = self._denoise([(job, entries) for _, job, entries in ready])
+            images: list[Outcome] = self._denoise([request for _, request in ready])
         except Exception as err:
             images = [err] * len(ready)
-        for (index, _, _), result in zip(ready, images, strict=True):
+        for (index, _), result in zip(ready, images, strict=True):
             outcomes[index] = result
         return outcomes
+
+    def _resolve(self, job: GenerationJob, keep: set[str]) -> Resolved:
+        spec = job.spec
+        self._check_mode(spec)
+        entries = self.adapters.resolve(spec.adapters, keep)
+        prompt, negative = spec.prompt, spec.negative_prompt
+        for entry in entries:
+            for public, private in entry.token_map.items():
+                prompt = prompt.replace(public, private)
+                negative = negative.replace(public, private)
+        unet: dict[str, float] = {}
+        text: dict[str, float] = {}
+        for entry, adapter in zip(entries, spec.adapters, strict=True):
+            if entry.has_lora:
+                factor = entry.recommended_scale if adapter.use_recommended_scale else 1.0
+                unet[entry.peft_name] = adapter.scale * factor
+                text[entry.peft_name] = adapter.te_scale * factor
+        weights = {"unet": unet, **dict.fromkeys(self.family.text_encoders, text)}
+        return Resolved(job, entries, prompt, negative, weights)
 
     def _check_mode(self, spec: GenerationSpec) -> None:
         if self.inpainting_base and spec.mode != "inpaint":
@@ -140,7 +194,7 @@ class GeneratorEngine:
         inputs: dict = {"width": size[0], "height": size[1]}
         if first.mode == "txt2img":
             return inputs
-        per_image = [job.spec for job, _ in batch for _ in range(job.spec.num_images)]
+        per_image = [r.spec for r in batch for _ in range(r.spec.num_images)]
         inputs["image"] = [s.init_image.resize(size, Image.Resampling.LANCZOS) for s in per_image]
         inputs["strength"] = first.denoise_strength
         if first.mode == "inpaint":
@@ -176,27 +230,6 @@ class GeneratorEngine:
         cls = getattr(diffusers, class_name) if class_name else base_class
         return cls.from_config(config, **options)
 
-    @staticmethod
-    def _private_prompts(entries: list[AdapterEntry], spec: GenerationSpec) -> tuple[str, str]:
-        """The request's prompts with its adapters' learned tokens under their private names."""
-        prompt, negative = spec.prompt, spec.negative_prompt
-        for entry in entries:
-            for public, private in entry.token_map.items():
-                prompt = prompt.replace(public, private)
-                negative = negative.replace(public, private)
-        return prompt, negative
-
-    @staticmethod
-    def _lora_weights(
-        entries: list[AdapterEntry], spec: GenerationSpec, component: str
-    ) -> dict[str, float]:
-        return {
-            e.peft_name: (a.scale if component == "unet" else a.te_scale)
-            * (e.recommended_scale if a.use_recommended_scale else 1.0)
-            for e, a in zip(entries, spec.adapters, strict=True)
-            if e.has_lora
-        }
-
     def _encode_prompts(
         self, batch: Batch, guided: bool
     ) -> tuple[dict[str, torch.Tensor | None], list[torch.Generator], dict[str, list[float]]]:
@@ -207,21 +240,21 @@ class GeneratorEngine:
         outputs: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.family.prompt_outputs}
         generators: list[torch.Generator] = []
         unet_scales: dict[str, list[float]] = {}
-        for job, entries in batch:
-            spec = job.spec
-            prompt, negative = self._private_prompts(entries, spec)
+        for request in batch:
+            spec = request.spec
             for encoder in self.family.text_encoders:
-                self.mixer.set(encoder, self._lora_weights(entries, spec, "text_encoder"))
+                self.mixer.set(encoder, request.weights[encoder])
             encoded = self.pipe.encode_prompt(
-                prompt=prompt, device=device, num_images_per_prompt=spec.num_images,
-                do_classifier_free_guidance=guided, negative_prompt=negative or None,
+                prompt=request.prompt, device=device, num_images_per_prompt=spec.num_images,
+                do_classifier_free_guidance=guided,
+                negative_prompt=request.negative_prompt or None,
             )  # fmt: skip
             for name, tensor in zip(self.family.prompt_outputs, encoded, strict=True):
                 outputs[name].append(tensor)
             first_image = len(generators)
             seeds = range(spec.seed, spec.seed + spec.num_images)
             generators += [torch.Generator().manual_seed(seed) for seed in seeds]
-            for name, scale in self._lora_weights(entries, spec, "unet").items():
+            for name, scale in request.weights["unet"].items():
                 column = unet_scales.setdefault(name, [])
                 column += [0.0] * (first_image - len(column)) + [scale] * spec.num_images
         for encoder in self.family.text_encoders:
@@ -254,15 +287,15 @@ class GeneratorEngine:
             self.mixer.clear()
 
     def _denoise(self, batch: Batch) -> list[list[GeneratedImage]]:
-        first = batch[0][0].spec
+        first = batch[0].spec
         guided = first.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
         pipe = self._pipeline(first.mode)
 
         def step_end(pipe, step, timestep, kwargs):
             metrics.DENOISING_STEPS.inc()
-            for job, _ in batch:
-                job.on_step(step + 1, pipe.num_timesteps)  # fewer than steps below strength 1
-            if all(job.is_cancelled() for job, _ in batch):
+            for request in batch:  # fewer steps than asked below strength 1
+                request.job.on_step(step + 1, pipe.num_timesteps)
+            if all(request.job.is_cancelled() for request in batch):
                 raise Cancelled("the caller cancelled the request")
             return kwargs
 
@@ -278,13 +311,13 @@ class GeneratorEngine:
                 "generated",
                 extra={"seconds": time.perf_counter() - started, "requests": len(batch)},
             )
-        self.adapters.touch(entry for _, entries in batch for entry in entries)
+        self.adapters.touch(entry for request in batch for entry in request.entries)
         metrics.IMAGES.inc(len(images))
         images = iter(images)
         return [
-            [_encode(next(images), job.spec.seed + i, job.spec.output_format)
-             for i in range(job.spec.num_images)]
-            for job, _ in batch
+            [_encode(next(images), r.spec.seed + i, r.spec.output_format)
+             for i in range(r.spec.num_images)]
+            for r in batch
         ]  # fmt: skip
 
 

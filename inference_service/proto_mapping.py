@@ -8,7 +8,7 @@ import random
 
 from loraforge.v1 import common_pb2, generator_pb2
 
-from inference_service.adapter_store import AdapterEntry
+from inference_service.adapter_sources import AdapterEntry
 from inference_service.spec import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,

@@ -13,9 +13,9 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from inference_service import metrics
-from inference_service.adapter_store import DEFAULT_CACHE_BYTES, AdapterEntry
+from inference_service.adapter_sources import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.batching import PipelineTurns
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import GeneratedImage, GenerationJob
 from loraforge_core.devices import resolve_device, validate_device
 from loraforge_core.errors import Unavailable
@@ -72,7 +72,7 @@ class GeneratorService:
         objects = await asyncio.to_thread(
             open_object_store, self.settings.artifact_store, Path(self.settings.data_dir)
         )
-        self.engine = GeneratorEngine(
+        self.engine = build_engine(
             pipe, Path(self.settings.data_dir), max_resident=self.max_resident,
             model_name=self.settings.model or "loraforge/tiny", slot_rank=self.slot_rank,
             extended_slots=self.extended_slots, objects=objects, cache_bytes=self.cache_bytes,
@@ -87,9 +87,10 @@ class GeneratorService:
         )
 
     async def generate(self, job: GenerationJob) -> list[GeneratedImage]:
-        """Serve a Generate request in the first batch that takes it."""
+        """Serve a Generate request in the first batch that takes it (the queue plans the
+        batches: batching.BatchQueue.take)."""
         engine = self.engine_or_raise()  # UNAVAILABLE until the model is loaded
-        return await self.turns.generate(job, engine.generate_batch)
+        return await self.turns.generate(job, engine.serve_batch)
 
     async def load_adapter(self, adapter_id: str, **source: Any) -> AdapterEntry:
         """Make an adapter resident (AdapterRegistry.register's sources), on its turn."""

@@ -28,14 +28,14 @@ def bundle_key(bundle_id: str) -> str:
     return f"{ARTIFACTS}{bundle_id}/"
 
 
-def publish_bundle(store: ObjectStore, folder: Path) -> None:
-    """A bundle folder (named by its id) into the store, manifest last."""
-    store.put_files(bundle_key(folder.name), folder, BUNDLE_FILES)
+def publish_bundle(objects: ObjectStore, folder: Path) -> None:
+    """A bundle folder (named by its id) into the artifact store, manifest last."""
+    objects.put_files(bundle_key(folder.name), folder, BUNDLE_FILES)
 
 
-def fetch_bundle(store: ObjectStore, bundle_id: str, dest: Path) -> Bundle | None:
-    """The bundle at ``dest``, fetched from the store if it is not there yet; None when the
-    store has no such bundle. Raises BundleError when what it holds does not verify."""
+def fetch_bundle(objects: ObjectStore, bundle_id: str, dest: Path) -> Bundle | None:
+    """The bundle at ``dest``, fetched from the artifact store if it is not there yet; None
+    when it has no such bundle. Raises BundleError when what it holds does not verify."""
     if (dest / MANIFEST_FILE).is_file():
         return read_bundle(dest, verify=False)  # verified when it was fetched or written
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def fetch_bundle(store: ObjectStore, bundle_id: str, dest: Path) -> Bundle | Non
     try:
         # The manifest first: written last, it says the bundle is whole.
         for name in (MANIFEST_FILE, *(n for n in BUNDLE_FILES if n != MANIFEST_FILE)):
-            if not store.get_file(bundle_key(bundle_id) + name, staging / name):
+            if not objects.get_file(bundle_key(bundle_id) + name, staging / name):
                 return None
         read_bundle(staging)  # every file against its sha256
         try:
@@ -61,10 +61,10 @@ class BundleCache:
     The least recently used go first, except those ``in_use`` names (loaded adapters)."""
 
     def __init__(
-        self, store: ObjectStore, root: Path, limit_bytes: int,
+        self, objects: ObjectStore, root: Path, limit_bytes: int,
         in_use: Callable[[], set[Path]] = set,
     ) -> None:  # fmt: skip
-        self.store = store
+        self.objects = objects
         self.root = Path(root)
         self.limit_bytes = limit_bytes
         self.in_use = in_use
@@ -75,12 +75,12 @@ class BundleCache:
         """The local folder of a bundle, fetched if needed; None when the store lacks it."""
         dest = self.root / bundle_id
         cached = (dest / MANIFEST_FILE).is_file()
-        if fetch_bundle(self.store, bundle_id, dest) is None:
+        if fetch_bundle(self.objects, bundle_id, dest) is None:
             return None
         if not cached:
             self.fetches += 1
             log.info("bundle fetched from the artifact store",
-                     extra={"bundle_id": bundle_id, "store": self.store.url})  # fmt: skip
+                     extra={"bundle_id": bundle_id, "store": self.objects.url})  # fmt: skip
         os.utime(dest)  # recency for the LRU order
         self.evict(keep=dest)
         return dest

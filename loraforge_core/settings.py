@@ -56,11 +56,21 @@ def _device(raw: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def _port(raw: str) -> int:
-    port = int(raw)
-    if not 0 <= port <= 65535:
-        raise ValueError("port must be in 0..65535")
-    return port
+def in_range(kind: Callable[[str], Any], low: Any, high: Any, flag: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(raw)``, refused outside ``low..high`` with a message that
+    names ``flag``."""
+
+    def parse(raw: str) -> Any:
+        value = kind(raw)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{flag} must be in {low}..{high}")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse: "invalid int value"
+    return parse
+
+
+_port = in_range(int, 0, 65535, "port")
 
 
 @dataclass
@@ -194,13 +204,6 @@ class ServerSettings:
 LEASE_SECONDS = 30.0
 
 
-def _lease(raw: str) -> float:
-    value = float(raw)
-    if not 3 <= value <= 3600:
-        raise ValueError("--lease-seconds must be in 3..3600")
-    return value
-
-
 @dataclass
 class FleetSettings:
     """How a trainer replica shares jobs with others: the job database (empty: SQLite under the
@@ -224,7 +227,8 @@ class FleetSettings:
             "'local'); unique per replica",
         )  # fmt: skip
         add_setting(
-            parser, "--lease-seconds", default=LEASE_SECONDS, type=_lease,
+            parser, "--lease-seconds", default=LEASE_SECONDS,
+            type=in_range(float, 3, 3600, "--lease-seconds"),
             help="a running job's lease, renewed every third of it; a replica that dies loses "
             "its jobs to another replica after at most this long",
         )  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.errors import FailedPrecondition
@@ -24,7 +24,7 @@ from trainer_service.training.lora import random_lora_bundle
 def engine(tiny_model: Path, tmp_path: Path) -> GeneratorEngine:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
-    return GeneratorEngine(pipe, tmp_path / "generator", max_resident=2, slot_rank=8)
+    return build_engine(pipe, tmp_path / "generator", max_resident=2, slot_rank=8)
 
 
 def render(engine: GeneratorEngine, *adapters: tuple[str, float]) -> np.ndarray:

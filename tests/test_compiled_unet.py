@@ -20,7 +20,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import pack
 from trainer_service.training.lora import random_lora_bundle
@@ -31,7 +31,7 @@ ADAPTERS = 4
 def make_engine(tiny_model: Path, root: Path, compile_backend: str | None) -> GeneratorEngine:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
-    engine = GeneratorEngine(
+    engine = build_engine(
         pipe, root, max_resident=ADAPTERS, slot_rank=8, extended_slots=True,
         compile_backend=compile_backend,
     )  # fmt: skip

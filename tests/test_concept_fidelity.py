@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import Bundle, pack
 from loraforge_core.evaluation import Evaluation
-from loraforge_core.fidelity import (
+from loraforge_core.models import load_pipeline
+from loraforge_core.toyworld.fidelity import (
     CONCEPT_COLOR,
     CONCEPT_TRAINING,
     Concept,
@@ -26,7 +27,6 @@ from loraforge_core.fidelity import (
     evaluate,
     score,
 )
-from loraforge_core.models import load_pipeline
 from trainer_service.config import TrainingConfig
 from trainer_service.events import Checkpoint, CheckpointEvaluated, ListReporter
 from trainer_service.training.data import InstanceExample
@@ -75,7 +75,7 @@ def subject_fidelity(
 def generator_fidelity(bundle: Bundle, evaluation: Evaluation) -> dict[float, float]:
     """Subject fidelity of the bundle served by the generator, on the evaluation's probes,
     scales and seeds."""
-    engine = GeneratorEngine(load_pipeline(""), bundle.path.parent / "generator")
+    engine = build_engine(load_pipeline(""), bundle.path.parent / "generator")
     engine.adapters.register("trained", data=pack(bundle.path))
 
     def render(prompt: str, scale: float, seed: int):

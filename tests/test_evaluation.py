@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
 from loraforge_core.evaluation import Evaluation, ScaleScore, recommend
-from loraforge_core.fidelity import CONCEPT_TRAINING, concept_examples
 from loraforge_core.models import load_pipeline
+from loraforge_core.toyworld.fidelity import CONCEPT_TRAINING, concept_examples
 from trainer_service.config import TrainingConfig
 from trainer_service.events import CheckpointEvaluated, FinalArtifact, ListReporter
 from trainer_service.training.data import InstanceExample
@@ -155,7 +155,7 @@ def test_use_recommended_scale_multiplies_the_adapters_measured_scale(tmp_path) 
     measured = write_bundle(tmp_path / "measured", source.lora_state_dict(),
                             source.embeddings(), manifest)  # fmt: skip
     assert read_bundle(measured.path).manifest.evaluation["recommended_scale"] == 0.6
-    engine = GeneratorEngine(load_pipeline(""), tmp_path / "gen")
+    engine = build_engine(load_pipeline(""), tmp_path / "gen")
     engine.adapters.register("r", data=pack(measured.path))
 
     def render(request: AdapterRequest) -> np.ndarray:

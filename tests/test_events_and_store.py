@@ -21,10 +21,10 @@ from trainer_service.database import (
     migrate,
     open_database,
 )
+from trainer_service.job_store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore, LeaseLost
 from trainer_service.jobdir import ImageUpload
 from trainer_service.jobs import JobSpec, create_job
 from trainer_service.proto_mapping import event_to_proto
-from trainer_service.store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore, LeaseLost
 
 EXAMPLES = [
     events.StateChange("failed", "training process was killed by SIGKILL"),

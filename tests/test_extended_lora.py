@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import save
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core import interop
 from loraforge_core.bundle import pack, read_bundle
@@ -46,7 +46,7 @@ def engine(request, tiny_model: Path, conv_bundle, tmp_path_factory: pytest.Temp
     """Slots on extended LoRA's targets (the conv adapter loads by copy) or on the default ones
     (it takes diffusers' general path)."""
     root = tmp_path_factory.mktemp("extended-engine")
-    engine = GeneratorEngine(load_pipeline(str(tiny_model)), root, max_resident=4, slot_rank=8,
+    engine = build_engine(load_pipeline(str(tiny_model)), root, max_resident=4, slot_rank=8,
                              extended_slots=request.param == "extended")  # fmt: skip
     engine.adapters.register("conv", data=pack(conv_bundle.path))
     plain = random_lora_bundle(str(tiny_model), root / "in", seed=4, token="<d>")

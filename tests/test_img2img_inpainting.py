@@ -14,7 +14,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from loraforge.v1 import generator_pb2, generator_pb2_grpc
 from PIL import Image
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core import toyworld
 from loraforge_core.bundle import pack, read_bundle
@@ -49,7 +49,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def engine(bundles, tmp_path_factory: pytest.TempPathFactory) -> GeneratorEngine:
-    engine = GeneratorEngine(load_pipeline(""), tmp_path_factory.mktemp("i2i"), max_resident=4)
+    engine = build_engine(load_pipeline(""), tmp_path_factory.mktemp("i2i"), max_resident=4)
     for i, bundle in enumerate(bundles):
         engine.adapters.register(f"a{i}", data=pack(bundle.path))
     return engine

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import toyworld
 from loraforge_core.bundle import pack, read_bundle
@@ -73,7 +73,7 @@ def test_the_inpainting_unet_gets_random_holes_and_the_masked_image(inpainting_m
     assert trainer.data.batch(torch.Generator().manual_seed(0)).conditioning is None
 
     # The generator on the same inpainting base serves the adapter like stock diffusers.
-    engine = GeneratorEngine(load_pipeline(str(inpainting_model)), tmp_path / "g")
+    engine = build_engine(load_pipeline(str(inpainting_model)), tmp_path / "g")
     engine.adapters.register("inp", data=pack(bundle.path))
     init = toyworld.render("green", "square")
     spec = GenerationSpec("a <p1> circle", width=32, height=32, steps=10, guidance_scale=5.0,

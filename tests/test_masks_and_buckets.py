@@ -17,9 +17,9 @@ from loraforge_client._common import create_job_request
 from PIL import Image
 
 from loraforge_core.errors import FailedPrecondition
-from loraforge_core.fidelity import staged_concept_examples
 from loraforge_core.launch import ServerProcess
 from loraforge_core.models import resolve_model
+from loraforge_core.toyworld.fidelity import staged_concept_examples
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir

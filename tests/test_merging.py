@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack, read_bundle
 from loraforge_core.lora_format import lora_pairs
@@ -35,7 +35,7 @@ def bundles(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> GeneratorEngine:
     pipe = load_pipeline(str(tiny_model))
-    return GeneratorEngine(pipe, tmp_path_factory.mktemp("merge-engine"), max_resident=4)
+    return build_engine(pipe, tmp_path_factory.mktemp("merge-engine"), max_resident=4)
 
 
 def render(engine: GeneratorEngine, adapters: list[tuple[str, float]]) -> np.ndarray:

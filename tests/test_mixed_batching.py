@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from inference_service.batching import PipelineTurns
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import pack
 from trainer_service.training.lora import random_lora_bundle
@@ -27,7 +27,7 @@ def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Genera
     root = tmp_path_factory.mktemp("batching")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
-    engine = GeneratorEngine(pipe, root / "generator", max_resident=ADAPTERS + 1, slot_rank=8)
+    engine = build_engine(pipe, root / "generator", max_resident=ADAPTERS + 1, slot_rank=8)
     for i in range(ADAPTERS):
         bundle = random_lora_bundle(str(tiny_model), root / "bundles", seed=i, token=f"<t{i}>")
         engine.adapters.register(f"a{i}", data=pack(bundle.path))
@@ -116,7 +116,7 @@ def test_waiting_requests_share_batches_unless_batching_is_off(engine, max_batch
 
     def recording(jobs):  # the real engine serves; only the batch sizes are noted
         sizes.append(len(jobs))
-        return engine.generate_batch(jobs)
+        return engine.serve_batch(jobs)
 
     try:
         outcomes = asyncio.run(_submit_while_busy(turns, recording, engine, specs()))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import LORA_FILE, pack
 from loraforge_core.errors import FailedPrecondition
@@ -34,7 +34,7 @@ def bundles(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(tiny_sdxl: Path, bundles: dict, tmp_path_factory: pytest.TempPathFactory):
-    engine = GeneratorEngine(load_pipeline(str(tiny_sdxl)), tmp_path_factory.mktemp("gen"))
+    engine = build_engine(load_pipeline(str(tiny_sdxl)), tmp_path_factory.mktemp("gen"))
     for name, bundle in bundles.items():
         engine.adapters.register(name, data=pack(bundle.path))
     return engine

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from inference_service.engine import GeneratorEngine
+from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import toyworld
 from loraforge_core.bundle import LORA_FILE, Bundle, pack
@@ -91,7 +91,7 @@ def test_pti_learns_each_token_in_both_encoders_and_serves_like_stock_diffusers(
     prefixes = {key.split(".", 1)[0] for key in load_file(trained.lora_path)}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
 
-    engine = GeneratorEngine(load_pipeline(str(tiny_sdxl)), tmp_path / "gen")
+    engine = build_engine(load_pipeline(str(tiny_sdxl)), tmp_path / "gen")
     engine.adapters.register("trained", data=pack(trained.path))
     served = engine.generate(GenerationSpec(
         prompt=PROMPT, width=32, height=32, steps=STEPS, guidance_scale=GUIDANCE, seed=SEED,

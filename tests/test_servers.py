@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -59,3 +62,17 @@ def test_bad_device_fails_fast_with_a_clear_message(tmp_path: Path, tiny_model: 
     assert server.process is not None
     assert server.process.wait(60) != 0
     assert "device must be auto, cpu, cuda or cuda:N" in server.log()
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--max-jobs", "99"], {}, "argument --max-jobs: --max-jobs must be in 0..64"),
+    (["--max-jobs", "two"], {}, "argument --max-jobs: invalid int value: 'two'"),
+    ([], {"LORAFORGE_LEASE_SECONDS": "1"}, "LORAFORGE_LEASE_SECONDS='1': --lease-seconds must be"),
+    (["--port", "70000"], {}, "argument --port: port must be in 0..65535"),
+])  # fmt: skip
+def test_a_flag_out_of_range_names_the_flag_and_its_range(args, env, message) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer_service", "serve", *args], capture_output=True,
+        text=True, env={**os.environ, **env}, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer_service.events import Checkpoint, FinalArtifact
-from trainer_service.jobdir import JobDir
-from trainer_service.store import (
+from trainer_service.job_store import (
     CANCELLED,
     FAILED,
     QUEUED,
@@ -18,6 +17,7 @@ from trainer_service.store import (
     JobStore,
     LeaseLost,
 )
+from trainer_service.jobdir import JobDir
 from trainer_service.training.run import EXIT_CANCELLED
 from trainer_service.worker import JobRunner, plan_slots
 
@@ -33,10 +33,10 @@ def runner(tmp_path: Path):
 
 
 def running_job(runner: JobRunner) -> tuple[str, JobDir]:
-    job, _ = runner.store.create_job(
+    job, _ = runner.job_store.create_job(
         request_id="", method="pti", base_model="tiny", tokens=[], num_images=1, config={}
     )
-    claimed = runner.store.claim_next(runner.replica_id, 60)
+    claimed = runner.job_store.claim_next(runner.replica_id, 60)
     assert claimed is not None and claimed.state == RUNNING
     job_dir = JobDir(runner.jobs_dir / job.job_id)
     job_dir.path.mkdir(parents=True)
@@ -47,10 +47,10 @@ def test_reported_bundles_become_artifact_records_and_events(runner) -> None:
     job_id, _ = running_job(runner)
     runner._record(job_id, Checkpoint("ck", 5))
     runner._record(job_id, FinalArtifact("fin", 10))
-    job = runner.store.get_job(job_id)
+    job = runner.job_store.get_job(job_id)
     assert job.checkpoint_artifact_ids == ["ck"] and job.final_artifact_id == "fin"
-    assert runner.store.get_artifact("fin").path == "fin"
-    kinds = [r.event.kind for r in runner.store.events_after(job_id, 0)]
+    assert runner.job_store.get_artifact("fin").path == "fin"
+    kinds = [r.event.kind for r in runner.job_store.events_after(job_id, 0)]
     assert kinds[-2:] == ["checkpoint", "final_artifact"]
     assert runner.notified == [job_id, job_id]
 
@@ -70,9 +70,9 @@ def test_the_exit_decides_the_jobs_state(runner, code, finished, error, state, r
     job_id, job_dir = running_job(runner)
     job_dir.log.write_text("loading\nCUDA error: device-side assert\n")
     runner._finish(job_id, code, finished, error, job_dir)
-    job = runner.store.get_job(job_id)
+    job = runner.job_store.get_job(job_id)
     assert job.state == state
-    last = runner.store.events_after(job_id, 0)[-1].event
+    last = runner.job_store.events_after(job_id, 0)[-1].event
     assert reason in last.reason
 
 
@@ -80,27 +80,27 @@ def test_a_cancel_wins_and_a_shutdown_gives_the_job_back_to_the_queue(runner) ->
     job_id, job_dir = running_job(runner)
     runner._cancelled.add(job_id)
     runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
-    assert runner.store.get_job(job_id).state == CANCELLED
+    assert runner.job_store.get_job(job_id).state == CANCELLED
     job_id, job_dir = running_job(runner)
     runner._stopping = True
     runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
-    job = runner.store.get_job(job_id)
+    job = runner.job_store.get_job(job_id)
     assert job.state == QUEUED and job.owner == ""  # any replica resumes it now
-    assert "replica local shut down" in runner.store.events_after(job_id, 0)[-1].event.reason
+    assert "replica local shut down" in runner.job_store.events_after(job_id, 0)[-1].event.reason
 
 
 def test_a_replica_that_lost_its_lease_writes_nothing_more(runner) -> None:
     job_id, job_dir = running_job(runner)
     # The lease runs out and another replica claims the job.
-    with runner.store.db.transaction() as tx:
+    with runner.job_store.db.transaction() as tx:
         tx.run("UPDATE jobs SET lease_expires_at=0 WHERE job_id=?", (job_id,))
-    assert runner.store.claim_next("other", 60).owner == "other"
-    before = runner.store.get_job(job_id).last_sequence
+    assert runner.job_store.claim_next("other", 60).owner == "other"
+    before = runner.job_store.get_job(job_id).last_sequence
     with pytest.raises(LeaseLost):
         runner._record(job_id, Checkpoint("ck", 5))
     with pytest.raises(LeaseLost):
         runner._finish(job_id, 0, True, "", job_dir)
-    job = runner.store.get_job(job_id)
+    job = runner.job_store.get_job(job_id)
     assert job.last_sequence == before and job.state == RUNNING and job.owner == "other"
 
 

@@ -4,7 +4,7 @@ Offline on CPU with the embedded tiny model (or ``--model`` on a GPU machine):
 
 1. starts the trainer and the generator as real server processes on loopback ports;
 2. trains a pivotal-tuning LoRA (token ``<s1>``) on toy-world images of a colour the base
-   model never saw (the recipe in ``loraforge_core.fidelity``), streaming the progress bar
+   model never saw (the recipe in ``loraforge_core.toyworld.fidelity``), streaming the progress bar
    through the thin client;
 3. loads the resulting bundle into the generator and renders one prompt and seed at UNet
    scales 0, 0.5 and 1.0, with the text encoder at the same scale and at half of it;
@@ -27,7 +27,8 @@ from loraforge_client.cli import ProgressPrinter
 from PIL import Image, ImageDraw, ImageFont
 
 from loraforge_core import toyworld
-from loraforge_core.fidelity import (
+from loraforge_core.launch import ServerProcess
+from loraforge_core.toyworld.fidelity import (
     CONCEPT_COLOR,
     CONCEPT_TRAINING,
     GUIDANCE,
@@ -36,7 +37,6 @@ from loraforge_core.fidelity import (
     format_table,
     score,
 )
-from loraforge_core.launch import ServerProcess
 
 GRID_SCALES = (0.0, 0.5, 1.0)
 TILE = 128

@@ -7,16 +7,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from loraforge_core.settings import FleetSettings, ServerSettings, add_setting
+from loraforge_core.settings import FleetSettings, ServerSettings, add_setting, in_range
 
 DEFAULT_PORT = 50051
-
-
-def _max_jobs(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 64:
-        raise ValueError("--max-jobs must be in 0..64")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "--max-jobs",
         default=None,
-        type=_max_jobs,
+        type=in_range(int, 0, 64, "--max-jobs"),
         help="jobs this replica trains at once, each on --num-processes GPUs of its own; "
         "0: answer RPCs only, other replicas train (default: every GPU busy, 1 on a CPU)",
     )

@@ -73,18 +73,18 @@ class JobDir:
     def key(self) -> str:
         return f"jobs/{self.path.name}/"
 
-    def publish_inputs(self, store: ObjectStore) -> None:
+    def publish_inputs(self, objects: ObjectStore) -> None:
         """Images, then their index, then the config (the config says the inputs are whole)."""
         names = [f"images/{p.name}" for p in sorted(self.images.iterdir())]
-        store.put_files(self.key, self.path, [*names, self.index.name, self.config_file.name])
+        objects.put_files(self.key, self.path, [*names, self.index.name, self.config_file.name])
 
-    def publish_checkpoint(self, store: ObjectStore, global_step: int) -> None:
+    def publish_checkpoint(self, objects: ObjectStore, global_step: int) -> None:
         path = checkpoint_path(self.checkpoints, global_step)
-        store.put_file(f"{self.key}checkpoints/{path.name}", path)
+        objects.put_file(f"{self.key}checkpoints/{path.name}", path)
 
-    def fetch(self, store: ObjectStore) -> None:
+    def fetch(self, objects: ObjectStore) -> None:
         """What another replica stored for this job (inputs, checkpoints) that is not here."""
-        store.get_tree(self.key, self.path)
+        objects.get_tree(self.key, self.path)
 
     def config(self) -> TrainingConfig:
         return TrainingConfig.from_json(self.config_file.read_text())

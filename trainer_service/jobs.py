@@ -18,8 +18,8 @@ from loraforge_core.logs import REQUEST_ID
 from loraforge_core.models import resolve_model
 from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
+from trainer_service.job_store import JobRecord, JobStore
 from trainer_service.jobdir import ImageUpload, JobDir
-from trainer_service.store import JobRecord, JobStore
 from trainer_service.training.data import caption_from_filename
 from trainer_service.training.masks import face_detector_problem
 

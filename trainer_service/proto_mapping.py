@@ -17,8 +17,8 @@ from loraforge_core.proto_enums import enum_names, enum_numbers
 from trainer_service import events
 from trainer_service.config import TrainingConfig
 from trainer_service.events import Progress
+from trainer_service.job_store import ArtifactRecord, EventRecord, JobRecord
 from trainer_service.jobdir import ImageUpload
-from trainer_service.store import ArtifactRecord, EventRecord, JobRecord
 
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 # Below the minimum a small bundle becomes hundreds of thousands of messages.

@@ -27,8 +27,7 @@ from loraforge_core.settings import FleetSettings, ServerSettings
 from trainer_service import jobs, metrics
 from trainer_service.config import TrainingConfig
 from trainer_service.database import open_database, redact
-from trainer_service.jobdir import ImageUpload
-from trainer_service.store import (
+from trainer_service.job_store import (
     RUNNING,
     TERMINAL,
     ArtifactRecord,
@@ -36,6 +35,7 @@ from trainer_service.store import (
     JobRecord,
     JobStore,
 )
+from trainer_service.jobdir import ImageUpload
 from trainer_service.worker import CANCEL_GRACE_S, JobRunner
 
 log = logging.getLogger("loraforge.trainer")
@@ -63,7 +63,7 @@ class TrainerService:
         self.data_dir = Path(settings.data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.artifacts_dir = self.data_dir / "artifacts"
-        self.store: JobStore | None = None
+        self.job_store: JobStore | None = None
         self.runner: JobRunner | None = None
         self._changed = asyncio.Condition()
         self.watchers = 0
@@ -82,7 +82,7 @@ class TrainerService:
             open_object_store, self.settings.artifact_store, self.data_dir
         )
         db = await asyncio.to_thread(open_database, self.fleet.database_url, self.data_dir)
-        self.store = JobStore(db)
+        self.job_store = JobStore(db)
         loop = asyncio.get_running_loop()
         db.listen(lambda job_id: loop.call_soon_threadsafe(self._changed_elsewhere, job_id))
         gpus = visible_gpus(self.device)
@@ -90,13 +90,13 @@ class TrainerService:
         if max_jobs is None:
             max_jobs = max(1, len(gpus) // self.num_processes)
         self.runner = JobRunner(
-            self.store, self.jobs_dir, self.artifacts_dir, self.objects, max_jobs=max_jobs,
+            self.job_store, self.jobs_dir, self.artifacts_dir, self.objects, max_jobs=max_jobs,
             gpus=gpus, num_processes=self.num_processes, replica_id=self.replica_id,
             lease_s=self.fleet.lease_seconds, on_event=self._notify,
         )  # fmt: skip
         self.runner.start()
         self.collector = metrics.TrainerCollector(
-            counts=self.store.count_by_state, running=self.runner.running_progress
+            counts=self.job_store.count_by_state, running=self.runner.running_progress
         )
         REGISTRY.register(self.collector)
         log.info("trainer ready", extra={
@@ -125,7 +125,7 @@ class TrainerService:
     ) -> JobRecord:
         """Queue a job (idempotent on ``request_id``); the server's defaults fill what the
         request left unset: the base model, the device and a seed, recorded with the job."""
-        store = self.ready_store()
+        store = self.ready_job_store()
         config = dataclasses.replace(
             config,
             pretrained_model_name_or_path=config.pretrained_model_name_or_path
@@ -177,23 +177,23 @@ class TrainerService:
     async def close(self) -> None:
         if self.collector is not None:
             REGISTRY.unregister(self.collector)
-        if self.store is not None:
-            self.store.close()
+        if self.job_store is not None:
+            self.job_store.close()
 
-    def ready_store(self) -> JobStore:
-        if self.store is None or self.runner is None:
+    def ready_job_store(self) -> JobStore:
+        if self.job_store is None or self.runner is None:
             raise Unavailable("the trainer is still starting (health: NOT_SERVING); retry shortly")
-        return self.store
+        return self.job_store
 
     def job(self, job_id: str) -> JobRecord:
-        job = self.ready_store().get_job(job_id) if job_id else None
+        job = self.ready_job_store().get_job(job_id) if job_id else None
         if job is None:
             raise NotFound("job", job_id, "list jobs with ListJobs")
         return job
 
     def list_jobs(self, state: str | None, size: int, offset: int) -> tuple[list[JobRecord], bool]:
         """A page of jobs, newest first, and whether more follow."""
-        found = self.ready_store().list_jobs(state=state, limit=size + 1, offset=offset)
+        found = self.ready_job_store().list_jobs(state=state, limit=size + 1, offset=offset)
         return found[:size], len(found) > size
 
     async def events(self, job_id: str, after: int) -> AsyncIterator[EventRecord]:
@@ -211,7 +211,7 @@ class TrainerService:
 
     async def _events_after(self, job: JobRecord, after: int) -> AsyncIterator[EventRecord]:
         while True:
-            found = self.ready_store().events_after(job.job_id, after)
+            found = self.ready_job_store().events_after(job.job_id, after)
             for event in found:
                 yield event
                 after = event.sequence
@@ -225,7 +225,7 @@ class TrainerService:
     async def artifact(self, artifact_id: str) -> tuple[ArtifactRecord, Bundle]:
         """An artifact's record and its bundle (fetched from the artifact store when another
         replica wrote it)."""
-        record = self.ready_store().get_artifact(artifact_id) if artifact_id else None
+        record = self.ready_job_store().get_artifact(artifact_id) if artifact_id else None
         if record is None:
             raise NotFound("artifact", artifact_id)
         path = self.artifacts_dir / record.path

@@ -9,7 +9,7 @@ checkpoint.
 Each concurrent job has a slot; on a GPU machine a slot owns ``num_processes`` GPUs of its own
 (``CUDA_VISIBLE_DEVICES``). ``max_jobs=0`` runs nothing: the replica only answers RPCs.
 
-Jobs are claimed from the shared store under a lease (store.py) that a heartbeat renews every
+Jobs are claimed from the shared store under a lease (job_store.py) that a heartbeat renews every
 ``lease_s / 3``; the heartbeat also carries a cancel asked on another replica. A replica that
 finds its lease gone (another replica took the job) kills the job's process and writes nothing
 more for it.
@@ -33,8 +33,7 @@ from loraforge_core.objectstore import ObjectStore
 from loraforge_core.settings import LEASE_SECONDS
 from trainer_service import metrics
 from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, Progress, parse_line
-from trainer_service.jobdir import JobDir
-from trainer_service.store import (
+from trainer_service.job_store import (
     CANCELLED,
     FAILED,
     QUEUED,
@@ -44,6 +43,7 @@ from trainer_service.store import (
     JobStore,
     LeaseLost,
 )  # fmt: skip
+from trainer_service.jobdir import JobDir
 from trainer_service.training.run import EXIT_CANCELLED
 
 log = logging.getLogger("loraforge.trainer.worker")
@@ -78,7 +78,7 @@ class RunningJob:
 class JobRunner:
     def __init__(
         self,
-        store: JobStore,
+        job_store: JobStore,
         jobs_dir: Path,
         artifacts_dir: Path,
         objects: ObjectStore | None = None,
@@ -90,7 +90,7 @@ class JobRunner:
         lease_s: float = LEASE_SECONDS,
         on_event: Callable[[str], None] = lambda job_id: None,
     ) -> None:
-        self.store = store
+        self.job_store = job_store
         self.jobs_dir = jobs_dir
         self.artifacts_dir = artifacts_dir
         self.objects = objects  # None: nothing to share (tests of the runner alone)
@@ -109,7 +109,7 @@ class JobRunner:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Requeue what this replica ran before a crash, then take jobs and keep leases."""
-        for job_id in self.store.requeue_owned(
+        for job_id in self.job_store.requeue_owned(
             self.replica_id,
             "the server restarted during this job; resuming from its last checkpoint",
         ):
@@ -147,7 +147,7 @@ class JobRunner:
     async def cancel(self, job_id: str) -> None:
         """Cancel a queued job now; stop a running one here within one step, or ask the
         replica that runs it (it stops it at its next heartbeat)."""
-        job = await asyncio.to_thread(self.store.request_cancel, job_id)
+        job = await asyncio.to_thread(self.job_store.request_cancel, job_id)
         self.on_event(job_id)
         running = self._running.get(job_id)
         if job.state != RUNNING or running is None:
@@ -175,7 +175,7 @@ class JobRunner:
             if slot is not None:
                 try:
                     job = await asyncio.to_thread(
-                        self.store.claim_next, self.replica_id, self.lease_s
+                        self.job_store.claim_next, self.replica_id, self.lease_s
                     )
                 except Exception:  # the database is unreachable: try again after a pause
                     log.exception("claiming a job failed")
@@ -206,7 +206,7 @@ class JobRunner:
             for job_id, running in list(self._running.items()):
                 try:
                     cancel = await asyncio.to_thread(
-                        self.store.renew, job_id, self.replica_id, self.lease_s
+                        self.job_store.renew, job_id, self.replica_id, self.lease_s
                     )
                 except LeaseLost:
                     log.warning("lease lost: another replica runs the job now",
@@ -230,7 +230,7 @@ class JobRunner:
         except Exception:
             log.exception("job runner error", extra={"job_id": job_id})
             with contextlib.suppress(LeaseLost):
-                self.store.set_state(
+                self.job_store.set_state(
                     job_id, FAILED, "internal error in the job runner", owner=self.replica_id
                 )
             self.on_event(job_id)
@@ -243,7 +243,7 @@ class JobRunner:
 
     def _give_back(self, job_id: str, why: str) -> None:
         with contextlib.suppress(LeaseLost):
-            self.store.set_state(
+            self.job_store.set_state(
                 job_id, QUEUED, f"replica {self.replica_id} {why}; resuming from the last "
                 "checkpoint", owner=self.replica_id,
             )  # fmt: skip
@@ -330,7 +330,7 @@ class JobRunner:
             state, reason = QUEUED, "training process stopped; resuming from its checkpoint"
         else:
             state, reason = FAILED, error or self._exit_reason(code, job_dir)
-        job = self.store.set_state(job_id, state, reason, owner=self.replica_id)
+        job = self.job_store.set_state(job_id, state, reason, owner=self.replica_id)
         self.on_event(job_id)
         if state in TERMINAL and job.started_at is not None and job.finished_at is not None:
             metrics.JOB_DURATION.labels(state).observe(job.finished_at - job.started_at)
@@ -360,10 +360,10 @@ class JobRunner:
         """Persist an event; a bundle it reports also becomes an artifact record."""
         if isinstance(event, (Checkpoint, FinalArtifact)):
             final = isinstance(event, FinalArtifact)
-            self.store.add_artifact(
+            self.job_store.add_artifact(
                 artifact_id=event.artifact_id, job_id=job_id,
                 kind="final" if final else "checkpoint", global_step=event.global_step,
                 path=event.artifact_id, final=final, owner=self.replica_id,
             )  # fmt: skip
-        self.store.append_event(job_id, event, owner=self.replica_id)
+        self.job_store.append_event(job_id, event, owner=self.replica_id)
         self.on_event(job_id)

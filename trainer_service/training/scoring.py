@@ -2,9 +2,10 @@
 
 Two scorers, both answering "does it show the subject" and "does it follow the prompt":
 
-- ``toy_world``: the toy world's pixel checker (loraforge_core.fidelity), exact. The concept is
-  what the instance images share as the checker reads them (their colour, their shape, or
-  both); the prompts are its probes ("a {}", "a {} circle" ...), whatever the job's prompts.
+- ``toy_world``: the toy world's pixel checker (loraforge_core.toyworld.fidelity), exact. The
+  concept is what the instance images share as the checker reads them (their colour, their
+  shape, or both); the prompts are its probes ("a {}", "a {} circle" ...), whatever the job's
+  prompts.
 - ``clip``: CLIP embeddings, as lora_pti's ``evaluate_pipe`` and DreamBooth's paper measure:
   subject fidelity is the mean cosine similarity of each render's image embedding to the
   instance images' (CLIP-I), prompt fidelity that of the render to its prompt's text with the
@@ -28,8 +29,8 @@ import torch
 
 from loraforge_core import toyworld
 from loraforge_core.evaluation import ScaleScore
-from loraforge_core.fidelity import Concept
-from loraforge_core.fidelity import score as toy_score
+from loraforge_core.toyworld.fidelity import Concept
+from loraforge_core.toyworld.fidelity import score as toy_score
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 

@@ -61,11 +61,11 @@ def _is_safetensors(data: bytes) -> bool:
     return 0 < header < len(data) and data[8:9] == b"{"
 
 
-class AdapterStore:
-    """Adapter sources under ``store_dir`` (the generator's ``--data-dir``)."""
+class AdapterSources:
+    """Adapter sources under ``data_dir`` (the generator's ``--data-dir``)."""
 
     def __init__(
-        self, pipe: Any, store_dir: Path, model_name: str = "",
+        self, pipe: Any, data_dir: Path, model_name: str = "",
         after_import: Callable[[], None] = lambda: None, *,
         objects: ObjectStore | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
         in_use: Callable[[], set[Path]] = set,
@@ -73,13 +73,13 @@ class AdapterStore:
         self.pipe = pipe  # imports check the file against the model's architecture
         self.model_name = model_name
         self.after_import = after_import  # an import loads and drops a temporary adapter
-        self.store_dir = Path(store_dir)
-        self.adapters_dir = self.store_dir / "adapters"
-        # A remote artifact store: bundles are fetched by id into store_dir/artifacts, which
+        self.data_dir = Path(data_dir)
+        self.adapters_dir = self.data_dir / "adapters"
+        # A remote artifact store: bundles are fetched by id into data_dir/artifacts, which
         # is then a cache bounded by cache_bytes (adapters in use are never dropped).
         self.cache = None
         if objects is not None and objects.local_root is None:
-            self.cache = BundleCache(objects, self.store_dir / "artifacts", cache_bytes, in_use)
+            self.cache = BundleCache(objects, self.data_dir / "artifacts", cache_bytes, in_use)
         self.family = families.of_pipeline(pipe)
         self.text_hidden = int(pipe.text_encoder.config.hidden_size)
         self.cross_dim = int(pipe.unet.config.cross_attention_dim)
@@ -113,9 +113,9 @@ class AdapterStore:
         """From a path in the store; a bare id also finds the trainer's ``artifacts/<id>``."""
         relative = uri.removeprefix("file://")
         try:
-            path = safe_child(self.store_dir, relative)
+            path = safe_child(self.data_dir, relative)
             if not path.exists() and "/" not in relative:
-                path = safe_child(self.store_dir / "artifacts", relative)
+                path = safe_child(self.data_dir / "artifacts", relative)
         except ValueError as err:
             raise InvalidArgument(str(err), "uri") from err
         if not path.exists() and self.cache is not None:

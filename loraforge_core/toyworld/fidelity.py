@@ -5,7 +5,7 @@ fidelity: the fraction that also follow the rest of the prompt. Both are measure
 adapter scales on fixed seeds, so a curve that rises with the scale shows the concept lives in
 the adapter, and scale 0 shows what the base model (with the learned tokens) does alone.
 
-    python -m loraforge_core.fidelity BUNDLE --concept-color purple [--model M]
+    python -m loraforge_core.toyworld.fidelity BUNDLE --concept-color purple [--model M]
 
 ``CONCEPT_TRAINING`` and ``concept_examples`` are the recipe the demo and the tests train: PTI on
 six images of a colour the tiny base model never saw (purple circles, squares and triangles).
