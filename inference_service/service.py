@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import REGISTRY
 
@@ -92,9 +91,13 @@ class GeneratorService:
         engine = self.engine_or_raise()  # UNAVAILABLE until the model is loaded
         return await self.turns.generate(job, engine.serve_batch)
 
-    async def load_adapter(self, adapter_id: str, **source: Any) -> AdapterEntry:
-        """Make an adapter resident (AdapterRegistry.register's sources), on its turn."""
-        return await self.turns.run(self.engine_or_raise().adapters.register, adapter_id, **source)
+    async def load_adapter(
+        self, adapter_id: str, *, data: bytes | None = None, uri: str = "", pin: bool = False
+    ) -> AdapterEntry:
+        """Make an adapter resident, from pushed ``data`` or ``uri`` in the artifact store (its
+        id when empty), on its turn."""
+        register = self.engine_or_raise().adapters.register
+        return await self.turns.run(register, adapter_id, data=data, uri=uri, pin=pin)
 
     async def unload_adapter(self, adapter_id: str) -> None:
         await self.turns.run(self.engine_or_raise().adapters.unload, adapter_id)
