@@ -6,16 +6,13 @@ import argparse
 import asyncio
 import sys
 
-from loraforge_core.settings import ServerSettings, add_setting
+from loraforge_core.settings import ServerSettings, add_setting, server_parser
 
 DEFAULT_PORT = 50052
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraforge-generator", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the Generator gRPC server")
-    ServerSettings.add_arguments(serve, default_port=DEFAULT_PORT)
+    parser, _, serve = server_parser("loraforge-generator", __doc__, "Generator", DEFAULT_PORT)
     add_setting(
         serve,
         "--max-resident-adapters",
@@ -92,17 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from inference_service.server import GeneratorServicer
     from inference_service.service import GeneratorService
     from loraforge_core.grpc_edge import serve
     from loraforge_core.logs import configure_logging
 
-    settings = ServerSettings.from_args(args)
-    try:
-        settings.validate()
-    except ValueError as err:
-        build_parser().error(str(err))
+    settings = ServerSettings.from_cli(args, parser)
     configure_logging(settings.log_level)
     service = GeneratorService(
         settings,

@@ -47,6 +47,18 @@ def add_setting(
     )
 
 
+def server_parser(
+    prog: str, description: str | None, service: str, default_port: int
+) -> tuple[argparse.ArgumentParser, Any, argparse.ArgumentParser]:
+    """A service CLI's parser, its subcommands, and its ``serve`` command with the flags every
+    server shares (the caller adds its own)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help=f"run the {service} gRPC server")
+    ServerSettings.add_arguments(serve, default_port=default_port)
+    return parser, commands, serve
+
+
 def _device(raw: str) -> str:
     from loraforge_core.devices import validate_device
 
@@ -163,6 +175,17 @@ class ServerSettings:
             type=Path,
             help="PEM CA of client certificates (mutual TLS)",
         )
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerSettings:
+        """The settings of a parsed ``serve`` command; settings that cannot work together end
+        the program with the parser's usage error."""
+        settings = cls.from_args(args)
+        try:
+            settings.validate()
+        except ValueError as err:
+            parser.error(str(err))
+        return settings
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerSettings:

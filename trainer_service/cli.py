@@ -7,16 +7,19 @@ import asyncio
 import sys
 from pathlib import Path
 
-from loraforge_core.settings import FleetSettings, ServerSettings, add_setting, in_range
+from loraforge_core.settings import (
+    FleetSettings,
+    ServerSettings,
+    add_setting,
+    in_range,
+    server_parser,
+)
 
 DEFAULT_PORT = 50051
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraforge-trainer", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the Trainer gRPC server")
-    ServerSettings.add_arguments(serve, default_port=DEFAULT_PORT)
+    parser, commands, serve = server_parser("loraforge-trainer", __doc__, "Trainer", DEFAULT_PORT)
     add_setting(
         serve,
         "--num-processes",
@@ -133,7 +136,8 @@ def _run_merging(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command in ("export", "import"):
         from trainer_service.interop_cli import run_export, run_import
 
@@ -162,11 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     from trainer_service.server import TrainerServicer
     from trainer_service.service import TrainerService
 
-    settings = ServerSettings.from_args(args)
-    try:
-        settings.validate()
-    except ValueError as err:
-        build_parser().error(str(err))
+    settings = ServerSettings.from_cli(args, parser)
     configure_logging(settings.log_level)
     fleet = FleetSettings.from_args(args)
     service = TrainerService(
