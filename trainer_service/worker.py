@@ -98,7 +98,8 @@ class JobRunner:
         self.num_processes = num_processes
         self.replica_id = replica_id
         self.lease_s = lease_s
-        self.on_event = on_event
+        self.on_event = on_event  # called on the event loop's thread (see _announce)
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -109,6 +110,7 @@ class JobRunner:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Requeue what this replica ran before a crash, then take jobs and keep leases."""
+        self._event_loop = asyncio.get_running_loop()
         for job_id in self.job_store.requeue_owned(
             self.replica_id,
             "the server restarted during this job; resuming from its last checkpoint",
@@ -230,16 +232,28 @@ class JobRunner:
         except Exception:
             log.exception("job runner error", extra={"job_id": job_id})
             with contextlib.suppress(LeaseLost):
-                self.job_store.set_state(
-                    job_id, FAILED, "internal error in the job runner", owner=self.replica_id
-                )
+                await asyncio.to_thread(
+                    self.job_store.set_state, job_id, FAILED, "internal error in the job runner",
+                    owner=self.replica_id,
+                )  # fmt: skip
             self.on_event(job_id)
         finally:
             running = self._running.pop(job_id, None)
             if running is not None and running.process is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    await running.process.wait()
+                await _kill_and_reap(running.process)
             self._wakeup.set()  # a slot is free
+
+    def _announce(self, job_id: str) -> None:
+        """``on_event(job_id)`` on the event loop's thread, from whichever thread this runs on
+        (store calls run in worker threads)."""
+        try:
+            on_loop = asyncio.get_running_loop() is self._event_loop
+        except RuntimeError:  # a worker thread
+            on_loop = False
+        if on_loop or self._event_loop is None:
+            self.on_event(job_id)
+        else:
+            self._event_loop.call_soon_threadsafe(self.on_event, job_id)
 
     def _give_back(self, job_id: str, why: str) -> None:
         with contextlib.suppress(LeaseLost):
@@ -247,7 +261,7 @@ class JobRunner:
                 job_id, QUEUED, f"replica {self.replica_id} {why}; resuming from the last "
                 "checkpoint", owner=self.replica_id,
             )  # fmt: skip
-        self.on_event(job_id)
+        self._announce(job_id)
 
     def _command(self, job_dir: JobDir) -> list[str]:
         run = [
@@ -310,10 +324,11 @@ class JobRunner:
             if isinstance(event, (Checkpoint, FinalArtifact)) and self.objects is not None:
                 with metrics.CHECKPOINT_WRITE_SECONDS.labels("publish").time():
                     await asyncio.to_thread(self._publish, job_dir, event)
-            self._record(job_id, event)
+            # Off the event loop: a slow or restarting database stalls this job, not the RPCs.
+            await asyncio.to_thread(self._record, job_id, event)
         code = await process.wait()
         if not running.lost:
-            self._finish(job_id, code, finished, error, job_dir)
+            await asyncio.to_thread(self._finish, job_id, code, finished, error, job_dir)
 
     def _finish(self, job_id: str, code: int, finished: bool, error: str, job_dir: JobDir) -> None:
         if job_id in self._cancelled:
@@ -331,7 +346,7 @@ class JobRunner:
         else:
             state, reason = FAILED, error or self._exit_reason(code, job_dir)
         job = self.job_store.set_state(job_id, state, reason, owner=self.replica_id)
-        self.on_event(job_id)
+        self._announce(job_id)
         if state in TERMINAL and job.started_at is not None and job.finished_at is not None:
             metrics.JOB_DURATION.labels(state).observe(job.finished_at - job.started_at)
 
@@ -366,4 +381,14 @@ class JobRunner:
                 path=event.artifact_id, final=final, owner=self.replica_id,
             )  # fmt: skip
         self.job_store.append_event(job_id, event, owner=self.replica_id)
-        self.on_event(job_id)
+        self._announce(job_id)
+
+
+async def _kill_and_reap(process: asyncio.subprocess.Process) -> None:
+    """A job's training process, once the runner is done with it for any reason: its process
+    group (the launcher and every rank it started) killed unless it has exited, then waited
+    for, so that nothing trains on unwatched and no zombie is left."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: start_new_session
+    await process.wait()
