@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from loraforge_client.types import JobEvent as ClientEvent
 
 from tests.helpers import shape_png
-from trainer_service import events
+from trainer_service import events, job_store
 from trainer_service.config import TrainingConfig
 from trainer_service.database import (
     MIGRATIONS,
@@ -219,6 +220,26 @@ def test_an_expired_lease_passes_the_job_to_another_replica(store) -> None:
     store.set_state(job_id, "succeeded", owner="b")
     done = store.get_job(job_id)
     assert done.owner == "" and done.lease_expires_at is None
+
+
+class SkewedClock:
+    """The ``time`` module as a replica whose clock is off by ``offset`` seconds sees it."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+
+def test_leases_go_by_the_databases_clock_whatever_a_replicas_says(store, monkeypatch) -> None:
+    job_id = new_job(store)
+    assert store.claim_next("a", lease_s=60).job_id == job_id
+    monkeypatch.setattr(job_store, "time", SkewedClock(-3600))  # a's clock runs an hour late
+    store.renew(job_id, "a", lease_s=60)
+    monkeypatch.setattr(job_store, "time", SkewedClock(+3600))  # b's an hour early
+    assert store.claim_next("b", lease_s=60) is None  # a's lease has a minute to run
+    assert store.get_job(job_id).owner == "a"
 
 
 def test_cancel_stops_a_queued_job_at_once_and_asks_the_owner_of_a_running_one(store) -> None:

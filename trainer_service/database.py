@@ -114,6 +114,9 @@ class Database:
     postgres = False
     # Appended to a SELECT that claims a row: other replicas skip it instead of waiting.
     skip_locked = ""
+    # The database's clock in seconds since the epoch, as SQL: leases are taken, renewed and
+    # expired by it, so replicas whose own clocks differ still agree on them.
+    now = "((julianday('now') - 2440587.5) * 86400.0)"
     url = ""
 
     def transaction(self) -> contextlib.AbstractContextManager[Tx]:
@@ -183,6 +186,7 @@ class PostgresDatabase(Database):
 
     postgres = True
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
     def __init__(self, url: str, *, max_connections: int = 8) -> None:
         import psycopg

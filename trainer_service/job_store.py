@@ -8,6 +8,8 @@ Running jobs are leased: the replica that claims a job (``claim_next``) owns it 
 expires, and renews the lease while the job runs (``renew``). A job whose lease expired (its
 replica died) is claimed again like a queued one and resumes from its last checkpoint. Writes
 on behalf of a running job name their owner and are refused once another replica has it.
+Leases are taken, renewed and expired by the database's clock (``Database.now``), never by a
+replica's own, so replicas whose clocks disagree still agree on who owns a job.
 """
 
 from __future__ import annotations
@@ -223,13 +225,13 @@ class JobStore:
         """Take the oldest QUEUED job, or a RUNNING one whose lease expired (its replica
         died), for ``owner`` until now + ``lease_s``. Replicas claiming at once get different
         jobs (row locks, SKIP LOCKED)."""
-        now = time.time()
+        now = time.time()  # for the events; the lease goes by the database's clock
         with self.db.transaction() as tx:
             row = tx.one(
                 "SELECT job_id, state, owner, cancel_requested FROM jobs"
-                " WHERE state=? OR (state=? AND lease_expires_at < ?)"
+                f" WHERE state=? OR (state=? AND lease_expires_at < {self.db.now})"
                 " ORDER BY created_at, job_id LIMIT 1" + self.db.skip_locked,
-                (QUEUED, RUNNING, now),
+                (QUEUED, RUNNING),
             )
             if row is None:
                 return None
@@ -239,8 +241,9 @@ class JobStore:
                 self.db.notify(tx, job_id)
                 return None
             tx.run(
-                "UPDATE jobs SET owner=?, lease_expires_at=?, attempts=attempts+1 WHERE job_id=?",
-                (owner, now + lease_s, job_id),
+                f"UPDATE jobs SET owner=?, lease_expires_at={self.db.now} + ?,"
+                " attempts=attempts+1 WHERE job_id=?",
+                (owner, lease_s, job_id),
             )
             if row["state"] == QUEUED:
                 self._set_state(tx, job_id, RUNNING, f"on replica {owner}", now)
@@ -264,9 +267,9 @@ class JobStore:
         Raises LeaseLost when the job is no longer ``owner``'s to run."""
         with self.db.transaction() as tx:
             row = tx.one(
-                "UPDATE jobs SET lease_expires_at=? WHERE job_id=? AND owner=? AND state=?"
-                " RETURNING cancel_requested",
-                (time.time() + lease_s, job_id, owner, RUNNING),
+                f"UPDATE jobs SET lease_expires_at={self.db.now} + ?"
+                " WHERE job_id=? AND owner=? AND state=? RETURNING cancel_requested",
+                (lease_s, job_id, owner, RUNNING),
             )
         if row is None:
             raise LeaseLost(f"job {job_id} is no longer run by {owner}")
