@@ -37,18 +37,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return job_to_proto(job)
 
     async def GetJob(self, request, context):
-        return job_to_proto(self.service.job(request.job_id))
+        return job_to_proto(await self.service.job(request.job_id))
 
     async def ListJobs(self, request, context):
         size, offset = page_from_request(request)
-        jobs, more = self.service.list_jobs(state_filter(request), size, offset)
+        jobs, more = await self.service.list_jobs(state_filter(request), size, offset)
         return trainer_pb2.ListJobsResponse(
             jobs=[job_to_proto(j) for j in jobs],
             next_page_token=str(offset + size) if more else "",
         )
 
     async def CancelJob(self, request, context):
-        job = self.service.job(request.job_id)
+        job = await self.service.job(request.job_id)
         return job_to_proto(await self.service.cancel_job(job.job_id))
 
     async def WatchJob(self, request, context) -> AsyncIterator[trainer_pb2.JobEvent]:

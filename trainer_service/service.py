@@ -12,6 +12,7 @@ import random
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import REGISTRY
 
@@ -41,6 +42,7 @@ from trainer_service.worker import CANCEL_GRACE_S, JobRunner
 log = logging.getLogger("loraforge.trainer")
 
 MAX_WATCHERS = 256  # WatchJob streams open at once
+DB_TIMEOUT_S = 10.0  # a job-database call slower than this answers UNAVAILABLE
 
 
 class TrainerService:
@@ -152,10 +154,10 @@ class TrainerService:
         await self.runner.cancel(job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.fleet.lease_seconds + CANCEL_GRACE_S
-        job = self.job(job_id)
+        job = await self.job(job_id)
         while job.state == RUNNING and loop.time() < deadline:
             await self.wait_for_change(1.0)
-            job = self.job(job_id)
+            job = await self.job(job_id)
         return job
 
     def _notify(self, job_id: str) -> None:
@@ -185,21 +187,35 @@ class TrainerService:
             raise Unavailable("the trainer is still starting (health: NOT_SERVING); retry shortly")
         return self.job_store
 
-    def job(self, job_id: str) -> JobRecord:
-        job = self.ready_job_store().get_job(job_id) if job_id else None
+    async def _query(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A job-store call, off the event loop (every RPC and health go on while the database
+        is slow or restarting) and bounded: UNAVAILABLE, never a hang, while it does not
+        answer."""
+        call = getattr(self.ready_job_store(), method)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call, *args, **kwargs), DB_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"the job database did not answer within {DB_TIMEOUT_S:.0f} s; retry shortly"
+            ) from None
+
+    async def job(self, job_id: str) -> JobRecord:
+        job = await self._query("get_job", job_id) if job_id else None
         if job is None:
             raise NotFound("job", job_id, "list jobs with ListJobs")
         return job
 
-    def list_jobs(self, state: str | None, size: int, offset: int) -> tuple[list[JobRecord], bool]:
+    async def list_jobs(
+        self, state: str | None, size: int, offset: int
+    ) -> tuple[list[JobRecord], bool]:
         """A page of jobs, newest first, and whether more follow."""
-        found = self.ready_job_store().list_jobs(state=state, limit=size + 1, offset=offset)
+        found = await self._query("list_jobs", state=state, limit=size + 1, offset=offset)
         return found[:size], len(found) > size
 
     async def events(self, job_id: str, after: int) -> AsyncIterator[EventRecord]:
         """The job's events after sequence ``after``, then each as it happens, until the job
         ended and its last event was given (at most MAX_WATCHERS such streams at once)."""
-        job = self.job(job_id)
+        job = await self.job(job_id)
         if self.watchers >= MAX_WATCHERS:
             raise ResourceExhausted(f"{MAX_WATCHERS} streams are open; retry later", 5.0)
         self.watchers += 1
@@ -211,13 +227,13 @@ class TrainerService:
 
     async def _events_after(self, job: JobRecord, after: int) -> AsyncIterator[EventRecord]:
         while True:
-            found = self.ready_job_store().events_after(job.job_id, after)
+            found = await self._query("events_after", job.job_id, after)
             for event in found:
                 yield event
                 after = event.sequence
             if found:
                 continue
-            current = self.job(job.job_id)
+            current = await self.job(job.job_id)
             if current.state in TERMINAL and after >= current.last_sequence:
                 return
             await self.wait_for_change(1.0)
@@ -225,7 +241,7 @@ class TrainerService:
     async def artifact(self, artifact_id: str) -> tuple[ArtifactRecord, Bundle]:
         """An artifact's record and its bundle (fetched from the artifact store when another
         replica wrote it)."""
-        record = self.ready_job_store().get_artifact(artifact_id) if artifact_id else None
+        record = await self._query("get_artifact", artifact_id) if artifact_id else None
         if record is None:
             raise NotFound("artifact", artifact_id)
         path = self.artifacts_dir / record.path
