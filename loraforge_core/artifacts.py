@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from loraforge_core.bundle import BUNDLE_FILES, MANIFEST_FILE, Bundle, read_bundle
+from loraforge_core.bundle import BUNDLE_FILES, MANIFEST_FILE, Bundle, BundleError, read_bundle
 from loraforge_core.objectstore import ObjectStore
 
 ARTIFACTS = "artifacts/"
@@ -45,7 +45,12 @@ def fetch_bundle(objects: ObjectStore, bundle_id: str, dest: Path) -> Bundle | N
         for name in (MANIFEST_FILE, *(n for n in BUNDLE_FILES if n != MANIFEST_FILE)):
             if not objects.get_file(bundle_key(bundle_id) + name, staging / name):
                 return None
-        read_bundle(staging)  # every file against its sha256
+        fetched = read_bundle(staging)  # every file against its sha256
+        if fetched.id != bundle_id:  # whole and valid, but another bundle than asked for
+            raise BundleError(
+                f"the artifact store's {bundle_id} holds bundle {fetched.id}: not what its name "
+                "says, refused"
+            )
         try:
             staging.rename(dest)
         except OSError:  # another request fetched it first: keep that one

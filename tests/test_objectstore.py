@@ -129,3 +129,15 @@ def test_the_bundle_cache_fetches_once_verifies_and_drops_the_least_recent(
     with pytest.raises(BundleError, match="sha256"):
         cache.get(ids[1])
     assert not (tmp_path / "cache" / ids[1]).exists()
+
+
+def test_a_bundle_stored_under_another_bundles_id_is_refused(store, tmp_path: Path) -> None:
+    from loraforge_core.artifacts import bundle_key, fetch_bundle
+    from loraforge_core.bundle import BUNDLE_FILES, BundleError
+
+    real, other = stored_bundles(store, tmp_path, 2)
+    store.put_files(bundle_key(other), tmp_path / "made" / real, BUNDLE_FILES)  # swapped in
+    with pytest.raises(BundleError, match=f"{other} holds bundle {real}"):
+        fetch_bundle(store, other, tmp_path / "fetched" / other)
+    assert not (tmp_path / "fetched" / other).exists()
+    assert fetch_bundle(store, real, tmp_path / "fetched" / real).id == real
