@@ -1,5 +1,6 @@
 """The job runner's own faults, injected into a real runner with a real training process:
-whatever ends the runner's work on a job, its training process is killed and reaped."""
+whatever ends the runner's work on a job, its training process is killed and reaped; a drain
+keeps the job's lease until that process has stopped."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
 from trainer_service.database import SqliteDatabase, migrate
 from trainer_service.events import JobEvent, Progress
-from trainer_service.job_store import FAILED, JobStore
+from trainer_service.job_store import FAILED, QUEUED, JobStore
 from trainer_service.jobdir import ImageUpload
 from trainer_service.jobs import JobSpec, create_job
 from trainer_service.worker import JobRunner
@@ -70,3 +72,52 @@ async def _run_until_the_runner_gives_up(store: JobStore, root: Path, job_id: st
         return running.process.pid
     finally:
         await runner.stop()
+
+
+@pytest.mark.slow
+def test_a_draining_runner_keeps_its_lease_until_its_process_has_stopped(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Its training process frozen (a slow stop), a runner draining past its 3 s lease: the
+    job stays its own, and is handed back to the queue only once the process has ended."""
+    store = JobStore.sqlite(tmp_path / "jobs.sqlite3")
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model), method="dreambooth_lora",
+        instance_prompt="a sks circle", max_train_steps_ti=0, max_train_steps_tuning=10_000,
+        save_steps=1000, seed=0, device="cpu",
+    )  # fmt: skip
+    job, _ = create_job(store, tmp_path / "jobs", JobSpec("drain", config, [
+        ImageUpload(shape_png("red"), "red.png")]))  # fmt: skip
+    asyncio.run(_drain_while_frozen(store, tmp_path, job.job_id))
+    final = store.get_job(job.job_id)
+    assert final.state == QUEUED and final.owner == ""  # given back, for any replica to resume
+    assert store.claim_next("b", 60).job_id == job.job_id
+    store.close()
+
+
+async def _drain_while_frozen(store: JobStore, root: Path, job_id: str) -> None:
+    progressed = asyncio.Event()
+    runner = JobRunner(store, root / "jobs", root / "artifacts", lease_s=3,
+                       on_event=lambda _: progressed.set())  # fmt: skip
+    runner.start()
+    while not (job_id in runner._running and runner._running[job_id].progress):
+        progressed.clear()
+        await progressed.wait()
+    process = psutil.Process(runner._running[job_id].process.pid)
+    process.suspend()  # it will not stop at its next step: the drain takes its time
+    stopping = asyncio.create_task(runner.stop())
+    try:
+        # Past the lease the draining runner held when it began, by the database's clock.
+        held = store.get_job(job_id).lease_expires_at
+        while _database_now(store) < held + 1:
+            await asyncio.sleep(0.2)  # waiting on the database's clock, not standing in for it
+        assert await asyncio.to_thread(store.claim_next, "b", 60) is None
+        assert store.get_job(job_id).owner == runner.replica_id
+    finally:
+        process.resume()  # the SIGTERM it holds now stops it
+    await stopping
+
+
+def _database_now(store: JobStore) -> float:
+    with store.db.read() as tx:
+        return tx.one(f"SELECT {store.db.now} AS now")["now"]

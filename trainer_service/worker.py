@@ -101,7 +101,7 @@ class JobRunner:
         self.on_event = on_event  # called on the event loop's thread (see _announce)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
-        self._stopped = asyncio.Event()
+        self._drained = asyncio.Event()  # stopped, and the last job here has ended
         self._stopping = False
         self._running: dict[str, RunningJob] = {}
         self._cancelled: set[str] = set()
@@ -126,18 +126,24 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Stop taking jobs; stop the running ones at their next step and give them back to
-        the queue (this replica or another resumes them from their last checkpoint)."""
+        the queue (this replica or another resumes them from their last checkpoint). Their
+        leases are renewed until they have stopped: no other replica takes a job that still
+        trains here."""
         self._stopping = True
         self._wakeup.set()
-        self._stopped.set()
         for running in list(self._running.values()):
             self._signal(running, signal.SIGTERM)
-        tasks = [r.task for r in self._running.values() if r.task is not None] + self._tasks
+        loop, heartbeat = self._tasks or (None, None)
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        tasks += [loop] if loop is not None else []
         _, late = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S) if tasks else ((), ())
         if late:
             for running in list(self._running.values()):
                 self._signal(running, signal.SIGKILL)
             await asyncio.wait(late)
+        self._drained.set()
+        if heartbeat is not None:
+            await heartbeat
 
     @staticmethod
     def _signal(running: RunningJob, sig: signal.Signals) -> None:
@@ -201,10 +207,11 @@ class JobRunner:
             REQUEST_ID.set("")
 
     async def _heartbeat(self) -> None:
-        """Renew the leases of the jobs running here; act on cancels and lost leases."""
-        while not self._stopping:
+        """Renew the leases of the jobs running here, also while a drain stops them; act on
+        cancels and lost leases."""
+        while not self._drained.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), self.lease_s / 3)
+                await asyncio.wait_for(self._drained.wait(), self.lease_s / 3)
             for job_id, running in list(self._running.items()):
                 try:
                     cancel = await asyncio.to_thread(
