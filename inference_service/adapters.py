@@ -26,7 +26,8 @@ from inference_service.slots import SlotPool, TokenPool
 from inference_service.spec import AdapterRequest
 from loraforge_core import bundle as bundles
 from loraforge_core import interop
-from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from loraforge_core.devices import out_of_memory, release_cached_memory
+from loraforge_core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from loraforge_core.lora_format import lora_pairs
 
 log = logging.getLogger("loraforge.generator.adapters")
@@ -196,6 +197,13 @@ class AdapterRegistry:
                 self.slots.release(slot)
             else:
                 interop.discard_adapter(self.pipe, entry.peft_name)
+            if out_of_memory(err):
+                release_cached_memory()
+                raise ResourceExhausted(
+                    f"the device ran out of memory loading adapter {entry.adapter_id!r}: unload "
+                    "adapters or lower --max-resident-adapters",
+                    retry_after_seconds=5.0,
+                ) from err
             raise FailedPrecondition(
                 f"cannot apply adapter {entry.adapter_id!r} to this model: {err}"
             ) from err

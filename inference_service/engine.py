@@ -36,7 +36,8 @@ from inference_service.spec import (
     Outcome,
 )
 from loraforge_core import families
-from loraforge_core.errors import Cancelled, FailedPrecondition
+from loraforge_core.devices import out_of_memory, release_cached_memory
+from loraforge_core.errors import Cancelled, FailedPrecondition, ResourceExhausted
 from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.engine")
@@ -146,7 +147,7 @@ class GeneratorEngine:
         try:
             images: list[Outcome] = self._denoise([request for _, request in ready])
         except Exception as err:
-            images = [err] * len(ready)
+            images = [_out_of_memory_refusal(err, [r.spec for _, r in ready])] * len(ready)
         for (index, _), result in zip(ready, images, strict=True):
             outcomes[index] = result
         return outcomes
@@ -326,3 +327,19 @@ def _encode(image, seed: int, fmt: str) -> GeneratedImage:
     options = {"quality": 95} if fmt != "png" else {}
     image.save(buffer, format=IMAGE_FORMATS[fmt], **options)
     return GeneratedImage(buffer.getvalue(), seed, image.width, image.height, fmt)
+
+
+def _out_of_memory_refusal(err: Exception, specs: list[GenerationSpec]) -> Exception:
+    """A batch that ran out of device memory: RESOURCE_EXHAUSTED that says what to lower (the
+    server goes on); any other error as it is."""
+    if not out_of_memory(err):
+        return err
+    release_cached_memory()
+    images = sum(s.num_images for s in specs)
+    first = specs[0]
+    return ResourceExhausted(
+        f"the device ran out of memory for {images} image(s) at {first.width or 'default'}x"
+        f"{first.height or 'default'} with {len(specs)} request(s) in the batch: lower "
+        "num_images, width and height, or retry when the server is less busy",
+        retry_after_seconds=5.0,
+    )

@@ -44,3 +44,21 @@ def visible_gpus(device: torch.device) -> list[int]:
     if device.index is not None:
         return [device.index]
     return list(range(torch.cuda.device_count()))
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is the device running out of memory: CUDA's ``OutOfMemoryError``, or
+    the CPU allocator's failure (a RuntimeError that says it cannot allocate)."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def release_cached_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back after an out-of-memory error."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ from PIL import Image
 from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core.bundle import pack
-from loraforge_core.errors import FailedPrecondition
+from loraforge_core.errors import FailedPrecondition, ResourceExhausted
 from loraforge_core.lora_format import lora_pairs
 from trainer_service.training.lora import random_lora_bundle
 
@@ -94,3 +94,29 @@ def test_pinned_adapters_are_never_evicted(engine, tiny_model, tmp_path):
     with pytest.raises(FailedPrecondition, match="pinned"):
         engine.adapters.register("extra", data=pack(extra.path))
     assert all(engine.adapters.entries[f"p{i}"].resident for i in range(2))
+
+
+def test_running_out_of_device_memory_is_resource_exhausted_and_the_engine_goes_on(
+    engine, tiny_model, tmp_path
+):
+    """A CUDA out-of-memory error injected into the real UNet's forward pass and into a real
+    adapter load: each answer says what to lower, and the engine serves what comes next."""
+
+    def exhausted(*_, **__):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hook = engine.pipe.unet.register_forward_pre_hook(exhausted)
+    try:
+        with pytest.raises(ResourceExhausted, match=r"ran out of memory for 1 image.*lower"):
+            render(engine)
+    finally:
+        hook.remove()
+    large = random_lora_bundle(str(tiny_model), tmp_path / "s", seed=2, rank=16)  # no slot
+    load, engine.pipe.load_lora_weights = engine.pipe.load_lora_weights, exhausted
+    try:
+        with pytest.raises(ResourceExhausted, match=r"loading adapter 'large'.*unload"):
+            engine.adapters.register("large", data=pack(large.path))
+    finally:
+        engine.pipe.load_lora_weights = load
+    engine.adapters.register("large", data=pack(large.path))
+    assert np.abs(render(engine, ("large", 1.0)) - stock(tiny_model, large)).mean() <= 1e-3
