@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,16 +51,11 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator:
-    """One PostgreSQL cluster for the run; tests take fresh databases from it. Its folder is
-    outside pytest's (root-only) temporary tree: the server runs as the postgres user."""
-    from tests.services import Postgres, running
+    """One PostgreSQL cluster for the run; tests take fresh databases from it."""
+    from tests.services import throwaway_postgres
 
-    root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
-    try:
-        with running(Postgres(root)) as server:
-            yield server
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with throwaway_postgres() as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

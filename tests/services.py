@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,6 +135,18 @@ def running(server: Server) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[Postgres]:
+    """A PostgreSQL cluster started for the caller and removed after. Its folder is outside
+    pytest's (root-only) temporary tree: the server runs as the postgres user."""
+    root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
+    try:
+        with running(Postgres(root)) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class SeaweedS3(_ChildServer):

@@ -3,8 +3,6 @@ PostgreSQL frozen (SIGSTOP) while the server answers RPCs, then thawed."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
 
 from loraforge_core.launch import ServerProcess, health_status
-from tests.services import Postgres, running
+from tests.services import Postgres, throwaway_postgres
 from tests.test_trainer_service import job_request
 
 pytestmark = pytest.mark.slow
@@ -24,12 +22,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def own_postgres() -> Iterator[Postgres]:
     """A cluster of this test's own: freezing the shared one would stall other tests."""
-    root = Path(tempfile.mkdtemp(prefix="loraforge-pg-"))
-    try:
-        with running(Postgres(root)) as server:
-            yield server
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with throwaway_postgres() as server:
+        yield server
 
 
 def postgres_tree(server: Postgres) -> list[psutil.Process]:
