@@ -152,12 +152,26 @@ def _code_name(err: BaseException) -> str:
     return "INTERNAL"
 
 
+def _subjects(request: Any) -> dict[str, str]:
+    """The ids a request names (its job, artifact or adapters), for its log line."""
+    found = {name: value for name in ("job_id", "artifact_id", "adapter_id")
+             if isinstance(value := getattr(request, name, ""), str) and value}  # fmt: skip
+    adapters = getattr(request, "adapters", None)
+    if adapters:
+        found["adapter_ids"] = ",".join(a.adapter_id for a in adapters)
+    return found
+
+
+QUIET_SERVICES = ("Health", "ServerReflection")  # probes: their lines at debug level
+
+
 @contextlib.asynccontextmanager
 async def _observed(
-    context: grpc.aio.ServicerContext, method: str, request_id: str
+    context: grpc.aio.ServicerContext, method: str, request_id: str, request: Any
 ) -> AsyncIterator[None]:
     """One call: its request id in every log line it causes and in its trailers, its
-    duration by status code, and a domain error turned into its status."""
+    duration by status code, a domain error turned into its status, and one line when it
+    finishes (rpc, code, seconds and the ids it names; probes' at debug level)."""
     service, rpc = split_method(method)
     token = REQUEST_ID.set(request_id)
     context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
@@ -178,8 +192,10 @@ async def _observed(
     finally:
         seconds = time.perf_counter() - started
         RPC_DURATION.labels(service, rpc, code).observe(seconds)
-        if code not in ("OK", "INTERNAL"):  # INTERNAL has its own error line
-            log.info("call refused", extra={"rpc": rpc, "code": code, "seconds": seconds})
+        level = logging.DEBUG if service in QUIET_SERVICES else logging.INFO
+        log.log(level, "call finished", extra={
+            "rpc": rpc, "code": code, "seconds": round(seconds, 4), **_subjects(request),
+        })  # fmt: skip
         with contextlib.suppress(ValueError):  # a stream may end in another context
             REQUEST_ID.reset(token)
 
@@ -202,7 +218,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with _observed(context, method, request_id):
+                async with _observed(context, method, request_id, request):
                     return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -214,7 +230,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with _observed(context, method, request_id):
+                async with _observed(context, method, request_id, request):
                     async for item in inner_stream(request, context):
                         yield item
 

@@ -164,6 +164,13 @@ def test_a_request_id_follows_the_call_into_every_log_line(tiny_model: Path, tmp
     assert typed_ids["cli"] == "req-cli-9"
     logged = {e.get("request_id") for e in log_lines(generator_log)}
     assert {"req-typed-3", "req-async-5", "req-cli-9", typed_ids["unnamed"]} <= logged
+    # One line per finished call: its rpc, status code, duration and the ids it names.
+    finished = [(e["msg"], e.get("rpc"), e.get("code")) for e in log_lines(generator_log)
+                if e.get("request_id") == generated]  # fmt: skip
+    assert ("call finished", "Generate", "OK") in finished
+    watched = [e for e in log_lines(trainer_log) if e.get("rpc") == "WatchJob"]
+    assert [(e["msg"], e["code"], e["job_id"]) for e in watched] == [
+        ("call finished", "OK", job.job_id)] and watched[0]["seconds"] > 0  # fmt: skip
 
 
 def typed_client_request_ids(target: str) -> dict[str, str]:
