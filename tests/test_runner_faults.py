@@ -1,6 +1,7 @@
 """The job runner's own faults, injected into a real runner with a real training process:
 whatever ends the runner's work on a job, its training process is killed and reaped; a drain
-keeps the job's lease until that process has stopped."""
+keeps the job's lease until that process has stopped; a job resumed elsewhere finds every
+file it needs in the artifact store."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from loraforge_core.bundle import read_bundle
+from loraforge_core.objectstore import open_object_store
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
 from trainer_service.database import SqliteDatabase, migrate
 from trainer_service.events import JobEvent, Progress
-from trainer_service.job_store import FAILED, QUEUED, JobStore
+from trainer_service.job_store import FAILED, QUEUED, SUCCEEDED, TERMINAL, JobStore
 from trainer_service.jobdir import ImageUpload
 from trainer_service.jobs import JobSpec, create_job
 from trainer_service.worker import JobRunner
@@ -121,3 +124,53 @@ async def _drain_while_frozen(store: JobStore, root: Path, job_id: str) -> None:
 def _database_now(store: JobStore) -> float:
     with store.db.read() as tx:
         return tx.one(f"SELECT {store.db.now} AS now")["now"]
+
+
+@pytest.mark.slow
+def test_a_job_resumed_on_another_replica_gets_every_checkpoint_bundle_recorded_before(
+    tiny_model: Path, tmp_path: Path, s3_url: str
+) -> None:
+    """Replica a trains to its first checkpoint and drains; replica b, with a disk of its own,
+    finishes the job. b holds a's checkpoint bundles, fetched from the artifact store: the
+    final artifact may be one of them (select_final best)."""
+    objects = open_object_store(s3_url, tmp_path / "unused")
+    store = JobStore.sqlite(tmp_path / "jobs.sqlite3")
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model), method="dreambooth_lora",
+        instance_prompt="a sks circle", max_train_steps_ti=0, max_train_steps_tuning=6,
+        save_steps=2, seed=0, device="cpu",
+    )  # fmt: skip
+    job, _ = create_job(store, tmp_path / "a" / "jobs", JobSpec("takeover", config, [
+        ImageUpload(shape_png("red"), "red.png")]), objects)  # fmt: skip
+    first = asyncio.run(_replica_a_until_its_first_checkpoint(store, objects, tmp_path, job.job_id))
+    asyncio.run(_replica_b_to_the_end(store, objects, tmp_path, job.job_id))
+    assert store.get_job(job.job_id).state == SUCCEEDED
+    assert read_bundle(tmp_path / "b" / "artifacts" / first).id == first
+    store.close()
+
+
+async def _replica_a_until_its_first_checkpoint(store, objects, root: Path, job_id: str) -> str:
+    changed = asyncio.Event()
+    runner = JobRunner(store, root / "a" / "jobs", root / "a" / "artifacts", objects,
+                       on_event=lambda _: changed.set())  # fmt: skip
+    runner.start()
+    try:
+        while not store.get_job(job_id).checkpoint_artifact_ids:
+            changed.clear()
+            await changed.wait()
+    finally:
+        await runner.stop()  # the job goes back to the queue at its next step
+    return store.get_job(job_id).checkpoint_artifact_ids[0]
+
+
+async def _replica_b_to_the_end(store, objects, root: Path, job_id: str) -> None:
+    changed = asyncio.Event()
+    runner = JobRunner(store, root / "b" / "jobs", root / "b" / "artifacts", objects,
+                       replica_id="b", on_event=lambda _: changed.set())  # fmt: skip
+    runner.start()
+    try:
+        while store.get_job(job_id).state not in TERMINAL:
+            changed.clear()
+            await changed.wait()
+    finally:
+        await runner.stop()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge_core.artifacts import publish_bundle
+from loraforge_core.artifacts import fetch_bundle, publish_bundle
 from loraforge_core.logs import REQUEST_ID, REQUEST_ID_ENV
 from loraforge_core.objectstore import ObjectStore
 from loraforge_core.settings import LEASE_SECONDS
@@ -302,8 +302,8 @@ class JobRunner:
     async def _run(self, job_id: str) -> None:
         job_dir = JobDir(self.jobs_dir / job_id)
         running = self._running[job_id]
-        if self.objects is not None:  # inputs and checkpoints another replica stored
-            await asyncio.to_thread(job_dir.fetch, self.objects)
+        if self.objects is not None:  # inputs, checkpoints and bundles another replica stored
+            await asyncio.to_thread(self._fetch_job, job_id, job_dir)
         with open(job_dir.log, "ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
@@ -369,6 +369,19 @@ class JobRunner:
             return f"training process was killed by {name}{hint}"
         tail = job_dir.last_log_line()
         return f"training process exited with code {code}" + (f": {tail}" if tail else "")
+
+    def _fetch_job(self, job_id: str, job_dir: JobDir) -> None:
+        """What a resumed run needs from the artifact store: the job's inputs and resume
+        states, and the bundle of every checkpoint recorded so far (the final artifact may be
+        an earlier checkpoint's, which another replica wrote)."""
+        assert self.objects is not None
+        job_dir.fetch(self.objects)
+        for artifact_id in self.job_store.get_job(job_id).checkpoint_artifact_ids:
+            record = self.job_store.get_artifact(artifact_id)
+            if record is not None and fetch_bundle(
+                self.objects, record.path, self.artifacts_dir / record.path
+            ) is None:  # fmt: skip
+                raise FileNotFoundError(f"checkpoint {artifact_id} is not in the artifact store")
 
     def _publish(self, job_dir: JobDir, event: Checkpoint | FinalArtifact) -> None:
         """A reported bundle (and a checkpoint's resume state) into the artifact store before
