@@ -133,9 +133,9 @@ class JobRunner:
         self._wakeup.set()
         for running in list(self._running.values()):
             self._signal(running, signal.SIGTERM)
-        loop, heartbeat = self._tasks or (None, None)
+        claiming, heartbeat = self._tasks or (None, None)
         tasks = [r.task for r in self._running.values() if r.task is not None]
-        tasks += [loop] if loop is not None else []
+        tasks += [claiming] if claiming is not None else []
         _, late = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S) if tasks else ((), ())
         if late:
             for running in list(self._running.values()):
