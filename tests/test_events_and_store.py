@@ -203,6 +203,35 @@ def test_replicas_claiming_at_once_take_each_job_exactly_once(store) -> None:
         assert all(store.get_job(j).owner == owner for j in jobs)
 
 
+def test_a_claim_skips_a_job_another_replica_has_locked_instead_of_waiting(
+    postgres_server,
+) -> None:
+    """PostgreSQL only: SQLite runs one write transaction at a time, so nothing is locked by
+    row there. A replica in the middle of claiming the oldest job holds its row; another
+    replica's claim takes the next job at once (SKIP LOCKED) instead of queueing behind it."""
+    store = JobStore(open_database(postgres_server.new_database(), Path("unused")))
+    first, second = new_job(store), new_job(store)
+    holding, release = threading.Event(), threading.Event()
+
+    def claim_in_progress() -> None:
+        with store.db.transaction() as tx:
+            tx.one("SELECT job_id FROM jobs WHERE job_id=? FOR UPDATE", (first,))
+            holding.set()
+            release.wait()
+
+    with ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(claim_in_progress)
+        holding.wait()
+        claim = pool.submit(store.claim_next, "b", 60)
+        try:
+            taken = claim.result(timeout=20)  # a claim that waits on the lock never returns
+        finally:
+            release.set()
+        holder.result()
+    assert taken is not None and taken.job_id == second
+    store.close()
+
+
 def test_an_expired_lease_passes_the_job_to_another_replica(store) -> None:
     job_id = new_job(store)
     first = store.claim_next("a", lease_s=-1)  # a lease that has run out: replica a "died"
