@@ -232,6 +232,23 @@ def test_a_claim_skips_a_job_another_replica_has_locked_instead_of_waiting(
     store.close()
 
 
+def test_a_change_on_one_replica_reaches_another_through_listen_notify(postgres_server):
+    """PostgreSQL's NOTIFY, not polling: what wakes other replicas' watchers and runners."""
+    url = postgres_server.new_database()
+    a, b = (JobStore(open_database(url, Path("unused"))) for _ in "ab")
+    job_id = new_job(a)
+    heard = threading.Event()
+    b.db.listen(lambda changed: heard.set() if changed == job_id else None)
+    for _ in range(60):  # b's LISTEN starts on its own thread: tell it again until it hears
+        with a.db.transaction() as tx:
+            a.db.notify(tx, job_id)
+        if heard.wait(0.5):
+            break
+    assert heard.is_set()
+    a.close()
+    b.close()
+
+
 def test_an_expired_lease_passes_the_job_to_another_replica(store) -> None:
     job_id = new_job(store)
     first = store.claim_next("a", lease_s=-1)  # a lease that has run out: replica a "died"
