@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -34,6 +35,29 @@ class StoreThatFailsMidJob(JobStore):
         return super().append_event(job_id, event, owner=owner)
 
 
+class WatchedRunner(JobRunner):
+    """The real runner, whose every job change wakes the test (``until``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.changed = asyncio.Event()
+        super().__init__(*args, on_event=lambda _: self.changed.set(), **kwargs)
+
+    async def until(self, done: Callable[[], object]) -> None:
+        while not done():
+            self.changed.clear()
+            await self.changed.wait()
+
+
+def long_job(tiny_model: Path) -> TrainingConfig:
+    """Long enough that a process left alive would still be training (and, its events unread,
+    blocked on a full pipe) long after the runner gave up on it."""
+    return TrainingConfig(
+        pretrained_model_name_or_path=str(tiny_model), method="dreambooth_lora",
+        instance_prompt="a sks circle", max_train_steps_ti=0, max_train_steps_tuning=10_000,
+        save_steps=1000, seed=0, device="cpu",
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_an_error_in_the_runner_fails_the_job_and_kills_and_reaps_its_process(
     tiny_model: Path, tmp_path: Path
@@ -41,14 +65,7 @@ def test_an_error_in_the_runner_fails_the_job_and_kills_and_reaps_its_process(
     db = SqliteDatabase(tmp_path / "jobs.sqlite3")
     migrate(db)
     store = StoreThatFailsMidJob(db)
-    # Long enough that a process left alive would still be training (and, its events unread,
-    # blocked on a full pipe) long after the runner gave up on it.
-    config = TrainingConfig(
-        pretrained_model_name_or_path=str(tiny_model), method="dreambooth_lora",
-        instance_prompt="a sks circle", max_train_steps_ti=0, max_train_steps_tuning=10_000,
-        save_steps=1000, seed=0, device="cpu",
-    )  # fmt: skip
-    spec = JobSpec("orphan", config, [ImageUpload(shape_png("red"), "red.png")])
+    spec = JobSpec("orphan", long_job(tiny_model), [ImageUpload(shape_png("red"), "red.png")])
     job, _ = create_job(store, tmp_path / "jobs", spec)
     pid = asyncio.run(_run_until_the_runner_gives_up(store, tmp_path, job.job_id))
     with pytest.raises(ProcessLookupError):
@@ -59,13 +76,10 @@ def test_an_error_in_the_runner_fails_the_job_and_kills_and_reaps_its_process(
 
 
 async def _run_until_the_runner_gives_up(store: JobStore, root: Path, job_id: str) -> int:
-    claimed = asyncio.Event()
-    runner = JobRunner(store, root / "jobs", root / "artifacts", on_event=lambda _: claimed.set())
+    runner = WatchedRunner(store, root / "jobs", root / "artifacts")
     runner.start()
     try:
-        while job_id not in runner._running:
-            claimed.clear()
-            await claimed.wait()
+        await runner.until(lambda: job_id in runner._running)
         running = runner._running[job_id]
         assert running.task is not None
         # A hang here is the defect: the runner waiting forever for a process it left running.
@@ -84,12 +98,7 @@ def test_a_draining_runner_keeps_its_lease_until_its_process_has_stopped(
     """Its training process frozen (a slow stop), a runner draining past its 3 s lease: the
     job stays its own, and is handed back to the queue only once the process has ended."""
     store = JobStore.sqlite(tmp_path / "jobs.sqlite3")
-    config = TrainingConfig(
-        pretrained_model_name_or_path=str(tiny_model), method="dreambooth_lora",
-        instance_prompt="a sks circle", max_train_steps_ti=0, max_train_steps_tuning=10_000,
-        save_steps=1000, seed=0, device="cpu",
-    )  # fmt: skip
-    job, _ = create_job(store, tmp_path / "jobs", JobSpec("drain", config, [
+    job, _ = create_job(store, tmp_path / "jobs", JobSpec("drain", long_job(tiny_model), [
         ImageUpload(shape_png("red"), "red.png")]))  # fmt: skip
     asyncio.run(_drain_while_frozen(store, tmp_path, job.job_id))
     final = store.get_job(job.job_id)
@@ -99,21 +108,18 @@ def test_a_draining_runner_keeps_its_lease_until_its_process_has_stopped(
 
 
 async def _drain_while_frozen(store: JobStore, root: Path, job_id: str) -> None:
-    progressed = asyncio.Event()
-    runner = JobRunner(store, root / "jobs", root / "artifacts", lease_s=3,
-                       on_event=lambda _: progressed.set())  # fmt: skip
+    runner = WatchedRunner(store, root / "jobs", root / "artifacts", lease_s=3)
     runner.start()
-    while not (job_id in runner._running and runner._running[job_id].progress):
-        progressed.clear()
-        await progressed.wait()
+    await runner.until(lambda: job_id in runner._running and runner._running[job_id].progress)
     process = psutil.Process(runner._running[job_id].process.pid)
     process.suspend()  # it will not stop at its next step: the drain takes its time
     stopping = asyncio.create_task(runner.stop())
     try:
-        # Past the lease the draining runner held when it began, by the database's clock.
+        # Past the lease the draining runner held when it began, by the database's clock: a
+        # lease is a time, so this waits on that clock (no event marks a lease lapsing).
         held = store.get_job(job_id).lease_expires_at
         while _database_now(store) < held + 1:
-            await asyncio.sleep(0.2)  # waiting on the database's clock, not standing in for it
+            await asyncio.sleep(0.2)
         assert await asyncio.to_thread(store.claim_next, "b", 60) is None
         assert store.get_job(job_id).owner == runner.replica_id
     finally:
@@ -150,27 +156,20 @@ def test_a_job_resumed_on_another_replica_gets_every_checkpoint_bundle_recorded_
 
 
 async def _replica_a_until_its_first_checkpoint(store, objects, root: Path, job_id: str) -> str:
-    changed = asyncio.Event()
-    runner = JobRunner(store, root / "a" / "jobs", root / "a" / "artifacts", objects,
-                       on_event=lambda _: changed.set())  # fmt: skip
+    runner = WatchedRunner(store, root / "a" / "jobs", root / "a" / "artifacts", objects)
     runner.start()
     try:
-        while not store.get_job(job_id).checkpoint_artifact_ids:
-            changed.clear()
-            await changed.wait()
+        await runner.until(lambda: store.get_job(job_id).checkpoint_artifact_ids)
     finally:
         await runner.stop()  # the job goes back to the queue at its next step
     return store.get_job(job_id).checkpoint_artifact_ids[0]
 
 
 async def _replica_b_to_the_end(store, objects, root: Path, job_id: str) -> None:
-    changed = asyncio.Event()
-    runner = JobRunner(store, root / "b" / "jobs", root / "b" / "artifacts", objects,
-                       replica_id="b", on_event=lambda _: changed.set())  # fmt: skip
+    runner = WatchedRunner(store, root / "b" / "jobs", root / "b" / "artifacts", objects,
+                           replica_id="b")  # fmt: skip
     runner.start()
     try:
-        while store.get_job(job_id).state not in TERMINAL:
-            changed.clear()
-            await changed.wait()
+        await runner.until(lambda: store.get_job(job_id).state in TERMINAL)
     finally:
         await runner.stop()

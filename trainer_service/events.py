@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import IO, Any, ClassVar, Protocol
 
@@ -149,6 +150,13 @@ class ListReporter:
 
     def emit(self, event: JobEvent) -> None:
         self.events.append(event)
+
+
+class CallbackReporter:
+    """Hands each event to a function (``training.trainer.train``'s ``on_event``)."""
+
+    def __init__(self, on_event: Callable[[JobEvent], None]) -> None:
+        self.emit = on_event
 
 
 class NullReporter:

@@ -37,6 +37,7 @@ from loraforge_core.bundle import Bundle, read_bundle
 from loraforge_core.evaluation import Evaluation
 from trainer_service.config import TrainingConfig
 from trainer_service.events import (
+    CallbackReporter,
     Checkpoint,
     FinalArtifact,
     JobEvent,
@@ -425,11 +426,6 @@ class Trainer:
         return bundle
 
 
-class _CallbackReporter:
-    def __init__(self, on_event: Callable[[JobEvent], None]) -> None:
-        self.emit = on_event
-
-
 def train(
     config: TrainingConfig, data: Sequence[InstanceExample | Image.Image], output_dir: Path,
     on_event: Callable[[JobEvent], None] = lambda event: None, *, resume: bool = True,
@@ -441,7 +437,7 @@ def train(
     service runs the same ``Trainer`` in a child process (run.py)."""
     examples = [d if isinstance(d, InstanceExample) else InstanceExample(d) for d in data]
     paths = RunPaths(Path(output_dir) / "checkpoints", Path(output_dir) / "artifacts")
-    bundle = Trainer(config, examples, paths, _CallbackReporter(on_event)).run(resume=resume)
+    bundle = Trainer(config, examples, paths, CallbackReporter(on_event)).run(resume=resume)
     if bundle is None:  # a data-parallel rank other than the first
         raise RuntimeError("train() runs in one process; launch Trainer per rank instead")
     return bundle
