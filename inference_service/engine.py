@@ -1,7 +1,7 @@
 """The warm pipeline: denoising batches of requests, each with its own adapters and scales.
 
-Resident adapters (adapters.py) stay loaded in the peft-wrapped UNet and text encoder and the
-base weights never change. A request's adapters and scales are weights in the LoRA mixer
+Resident adapters (adapters.py) stay loaded in the peft-wrapped denoiser and text encoders,
+and the base weights never change. A request's adapters and scales are weights in the LoRA mixer
 (mixing.py): setting them is an assignment, and requests that share size, steps, guidance and
 scheduler (batching.plan) are denoised in one batch, each row with its own request's adapters.
 A request's prompt is rewritten to the private names of its own adapters' learned tokens, so
@@ -11,6 +11,7 @@ the pipeline runs on the one pipeline thread.
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import threading
@@ -75,7 +76,7 @@ def build_engine(
     the registry of resident adapters (slots of ``slot_rank``, at most ``max_resident``)."""
     family = families.of_pipeline(pipe)
     mixer = LoraMixer(pipe, family.components, fuse=fuse_adapters,
-                      compiled=("unet",) if compile_backend else ())  # fmt: skip
+                      compiled=(family.denoiser,) if compile_backend else ())  # fmt: skip
     sources = AdapterSources(
         pipe, data_dir, model_name, after_import=mixer.refresh, objects=objects,
         cache_bytes=cache_bytes, in_use=lambda: registry.paths_in_use(),
@@ -95,18 +96,18 @@ class GeneratorEngine:
         self.pipe = pipe
         self.family = families.of_pipeline(pipe)
         self._mode_pipes = {"txt2img": pipe}  # img2img and inpainting share its modules
-        # An inpainting model's UNet takes the mask and the masked image (9 channels).
-        self.inpainting_base = int(pipe.unet.config.in_channels) == 9
+        # An inpainting model's denoiser takes the mask and the masked image too.
+        self.inpainting_base = self.family.inpainting_base(pipe)
         self.lock = threading.Lock()
         # Requests swap the pipeline's scheduler: "default" means the model's own.
         self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
-        self.default_size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        self.default_size = self.family.default_size(pipe)
         self.mixer = mixer
         self.adapters = adapters
         if compile_backend:
             # After the slots exist: a change of adapters or scales then changes tensor values
             # (fused weights, gathered factors), not the graph, so nothing recompiles.
-            pipe.unet.compile(backend=compile_backend)
+            getattr(pipe, self.family.denoiser).compile(backend=compile_backend)
 
     def generate(
         self,
@@ -161,14 +162,15 @@ class GeneratorEngine:
             for public, private in entry.token_map.items():
                 prompt = prompt.replace(public, private)
                 negative = negative.replace(public, private)
-        unet: dict[str, float] = {}
+        denoiser: dict[str, float] = {}
         text: dict[str, float] = {}
         for entry, adapter in zip(entries, spec.adapters, strict=True):
             if entry.has_lora:
                 factor = entry.recommended_scale if adapter.use_recommended_scale else 1.0
-                unet[entry.peft_name] = adapter.scale * factor
+                denoiser[entry.peft_name] = adapter.scale * factor
                 text[entry.peft_name] = adapter.te_scale * factor
-        weights = {"unet": unet, **dict.fromkeys(self.family.text_encoders, text)}
+        texts = self.family.components[1:]
+        weights = {self.family.denoiser: denoiser, **dict.fromkeys(texts, text)}
         return Resolved(job, entries, prompt, negative, weights)
 
     def _check_mode(self, spec: GenerationSpec) -> None:
@@ -189,7 +191,7 @@ class GeneratorEngine:
             self._mode_pipes[mode] = pipe
         return self._mode_pipes[mode]
 
-    def _image_inputs(self, batch: Batch, first: GenerationSpec) -> dict:
+    def _image_inputs(self, pipe, batch: Batch, first: GenerationSpec) -> dict:
         """The size, and for img2img and inpainting each image's init image (and mask)."""
         size = (first.width or self.default_size, first.height or self.default_size)
         inputs: dict = {"width": size[0], "height": size[1]}
@@ -201,8 +203,8 @@ class GeneratorEngine:
         if first.mode == "inpaint":
             inputs["mask_image"] = [s.mask_image.resize(size, Image.Resampling.NEAREST)
                                     for s in per_image]  # fmt: skip
-        else:  # img2img takes the init image's size
-            del inputs["width"], inputs["height"]
+        elif "width" not in inspect.signature(pipe.__call__).parameters:
+            del inputs["width"], inputs["height"]  # SD's img2img takes the init image's size
         return inputs
 
     @torch.no_grad()
@@ -235,49 +237,47 @@ class GeneratorEngine:
         self, batch: Batch, guided: bool
     ) -> tuple[dict[str, torch.Tensor | None], list[torch.Generator], dict[str, list[float]]]:
         """Each request's prompts through the text encoders at its own scales; the batch's
-        embeddings (the pipeline call's keyword arguments: the family's ``prompt_outputs``),
-        one generator per image, and each adapter's UNet scale per image."""
-        device = self.pipe._execution_device
-        outputs: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.family.prompt_outputs}
+        embeddings (the pipeline call's keyword arguments), one generator per image, and each
+        adapter's denoiser scale per image."""
+        family = self.family
+        outputs: dict[str, list[torch.Tensor | None]] = {}
         generators: list[torch.Generator] = []
-        unet_scales: dict[str, list[float]] = {}
+        denoiser_scales: dict[str, list[float]] = {}
         for request in batch:
             spec = request.spec
-            for encoder in self.family.text_encoders:
+            for encoder in family.components[1:]:
                 self.mixer.set(encoder, request.weights[encoder])
-            encoded = self.pipe.encode_prompt(
-                prompt=request.prompt, device=device, num_images_per_prompt=spec.num_images,
-                do_classifier_free_guidance=guided,
-                negative_prompt=request.negative_prompt or None,
-            )  # fmt: skip
-            for name, tensor in zip(self.family.prompt_outputs, encoded, strict=True):
-                outputs[name].append(tensor)
+            encoded = family.pipeline_embeddings(
+                self.pipe, request.prompt, request.negative_prompt, spec.num_images, guided
+            )
+            for name, tensor in encoded.items():
+                outputs.setdefault(name, []).append(tensor)
             first_image = len(generators)
             seeds = range(spec.seed, spec.seed + spec.num_images)
             generators += [torch.Generator().manual_seed(seed) for seed in seeds]
-            for name, scale in request.weights["unet"].items():
-                column = unet_scales.setdefault(name, [])
+            for name, scale in request.weights[family.denoiser].items():
+                column = denoiser_scales.setdefault(name, [])
                 column += [0.0] * (first_image - len(column)) + [scale] * spec.num_images
-        for encoder in self.family.text_encoders:
+        for encoder in family.components[1:]:
             self.mixer.set(encoder, {})
-        for column in unet_scales.values():
+        for column in denoiser_scales.values():
             column += [0.0] * (len(generators) - len(column))
         embeddings = {  # unguided: no negative embeddings at all
             name: torch.cat(tensors) if tensors[0] is not None else None
             for name, tensors in outputs.items()
         }
-        return embeddings, generators, unet_scales
+        return embeddings, generators, denoiser_scales
 
     def _run(self, pipe, batch: Batch, first: GenerationSpec, guided: bool, inputs: dict,
              step_end: Callable) -> list:  # fmt: skip
         """The batch through ``pipe``, each row with its request's adapters and scales."""
         pipe.scheduler = self._scheduler(first.scheduler)
         try:
-            embeddings, generators, unet_scales = self._encode_prompts(batch, guided)
+            embeddings, generators, scales = self._encode_prompts(batch, guided)
             # Classifier-free guidance runs the negative and the positive halves together.
-            self.mixer.set("unet", {
+            self.mixer.set(self.family.denoiser, {
                 name: row_weights(column, repeats=2 if guided else 1)
-                for name, column in unet_scales.items()
+                for name, column in scales.items()
             })  # fmt: skip
             return pipe(
                 **embeddings,
@@ -289,7 +289,7 @@ class GeneratorEngine:
 
     def _denoise(self, batch: Batch) -> list[list[GeneratedImage]]:
         first = batch[0].spec
-        guided = first.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        guided = self.family.classifier_free(self.pipe, first.guidance_scale)
         pipe = self._pipeline(first.mode)
 
         def step_end(pipe, step, timestep, kwargs):
@@ -301,7 +301,7 @@ class GeneratorEngine:
             return kwargs
 
         metrics.BATCH_REQUESTS.observe(len(batch))
-        inputs = self._image_inputs(batch, first)
+        inputs = self._image_inputs(pipe, batch, first)
         with self.lock:
             started = time.perf_counter()
             if first.mode != "txt2img" and int(first.steps * first.denoise_strength) < 1:

@@ -7,7 +7,7 @@ applies a plan that ``set`` builds once per batch from the factors, so the forwa
 same few operations whatever the number of adapters:
 
 - **fused**: every row shares one set of adapters and weights, on a component that runs many
-  times per set (the UNet: steps x guidance): the set is merged into a copy of the base weight,
+  times per set (the denoiser: steps x guidance): the set is merged into a copy of the base weight,
   ``W0 + sum_a w_a * scaling_a * B_a A_a``, and the forward is the base layer's own operation
   on it. The base weight never changes, so unfusing is free and exact; merging costs about
   one forward's weight traffic, once per change of set (kept while the set repeats).
@@ -32,9 +32,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-# Components whose forward runs many times per adapter set, so merging the set pays.
-FUSED_COMPONENTS = ("unet",)
 
 Weight = float | tuple[float, ...]  # one weight for every row of the batch, or one per row
 
@@ -126,7 +123,9 @@ class LoraMixer:
         # Components under torch.compile: a layer's plan appearing and vanishing with the
         # adapter set would change the graph, so there a slot's zero layers are applied too.
         self.compiled = frozenset(compiled)
-        self.components = tuple(components)  # the UNet and the text encoders
+        # The denoiser, then the text encoders. The denoiser's forward runs many times per
+        # adapter set (steps x guidance), so merging a set that every row shares pays there.
+        self.components = tuple(components)
         self.layers: dict[str, list[Any]] = {c: [] for c in self.components}
         self.ranks: dict[str, int] = {}  # peft name -> rank in use, where less than the layer's
         self.holding: dict[str, set[int]] = {}  # peft name -> its layers, where fewer than all
@@ -166,7 +165,7 @@ class LoraMixer:
 
     def set(self, component: str, weights: dict[str, Weight]) -> None:
         weights = {n: w for n, w in weights.items() if not (isinstance(w, float) and w == 0.0)}
-        fuse = self.fuse and component in FUSED_COMPONENTS
+        fuse = self.fuse and component == self.components[0]
         key = (self.version, fuse, tuple(sorted(weights.items())))
         built = self._built.get(component)
         if built is None or built[0] != key:

@@ -20,12 +20,7 @@ import torch
 from inference_service.spec import RESERVED_TOKEN_PREFIX
 from loraforge_core import families
 from loraforge_core.lora_format import pairs_state
-from loraforge_core.targets import (
-    DEFAULT_CLIP_TARGETS,
-    DEFAULT_UNET_TARGETS,
-    EXTENDED_UNET_TARGETS,
-    targeted_layers,
-)
+from loraforge_core.targets import targeted_layers
 
 Pairs = dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -34,7 +29,7 @@ class SlotPool:
     def __init__(self, pipe: Any, count: int, rank: int, *, extended: bool = False) -> None:
         self.pipe = pipe
         self.rank = rank
-        self.unet_targets = DEFAULT_UNET_TARGETS + (EXTENDED_UNET_TARGETS if extended else ())
+        self.extended = extended
         self.owner: dict[str, str | None] = {}
         self.layers: dict[str, dict[tuple[str, str], Any]] = {}
         for index in range(count):
@@ -42,8 +37,9 @@ class SlotPool:
 
     def _create(self, slot: str) -> None:
         zeros = {}
-        for component in families.of_pipeline(self.pipe).components:
-            targets = self.unet_targets if component == "unet" else DEFAULT_CLIP_TARGETS
+        family = families.of_pipeline(self.pipe)
+        for component in family.components:
+            targets = family.lora_targets(component, self.extended)
             for name, layer in targeted_layers(getattr(self.pipe, component), targets):
                 down, up = _factor_shapes(layer, self.rank)
                 zeros[component, name] = (torch.zeros(down), torch.zeros(up))

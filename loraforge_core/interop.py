@@ -71,7 +71,7 @@ def export_kohya(
                 "another name; export without bundled embeddings (they go beside the file)"
             )
     family = families.by_name(bundle.manifest.family)
-    sd2 = family is families.SD and bundle.manifest.cross_attention_dim == 1024
+    version = family.kohya_model_version(bundle.manifest.cross_attention_dim)
     state: dict[str, torch.Tensor] = {}
     for (component, module), (down, up) in lora_pairs(bundle.lora_state_dict()).items():
         key = _kohya_module(family, component, module)
@@ -90,8 +90,9 @@ def export_kohya(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(manifest.rank),
         "ss_network_alpha": str(manifest.rank),
-        "ss_base_model_version": family.kohya_model_version or ("sd_v2" if sd2 else "sd_v1"),
-        "ss_v2": str(sd2),  # A1111 lists an SD 2.x LoRA with SD 2.x models only when "True"
+        "ss_base_model_version": version,
+        # A1111 lists an SD 2.x LoRA with SD 2.x models only when "True".
+        "ss_v2": str(version == "sd_v2"),
         "ss_sd_model_name": manifest.base_model,
         "ss_training_comment": f"loraforge {manifest.method}, tokens {manifest.tokens}",
         "ss_output_name": name or bundle.id,

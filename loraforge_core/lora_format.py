@@ -3,10 +3,10 @@ tensors (docs/artifact-format.md). Training writes it, and interop, merging and 
 through this module alone.
 
 A key is ``<component>.<module path>.lora_A.weight`` (down) or ``....lora_B.weight`` (up), the
-component ``unet``, ``text_encoder`` or ``text_encoder_2``: peft's names under diffusers'
-prefixes, which a stock ``load_lora_weights`` reads first. diffusers' files carry no alpha and
-its loaders take alpha == rank, so a trained alpha / rank is folded into the up matrices: the
-loaded delta W equals the trained one for any alpha.
+component the denoiser (``unet``, ``transformer``), ``text_encoder`` or ``text_encoder_2``:
+peft's names under diffusers' prefixes, which a stock ``load_lora_weights`` reads first.
+diffusers' files carry no alpha and its loaders take alpha == rank, so a trained alpha / rank
+is folded into the up matrices: the loaded delta W equals the trained one for any alpha.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-LORA_KEY = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+)\.lora_(A|B)\.weight$")
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_KEY = re.compile(r"^(unet|transformer|text_encoder(?:_2)?)\.(.+)\.lora_(A|B)\.weight$")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 # {(component, module path): (down, up)}
 Pairs = dict[tuple[str, str], tuple["torch.Tensor", "torch.Tensor"]]

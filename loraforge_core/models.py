@@ -8,17 +8,18 @@ a hub model) with small configs, so every code path that loads a model by
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge_core import families
-from loraforge_core.architectures import TINY, TINY_SDXL, TINY_VOCAB_WORDS
+from loraforge_core.architectures import TINY, TINY_SDXL
 from loraforge_core.files import file_lock
+from loraforge_core.tiny_tokenizers import write_tiny_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
 TINY_SDXL_NAMES = ("tiny-sdxl", "loraforge/tiny-sdxl")
 RANDOM_TINY_NAMES = ("tiny-random", "loraforge/tiny-random")
+RANDOM_TINY_FLUX_NAMES = ("tiny-flux-random", "loraforge/tiny-flux-random")
 TINY_MODEL_VERSION = "tiny-sd-v2"
+TINY_FLUX_VERSION = "tiny-flux-v1"
 TINY_ARCHITECTURES = {"sd": TINY, "sdxl": TINY_SDXL}
 CACHE_ENV = "LORAFORGE_CACHE"
 # The tiny model trained on the toy world (tools/train_tiny_base.py), shipped in the package.
@@ -41,67 +44,6 @@ def cache_dir() -> Path:
     """Where models built on first use live: $LORAFORGE_CACHE, else ~/.cache/loraforge."""
     configured = os.environ.get(CACHE_ENV)
     return Path(configured) if configured else Path.home() / ".cache" / "loraforge"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte-level alphabet: printable characters for all 256 byte values."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-def _bpe(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
-    while len(word) > 1:
-        pairs = [
-            (ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(word))
-        ]
-        rank, i = min(pairs)
-        if rank == 1 << 30:
-            break
-        word = [*word[:i], word[i] + word[i + 1], *word[i + 2 :]]
-    return word
-
-
-def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = TINY_VOCAB_WORDS) -> int:
-    """Write a CLIP BPE vocabulary (vocab.json, merges.txt) that spells any text; return its size.
-
-    The 256 byte symbols and their end-of-word forms make every text encodable. Each listed
-    word becomes one token: BPE applies merges by rank, so for every word we run BPE with the
-    merges so far and append a merge for what is left until the word is a single token.
-    """
-    symbols = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for token in symbols + [s + "</w>" for s in symbols]:
-        vocab[token] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        pieces = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-            pieces = _bpe(pieces, ranks)
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n"
-    )
-    return len(vocab)
 
 
 def build_pipeline(
@@ -168,14 +110,25 @@ def _text_encoder(cls: Any, config: dict[str, Any], tokenizer: Any, vocab_size: 
     )
 
 
+def tiny_builders() -> dict[str, Callable[[int], Any]]:
+    """Family name -> a function of a seed that builds its tiny pipeline (random weights)."""
+    from loraforge_core.families import flux
+
+    return {
+        "sd": lambda seed: build_pipeline(TINY, seed=seed),
+        "sdxl": lambda seed: build_pipeline(TINY_SDXL, seed=seed),
+        "flux": flux.build_tiny,
+    }
+
+
 def save_tiny_model(folder: Path, *, seed: int = 0, family: str = "sd") -> Path:
-    """Build the tiny pipeline of a family (``TINY_ARCHITECTURES``) and save it with
+    """Build the tiny pipeline of a family (``tiny_builders``) and save it with
     ``save_pretrained`` (atomically) into folder."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
     try:
-        pipe = build_pipeline(TINY_ARCHITECTURES[family], seed=seed)
+        pipe = tiny_builders()[family](seed)
         pipe.save_pretrained(staging, safe_serialization=True)
         name = "loraforge/tiny" + ("" if family == "sd" else f"-{family}")
         (staging / "loraforge_model.json").write_text(
@@ -212,16 +165,18 @@ def save_inpainting_model(folder: Path, source: str = "", *, seed: int = 0) -> P
     return Path(folder)
 
 
-def random_tiny_model_path() -> Path:
-    """The untrained tiny model's folder in the cache, built on first use (safe across
-    processes): same architecture as the shipped one, random weights, for plumbing tests."""
-    folder = cache_dir() / "models" / TINY_MODEL_VERSION
+def random_tiny_model_path(family: str = "sd") -> Path:
+    """An untrained tiny model's folder in the cache, built on first use (safe across
+    processes): SD's has the shipped one's architecture, FLUX.1's the tiny FLUX of
+    shared/NOTES.md; random weights, for plumbing tests."""
+    version = TINY_FLUX_VERSION if family == "flux" else TINY_MODEL_VERSION
+    folder = cache_dir() / "models" / version
     if (folder / "model_index.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder.parent / f"{TINY_MODEL_VERSION}.lock"):
+    with file_lock(folder.parent / f"{version}.lock"):
         if not (folder / "model_index.json").exists():
-            save_tiny_model(folder)
+            save_tiny_model(folder, family=family)
     return folder
 
 
@@ -239,6 +194,8 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(TRAINED_TINY_SDXL)
     if name in RANDOM_TINY_NAMES:
         return str(random_tiny_model_path())
+    if name in RANDOM_TINY_FLUX_NAMES:
+        return str(random_tiny_model_path("flux"))
     return name
 
 
@@ -267,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build a tiny offline model (random weights)")
     parser.add_argument("output", type=Path, help="folder to write (replaced if present)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", choices=sorted(TINY_ARCHITECTURES), default="sd")
+    parser.add_argument("--family", choices=sorted(tiny_builders()), default="sd")
     args = parser.parse_args(argv)
     print(save_tiny_model(args.output, seed=args.seed, family=args.family))
 

@@ -4,9 +4,10 @@ injection, the generator's pre-shaped slots and extraction."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # cloneofsimo/lora defaults: {"CrossAttention", "Attention", "GEGLU"} for the UNet, i.e. every
 # Linear of the attention blocks and GEGLU's projection; "CLIPAttention" for the text encoder.
@@ -26,6 +27,8 @@ def matches(name: str, targets: tuple[str, ...]) -> bool:
 def targeted_layers(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[str, Any]]:
     """(name, base layer) of every Linear or Conv2d the targets select (the base layer under a
     peft LoRA wrapper, whose own children are not matched again)."""
+    import torch
+
     found = []
     for name, module in model.named_modules():
         layer = getattr(module, "base_layer", module)

@@ -50,6 +50,14 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX.1 (random weights, dev-like: guidance embedded), built locally."""
+    from loraforge_core.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux", family="flux")
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> Iterator:
     """One PostgreSQL cluster for the run; tests take fresh databases from it."""
     from tests.services import throwaway_postgres

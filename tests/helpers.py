@@ -38,10 +38,10 @@ def random_bundle(
     return random_lora_bundle(model, root, seed=seed, token=token, text_encoder=text_encoder)
 
 
-def write_flux_index(folder: Path) -> Path:
-    """A model folder whose index says FLUX.1, a family loraforge does not run (the refusal
-    reads nothing else)."""
+def write_model_index(folder: Path, class_name: str = "StableDiffusion3Pipeline") -> Path:
+    """A model folder whose index names a pipeline class, and nothing else: by default SD3,
+    a family loraforge runs in neither service (a refusal reads nothing else)."""
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.36.0"}
+    index = {"_class_name": class_name, "_diffusers_version": "0.36.0"}
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder

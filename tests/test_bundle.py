@@ -93,8 +93,8 @@ def test_sdxl_tokens_are_a_row_per_token_in_clip_l_and_clip_g(tmp_path, embeddin
 
 def test_a_bundle_of_a_family_this_loraforge_does_not_know_is_refused() -> None:
     data = json.loads(manifest().to_json())
-    data["family"] = "flux"
-    with pytest.raises(BundleError, match=r"model family 'flux'.*upgrade loraforge"):
+    data["family"] = "sd3"
+    with pytest.raises(BundleError, match=r"model family 'sd3'.*upgrade loraforge"):
         Manifest.from_json(json.dumps(data))
 
 

@@ -10,12 +10,12 @@ import pytest
 
 from loraforge_core import families
 from loraforge_core.launch import ServerProcess
-from tests.helpers import write_flux_index
+from tests.helpers import write_model_index
 
 
 @pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_flux_index(tmp_path_factory.mktemp("models") / "flux")
+def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model_index(tmp_path_factory.mktemp("models") / "sd3")
 
 
 def test_the_family_comes_from_the_model_folder(tiny_model: Path, tiny_sdxl: Path) -> None:
@@ -36,17 +36,25 @@ def _refused_at_start(kind: str, model: Path, tmp_path: Path) -> str:
     return server.log()
 
 
-def test_the_generator_refuses_a_family_it_does_not_serve(flux_folder, tmp_path) -> None:
-    log = _refused_at_start("generator", flux_folder, tmp_path)
-    assert "is FLUX.1 (FluxPipeline), which the loraforge generator does not support" in log
-    assert "supported families: Stable Diffusion 1.x/2.x (sd), Stable Diffusion XL" in log
+def test_the_generator_refuses_a_family_it_does_not_serve(sd3_folder, tmp_path) -> None:
+    log = _refused_at_start("generator", sd3_folder, tmp_path)
+    assert (
+        "is Stable Diffusion 3 (StableDiffusion3Pipeline), which the loraforge generator "
+        "does not support"
+    ) in log
+    assert (
+        "supported families: Stable Diffusion 1.x/2.x (sd), Stable Diffusion XL (sdxl), "
+        "FLUX.1 (flux)"
+    ) in log
     assert "Traceback" not in log  # the operator's problem, said once, not our crash
 
 
-def test_the_trainer_refuses_a_family_it_does_not_train(flux_folder, tmp_path) -> None:
-    log = _refused_at_start("trainer", flux_folder, tmp_path)
-    assert "is FLUX.1 (FluxPipeline), which the loraforge trainer does not support" in log
-    assert "supported families: Stable Diffusion 1.x/2.x (sd), Stable Diffusion XL" in log
+def test_the_trainer_refuses_a_family_it_does_not_train(sd3_folder, tmp_path) -> None:
+    log = _refused_at_start("trainer", sd3_folder, tmp_path)
+    assert "is Stable Diffusion 3 (StableDiffusion3Pipeline), which the loraforge trainer" in log
+    supported = log.split("supported families: ", 1)[1].splitlines()[0]
+    assert supported.startswith("Stable Diffusion 1.x/2.x (sd), Stable Diffusion XL (sdxl)")
+    assert "FLUX" not in supported  # served, not yet trained
     assert "Traceback" not in log
 
 

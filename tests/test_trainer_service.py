@@ -18,7 +18,7 @@ from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
 
 from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import ServerProcess
-from tests.helpers import shape_png, write_flux_index
+from tests.helpers import shape_png, write_model_index
 
 FAST = dict(max_train_steps_ti=4, max_train_steps_tuning=4, save_steps=2,
             gradient_accumulation_steps=1, learning_rate_unet=1e-2, learning_rate_text=1e-3,
@@ -212,7 +212,8 @@ def test_bad_requests_get_invalid_argument_with_the_field_and_queue_nothing(stub
 
 def test_a_job_on_a_family_loraforge_does_not_train_is_refused(stub, tmp_path) -> None:
     request = job_request("flux-job")
-    request.base_model = str(write_flux_index(tmp_path / "flux"))
+    # FLUX.1: served by the generator, not yet trained
+    request.base_model = str(write_model_index(tmp_path / "flux", "FluxPipeline"))
     with pytest.raises(grpc.RpcError) as caught:
         stub.CreateJob(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -14,17 +14,10 @@ import torch
 from accelerate import Accelerator
 
 from loraforge_core import families
+from loraforge_core.families import PromptEmbeddings
 from loraforge_core.models import resolve_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class PromptEmbeddings:
-    """What the UNet is conditioned on for a batch of prompts."""
-
-    hidden: torch.Tensor  # [B, tokens, cross-attention dim]
-    pooled: torch.Tensor | None = None  # [B, D] the last encoder's projection (SDXL)
 
 
 @dataclass
@@ -50,17 +43,17 @@ class BaseModel:
         from ``vae`` (a hub id or folder of an ``AutoencoderKL``) instead of its own if set."""
         import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTokenizer
 
         path = resolve_model(name_or_path)
         family = families.require_served(path, "trainer") or families.SD
         at = {"revision": revision or None}
         encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
+        tokenizers = zip(family.tokenizers, family.tokenizer_classes, strict=True)
         model = cls(
             path=path,
             family=family,
-            tokenizers=[CLIPTokenizer.from_pretrained(path, subfolder=name, **at)
-                        for name in family.tokenizers],
+            tokenizers=[getattr(transformers, kind).from_pretrained(path, subfolder=name, **at)
+                        for name, kind in tokenizers],
             text_encoders=[getattr(transformers, kind).from_pretrained(path, subfolder=name, **at)
                            for name, kind in encoders],
             vae=AutoencoderKL.from_pretrained(vae) if vae
@@ -130,7 +123,7 @@ class BaseModel:
         """The UNet's conditioning for ``prompts`` through ``text_encoders`` (accelerate's
         wrappers of this model's encoders; these by default)."""
         encoders = text_encoders or self.text_encoders
-        return encode_prompts(self.family, self.tokenizers, encoders, prompts, self.device)
+        return self.family.encode_prompts(self.tokenizers, encoders, prompts, self.device)
 
     def pipeline(self, scheduler: Any) -> Any:
         """The family's text-to-image pipeline around these very modules."""
@@ -195,43 +188,3 @@ class BaseModel:
             latents = latents / config.scaling_factor
         pixels = self.vae.decode(latents).sample
         return VaeImageProcessor().postprocess(pixels, output_type="pil")
-
-
-def encode_prompts(
-    family: families.Family, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str],
-    device: torch.device | str = "cpu",
-) -> PromptEmbeddings:  # fmt: skip
-    """The UNet's conditioning for prompts padded to the tokenizers' length, as the family's
-    pipeline computes it (diffusers' ``encode_prompt``): SD, the text encoder's output; SDXL,
-    both encoders' penultimate hidden states side by side and the second's pooled projection.
-    """
-    hidden, pooled = [], None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
-        ids = tokenizer(
-            prompts, padding="max_length", truncation=True,
-            max_length=tokenizer.model_max_length, return_tensors="pt",
-        ).input_ids.to(device)  # fmt: skip
-        if family.text_hidden_layer is None:
-            hidden.append(text_encoder(ids)[0])
-            continue
-        output = text_encoder(ids, output_hidden_states=True)
-        if output[0].ndim == 2:  # a projection model's pooled, projected embedding
-            pooled = output[0]
-        hidden.append(output.hidden_states[family.text_hidden_layer])
-    return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled if family.micro_conditioned else None)
-
-
-def unet_conditioning(
-    embeddings: PromptEmbeddings, time_ids: torch.Tensor | None
-) -> dict[str, Any]:
-    """The UNet's keyword arguments for a batch: the hidden states, and for a
-    micro-conditioned family the pooled embedding and the (original size, crop top-left,
-    target size) of each image, (height, width) each."""
-    kwargs: dict[str, Any] = {"encoder_hidden_states": embeddings.hidden}
-    if embeddings.pooled is not None:
-        if time_ids is None:
-            raise ValueError("a micro-conditioned UNet needs the images' sizes and crops")
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": embeddings.pooled, "time_ids": time_ids.to(embeddings.pooled),
-        }  # fmt: skip
-    return kwargs

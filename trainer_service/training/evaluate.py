@@ -7,7 +7,6 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from loraforge_core import families
-from trainer_service.training.base_model import encode_prompts, unet_conditioning
 from trainer_service.training.data import size_and_crop, to_tensor
 from trainer_service.training.loss import add_noise, prediction_loss
 
@@ -34,11 +33,11 @@ def denoising_loss(
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     noise, timesteps, noisy = add_noise(scheduler, latents, generator)
     family = families.of_pipeline(pipe)
-    embeddings = encode_prompts(
-        family, [getattr(pipe, name) for name in family.tokenizers],
+    embeddings = family.encode_prompts(
+        [getattr(pipe, name) for name in family.tokenizers],
         [getattr(pipe, name) for name in family.text_encoders], [prompt] * samples, pipe.device,
     )  # fmt: skip
     side = (resolution, resolution)
     time_ids = size_and_crop(side, side).repeat(samples, 1).to(pipe.device)
-    prediction = pipe.unet(noisy, timesteps, **unet_conditioning(embeddings, time_ids)).sample
+    prediction = pipe.unet(noisy, timesteps, **family.denoiser_inputs(embeddings, time_ids)).sample
     return prediction_loss(prediction, scheduler, latents, noise, timesteps).item()

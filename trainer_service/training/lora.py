@@ -14,7 +14,6 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
 from loraforge_core.lora_format import pack_lora
-from loraforge_core.targets import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS, EXTENDED_UNET_TARGETS
 
 ADAPTER = "default"
 
@@ -81,38 +80,34 @@ def random_lora_bundle(
     std: float = 0.15,
     extended: bool = False,
 ):
-    """A real bundle (default targets, UNet and text encoder) with random non-zero weights.
+    """A real bundle (the family's default targets on its denoiser and text encoders) with
+    random non-zero weights.
 
     Made with the same injection and export code as training, for serving tests and benchmarks
     where what the adapter has learned does not matter.
     """
-    import transformers
-    from diffusers import UNet2DConditionModel
-
     from loraforge_core import families
     from loraforge_core.bundle import Manifest, store_bundle
-    from loraforge_core.models import resolve_model
+    from loraforge_core.models import load_pipeline
 
-    model = resolve_model(model)
-    family = families.detect(model) or families.SD
+    pipe = load_pipeline(model)
+    family = families.of_pipeline(pipe)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet_targets = [*DEFAULT_UNET_TARGETS, *(EXTENDED_UNET_TARGETS if extended else ())]
-    add_unet_lora(unet, lora_config(rank, rank, unet_targets, 0.0))
-    encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
-    texts = [getattr(transformers, kind).from_pretrained(model, subfolder=name)
-             for name, kind in encoders]  # fmt: skip
-    if text_encoder:
-        for text in texts:
-            add_text_encoder_lora(text, lora_config(rank, rank, list(DEFAULT_CLIP_TARGETS), 0.0))
+    denoiser = getattr(pipe, family.denoiser)
+    denoiser_targets = list(family.lora_targets(family.denoiser, extended))
+    add_unet_lora(denoiser, lora_config(rank, rank, denoiser_targets, 0.0))
+    adapted = family.components[1:] if text_encoder else ()
+    text_targets = list(family.lora_targets(adapted[0])) if adapted else []
+    for name in adapted:
+        add_text_encoder_lora(getattr(pipe, name), lora_config(rank, rank, text_targets, 0.0))
+    modules = [denoiser, *(getattr(pipe, name) for name in adapted)]
     with torch.no_grad():
-        for module in (unet, *texts):
+        for module in modules:
             for param in lora_parameters(module):
                 param.normal_(0, std / max(1, (param.shape[-1] / 64) ** 0.5))
-    text_states = [peft_state(text) if text_encoder else None for text in texts]
-    states = {"unet": peft_state(unet), **dict(zip(family.text_encoders, text_states, strict=True))}
-    state = pack_lora({k: v for k, v in states.items() if v is not None}, rank, rank)
-    hidden = texts[0].config.hidden_size
+    states = dict(zip(family.components, map(peft_state, modules), strict=False))
+    state = pack_lora(states, rank, rank)
+    texts = [getattr(pipe, name) for name in family.text_encoders]
     vectors = [torch.randn(text.config.hidden_size) * 0.4 for text in texts] if token else []
     embeddings: dict[str, torch.Tensor] = {}
     if token and family.embedding_keys == ("",):
@@ -120,11 +115,11 @@ def random_lora_bundle(
     elif token:  # one row per token in each text encoder's matrix (Bundle.token_vectors)
         keys = family.embedding_keys
         embeddings = {k: v.reshape(1, -1) for k, v in zip(keys, vectors, strict=True)}
+    text_hidden, conditioning = family.conditioning_dims(pipe)
     manifest = Manifest(
-        base_model=model, method="pti", tokens=[token] if token else [], rank=rank,
-        unet_target_modules=unet_targets,
-        text_encoder_target_modules=list(DEFAULT_CLIP_TARGETS) if text_encoder else [],
-        global_step=0, text_hidden_size=hidden,
-        cross_attention_dim=unet.config.cross_attention_dim, family=family.name,
+        base_model=str(pipe.name_or_path), method="pti", tokens=[token] if token else [],
+        rank=rank, unet_target_modules=denoiser_targets, text_encoder_target_modules=text_targets,
+        global_step=0, text_hidden_size=text_hidden, cross_attention_dim=conditioning,
+        family=family.name,
     )  # fmt: skip
     return store_bundle(root, state, embeddings, manifest)

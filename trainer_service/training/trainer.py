@@ -47,7 +47,7 @@ from trainer_service.events import (
     Reporter,
 )
 from trainer_service.training import lora, phases, renders
-from trainer_service.training.base_model import BaseModel, unet_conditioning
+from trainer_service.training.base_model import BaseModel
 from trainer_service.training.checkpoint import TrainingState, export_bundle
 from trainer_service.training.checkpoint_scores import CheckpointScores
 from trainer_service.training.data import (
@@ -189,7 +189,7 @@ class Trainer:
         if batch.conditioning is not None:  # an inpainting UNet's mask and masked image
             noisy = torch.cat([noisy, batch.conditioning], dim=1)
         with self.accelerator.autocast():
-            conditioning = unet_conditioning(
+            conditioning = self.model.family.denoiser_inputs(
                 self.model.encode(batch.captions, text_encoders), batch.time_ids
             )
             prediction = unet(noisy.to(self.model.weight_dtype), timesteps, **conditioning).sample

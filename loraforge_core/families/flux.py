@@ -1,0 +1,170 @@
+"""FLUX.1 (dev, schnell and their fine-tunes): a rectified-flow transformer on packed 2x2
+latent patches, conditioned on T5's token states and CLIP-L's pooled embedding; dev-like
+models take the guidance scale as an input (no negative half), schnell-like ones none.
+
+LoRA adapts the transformer and CLIP-L: diffusers' FLUX loader reads no T5 LoRA, so adapters
+that users load elsewhere carry none either; learned tokens live in both encoders.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge_core.families.base import Family, PromptEmbeddings
+from loraforge_core.families.sd import clip_ids
+from loraforge_core.targets import DEFAULT_CLIP_TARGETS
+
+if TYPE_CHECKING:
+    import torch
+
+# diffusers' train_dreambooth_lora_flux.py defaults: every attention projection of the
+# double-stream blocks (image and text streams) and their feed-forwards; the single-stream
+# blocks' attention (the same names) and their MLP input.
+TRANSFORMER_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+)  # fmt: skip
+# Extended: also the single blocks' (and the final) output projections and the modulations.
+EXTENDED_TRANSFORMER_TARGETS = ("proj_out", "norm.linear", "norm1.linear",
+                                "norm1_context.linear")  # fmt: skip
+MAX_SEQUENCE_LENGTH = 512  # FLUX.1-dev's T5 length (schnell was distilled at 256)
+
+
+@dataclass(frozen=True)
+class Flux(Family):
+    def lora_targets(self, component: str, extended: bool = False) -> tuple[str, ...]:
+        if component == self.denoiser:
+            return TRANSFORMER_TARGETS + (EXTENDED_TRANSFORMER_TARGETS if extended else ())
+        return DEFAULT_CLIP_TARGETS
+
+    def kohya_model_version(self, conditioning_dim: int) -> str:
+        return "flux1"
+
+    def encode_prompts(
+        self, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str],
+        device: torch.device | str = "cpu",
+    ) -> PromptEmbeddings:  # fmt: skip
+        """T5's token states and CLIP-L's pooled output, as ``FluxPipeline.encode_prompt``."""
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
+        pooled = clip(clip_ids(clip_tokenizer, prompts, device)).pooler_output
+        ids = t5_tokenizer(
+            prompts, padding="max_length", truncation=True,
+            max_length=sequence_length(t5_tokenizer), return_tensors="pt",
+        ).input_ids.to(device)  # fmt: skip
+        return PromptEmbeddings(t5(ids)[0], pooled)
+
+    def denoiser_inputs(self, embeddings: PromptEmbeddings, time_ids: Any = None) -> dict:
+        return {"encoder_hidden_states": embeddings.hidden,
+                "pooled_projections": embeddings.pooled}  # fmt: skip
+
+    def pipeline_embeddings(
+        self, pipe: Any, prompt: str, negative_prompt: str, num_images: int, guided: bool,
+    ) -> dict[str, torch.Tensor | None]:  # fmt: skip
+        prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=pipe._execution_device,
+            num_images_per_prompt=num_images, max_sequence_length=sequence_length(pipe.tokenizer_2),
+        )  # fmt: skip
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def classifier_free(self, pipe: Any, guidance_scale: float) -> bool:
+        return False  # guidance-distilled: dev takes the scale as an input, schnell ignores it
+
+    def default_size(self, pipe: Any) -> int:
+        return int(pipe.vae.config.sample_size)
+
+    def conditioning_dims(self, pipe: Any) -> tuple[int, int]:
+        return (int(pipe.text_encoder.config.hidden_size),
+                int(pipe.transformer.config.joint_attention_dim))  # fmt: skip
+
+
+def sequence_length(t5_tokenizer: Any) -> int:
+    """The T5 length prompts are padded to: the model's, at most FLUX.1-dev's 512."""
+    return min(int(t5_tokenizer.model_max_length), MAX_SEQUENCE_LENGTH)
+
+
+FLUX = Flux(
+    name="flux",
+    title="FLUX.1",
+    pipelines={
+        "txt2img": "FluxPipeline",
+        "img2img": "FluxImg2ImgPipeline",
+        "inpaint": "FluxInpaintPipeline",
+    },
+    text_encoders=("text_encoder", "text_encoder_2"),
+    text_encoder_classes=("CLIPTextModel", "T5EncoderModel"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"),
+    lora_text_encoders=("text_encoder",),
+    denoiser="transformer",
+    embedding_keys=("clip_l", "t5"),
+    kohya_prefixes={"transformer": "lora_unet_", "text_encoder": "lora_te1_"},
+    services=frozenset({"generator"}),
+)
+
+# The tiny FLUX.1 (shared/NOTES.md): one double- and one single-stream block, a 4-channel VAE
+# (so 16 packed channels), CLIP and T5 encoders of width 32; dev-like (guidance embedded).
+TINY_FLUX = {
+    "transformer": {
+        "patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
+        "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+        "pooled_projection_dim": 32, "axes_dims_rope": [4, 4, 8], "guidance_embeds": True,
+    },
+    "vae": {
+        "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "latent_channels": 4,
+        "layers_per_block": 1, "norm_num_groups": 8, "mid_block_add_attention": False,
+        "scaling_factor": 1.0, "shift_factor": 0.0,
+    },
+    "text_encoder": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 32,
+    },
+    "text_encoder_2": {
+        "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+    },
+    "t5_max_length": 32,
+}  # fmt: skip
+
+
+def build_tiny(seed: int = 0, architecture: dict[str, Any] = TINY_FLUX) -> Any:
+    """A ``FluxPipeline`` with random weights (fixed seed) from the tiny configs."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from loraforge_core.tiny_tokenizers import t5_tokenizer, write_tiny_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tiny_tokenizer(Path(tmp))
+        clip_tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+    t5_tok = t5_tokenizer(max_length=architecture["t5_max_length"])
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, **architecture["text_encoder"],
+        bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    ))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), **architecture["text_encoder_2"], is_encoder_decoder=False,
+        pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
+        decoder_start_token_id=t5_tok.pad_token_id,
+    ))  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=AutoencoderKL(**architecture["vae"]),
+        text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok,
+        transformer=FluxTransformer2DModel(**architecture["transformer"]),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,176 @@
+"""FLUX.1 in the generator: the tiny FLUX's images with LoRA files and learned tokens at
+per-request scales equal stock diffusers' FluxPipeline with the same files (``load_lora_weights``
++ ``set_adapters``, tokens through ``load_textual_inversion`` into CLIP-L and T5), alone,
+composed and in a mixed batch; img2img and inpainting equal FluxImg2ImgPipeline's and
+FluxInpaintPipeline's; the gRPC server serves a FLUX base end to end."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inference_service.engine import build_engine
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
+from loraforge_core.bundle import LORA_FILE, pack
+from loraforge_core.errors import FailedPrecondition
+from loraforge_core.launch import ServerProcess
+from loraforge_core.models import load_pipeline
+from trainer_service.training.lora import random_lora_bundle
+
+PROMPTS = {"f1": "a <y1> circle", "f2": "a green <y2>", "f3": "a red <y3>", "f4": "a <y4> star",
+           "base": "a blue triangle"}  # fmt: skip
+STEPS, GUIDANCE = 4, 3.5  # FLUX.1-dev's guidance is an input of the transformer
+TOLERANCE = 1e-3  # mean absolute pixel difference, as for SD and SDXL
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("flux-bundles")
+    return {name: random_lora_bundle(str(tiny_flux), root, seed=i, token=f"<y{i + 1}>", std=0.5)
+            for i, name in enumerate(("f1", "f2", "f3", "f4"))}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_flux: Path, bundles: dict, tmp_path_factory: pytest.TempPathFactory):
+    engine = build_engine(load_pipeline(str(tiny_flux)), tmp_path_factory.mktemp("gen"),
+                          slot_rank=8)  # fmt: skip
+    for name, bundle in bundles.items():
+        engine.adapters.register(name, data=pack(bundle.path))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_flux: Path, bundles: dict):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.set_progress_bar_config(disable=True)
+    for name, bundle in bundles.items():
+        pipe.load_lora_weights(str(bundle.path / LORA_FILE), adapter_name=name)
+        stored, tokens = bundle.embeddings(), bundle.manifest.tokens
+        for key, encoder, tokenizer in (
+            ("clip_l", pipe.text_encoder, pipe.tokenizer),
+            ("t5", pipe.text_encoder_2, pipe.tokenizer_2),
+        ):
+            pipe.load_textual_inversion(
+                stored[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
+            )
+    return pipe
+
+
+def spec(prompt: str, adapters: list[tuple[str, float, float | None]], seed: int, **extra):
+    return GenerationSpec(
+        prompt=prompt, width=32, height=32, steps=STEPS, guidance_scale=GUIDANCE, seed=seed,
+        adapters=[AdapterRequest(a, s, t) for a, s, t in adapters], **extra,
+    )  # fmt: skip
+
+
+def pixels(images) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(images[0].data)), dtype=np.float32) / 255
+
+
+def use_adapters(pipe, adapters: list[tuple[str, float, float | None]]) -> None:
+    """Exactly ``adapters`` active on the stock pipeline (diffusers adapts FLUX's transformer
+    and CLIP-L; T5 carries no LoRA)."""
+    names = [a for a, _, _ in adapters]
+    weights = [{"transformer": s, "text_encoder": s if t is None else t} for _, s, t in adapters]
+    if names:
+        pipe.enable_lora()
+        pipe.set_adapters(names, weights)
+    else:
+        pipe.disable_lora()
+
+
+def stock_pixels(pipe, prompt: str, adapters, seed: int, **inputs) -> np.ndarray:
+    use_adapters(pipe, adapters)
+    image = pipe(
+        prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=32, height=32,
+        generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=pipe.tokenizer_2.model_max_length, **inputs,
+    ).images[0]  # fmt: skip
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+REQUESTS = [
+    ("f1", [("f1", 1.0, None)], 1),
+    ("f2", [("f2", 0.6, 1.4)], 2),
+    ("f1", [("f1", 0.8, 0.0), ("f2", -0.5, None)], 3),  # two composed, scales of their own
+    ("base", [], 4),
+]
+
+
+def test_flux_images_equal_stock_diffusers_alone_and_composed(engine, stock):
+    for prompt, adapters, seed in REQUESTS:
+        want = stock_pixels(stock, PROMPTS[prompt], adapters, seed)
+        ours = pixels(engine.generate(spec(PROMPTS[prompt], adapters, seed)))
+        assert np.abs(want - ours).mean() <= TOLERANCE, (prompt, adapters)
+    # The adapters act: an adapted render is not the base model's.
+    base = stock_pixels(stock, PROMPTS["f1"], [], 1)
+    adapted = pixels(engine.generate(spec(PROMPTS["f1"], [("f1", 1.0, None)], 1)))
+    assert np.abs(base - adapted).mean() > 1e-2
+
+
+def test_a_mixed_batch_of_four_flux_adapters_equals_each_request_alone(engine):
+    requests = [spec(PROMPTS[f"f{i}"], [(f"f{i}", 0.4 + 0.3 * i, None)], i) for i in range(1, 5)]
+    requests[1].num_images = 2
+    alone = [engine.generate(r) for r in requests]
+    batched = engine.generate_batch([GenerationJob(r) for r in requests])
+    for single, together in zip(alone, batched, strict=True):
+        assert not isinstance(together, Exception), together
+        assert len(together) == len(single)
+        for a, b in zip(single, together, strict=True):
+            assert np.abs(pixels([a]) - pixels([b])).mean() <= TOLERANCE
+    # Four different images: each row really had its own adapter.
+    firsts = [pixels(images) for images in alone]
+    assert min(np.abs(a - b).mean() for i, a in enumerate(firsts) for b in firsts[i + 1 :]) > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_flux_img2img_and_inpainting_equal_stock_pipelines(engine, stock, mode):
+    import diffusers
+
+    init = Image.new("RGB", (32, 32), (200, 40, 40))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    extra = {"init_image": init, "strength": 0.75}
+    stock_inputs = {"image": init, "strength": 0.75}
+    if mode == "inpaint":
+        extra["mask_image"] = mask
+        stock_inputs["mask_image"] = mask
+    adapters = [("f3", 0.9, None)]
+    ours = pixels(engine.generate(spec(PROMPTS["f3"], adapters, 5, **extra)))
+    cls = {"img2img": diffusers.FluxImg2ImgPipeline, "inpaint": diffusers.FluxInpaintPipeline}
+    want = stock_pixels(cls[mode].from_pipe(stock), PROMPTS["f3"], adapters, 5, **stock_inputs)
+    assert ours.shape == (32, 32, 3)  # the size asked, not FluxImg2ImgPipeline's default
+    assert np.abs(want - ours).mean() <= TOLERANCE
+
+
+def test_an_sd_adapter_on_a_flux_server_is_refused(engine, tiny_model, tmp_path):
+    bundle = random_lora_bundle(str(tiny_model), tmp_path, seed=3)
+    with pytest.raises(FailedPrecondition, match="made for 'sd' models; this server serves FLUX"):
+        engine.adapters.register("sd-one", data=pack(bundle.path))
+
+
+@pytest.mark.slow
+def test_the_generator_serves_a_flux_model_over_grpc(tiny_flux, bundles, stock, tmp_path):
+    from loraforge_client import GeneratorClient
+
+    with (
+        ServerProcess("generator", data_dir=tmp_path / "g", model=str(tiny_flux)) as server,
+        GeneratorClient(server.target) as client,
+    ):
+        for name in ("f1", "f2"):
+            client.load_adapter(name, bundles[name].path)
+        listed = {a.adapter_id: a.family for a in client.list_adapters()}
+        assert listed == {"f1": "flux", "f2": "flux"}
+        adapters = [("f1", 0.8, None), ("f2", -0.5, None)]
+        images = client.generate(PROMPTS["f1"], adapters=[(a, s) for a, s, _ in adapters],
+                                 steps=STEPS, guidance_scale=GUIDANCE, seed=3, width=32,
+                                 height=32)  # fmt: skip
+    ours = np.asarray(Image.open(io.BytesIO(images[0].data)), dtype=np.float32) / 255
+    assert np.abs(stock_pixels(stock, PROMPTS["f1"], adapters, 3) - ours).mean() <= TOLERANCE
