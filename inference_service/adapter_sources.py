@@ -81,7 +81,8 @@ class AdapterSources:
         if objects is not None and objects.local_root is None:
             self.cache = BundleCache(objects, self.data_dir / "artifacts", cache_bytes, in_use)
         self.family = families.of_pipeline(pipe)
-        self.text_hidden, self.cross_dim = self.family.conditioning_dims(pipe)
+        self.text_hidden = int(pipe.text_encoder.config.hidden_size)
+        self.cross_dim = self.family.conditioning_dim(getattr(pipe, self.family.denoiser))
 
     def open(self, adapter_id: str, *, data: bytes | None = None, uri: str = "") -> AdapterEntry:
         """The adapter from inline bytes, else from ``uri`` (or its id) in the artifact store."""

@@ -97,11 +97,12 @@ class GeneratorEngine:
         self.family = families.of_pipeline(pipe)
         self._mode_pipes = {"txt2img": pipe}  # img2img and inpainting share its modules
         # An inpainting model's denoiser takes the mask and the masked image too.
-        self.inpainting_base = self.family.inpainting_base(pipe)
+        denoiser = getattr(pipe, self.family.denoiser)
+        self.inpainting_base = self.family.inpainting_denoiser(denoiser)
         self.lock = threading.Lock()
         # Requests swap the pipeline's scheduler: "default" means the model's own.
         self.base_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
-        self.default_size = self.family.default_size(pipe)
+        self.default_size = self.family.native_resolution(denoiser, pipe.vae)
         self.mixer = mixer
         self.adapters = adapters
         if compile_backend:

@@ -46,7 +46,7 @@ def conv_in_sums(revisions: list[str], cache: Path) -> list[float]:
         "import sys; from accelerate import Accelerator;"
         "from trainer_service.training.base_model import BaseModel;"
         "[print(float(BaseModel.load(sys.argv[1], Accelerator(cpu=True), False, revision=r)"
-        ".unet.conv_in.weight.sum())) for r in sys.argv[2:]]"
+        ".denoiser.conv_in.weight.sum())) for r in sys.argv[2:]]"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
@@ -79,7 +79,7 @@ def test_another_vae_replaces_the_models_own(tiny_model: Path, tmp_path: Path):
     other = BaseModel.load(str(tiny_model), accelerator, False, vae=str(tmp_path / "vae"))
     torch.testing.assert_close(other.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)
     assert not torch.equal(own.vae.decoder.conv_out.bias, other.vae.decoder.conv_out.bias)
-    torch.testing.assert_close(other.unet.conv_in.weight, own.unet.conv_in.weight)
+    torch.testing.assert_close(other.denoiser.conv_in.weight, own.denoiser.conv_in.weight)
 
 
 def test_a_token_in_the_datas_captions_stands_for_the_placeholders():

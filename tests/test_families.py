@@ -52,9 +52,10 @@ def test_the_generator_refuses_a_family_it_does_not_serve(sd3_folder, tmp_path) 
 def test_the_trainer_refuses_a_family_it_does_not_train(sd3_folder, tmp_path) -> None:
     log = _refused_at_start("trainer", sd3_folder, tmp_path)
     assert "is Stable Diffusion 3 (StableDiffusion3Pipeline), which the loraforge trainer" in log
-    supported = log.split("supported families: ", 1)[1].splitlines()[0]
-    assert supported.startswith("Stable Diffusion 1.x/2.x (sd), Stable Diffusion XL (sdxl)")
-    assert "FLUX" not in supported  # served, not yet trained
+    assert (
+        "supported families: Stable Diffusion 1.x/2.x (sd), Stable Diffusion XL (sdxl), "
+        "FLUX.1 (flux)"
+    ) in log
     assert "Traceback" not in log
 
 

@@ -41,7 +41,7 @@ class RecordingTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.inputs: list[torch.Tensor] = []
-        self.model.unet.register_forward_pre_hook(
+        self.model.denoiser.register_forward_pre_hook(
             lambda module, args: self.inputs.append(args[0].detach().clone())
         )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from trainer_service.training.loss import min_snr_weights, prediction_loss
+from loraforge_core.families.objectives import min_snr_weights, prediction_loss
 
 TIMESTEPS = torch.tensor([0, 10, 250, 500, 999])
 

@@ -17,6 +17,7 @@ from loraforge_client._common import create_job_request
 from PIL import Image
 
 from loraforge_core.errors import FailedPrecondition
+from loraforge_core.families.objectives import prediction_loss
 from loraforge_core.launch import ServerProcess
 from loraforge_core.models import resolve_model
 from loraforge_core.toyworld.fidelity import staged_concept_examples
@@ -25,7 +26,6 @@ from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.jobs import JobSpec, validate
 from trainer_service.training.data import InstanceExample, TrainingData, bucket_for, buckets
-from trainer_service.training.loss import prediction_loss
 from trainer_service.training.masks import face_mask, loss_weights
 from trainer_service.training.trainer import RunPaths, Trainer
 
@@ -192,7 +192,7 @@ class RecordingTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.shapes: list[tuple[int, ...]] = []
-        self.model.unet.register_forward_pre_hook(
+        self.model.denoiser.register_forward_pre_hook(
             lambda module, args: self.shapes.append(tuple(args[0].shape))
         )
 
@@ -228,7 +228,7 @@ def learned_where(tmp_path: Path, masked: bool) -> float:
     example = InstanceExample(image, "busy.png", mask=mask if masked else None)
     trainer = Trainer(config, [example], RunPaths(tmp_path / f"c{masked}", tmp_path / "a"))
     trainer.run()
-    unet, model = trainer.model.unet, trainer.model
+    unet, model = trainer.model.denoiser, trainer.model
     latents = trainer.data.latent_cache[0][0][None] * model.vae.config.scaling_factor
     hidden = model.encode(["a sks circle"]).hidden
     weights = (

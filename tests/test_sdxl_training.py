@@ -125,7 +125,7 @@ def recorded_time_ids(model: Path, folder: Path, image: Image.Image, **overrides
         [InstanceExample(image, caption="a photo of a sks shape")],
         RunPaths(folder / "ckpt", folder / "art"),
     )  # fmt: skip
-    trainer.model.unet.register_forward_pre_hook(
+    trainer.model.denoiser.register_forward_pre_hook(
         lambda _, args, kwargs: seen.extend(kwargs["added_cond_kwargs"]["time_ids"].tolist()),
         with_kwargs=True,
     )

@@ -211,16 +211,15 @@ def test_bad_requests_get_invalid_argument_with_the_field_and_queue_nothing(stub
 
 
 def test_a_job_on_a_family_loraforge_does_not_train_is_refused(stub, tmp_path) -> None:
-    request = job_request("flux-job")
-    # FLUX.1: served by the generator, not yet trained
-    request.base_model = str(write_model_index(tmp_path / "flux", "FluxPipeline"))
+    request = job_request("sd3-job")
+    request.base_model = str(write_model_index(tmp_path / "sd3"))
     with pytest.raises(grpc.RpcError) as caught:
         stub.CreateJob(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "is FLUX.1 (FluxPipeline)" in caught.value.details()
+    assert "is Stable Diffusion 3 (StableDiffusion3Pipeline)" in caught.value.details()
     assert "supported families: Stable Diffusion 1.x/2.x" in caught.value.details()
     listed = stub.ListJobs(trainer_pb2.ListJobsRequest(page_size=500)).jobs
-    assert all(job.request_id != "flux-job" for job in listed)
+    assert all(job.request_id != "sd3-job" for job in listed)
 
 
 def test_unknown_job_is_not_found(stub) -> None:

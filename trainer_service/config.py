@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraforge_core.errors import Violations
-from loraforge_core.targets import (
-    DEFAULT_CLIP_TARGETS,
-    DEFAULT_UNET_TARGETS,
-    EXTENDED_UNET_TARGETS,
-)
+from loraforge_core.families import Family
+from loraforge_core.families.objectives import WEIGHTING_SCHEMES, ObjectiveOptions
+from loraforge_core.targets import DEFAULT_CLIP_TARGETS
 
 METHODS = ("pti", "dreambooth_lora")
 TEMPLATES = ("object", "style", "none")
@@ -76,7 +74,16 @@ class TrainingConfig:
     lr_scheduler_lora: str = "linear"
     lr_warmup_steps_lora: int = 0
     # Min-SNR-gamma loss weighting (Hang et al., 2023; 5.0 is the paper's); None: unweighted.
+    # Noise-prediction (DDPM) families only.
     snr_gamma: float | None = None
+    # Flow-matching families (FLUX.1): how sigmas are drawn and losses weighted (diffusers'
+    # weighting_scheme: none = uniform; logit_normal and mode draw, sigma_sqrt and cosmap
+    # weight), and the guidance a guidance-embedded model (FLUX.1-dev) trains at.
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5
     save_steps: int = 100
     max_train_steps_ti: int = 1000
     max_train_steps_tuning: int = 1000
@@ -90,8 +97,10 @@ class TrainingConfig:
     lora_rank: int = 4
     lora_alpha: float | None = None  # None: rank (scale 1)
     lora_dropout: float = 0.0
-    lora_unet_target_modules: list[str] = field(default_factory=lambda: [*DEFAULT_UNET_TARGETS])
-    use_extended_lora: bool = False  # LoRA on the UNet's convolutions too (targets.py)
+    # The denoiser's LoRA targets; empty: the model family's (SD: lora_pti's attention
+    # projections and GEGLU; FLUX.1: every attention projection and feed-forward).
+    lora_unet_target_modules: list[str] = field(default_factory=list)
+    use_extended_lora: bool = False  # the family's extended set too (SD: the convolutions)
     lora_clip_target_modules: list[str] = field(default_factory=lambda: [*DEFAULT_CLIP_TARGETS])
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -135,12 +144,22 @@ class TrainingConfig:
     def total_steps(self) -> int:
         return self.inversion_steps + self.max_train_steps_tuning
 
-    @property
-    def unet_lora_targets(self) -> list[str]:
-        targets = list(self.lora_unet_target_modules)
+    def denoiser_lora_targets(self, family: Family) -> list[str]:
+        """The denoiser's LoRA targets on a model of ``family``: the configured ones or the
+        family's, plus the family's extended set with ``use_extended_lora``."""
+        denoiser = family.denoiser
+        targets = list(self.lora_unet_target_modules) or list(family.lora_targets(denoiser))
         if self.use_extended_lora:
-            targets += [t for t in EXTENDED_UNET_TARGETS if t not in targets]
+            extended = family.lora_targets(denoiser, extended=True)
+            targets += [t for t in extended if t not in targets]
         return targets
+
+    @property
+    def objective_options(self) -> ObjectiveOptions:
+        return ObjectiveOptions(
+            snr_gamma=self.snr_gamma, weighting_scheme=self.weighting_scheme,
+            logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
+        )  # fmt: skip
 
     @property
     def tuning_schedule(self) -> tuple[str, int]:
@@ -288,9 +307,11 @@ class TrainingConfig:
         if self.validation_steps is not None:
             v.check(self.validation_steps >= 1, f("validation_steps"), "must be >= 1")
         self._validate_evaluation(v, f)
+        v.check(bool(self.lora_clip_target_modules), f("lora_clip_target_modules"),
+                "needs at least one module name")  # fmt: skip
+        self._validate_flow_matching(v, f)
         for name in ("lora_unet_target_modules", "lora_clip_target_modules"):
             modules = getattr(self, name)
-            v.check(bool(modules), f(name), "needs at least one module name")
             v.check(
                 all(re.fullmatch(r"[A-Za-z0-9_.]{1,64}", m) for m in modules),
                 f(name),
@@ -312,6 +333,16 @@ class TrainingConfig:
                     "prior preservation needs a class prompt",
                 )
         return v
+
+    def _validate_flow_matching(self, v: Violations, f: Any) -> None:
+        v.check(self.weighting_scheme in WEIGHTING_SCHEMES, f("weighting_scheme"),
+                f"must be one of {', '.join(WEIGHTING_SCHEMES)}")  # fmt: skip
+        v.check(math.isfinite(self.logit_mean), f("logit_mean"), "must be finite")
+        v.check(math.isfinite(self.logit_std) and self.logit_std > 0, f("logit_std"),
+                "must be positive")  # fmt: skip
+        v.check(math.isfinite(self.mode_scale), f("mode_scale"), "must be finite")
+        v.check(math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= 100,
+                f("guidance_scale"), "must be in 0..100 (FLUX.1-dev: 1 to 3.5)")  # fmt: skip
 
     def _validate_evaluation(self, v: Violations, f: Any) -> None:
         scales = self.evaluation_scales

@@ -47,6 +47,7 @@ _SCALAR_OPTIONS = [
 _STRING_OPTIONS = (
     "instance_prompt", "class_prompt", "validation_prompt", "revision",
     "pretrained_vae_name_or_path", "placeholder_token_at_data", "evaluation_model",
+    "weighting_scheme",
 )  # fmt: skip
 _LIST_OPTIONS = (
     "lora_unet_target_modules", "lora_clip_target_modules", "evaluation_scales",
@@ -101,6 +102,10 @@ def config_from_request(request: trainer_pb2.CreateJobRequest) -> TrainingConfig
         "snr_gamma",
         "mask_temperature",
         "evaluation_guidance",
+        "logit_mean",
+        "logit_std",
+        "mode_scale",
+        "guidance_scale",
     ):
         if name in values:  # float32 on the wire: keep the decimal the caller wrote
             values[name] = float(f"{values[name]:.7g}")

@@ -6,6 +6,7 @@ tokenizers, its denoiser, A1111/ComfyUI embedding keys, kohya prefixes); its met
 differs between families: LoRA targets, prompt encoding for training and serving, the
 denoiser's inputs, sizes, and what an adapter must match to apply. The trainer, the
 generator, the mixer, interop and the toy world call these and never branch on a family.
+Training objectives live in objectives.py, shared by the families that train with them.
 
 The methods take the family's own modules (a pipeline, a denoiser, tokenizers and encoders)
 and import torch only when called, so a server that only reads a model's index stays light.
@@ -18,6 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+    from loraforge_core.families.objectives import (
+        FlowMatching,
+        Noised,
+        NoisePrediction,
+        ObjectiveOptions,
+    )
+
+    Objective = NoisePrediction | FlowMatching
 
 
 @dataclass
@@ -43,6 +53,10 @@ class Family:
     # The text encoders LoRA adapts (those the family's diffusers loader reads LoRA for).
     lora_text_encoders: tuple[str, ...] | None = None  # None: all of them
     denoiser: str = "unet"  # the pipeline's attribute: "unet" or "transformer"
+    # diffusers classes: the denoiser, its training scheduler, the scheduler previews use
+    denoiser_class: str = "UNet2DConditionModel"
+    training_scheduler: str = "DDPMScheduler"
+    preview_scheduler: str = "DDIMScheduler"
     # An A1111/ComfyUI embedding file's key per text encoder ("" : the one-tensor form).
     embedding_keys: tuple[str, ...] = ("",)
     # kohya/A1111 LoRA key prefix per component.
@@ -89,25 +103,43 @@ class Family:
         """Whether ``guidance_scale`` runs a negative half beside each image."""
         raise self._unsupported()
 
-    # ------------------------------------------------------------------ shapes
-    def default_size(self, pipe: Any) -> int:
-        """The image side the model was trained at."""
+    # ------------------------------------------------------------------ training
+    def objective(self, scheduler: Any, options: ObjectiveOptions) -> Objective:
+        """What training minimises, on the model's training ``scheduler``."""
         raise self._unsupported()
 
-    def inpainting_base(self, pipe: Any) -> bool:
+    def predict(
+        self, denoiser: Any, noised: Noised, embeddings: PromptEmbeddings, *,
+        dtype: torch.dtype, time_ids: Any = None, conditioning: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:  # fmt: skip
+        """The denoiser's output for a noised micro-batch, shaped like its latents. ``dtype``:
+        its frozen weights' (accelerate's wrapper of it has none to read); ``conditioning``:
+        an inpainting denoiser's mask and masked-image latents;
+        ``guidance``: the scale a guidance-embedded model takes as an input."""
+        raise self._unsupported()
+
+    def spatial_latents(self, latents: Any, height: int, width: int, vae: Any) -> Any:
+        """A pipeline's ``output_type="latent"`` output as [B, C, H, W] latents."""
+        return latents
+
+    # ------------------------------------------------------------------ shapes
+    def native_resolution(self, denoiser: Any, vae: Any) -> int:
+        """The image side the model was trained at (SD 1.5: 512, SDXL and FLUX.1: 1024)."""
+        raise self._unsupported()
+
+    def size_step(self, denoiser: Any, vae: Any) -> int:
+        """What image sides must be multiples of."""
+        raise self._unsupported()
+
+    def inpainting_denoiser(self, denoiser: Any) -> bool:
         """Whether the denoiser is an inpainting one (it takes the mask and masked image)."""
         return False
 
-    def conditioning_dims(self, pipe: Any) -> tuple[int, int]:
-        """(the first text encoder's width, the denoiser's text-conditioning width): what
-        an adapter's manifest must match to apply to this model."""
+    def conditioning_dim(self, denoiser: Any) -> int:
+        """The width of the text conditioning the denoiser takes: with the first text
+        encoder's width, what an adapter's manifest must match to apply to this model."""
         raise self._unsupported()
 
     def _unsupported(self) -> NotImplementedError:
         return NotImplementedError(f"loraforge does not run {self.title} models")
-
-
-def encoder_widths(pipe: Any, family: Family) -> list[int]:
-    """Each text encoder's token-embedding width, in the family's order."""
-    return [int(getattr(pipe, name).get_input_embeddings().weight.shape[1])
-            for name in family.text_encoders]  # fmt: skip

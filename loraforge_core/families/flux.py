@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge_core.families.base import Family, PromptEmbeddings
-from loraforge_core.families.sd import clip_ids
+from loraforge_core.families.sd import clip_ids, vae_factor
 from loraforge_core.targets import DEFAULT_CLIP_TARGETS
 
 if TYPE_CHECKING:
     import torch
+
+    from loraforge_core.families.objectives import FlowMatching, Noised, ObjectiveOptions
 
 # diffusers' train_dreambooth_lora_flux.py defaults: every attention projection of the
 # double-stream blocks (image and text streams) and their feed-forwards; the single-stream
@@ -73,12 +75,75 @@ class Flux(Family):
     def classifier_free(self, pipe: Any, guidance_scale: float) -> bool:
         return False  # guidance-distilled: dev takes the scale as an input, schnell ignores it
 
-    def default_size(self, pipe: Any) -> int:
-        return int(pipe.vae.config.sample_size)
+    def objective(self, scheduler: Any, options: ObjectiveOptions) -> FlowMatching:
+        from loraforge_core.families.objectives import FlowMatching
 
-    def conditioning_dims(self, pipe: Any) -> tuple[int, int]:
-        return (int(pipe.text_encoder.config.hidden_size),
-                int(pipe.transformer.config.joint_attention_dim))  # fmt: skip
+        return FlowMatching(scheduler, options)
+
+    def predict(
+        self, denoiser: Any, noised: Noised, embeddings: PromptEmbeddings, *,
+        dtype: torch.dtype, time_ids: Any = None, conditioning: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:  # fmt: skip
+        """The transformer on 2x2 patches of the latents (FluxPipeline's packing), with the
+        images' and texts' position ids, and the guidance input of a dev-like model."""
+        import torch
+
+        if conditioning is not None:
+            raise ValueError("FLUX.1 inpainting models (Fill) are not trained here")
+        noisy = noised.noisy
+        batch, channels, height, width = noisy.shape
+        config = getattr(denoiser, "module", denoiser).config  # accelerate may wrap it
+        guidance_input = (torch.full((batch,), guidance, device=noisy.device, dtype=dtype)
+                          if config.guidance_embeds else None)  # fmt: skip
+        packed = denoiser(
+            hidden_states=pack(noisy).to(dtype),
+            timestep=(noised.timesteps / 1000).to(dtype),
+            guidance=guidance_input,
+            pooled_projections=embeddings.pooled.to(dtype),
+            encoder_hidden_states=embeddings.hidden.to(dtype),
+            txt_ids=torch.zeros(embeddings.hidden.shape[1], 3, device=noisy.device, dtype=dtype),
+            img_ids=image_ids(height // 2, width // 2, noisy.device, dtype),
+            return_dict=False,
+        )[0]  # fmt: skip
+        return unpack(packed, channels, height, width)
+
+    def spatial_latents(self, latents: Any, height: int, width: int, vae: Any) -> Any:
+        factor = vae_factor(vae)
+        return unpack(latents, latents.shape[-1] // 4, height // factor, width // factor)
+
+    def native_resolution(self, denoiser: Any, vae: Any) -> int:
+        return int(vae.config.sample_size)  # FLUX.1's VAE: 1024
+
+    def size_step(self, denoiser: Any, vae: Any) -> int:
+        return vae_factor(vae) * 2  # latents are packed in 2x2 patches
+
+    def conditioning_dim(self, denoiser: Any) -> int:
+        return int(denoiser.config.joint_attention_dim)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/2 * W/2, 4C]: FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(packed: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """``pack`` reversed."""
+    b = packed.shape[0]
+    patches = packed.view(b, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels, height, width)
+
+
+def image_ids(rows: int, columns: int, device: Any, dtype: Any) -> torch.Tensor:
+    """Each patch's (0, row, column): FluxPipeline._prepare_latent_image_ids."""
+    import torch
+
+    ids = torch.zeros(rows, columns, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(columns)[None, :]
+    return ids.reshape(rows * columns, 3).to(device=device, dtype=dtype)
 
 
 def sequence_length(t5_tokenizer: Any) -> int:
@@ -100,9 +165,12 @@ FLUX = Flux(
     tokenizer_classes=("CLIPTokenizer", "T5TokenizerFast"),
     lora_text_encoders=("text_encoder",),
     denoiser="transformer",
+    denoiser_class="FluxTransformer2DModel",
+    training_scheduler="FlowMatchEulerDiscreteScheduler",
+    preview_scheduler="FlowMatchEulerDiscreteScheduler",
     embedding_keys=("clip_l", "t5"),
     kohya_prefixes={"transformer": "lora_unet_", "text_encoder": "lora_te1_"},
-    services=frozenset({"generator"}),
+    services=frozenset({"generator", "trainer"}),
 )
 
 # The tiny FLUX.1 (shared/NOTES.md): one double- and one single-stream block, a 4-channel VAE

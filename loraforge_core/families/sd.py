@@ -11,6 +11,8 @@ from loraforge_core.targets import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS, E
 if TYPE_CHECKING:
     import torch
 
+    from loraforge_core.families.objectives import Noised, NoisePrediction, ObjectiveOptions
+
 
 @dataclass(frozen=True)
 class StableDiffusion(Family):
@@ -49,15 +51,42 @@ class StableDiffusion(Family):
         # An LCM-distilled UNet takes the guidance as an input (time_cond_proj_dim) instead.
         return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
-    def default_size(self, pipe: Any) -> int:
-        return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    def objective(self, scheduler: Any, options: ObjectiveOptions) -> NoisePrediction:
+        from loraforge_core.families.objectives import NoisePrediction
 
-    def inpainting_base(self, pipe: Any) -> bool:
-        return int(pipe.unet.config.in_channels) == 9
+        return NoisePrediction(scheduler, options)
 
-    def conditioning_dims(self, pipe: Any) -> tuple[int, int]:
-        return (int(pipe.text_encoder.config.hidden_size),
-                int(pipe.unet.config.cross_attention_dim))  # fmt: skip
+    def predict(
+        self, denoiser: Any, noised: Noised, embeddings: PromptEmbeddings, *,
+        dtype: torch.dtype, time_ids: Any = None, conditioning: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:  # fmt: skip
+        import torch
+
+        noisy = noised.noisy
+        if conditioning is not None:  # an inpainting UNet's mask and masked image
+            noisy = torch.cat([noisy, conditioning], dim=1)
+        inputs = self.denoiser_inputs(embeddings, time_ids)
+        return denoiser(noisy.to(dtype), noised.timesteps, **inputs).sample
+
+    def native_resolution(self, denoiser: Any, vae: Any) -> int:
+        # A replacement VAE's own sample_size may say otherwise: the UNet's side decides.
+        return int(denoiser.config.sample_size) * vae_factor(vae)
+
+    def size_step(self, denoiser: Any, vae: Any) -> int:
+        """The VAE's factor times the UNet's (each down block halves)."""
+        return vae_factor(vae) * 2 ** (len(denoiser.config.block_out_channels) - 1)
+
+    def inpainting_denoiser(self, denoiser: Any) -> bool:
+        return int(denoiser.config.in_channels) == 9  # 4 latent + 1 mask + 4 masked image
+
+    def conditioning_dim(self, denoiser: Any) -> int:
+        return int(denoiser.config.cross_attention_dim)
+
+
+def vae_factor(vae: Any) -> int:
+    """How many pixels a latent's side stands for (each VAE block but the last halves)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def clip_ids(tokenizer: Any, prompts: list[str], device: torch.device | str) -> torch.Tensor:

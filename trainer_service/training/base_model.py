@@ -27,9 +27,9 @@ class BaseModel:
     tokenizers: list[Any]  # one per text encoder, in the family's order
     text_encoders: list[Any]
     vae: Any
-    unet: Any
-    noise_scheduler: Any
-    weight_dtype: torch.dtype  # of the frozen UNet; the VAE stays float32
+    denoiser: Any  # the family's: a UNet or a transformer
+    noise_scheduler: Any  # the family's training scheduler (DDPM, flow matching)
+    weight_dtype: torch.dtype  # of the frozen denoiser; the VAE stays float32
     # Where every part lives. Read once: a diffusers model's ``.device`` walks all its
     # parameters (5 ms a read on the tiny model, about 5% of a training step).
     device: torch.device
@@ -41,14 +41,16 @@ class BaseModel:
     ) -> BaseModel:  # fmt: skip
         """The model's parts (at ``revision`` of its hub repository, when given), with the VAE
         from ``vae`` (a hub id or folder of an ``AutoencoderKL``) instead of its own if set."""
+        import diffusers
         import transformers
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         path = resolve_model(name_or_path)
         family = families.require_served(path, "trainer") or families.SD
         at = {"revision": revision or None}
         encoders = zip(family.text_encoders, family.text_encoder_classes, strict=True)
         tokenizers = zip(family.tokenizers, family.tokenizer_classes, strict=True)
+        denoiser = getattr(diffusers, family.denoiser_class)
+        scheduler = getattr(diffusers, family.training_scheduler)
         model = cls(
             path=path,
             family=family,
@@ -56,24 +58,24 @@ class BaseModel:
                         for name, kind in tokenizers],
             text_encoders=[getattr(transformers, kind).from_pretrained(path, subfolder=name, **at)
                            for name, kind in encoders],
-            vae=AutoencoderKL.from_pretrained(vae) if vae
-            else AutoencoderKL.from_pretrained(path, subfolder="vae", **at),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **at),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **at),
+            vae=diffusers.AutoencoderKL.from_pretrained(vae) if vae
+            else diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **at),
+            denoiser=denoiser.from_pretrained(path, subfolder=family.denoiser, **at),
+            noise_scheduler=scheduler.from_pretrained(path, subfolder="scheduler", **at),
             weight_dtype=DTYPES.get(accelerator.mixed_precision, torch.float32),
             device=accelerator.device,
         )  # fmt: skip
-        for module in (*model.text_encoders, model.vae, model.unet):
+        for module in (*model.text_encoders, model.vae, model.denoiser):
             module.requires_grad_(False)
         device = model.device
         model.vae.to(device, dtype=torch.float32)
-        model.unet.to(device, dtype=model.weight_dtype)
+        model.denoiser.to(device, dtype=model.weight_dtype)
         for text_encoder in model.text_encoders:
             text_encoder.to(device)
             if checkpointing:
                 text_encoder.gradient_checkpointing_enable()
         if checkpointing:
-            model.unet.enable_gradient_checkpointing()
+            model.denoiser.enable_gradient_checkpointing()
         return model
 
     @property
@@ -86,28 +88,41 @@ class BaseModel:
         return self.tokenizers[0]
 
     @property
+    def lora_text_encoders(self) -> list[Any]:
+        """The text encoders LoRA adapts (FLUX.1: CLIP-L, not T5), in the family's order."""
+        names = self.family.components[1:]
+        return [e for name, e in zip(self.family.text_encoders, self.text_encoders, strict=True)
+                if name in names]  # fmt: skip
+
+    def with_trained(self, trained: list[Any]) -> list[Any]:
+        """Every text encoder, those LoRA adapts replaced by ``trained`` (accelerate's
+        wrappers of them, in the same order; none: the encoders as they are)."""
+        if not trained:
+            return self.text_encoders
+        wrappers = dict(zip(map(id, self.lora_text_encoders), trained, strict=True))
+        return [wrappers.get(id(encoder), encoder) for encoder in self.text_encoders]
+
+    @property
     def native_resolution(self) -> int:
-        """The image side the UNet was trained at (SD 1.5: 512, SDXL: 1024): its latent side
-        times the VAE's factor (a replacement VAE's own ``sample_size`` may say otherwise)."""
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return int(self.unet.config.sample_size) * vae_factor
+        """The image side the denoiser was trained at (SD 1.5: 512, SDXL: 1024)."""
+        return self.family.native_resolution(self.denoiser, self.vae)
 
     @property
     def size_step(self) -> int:
-        """What image sides must be multiples of: the VAE's factor times the UNet's."""
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """What image sides must be multiples of."""
+        return self.family.size_step(self.denoiser, self.vae)
 
     def check_inpainting(self, train_inpainting: bool) -> None:
-        """Refuse a run whose method does not fit the UNet (4 latent channels, or 9 with an
-        inpainting model's mask and masked image)."""
-        channels = int(self.unet.config.in_channels)
-        if train_inpainting and channels != 9:
+        """Refuse a run whose method does not fit the denoiser (an inpainting one takes the
+        mask and the masked image too)."""
+        inpainting = self.family.inpainting_denoiser(self.denoiser)
+        channels = int(self.denoiser.config.in_channels)
+        if train_inpainting and not inpainting:
             raise ValueError(
                 f"train_inpainting needs an inpainting base model (a UNet with 9 input "
                 f"channels); {self.path} has {channels}"
             )
-        if not train_inpainting and channels == 9:
+        if not train_inpainting and inpainting:
             raise ValueError(
                 f"{self.path} is an inpainting model (a UNet with 9 input channels): set "
                 "train_inpainting, or train on a text-to-image base"
@@ -120,8 +135,8 @@ class BaseModel:
     def encode(
         self, prompts: list[str], text_encoders: list[Any] | None = None
     ) -> PromptEmbeddings:
-        """The UNet's conditioning for ``prompts`` through ``text_encoders`` (accelerate's
-        wrappers of this model's encoders; these by default)."""
+        """The denoiser's conditioning for ``prompts`` through ``text_encoders`` (every text
+        encoder, some of them accelerate's wrappers; these by default)."""
         encoders = text_encoders or self.text_encoders
         return self.family.encode_prompts(self.tokenizers, encoders, prompts, self.device)
 
@@ -131,7 +146,7 @@ class BaseModel:
 
         cls = getattr(diffusers, self.family.pipelines["txt2img"])
         parts = {
-            "vae": self.vae, "unet": self.unet, "scheduler": scheduler,
+            "vae": self.vae, self.family.denoiser: self.denoiser, "scheduler": scheduler,
             **dict(zip(self.family.text_encoders, self.text_encoders, strict=True)),
             **dict(zip(self.family.tokenizers, self.tokenizers, strict=True)),
         }  # fmt: skip
@@ -150,12 +165,13 @@ class BaseModel:
         """One image of ``prompt`` with the weights as they are now (a training preview); the
         modules' train/eval modes are left as they were.
 
-        The UNet runs in its own dtype under autocast (the text encoders stay float32); the
-        VAE decodes in float32, which SDXL's needs (fp16 overflows in it)."""
-        from diffusers import DDIMScheduler
+        The denoiser runs in its own dtype under autocast (the text encoders stay float32);
+        the VAE decodes in float32, which SDXL's needs (fp16 overflows in it)."""
+        import diffusers
 
-        pipe = self.pipeline(DDIMScheduler.from_config(self.noise_scheduler.config))
-        modules = [self.unet, *self.text_encoders]
+        preview = getattr(diffusers, self.family.preview_scheduler)
+        pipe = self.pipeline(preview.from_config(self.noise_scheduler.config))
+        modules = [self.denoiser, *self.text_encoders]
         modes = [module.training for module in modules]
         for module in modules:
             module.eval()
@@ -168,6 +184,7 @@ class BaseModel:
                     generator=torch.Generator().manual_seed(seed), output_type="latent",
                     **options,
                 ).images  # fmt: skip
+            latents = self.family.spatial_latents(latents, resolution, resolution, self.vae)
             return self.decode(latents)[0]
         finally:
             for module, mode in zip(modules, modes, strict=True):
@@ -185,6 +202,6 @@ class BaseModel:
             std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
             latents = latents * std / config.scaling_factor + mean
         else:
-            latents = latents / config.scaling_factor
+            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", 0) or 0)
         pixels = self.vae.decode(latents).sample
         return VaeImageProcessor().postprocess(pixels, output_type="pil")

@@ -233,7 +233,7 @@ class TrainingData:
             with torch.no_grad():
                 latents = self.vae.encode(pixels.to(self.device)).latent_dist.sample()
         time_ids = torch.stack([self.time_ids[i] for i in index]).to(self.device)
-        batch = Batch(latents * self.vae.config.scaling_factor, captions, time_ids=time_ids)
+        batch = Batch(normalized(self.vae, latents), captions, time_ids=time_ids)
         if self.masked:
             masks = torch.stack([self.masks[i] for i in index]).to(self.device)
             batch.weights = loss_weights(masks, latents.shape[-2:], config.mask_temperature)
@@ -264,7 +264,7 @@ class TrainingData:
         masked = pixels * (holes < 0.5)
         with torch.no_grad():
             dist = self.vae.encode(masked.to(self.device)).latent_dist
-        masked_latents = dist.mean * self.vae.config.scaling_factor
+        masked_latents = normalized(self.vae, dist.mean)
         holes = F.interpolate(holes.to(self.device), size=masked_latents.shape[-2:])
         return torch.cat([holes, masked_latents], dim=1)
 
@@ -284,10 +284,17 @@ class TrainingData:
         index = torch.randint(0, len(self.class_pixels), (size,), generator=generator)
         with torch.no_grad():
             dist = self.vae.encode(self.class_pixels[index].to(self.device)).latent_dist
-        latents = dist.mean * self.vae.config.scaling_factor
+        latents = normalized(self.vae, dist.mean)
         height, width = self.class_pixels.shape[-2:]
         time_ids = torch.tensor([[height, width, 0, 0, height, width]] * size, dtype=torch.float32)
         return Batch(latents, [self.config.class_prompt] * size, time_ids=time_ids.to(self.device))
+
+
+def normalized(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents as the denoiser sees them: ``(latents - shift) * scale`` (SD's VAEs have
+    no shift; FLUX.1's does)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
 
 
 def generate_class_images(

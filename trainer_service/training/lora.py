@@ -115,11 +115,11 @@ def random_lora_bundle(
     elif token:  # one row per token in each text encoder's matrix (Bundle.token_vectors)
         keys = family.embedding_keys
         embeddings = {k: v.reshape(1, -1) for k, v in zip(keys, vectors, strict=True)}
-    text_hidden, conditioning = family.conditioning_dims(pipe)
     manifest = Manifest(
         base_model=str(pipe.name_or_path), method="pti", tokens=[token] if token else [],
         rank=rank, unet_target_modules=denoiser_targets, text_encoder_target_modules=text_targets,
-        global_step=0, text_hidden_size=text_hidden, cross_attention_dim=conditioning,
+        global_step=0, text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+        cross_attention_dim=family.conditioning_dim(denoiser),
         family=family.name,
     )  # fmt: skip
     return store_bundle(root, state, embeddings, manifest)

@@ -40,12 +40,13 @@ def schedule(
 
 
 def add_lora(
-    config: TrainingConfig, unet: torch.nn.Module, text_encoders: list[torch.nn.Module],
-    processes: int,
+    config: TrainingConfig, targets: list[str], denoiser: torch.nn.Module,
+    text_encoders: list[torch.nn.Module], processes: int,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """peft LoRA on the UNet (and every text encoder): the optimizer's parameter groups."""
-    lora.add_unet_lora(unet, lora.lora_config(
-        config.lora_rank, config.effective_alpha, config.unet_lora_targets, config.lora_dropout,
+    """peft LoRA on ``targets`` of the denoiser (and on the text encoders given): the
+    optimizer's parameter groups."""
+    lora.add_unet_lora(denoiser, lora.lora_config(
+        config.lora_rank, config.effective_alpha, targets, config.lora_dropout,
     ))  # fmt: skip
     if config.train_text_encoder:
         for text_encoder in text_encoders:
@@ -55,9 +56,9 @@ def add_lora(
             ))  # fmt: skip
     text_params = [p for encoder in text_encoders for p in lora.lora_parameters(encoder)]
     # LoRA weights train in fp32 whatever the frozen weights' dtype.
-    for param in lora.lora_parameters(unet) + text_params:
+    for param in lora.lora_parameters(denoiser) + text_params:
         param.data = param.data.float()
-    groups = [{"params": lora.lora_parameters(unet),
+    groups = [{"params": lora.lora_parameters(denoiser),
                "lr": scaled_lr(config, config.learning_rate_unet, processes)}]  # fmt: skip
     if config.train_text_encoder:
         groups.append(

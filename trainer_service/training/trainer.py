@@ -35,6 +35,7 @@ from PIL import Image
 
 from loraforge_core.bundle import Bundle, read_bundle
 from loraforge_core.evaluation import Evaluation
+from loraforge_core.families.objectives import objective_loss
 from trainer_service.config import TrainingConfig
 from trainer_service.events import (
     CallbackReporter,
@@ -56,7 +57,6 @@ from trainer_service.training.data import (
     TrainingData,
     generate_class_images,
 )
-from trainer_service.training.loss import add_noise, prediction_loss
 from trainer_service.training.masks import with_face_masks
 from trainer_service.training.progress import StepRate, eta_seconds
 from trainer_service.training.scoring import make_scorer
@@ -115,6 +115,9 @@ class Trainer:
             revision=config.revision, vae=config.pretrained_vae_name_or_path,
         )  # fmt: skip
         self.model.check_inpainting(config.train_inpainting)
+        family = self.model.family
+        self.objective = family.objective(self.model.noise_scheduler, config.objective_options)
+        self.targets = config.denoiser_lora_targets(family)
         self.resolution = config.resolution or self.model.native_resolution
         self.tokens = PlaceholderTokens(
             self.model, config.learned_tokens, config.initializers(), self.seed
@@ -180,31 +183,29 @@ class Trainer:
 
     # ---------------------------------------------------------------- loss
     def _loss(
-        self, unet: Any, text_encoders: list[Any], batch: Batch, generator: torch.Generator,
+        self, denoiser: Any, text_encoders: list[Any], batch: Batch, generator: torch.Generator,
         t_fraction: float,
     ) -> torch.Tensor:  # fmt: skip
-        scheduler = self.model.noise_scheduler
-        latents = batch.latents
-        noise, timesteps, noisy = add_noise(scheduler, latents, generator, t_fraction)
-        if batch.conditioning is not None:  # an inpainting UNet's mask and masked image
-            noisy = torch.cat([noisy, batch.conditioning], dim=1)
+        noised = self.objective.noised(batch.latents, generator, t_fraction)
         with self.accelerator.autocast():
-            conditioning = self.model.family.denoiser_inputs(
-                self.model.encode(batch.captions, text_encoders), batch.time_ids
-            )
-            prediction = unet(noisy.to(self.model.weight_dtype), timesteps, **conditioning).sample
-        return prediction_loss(
-            prediction, scheduler, latents, noise, timesteps, self.config.snr_gamma,
-            weights=batch.weights,
-        )  # fmt: skip
+            prediction = self.model.family.predict(
+                denoiser, noised, self.model.encode(batch.captions, text_encoders),
+                dtype=self.model.weight_dtype, time_ids=batch.time_ids,
+                conditioning=batch.conditioning, guidance=self.config.guidance_scale,
+            )  # fmt: skip
+        return objective_loss(prediction, noised, weights=batch.weights)
 
-    def _step_loss(self, unet: Any, text_encoders: list[Any], t_fraction: float) -> torch.Tensor:
-        """The loss of the current step's micro-batch (plus the prior-preservation term)."""
+    def _step_loss(
+        self, denoiser: Any, text_encoders: list[Any], t_fraction: float
+    ) -> torch.Tensor:
+        """The loss of the current step's micro-batch (plus the prior-preservation term);
+        ``text_encoders``: every text encoder, the trained ones as accelerate wraps them."""
         generator = _step_generator(self.seed, self.rank, self.global_step)
-        loss = self._loss(unet, text_encoders, self.data.batch(generator), generator, t_fraction)
-        if self.data.class_pixels is not None:
+        data = self.data
+        loss = self._loss(denoiser, text_encoders, data.batch(generator), generator, t_fraction)
+        if data.class_pixels is not None:
             prior = self._loss(
-                unet, text_encoders, self.data.class_batch(generator), generator, t_fraction
+                denoiser, text_encoders, data.class_batch(generator), generator, t_fraction
             )
             loss = loss + self.config.prior_loss_weight * prior
         return loss
@@ -234,7 +235,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints and bundles
     def _components(self) -> dict[str, Any]:
         """The modules LoRA can adapt, by the family's names (unet, text_encoder...)."""
-        modules = [self.model.unet, *self.model.text_encoders]
+        modules = [self.model.denoiser, *self.model.lora_text_encoders]
         return dict(zip(self.model.family.components, modules, strict=True))
 
     def _lora_states(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -321,7 +322,7 @@ class Trainer:
         while self.global_step < steps:
             self._check_stop()
             self.global_step += 1
-            loss = self._step_loss(self.model.unet, text_encoders, INVERSION_TIMESTEP_FRACTION)
+            loss = self._step_loss(self.model.denoiser, text_encoders, INVERSION_TIMESTEP_FRACTION)
             self.accelerator.backward(loss / accumulation)
             lr = scheduler.get_last_lr()[0]
             if self.global_step % accumulation == 0 or self.global_step == steps:
@@ -343,11 +344,12 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG
             torch.manual_seed(self.seed)  # so the seed decides the initial LoRA too
             groups = phases.add_lora(
-                config, self.model.unet, self.model.text_encoders, self.accelerator.num_processes
-            )
+                config, self.targets, self.model.denoiser, self.model.lora_text_encoders,
+                self.accelerator.num_processes,
+            )  # fmt: skip
         if resume is not None:
             for name, module in self._components().items():
-                if name == "unet" or config.train_text_encoder:
+                if name == self.model.family.denoiser or config.train_text_encoder:
                     lora.load_peft_state(module, resume.lora[name])
         invert = config.continue_inversion and bool(self.tokens.ids)
         if invert:
@@ -359,10 +361,13 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay_lora)
         scheduler = self._schedule(optimizer, steps, *config.tuning_schedule)
         trains_text = config.train_text_encoder or invert
-        trained = [self.model.unet, *(self.model.text_encoders if trains_text else [])]
+        # Continued inversion trains every encoder's token rows; LoRA only the adapted ones.
+        text_trained = self.model.text_encoders if invert else self.model.lora_text_encoders
+        trained = [self.model.denoiser, *(text_trained if trains_text else [])]
         wrapped, optimizer, scheduler = self._prepare(trained, optimizer, scheduler, resume)
-        unet, text_encoders = wrapped[0], wrapped[1:] or self.model.text_encoders
-        unet.train()
+        denoiser = wrapped[0]
+        text_encoders = wrapped[1:] if invert else self.model.with_trained(wrapped[1:])
+        denoiser.train()
         for text_encoder in text_encoders:
             text_encoder.train(trains_text)
         params = [p for group in groups for p in group["params"]]
@@ -370,7 +375,7 @@ class Trainer:
         while self.global_step < offset + steps:
             self._check_stop()
             self.global_step += 1
-            loss = self._step_loss(unet, text_encoders, 1.0)
+            loss = self._step_loss(denoiser, text_encoders, 1.0)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 self.accelerator.clip_grad_norm_(params, config.max_grad_norm)

@@ -318,6 +318,11 @@ class TrainingConfig(_message.Message):
     EVALUATION_STEPS_FIELD_NUMBER: _builtins.int
     EVALUATION_GUIDANCE_FIELD_NUMBER: _builtins.int
     SELECT_FINAL_FIELD_NUMBER: _builtins.int
+    WEIGHTING_SCHEME_FIELD_NUMBER: _builtins.int
+    LOGIT_MEAN_FIELD_NUMBER: _builtins.int
+    LOGIT_STD_FIELD_NUMBER: _builtins.int
+    MODE_SCALE_FIELD_NUMBER: _builtins.int
+    GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     resolution: _builtins.int
     """the model's native size (512 for SD 1.5)"""
     aspect_ratio_bucketing: _builtins.bool
@@ -372,8 +377,9 @@ class TrainingConfig(_message.Message):
     lora_dropout: _builtins.float
     """0.0"""
     use_extended_lora: _builtins.bool
-    """LoRA on the UNet's ResNet convolutions and linears, transformer projections in and out,
-    and the down/upsamplers' convolutions too (lora_pti's use_extended_lora, "LoCon").
+    """The family's extended targets too: SD's ResNet convolutions and linears, transformer
+    projections in and out, and the down/upsamplers' convolutions (lora_pti's
+    use_extended_lora, "LoCon"); FLUX.1's output projections and modulations.
     false
     """
     mixed_precision: Global___MixedPrecision.ValueType
@@ -465,9 +471,27 @@ class TrainingConfig(_message.Message):
     """5.0"""
     select_final: Global___FinalSelection.ValueType
     """last; best needs evaluation_scales"""
+    weighting_scheme: _builtins.str
+    """Flow-matching families (FLUX.1): how training draws sigmas and weights each sample's loss
+    (diffusers' weighting_scheme): "none" (uniform), "logit_normal", "mode" (drawing),
+    "sigma_sqrt", "cosmap" (weighting).
+    none
+    """
+    logit_mean: _builtins.float
+    """0.0 (logit_normal)"""
+    logit_std: _builtins.float
+    """1.0 (logit_normal)"""
+    mode_scale: _builtins.float
+    """1.29 (mode)"""
+    guidance_scale: _builtins.float
+    """The guidance input of a guidance-embedded model (FLUX.1-dev) during training.
+    3.5
+    """
     @_builtins.property
     def lora_unet_target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """attention projections + GEGLU"""
+        """The denoiser's (UNet's or transformer's) LoRA targets; empty: the model family's (SD:
+        attention projections + GEGLU; FLUX.1: every attention projection and feed-forward).
+        """
 
     @_builtins.property
     def lora_clip_target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -548,10 +572,15 @@ class TrainingConfig(_message.Message):
         evaluation_steps: _builtins.int | None = ...,
         evaluation_guidance: _builtins.float | None = ...,
         select_final: Global___FinalSelection.ValueType = ...,
+        weighting_scheme: _builtins.str = ...,
+        logit_mean: _builtins.float | None = ...,
+        logit_std: _builtins.float | None = ...,
+        mode_scale: _builtins.float | None = ...,
+        guidance_scale: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_evaluation_guidance", b"_evaluation_guidance", "_evaluation_images", b"_evaluation_images", "_evaluation_seed", b"_evaluation_seed", "_evaluation_steps", b"_evaluation_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "evaluation_guidance", b"evaluation_guidance", "evaluation_images", b"evaluation_images", "evaluation_seed", b"evaluation_seed", "evaluation_steps", b"evaluation_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_evaluation_guidance", b"_evaluation_guidance", "_evaluation_images", b"_evaluation_images", "_evaluation_seed", b"_evaluation_seed", "_evaluation_steps", b"_evaluation_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_guidance_scale", b"_guidance_scale", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_logit_mean", b"_logit_mean", "_logit_std", b"_logit_std", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_mode_scale", b"_mode_scale", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "evaluation_guidance", b"evaluation_guidance", "evaluation_images", b"evaluation_images", "evaluation_seed", b"evaluation_seed", "evaluation_steps", b"evaluation_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "guidance_scale", b"guidance_scale", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "logit_mean", b"logit_mean", "logit_std", b"logit_std", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mode_scale", b"mode_scale", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_evaluation_guidance", b"_evaluation_guidance", "_evaluation_images", b"_evaluation_images", "_evaluation_seed", b"_evaluation_seed", "_evaluation_steps", b"_evaluation_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "evaluation_guidance", b"evaluation_guidance", "evaluation_images", b"evaluation_images", "evaluation_model", b"evaluation_model", "evaluation_prompts", b"evaluation_prompts", "evaluation_scales", b"evaluation_scales", "evaluation_scorer", b"evaluation_scorer", "evaluation_seed", b"evaluation_seed", "evaluation_steps", b"evaluation_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_scheduler_lora", b"lr_scheduler_lora", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "placeholder_token_at_data", b"placeholder_token_at_data", "pretrained_vae_name_or_path", b"pretrained_vae_name_or_path", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "revision", b"revision", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "select_final", b"select_final", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing", "_cached_latents", b"_cached_latents", "_caption_dropout", b"_caption_dropout", "_clip_ti_decay", b"_clip_ti_decay", "_color_jitter", b"_color_jitter", "_continue_inversion", b"_continue_inversion", "_continue_inversion_lr", b"_continue_inversion_lr", "_evaluation_guidance", b"_evaluation_guidance", "_evaluation_images", b"_evaluation_images", "_evaluation_seed", b"_evaluation_seed", "_evaluation_steps", b"_evaluation_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_guidance_scale", b"_guidance_scale", "_learning_rate_text", b"_learning_rate_text", "_learning_rate_ti", b"_learning_rate_ti", "_learning_rate_unet", b"_learning_rate_unet", "_logit_mean", b"_logit_mean", "_logit_std", b"_logit_std", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_lr_warmup_steps", b"_lr_warmup_steps", "_lr_warmup_steps_lora", b"_lr_warmup_steps_lora", "_mask_temperature", b"_mask_temperature", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps_ti", b"_max_train_steps_ti", "_max_train_steps_tuning", b"_max_train_steps_tuning", "_mode_scale", b"_mode_scale", "_num_class_images", b"_num_class_images", "_perform_inversion", b"_perform_inversion", "_prior_loss_weight", b"_prior_loss_weight", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_save_steps", b"_save_steps", "_scale_lr", b"_scale_lr", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_train_batch_size", b"_train_batch_size", "_train_inpainting", b"_train_inpainting", "_train_text_encoder", b"_train_text_encoder", "_use_extended_lora", b"_use_extended_lora", "_use_face_segmentation_condition", b"_use_face_segmentation_condition", "_use_mask_captioned_data", b"_use_mask_captioned_data", "_validation_steps", b"_validation_steps", "_weight_decay_lora", b"_weight_decay_lora", "_weight_decay_ti", b"_weight_decay_ti", "_with_prior_preservation", b"_with_prior_preservation", "aspect_ratio_bucketing", b"aspect_ratio_bucketing", "cached_latents", b"cached_latents", "caption_dropout", b"caption_dropout", "class_prompt", b"class_prompt", "clip_ti_decay", b"clip_ti_decay", "color_jitter", b"color_jitter", "continue_inversion", b"continue_inversion", "continue_inversion_lr", b"continue_inversion_lr", "evaluation_guidance", b"evaluation_guidance", "evaluation_images", b"evaluation_images", "evaluation_model", b"evaluation_model", "evaluation_prompts", b"evaluation_prompts", "evaluation_scales", b"evaluation_scales", "evaluation_scorer", b"evaluation_scorer", "evaluation_seed", b"evaluation_seed", "evaluation_steps", b"evaluation_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "guidance_scale", b"guidance_scale", "instance_prompt", b"instance_prompt", "learning_rate_text", b"learning_rate_text", "learning_rate_ti", b"learning_rate_ti", "learning_rate_unet", b"learning_rate_unet", "logit_mean", b"logit_mean", "logit_std", b"logit_std", "lora_alpha", b"lora_alpha", "lora_clip_target_modules", b"lora_clip_target_modules", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "lora_unet_target_modules", b"lora_unet_target_modules", "lr_scheduler", b"lr_scheduler", "lr_scheduler_lora", b"lr_scheduler_lora", "lr_warmup_steps", b"lr_warmup_steps", "lr_warmup_steps_lora", b"lr_warmup_steps_lora", "mask_temperature", b"mask_temperature", "max_grad_norm", b"max_grad_norm", "max_train_steps_ti", b"max_train_steps_ti", "max_train_steps_tuning", b"max_train_steps_tuning", "mixed_precision", b"mixed_precision", "mode_scale", b"mode_scale", "num_class_images", b"num_class_images", "perform_inversion", b"perform_inversion", "placeholder_token_at_data", b"placeholder_token_at_data", "pretrained_vae_name_or_path", b"pretrained_vae_name_or_path", "prior_loss_weight", b"prior_loss_weight", "random_flip", b"random_flip", "resolution", b"resolution", "revision", b"revision", "save_steps", b"save_steps", "scale_lr", b"scale_lr", "seed", b"seed", "select_final", b"select_final", "snr_gamma", b"snr_gamma", "train_batch_size", b"train_batch_size", "train_inpainting", b"train_inpainting", "train_text_encoder", b"train_text_encoder", "use_extended_lora", b"use_extended_lora", "use_face_segmentation_condition", b"use_face_segmentation_condition", "use_mask_captioned_data", b"use_mask_captioned_data", "validation_prompt", b"validation_prompt", "validation_steps", b"validation_steps", "weight_decay_lora", b"weight_decay_lora", "weight_decay_ti", b"weight_decay_ti", "weighting_scheme", b"weighting_scheme", "with_prior_preservation", b"with_prior_preservation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__aspect_ratio_bucketing: _TypeAlias = _typing.Literal["aspect_ratio_bucketing"]  # noqa: Y015
     _WhichOneofArgType__aspect_ratio_bucketing: _TypeAlias = _typing.Literal["_aspect_ratio_bucketing", b"_aspect_ratio_bucketing"]  # noqa: Y015
@@ -579,12 +608,18 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["_gradient_accumulation_steps", b"_gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
+    _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate_text: _TypeAlias = _typing.Literal["learning_rate_text"]  # noqa: Y015
     _WhichOneofArgType__learning_rate_text: _TypeAlias = _typing.Literal["_learning_rate_text", b"_learning_rate_text"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate_ti: _TypeAlias = _typing.Literal["learning_rate_ti"]  # noqa: Y015
     _WhichOneofArgType__learning_rate_ti: _TypeAlias = _typing.Literal["_learning_rate_ti", b"_learning_rate_ti"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate_unet: _TypeAlias = _typing.Literal["learning_rate_unet"]  # noqa: Y015
     _WhichOneofArgType__learning_rate_unet: _TypeAlias = _typing.Literal["_learning_rate_unet", b"_learning_rate_unet"]  # noqa: Y015
+    _WhichOneofReturnType__logit_mean: _TypeAlias = _typing.Literal["logit_mean"]  # noqa: Y015
+    _WhichOneofArgType__logit_mean: _TypeAlias = _typing.Literal["_logit_mean", b"_logit_mean"]  # noqa: Y015
+    _WhichOneofReturnType__logit_std: _TypeAlias = _typing.Literal["logit_std"]  # noqa: Y015
+    _WhichOneofArgType__logit_std: _TypeAlias = _typing.Literal["_logit_std", b"_logit_std"]  # noqa: Y015
     _WhichOneofReturnType__lora_alpha: _TypeAlias = _typing.Literal["lora_alpha"]  # noqa: Y015
     _WhichOneofArgType__lora_alpha: _TypeAlias = _typing.Literal["_lora_alpha", b"_lora_alpha"]  # noqa: Y015
     _WhichOneofReturnType__lora_dropout: _TypeAlias = _typing.Literal["lora_dropout"]  # noqa: Y015
@@ -603,6 +638,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__max_train_steps_ti: _TypeAlias = _typing.Literal["_max_train_steps_ti", b"_max_train_steps_ti"]  # noqa: Y015
     _WhichOneofReturnType__max_train_steps_tuning: _TypeAlias = _typing.Literal["max_train_steps_tuning"]  # noqa: Y015
     _WhichOneofArgType__max_train_steps_tuning: _TypeAlias = _typing.Literal["_max_train_steps_tuning", b"_max_train_steps_tuning"]  # noqa: Y015
+    _WhichOneofReturnType__mode_scale: _TypeAlias = _typing.Literal["mode_scale"]  # noqa: Y015
+    _WhichOneofArgType__mode_scale: _TypeAlias = _typing.Literal["_mode_scale", b"_mode_scale"]  # noqa: Y015
     _WhichOneofReturnType__num_class_images: _TypeAlias = _typing.Literal["num_class_images"]  # noqa: Y015
     _WhichOneofArgType__num_class_images: _TypeAlias = _typing.Literal["_num_class_images", b"_num_class_images"]  # noqa: Y015
     _WhichOneofReturnType__perform_inversion: _TypeAlias = _typing.Literal["perform_inversion"]  # noqa: Y015
@@ -668,11 +705,17 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate_text) -> _WhichOneofReturnType__learning_rate_text | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate_ti) -> _WhichOneofReturnType__learning_rate_ti | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate_unet) -> _WhichOneofReturnType__learning_rate_unet | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__logit_mean) -> _WhichOneofReturnType__logit_mean | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__logit_std) -> _WhichOneofReturnType__logit_std | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lora_alpha) -> _WhichOneofReturnType__lora_alpha | None: ...
     @_typing.overload
@@ -691,6 +734,8 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_train_steps_ti) -> _WhichOneofReturnType__max_train_steps_ti | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_train_steps_tuning) -> _WhichOneofReturnType__max_train_steps_tuning | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mode_scale) -> _WhichOneofReturnType__mode_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_class_images) -> _WhichOneofReturnType__num_class_images | None: ...
     @_typing.overload
@@ -747,7 +792,9 @@ class CreateJobRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id; retrying with the same id returns the existing job."""
     base_model: _builtins.str
-    """Hub id or local folder of a diffusers Stable Diffusion model; empty: the server's model."""
+    """Hub id or local folder of a diffusers model of a family the trainer runs (SD 1.x/2.x,
+    SDXL, FLUX.1); empty: the server's model.
+    """
     method: Global___TrainingMethod.ValueType
     template: Global___CaptionTemplate.ValueType
     @_builtins.property
