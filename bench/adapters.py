@@ -55,7 +55,7 @@ def merge_cost(
 
     def merge() -> None:
         i = next(flip)
-        engine.mixer.set("unet", {names[i % 2]: 0.5 + (i % 3) * 0.25})
+        engine.mixer.set(engine.family.denoiser, {names[i % 2]: 0.5 + (i % 3) * 0.25})
         sync()
 
     try:

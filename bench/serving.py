@@ -2,6 +2,8 @@
 
     python -m bench.serving [--model M] [--size 64] [--steps 10] [--out bench/results]
 
+Any family the generator serves (``--model tiny-flux-random`` for the tiny FLUX.1).
+
 Rows: generation with 0, 1 and 2 adapters (fused, and fusion off) beside an A/A twin of the
 base, 8 requests on 8 distinct adapters in one mixed batch vs 8 on one adapter and vs one after
 another (bench/adapters.py: lora_overhead), stock diffusers unfused and fused for reference, a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +29,7 @@ from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
 from bench.common import interleaved_medians, median_ms, report
 from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
+from loraforge_core import families
 from loraforge_core.bundle import pack
 from loraforge_core.launch import ServerProcess
 from loraforge_core.models import load_pipeline, resolve_model
@@ -155,10 +159,15 @@ def stock_reference(
     import time
 
     pipe = load_pipeline(model, device=device)
+    denoiser = families.of_pipeline(pipe).denoiser
+    # FLUX.1: T5 prompts as long as the engine's (the tokenizer's length), not 512.
+    tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+    takes_length = "max_sequence_length" in inspect.signature(pipe.__call__).parameters
+    extra = {"max_sequence_length": tokenizer_2.model_max_length} if takes_length else {}
 
     def run() -> None:
         pipe("a red circle", width=size, height=size, num_inference_steps=steps,
-             output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
+             output_type="np", generator=torch.Generator().manual_seed(0), **extra)  # fmt: skip
 
     base = median_ms(run, repeat=repeat)
     for i, bundle in enumerate(bundles):
@@ -167,7 +176,7 @@ def stock_reference(
 
     def switch() -> None:
         i = next(flip)
-        pipe.set_adapters([f"x{i % 2}"], [{"unet": 0.5 + (i % 3) * 0.25, "text_encoder": 1.0}])
+        pipe.set_adapters([f"x{i % 2}"], [{denoiser: 0.5 + (i % 3) * 0.25, "text_encoder": 1.0}])
 
     switch_ms = median_ms(switch, repeat=21, warmup=3)
     pipe.set_adapters(["x0"])

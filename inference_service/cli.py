@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "extended (also extended LoRA's: the UNet's ResNet convolutions and linears, the "
         "transformers' projections in and out, the down/upsamplers; LoCon adapters then load "
         "by copy too; the slots' unused factors cost memory, and compute only under "
-        "--compile-unet in mixed batches)",
+        "--compile-denoiser in mixed batches)",
     )
     add_setting(
         serve,
@@ -73,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting(
         serve,
-        "--compile-unet",
+        "--compile-denoiser",
         default="off",
         choices=["on", "off"],
-        help="torch.compile the UNet (inductor) at start; changing adapters or scales does "
-        "not recompile, new image sizes and batch sizes do",
+        help="torch.compile the denoiser (the UNet or FLUX's transformer; inductor) at start; "
+        "changing adapters or scales does not recompile, new image sizes and batch sizes do",
     )
+    serve.add_argument("--compile-unet", dest="compile_denoiser", choices=["on", "off"],
+                       help="the former name of --compile-denoiser")  # fmt: skip
     add_setting(
         serve,
         "--preload",
@@ -108,6 +110,6 @@ def main(argv: list[str] | None = None) -> None:
         preload=tuple(a for a in args.preload.split(",") if a),
         cache_bytes=int(args.artifact_cache_gb * 2**30),
         fuse_adapters=args.adapter_fusion == "on",
-        compile_unet=args.compile_unet == "on",
+        compile_denoiser=args.compile_denoiser == "on",
     )
     sys.exit(asyncio.run(serve(service, GeneratorServicer(service), settings)))

@@ -42,12 +42,12 @@ class GeneratorService:
         max_batch_images: int = 8,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         fuse_adapters: bool = True,
-        compile_unet: bool = False,
+        compile_denoiser: bool = False,
     ) -> None:
         validate_device(settings.device)
         self.cache_bytes = cache_bytes
         self.fuse_adapters = fuse_adapters
-        self.compile_unet = compile_unet
+        self.compile_denoiser = compile_denoiser
         self.turns = PipelineTurns(
             queue_size=queue_size, max_images=max_batch_images,
             max_adapters=max_resident_adapters,
@@ -76,7 +76,7 @@ class GeneratorService:
             model_name=self.settings.model or "loraforge/tiny", slot_rank=self.slot_rank,
             extended_slots=self.extended_slots, objects=objects, cache_bytes=self.cache_bytes,
             fuse_adapters=self.fuse_adapters,
-            compile_backend="inductor" if self.compile_unet else None,
+            compile_backend="inductor" if self.compile_denoiser else None,
         )  # fmt: skip
         for adapter_id in self.preload:
             await self.turns.run(self.engine.adapters.register, adapter_id, pin=True)

@@ -18,14 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge_core import families
-from loraforge_core.bundle import Bundle, Manifest, store_bundle
+from loraforge_core.bundle import LORA_FILE, Bundle, Manifest, store_bundle
 from loraforge_core.lora_format import FormatError, lora_pairs, lora_rank, pairs_state
 
 # A1111's bundled embedding: one vector (SD), or one per text encoder (SDXL: clip_l, clip_g).
 KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.(string_to_param\.\*|clip_l|clip_g)$")
 # Every key form diffusers' converters produce: peft (lora_A/B) and older diffusers names.
 ANY_LORA_KEY = re.compile(
-    r"^(unet|text_encoder(?:_2)?)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))\.weight$"
+    r"^(unet|transformer|text_encoder(?:_2)?)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))"
+    r"\.weight$"
 )
 # diffusers' attention-processor form: <attention>.processor.to_k_lora.down.weight
 PROCESSOR_KEY = re.compile(
@@ -47,7 +48,7 @@ class ArchitectureMismatch(ValueError):
 
 def _kohya_module(family: families.Family, component: str, module: str) -> str:
     # transformers 5.x's CLIPTextModel has no "text_model." level; kohya/A1111 names do.
-    if component != "unet" and not module.startswith("text_model."):
+    if component != family.denoiser and not module.startswith("text_model."):
         module = "text_model." + module
     return family.kohya_prefixes[component] + module.replace(".", "_")
 
@@ -71,6 +72,12 @@ def export_kohya(
                 "another name; export without bundled embeddings (they go beside the file)"
             )
     family = families.by_name(bundle.manifest.family)
+    if not family.kohya_prefixes:
+        raise FormatError(
+            f"kohya export of {family.title} adapters is not supported yet; the bundle's "
+            f"{LORA_FILE} is in diffusers' format, which {family.pipelines['txt2img']}."
+            "load_lora_weights reads as it is"
+        )
     version = family.kohya_model_version(bundle.manifest.cross_attention_dim)
     state: dict[str, torch.Tensor] = {}
     for (component, module), (down, up) in lora_pairs(bundle.lora_state_dict()).items():
@@ -274,18 +281,20 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
     kind = detect_format(state)
     family = families.of_pipeline(pipe)
     vectors: dict[str, list[torch.Tensor]] = {}  # token -> its vector per text encoder
+    denoiser = getattr(pipe, family.denoiser)
     if kind == "lora_diffusion":
-        lora, tokens = cloneofsimo_to_diffusers(state, metadata, pipe.unet, pipe.text_encoder)
+        lora, tokens = cloneofsimo_to_diffusers(state, metadata, denoiser, pipe.text_encoder)
         vectors = {token: [vector] for token, vector in tokens.items()}
         check_shapes(pipe, lora)
         source: Any = lora
     else:
         vectors = _bundled_embeddings(state, family)
-        source = state
+        # The file itself where nothing was taken out of it: diffusers reads the alpha that
+        # its own trainers record in the file's metadata (lora_adapter_metadata) from there.
+        source = state if vectors else str(path)
         try:
-            # The UNet's config lets diffusers map kohya's SGM block names (input_blocks_4_1,
-            # as sd-scripts writes SDXL files) to its own, as load_lora_weights does.
-            converted = pipe.lora_state_dict(dict(state), unet_config=pipe.unet.config)[0]
+            read = pipe.lora_state_dict(dict(state), **family.converter_options(pipe))
+            converted = read[0] if isinstance(read, tuple) else read  # SD's: (state, alphas)
         except (ValueError, KeyError) as err:
             raise FormatError(f"{path.name}: diffusers cannot read this LoRA ({err})") from err
         check_shapes(pipe, converted)
@@ -313,11 +322,11 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
         base_model=base_model, method=f"import:{kind}", tokens=sorted(vectors),
         rank=rank,
         unet_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
-                                    for k in lora if k.startswith("unet.")}),
+                                    for k in lora if k.startswith(f"{family.denoiser}.")}),
         text_encoder_target_modules=sorted({k.split(".lora_")[0].rsplit(".", 1)[-1]
                                             for k in lora if k.startswith("text_encoder")}),
         global_step=0, text_hidden_size=int(hidden),
-        cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
+        cross_attention_dim=family.conditioning_dim(denoiser),
         family=family.name,
         training_config={"imported_from": path.name, "source_format": kind,
                          "source_metadata": metadata},

@@ -3,7 +3,7 @@ what the uncompiled engine renders.
 
 The backend is ``aot_eager``: recompiles are dynamo's decision (its guards), whatever the
 backend, and inductor's code generation would take minutes on a 2-core CI machine;
-``--compile-unet on`` uses inductor.
+``--compile-denoiser on`` uses inductor.
 """
 
 from __future__ import annotations

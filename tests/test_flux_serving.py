@@ -174,3 +174,56 @@ def test_the_generator_serves_a_flux_model_over_grpc(tiny_flux, bundles, stock, 
                                  height=32)  # fmt: skip
     ours = np.asarray(Image.open(io.BytesIO(images[0].data)), dtype=np.float32) / 255
     assert np.abs(stock_pixels(stock, PROMPTS["f1"], adapters, 3) - ours).mean() <= TOLERANCE
+
+
+def published_flux_lora(model: Path, folder: Path) -> Path:
+    """A FLUX LoRA as diffusers' trainers publish it: ``FluxPipeline.save_lora_weights`` of a
+    peft adapter on the transformer and CLIP-L trained at alpha 2 x rank (diffusers records
+    the alpha in the file's metadata)."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = FluxPipeline.from_pretrained(model)
+    torch.manual_seed(11)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights="gaussian",
+        target_modules=["attn.to_q", "attn.to_v", "ff.net.0.proj", "proj_mlp"],
+    )
+    pipe.transformer.add_adapter(config)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    FluxPipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )  # fmt: skip
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_a_published_flux_lora_file_serves_as_stock_diffusers_loads_it(engine, tiny_flux, tmp_path):
+    """A .safetensors sent to LoadAdapter is converted by diffusers' own FLUX converter and
+    read back with its alpha folded in: the images equal stock load_lora_weights of the file."""
+    from diffusers import FluxPipeline
+
+    path = published_flux_lora(tiny_flux, tmp_path)
+    entry = engine.adapters.register("published", data=path.read_bytes())
+    assert entry.family == "flux"
+    ours = pixels(engine.generate(spec(PROMPTS["base"], [("published", 0.7, None)], 9)))
+    stock = FluxPipeline.from_pretrained(tiny_flux)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(path), adapter_name="published")
+    want = stock_pixels(stock, PROMPTS["base"], [("published", 0.7, None)], 9)
+    base = stock_pixels(stock, PROMPTS["base"], [], 9)
+    assert np.abs(want - ours).mean() <= TOLERANCE
+    assert np.abs(base - ours).mean() > 1e-2  # the file's alpha (2x) made it through
+
+
+def test_kohya_export_of_a_flux_bundle_is_refused_with_the_format_that_works(bundles):
+    from loraforge_core.interop import export_kohya
+    from loraforge_core.lora_format import FormatError
+
+    with pytest.raises(FormatError, match=r"FluxPipeline\.load_lora_weights reads as it is"):
+        export_kohya(bundles["f1"])

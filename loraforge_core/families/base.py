@@ -79,6 +79,11 @@ class Family:
         """kohya's ``ss_base_model_version`` for an adapter of this family."""
         raise self._unsupported()
 
+    def converter_options(self, pipe: Any) -> dict[str, Any]:
+        """Keyword arguments of the pipeline's ``lora_state_dict``, which converts the
+        formats LoRAs of the family are published in to diffusers' keys."""
+        return {}
+
     # ------------------------------------------------------------------ conditioning
     def encode_prompts(
         self, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str],

@@ -169,7 +169,6 @@ FLUX = Flux(
     training_scheduler="FlowMatchEulerDiscreteScheduler",
     preview_scheduler="FlowMatchEulerDiscreteScheduler",
     embedding_keys=("clip_l", "t5"),
-    kohya_prefixes={"transformer": "lora_unet_", "text_encoder": "lora_te1_"},
     services=frozenset({"generator", "trainer"}),
 )
 

@@ -27,6 +27,11 @@ class StableDiffusion(Family):
     def kohya_model_version(self, conditioning_dim: int) -> str:
         return "sd_v2" if conditioning_dim == 1024 else "sd_v1"  # OpenCLIP-H vs CLIP-L
 
+    def converter_options(self, pipe: Any) -> dict[str, Any]:
+        # The UNet's config lets diffusers map kohya's SGM block names (input_blocks_4_1, as
+        # sd-scripts writes SDXL files) to its own, as load_lora_weights does.
+        return {"unet_config": pipe.unet.config}
+
     def encode_prompts(
         self, tokenizers: list[Any], text_encoders: list[Any], prompts: list[str],
         device: torch.device | str = "cpu",
