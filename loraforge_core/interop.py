@@ -21,8 +21,9 @@ from loraforge_core import families
 from loraforge_core.bundle import LORA_FILE, Bundle, Manifest, store_bundle
 from loraforge_core.lora_format import FormatError, lora_pairs, lora_rank, pairs_state
 
-# A1111's bundled embedding: one vector (SD), or one per text encoder (SDXL: clip_l, clip_g).
-KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.(string_to_param\.\*|clip_l|clip_g)$")
+# A1111's bundled embedding: one vector (SD), or one per text encoder (SDXL: clip_l, clip_g;
+# FLUX.1: clip_l, t5).
+KOHYA_EMBEDDING = re.compile(r"^bundle_emb\.(.+)\.(string_to_param\.\*|clip_l|clip_g|t5)$")
 # Every key form diffusers' converters produce: peft (lora_A/B) and older diffusers names.
 ANY_LORA_KEY = re.compile(
     r"^(unet|transformer|text_encoder(?:_2)?)\.(.+?)\.(?:lora_(A|B)|lora(?:_linear_layer)?\.(down|up))"
@@ -56,8 +57,9 @@ def _kohya_module(family: families.Family, component: str, module: str) -> str:
 def export_kohya(
     bundle: Bundle, *, bundle_embeddings: bool = False, name: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """One file that A1111, ComfyUI and stock diffusers load: ``lora_unet_*``/``lora_te_*``
-    with ``.alpha``; ``name`` is its ``ss_output_name`` (default: the bundle id).
+    """One file that A1111, ComfyUI and stock diffusers load (FLUX.1: ComfyUI and Forge):
+    the family's kohya prefixes (``lora_unet_*``/``lora_te_*``...) with ``.alpha``; ``name``
+    is its ``ss_output_name`` (default: the bundle id).
 
     With ``bundle_embeddings`` the learned tokens go in too, as A1111's
     ``bundle_emb.<token>.string_to_param.*``; diffusers then refuses the whole file (its
@@ -147,7 +149,8 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     keys = list(state)
     if any(CLONEOFSIMO_KEY.match(k) for k in keys):
         return "lora_diffusion"
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    kohya = ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_", "lora_te2_")
+    if any(k.startswith(kohya) for k in keys):
         return "kohya"
     if any("lora" in k for k in keys):
         return "diffusers"
@@ -206,6 +209,36 @@ def cloneofsimo_to_diffusers(
             down, up = state[f"{component}:{index}:down"], state[f"{component}:{index}:up"]
             pairs[component, module] = (down.float(), up.float())
     return pairs_state(pairs), tokens
+
+
+def kohya_by_module_names(
+    state: dict[str, torch.Tensor], pipe: Any, family: families.Family
+) -> dict[str, torch.Tensor]:
+    """kohya keys that are the model's own module names with ``_`` for ``.`` (FLUX.1's form
+    that ComfyUI and Forge map: ``lora_transformer_transformer_blocks_0_attn_to_q``,
+    ``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``) -> native keys, each layer's
+    alpha / rank folded into its up matrix, as kohya applies it."""
+    names = {
+        _kohya_module(family, component, name): (component, name)
+        for component in family.components
+        for name, module in getattr(pipe, component).named_modules()
+        if isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
+    }  # fmt: skip
+    pairs = {}
+    for key in sorted({k.split(".", 1)[0] for k in state}):
+        if key not in names:
+            raise ArchitectureMismatch(
+                f"{family.title} has no layer named {key!r}: the LoRA was made for another "
+                "architecture"
+            )
+        try:
+            down = state[f"{key}.lora_down.weight"].float()
+            up = state[f"{key}.lora_up.weight"].float()
+        except KeyError as err:
+            raise FormatError(f"a LoRA layer without its down or up matrix: {key}") from err
+        alpha = float(state.get(f"{key}.alpha", torch.tensor(down.shape[0])))
+        pairs[names[key]] = (down, up * (alpha / down.shape[0]))
+    return pairs_state(pairs)
 
 
 def effective_lora(pipe: Any, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -287,6 +320,10 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
         vectors = {token: [vector] for token, vector in tokens.items()}
         check_shapes(pipe, lora)
         source: Any = lora
+    elif kind == "kohya" and family.kohya_module_names:
+        vectors = _bundled_embeddings(state, family)
+        source = kohya_by_module_names(state, pipe, family)
+        check_shapes(pipe, source)
     else:
         vectors = _bundled_embeddings(state, family)
         # The file itself where nothing was taken out of it: diffusers reads the alpha that

@@ -221,9 +221,60 @@ def test_a_published_flux_lora_file_serves_as_stock_diffusers_loads_it(engine, t
     assert np.abs(base - ours).mean() > 1e-2  # the file's alpha (2x) made it through
 
 
-def test_kohya_export_of_a_flux_bundle_is_refused_with_the_format_that_works(bundles):
-    from loraforge_core.interop import export_kohya
-    from loraforge_core.lora_format import FormatError
+# What ComfyUI (comfy/utils.py flux_to_diffusers, comfy/lora.py model_lora_keys_unet and
+# model_lora_keys_clip) maps for a FLUX model, read from its code: per double block and per
+# single block these diffusers modules (q, k, v and the MLP input land at their offsets in
+# the fused BFL layers), each as "lora_transformer_" + the name with "_" for "."; CLIP-L's
+# layers as "lora_te1_text_model_encoder_layers_{i}_{mlp_fc1|...|self_attn_out_proj}".
+COMFY_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_out.0", "norm1.linear", "norm1_context.linear",
+                "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2")  # fmt: skip
+COMFY_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out")
+COMFY_CLIP = ("mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj",
+              "self_attn_out_proj")  # fmt: skip
 
-    with pytest.raises(FormatError, match=r"FluxPipeline\.load_lora_weights reads as it is"):
-        export_kohya(bundles["f1"])
+
+def comfyui_flux_keys(layers: int, single_layers: int, clip_layers: int) -> set[str]:
+    keys = {f"lora_transformer_transformer_blocks_{i}_{m.replace('.', '_')}"
+            for i in range(layers) for m in COMFY_DOUBLE}  # fmt: skip
+    keys |= {f"lora_transformer_single_transformer_blocks_{i}_{m.replace('.', '_')}"
+             for i in range(single_layers) for m in COMFY_SINGLE}  # fmt: skip
+    return keys | {f"lora_te1_text_model_encoder_layers_{i}_{m}"
+                   for i in range(clip_layers) for m in COMFY_CLIP}  # fmt: skip
+
+
+def test_kohya_export_of_a_flux_bundle_maps_key_for_key_in_comfyui_and_round_trips(
+    engine, bundles, tmp_path
+):
+    from safetensors.torch import load_file, save_file
+
+    from loraforge_core.bundle import read_bundle
+    from loraforge_core.interop import export_kohya, import_file
+
+    bundle = bundles["f1"]
+    state, metadata = export_kohya(bundle, bundle_embeddings=True)
+    modules = {k.split(".", 1)[0] for k in state if not k.startswith("bundle_emb.")}
+    config = engine.pipe.transformer.config
+    expected = comfyui_flux_keys(config.num_layers, config.num_single_layers,
+                                 engine.pipe.text_encoder.config.num_hidden_layers)  # fmt: skip
+    assert modules and modules <= expected, sorted(modules - expected)
+    for module in modules:  # kohya's "regular" form, which ComfyUI's load_lora reads
+        parts = ("lora_down.weight", "lora_up.weight", "alpha")
+        assert {f"{module}.{part}" for part in parts} <= set(state)
+    assert metadata["ss_base_model_version"] == "flux1"
+    # Back in: the same tensors and tokens, exactly; a layer written at alpha = rank / 2 with
+    # its up matrix doubled (as other trainers write them) reads as the same layer.
+    layer = sorted(modules)[0]
+    state[f"{layer}.alpha"] = state[f"{layer}.alpha"] / 2
+    state[f"{layer}.lora_up.weight"] = state[f"{layer}.lora_up.weight"] * 2
+    save_file(state, tmp_path / "kohya.safetensors", metadata=metadata)
+    imported = import_file(tmp_path / "kohya.safetensors", engine.pipe, tmp_path / "store",
+                           base_model="tiny-flux")  # fmt: skip
+    original, again = load_file(bundle.lora_path), load_file(imported.lora_path)
+    assert sorted(again) == sorted(original)
+    assert all(torch.equal(original[k], again[k]) for k in original)
+    assert imported.manifest.family == "flux" and imported.manifest.tokens == ["<y1>"]
+    vectors = read_bundle(imported.path).token_vectors()["<y1>"]
+    for ours, theirs in zip(vectors, bundle.token_vectors()["<y1>"], strict=True):
+        assert torch.equal(ours, theirs)

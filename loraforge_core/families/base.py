@@ -59,8 +59,11 @@ class Family:
     preview_scheduler: str = "DDIMScheduler"
     # An A1111/ComfyUI embedding file's key per text encoder ("" : the one-tensor form).
     embedding_keys: tuple[str, ...] = ("",)
-    # kohya/A1111 LoRA key prefix per component.
+    # kohya/A1111 LoRA key prefix per component; with ``kohya_module_names`` the rest of a
+    # key is the module's own name, "." written "_" (FLUX.1 in ComfyUI and Forge), without,
+    # diffusers' converter maps it (SD's SGM block names).
     kohya_prefixes: dict[str, str] = field(default_factory=dict)
+    kohya_module_names: bool = False
     services: frozenset[str] = frozenset()  # "generator", "trainer"
 
     @property

@@ -169,6 +169,10 @@ FLUX = Flux(
     training_scheduler="FlowMatchEulerDiscreteScheduler",
     preview_scheduler="FlowMatchEulerDiscreteScheduler",
     embedding_keys=("clip_l", "t5"),
+    # OneTrainer's names, which ComfyUI and Forge map to FLUX's fused BFL layers (and
+    # diffusers reads for the attention layers).
+    kohya_prefixes={"transformer": "lora_transformer_", "text_encoder": "lora_te1_"},
+    kohya_module_names=True,
     services=frozenset({"generator", "trainer"}),
 )
 
