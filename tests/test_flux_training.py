@@ -60,7 +60,7 @@ def test_flow_matching_draws_are_replayable_and_stay_in_the_asked_part_of_the_sc
 
 
 def test_a_flux_run_refuses_min_snr_and_unknown_weighting_schemes() -> None:
-    with pytest.raises(ValueError, match="snr_gamma weights noise prediction"):
+    with pytest.raises(ValueError, match="snr_gamma: weights noise prediction"):
         FLUX.objective(None, ObjectiveOptions(snr_gamma=5.0))
     violations = TrainingConfig(weighting_scheme="uniform").validate()
     assert "config.weighting_scheme" in {v.field for v in violations.items}
@@ -131,6 +131,19 @@ def render(pipe, prompt: str) -> np.ndarray:
     return pipe(prompt, num_inference_steps=4, height=32, width=32, output_type="np",
                 generator=torch.Generator().manual_seed(0), guidance_scale=3.5,
                 max_sequence_length=pipe.tokenizer_2.model_max_length).images[0]  # fmt: skip
+
+
+def test_a_flux_job_with_min_snr_is_refused_at_create_naming_the_option(stub) -> None:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateJob(job_request("flux-snr", snr_gamma=5.0), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "FLUX.1: snr_gamma weights noise prediction on a DDPM" in caught.value.details()
+    bad = error_details_pb2.BadRequest()
+    assert rpc_status.from_call(caught.value).details[0].Unpack(bad)
+    assert [v.field for v in bad.field_violations] == ["config.snr_gamma"]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge_core import families
-from loraforge_core.errors import FailedPrecondition, Violations
+from loraforge_core.errors import FailedPrecondition, InvalidArgument, Violations
 from loraforge_core.images import decode_image
 from loraforge_core.logs import REQUEST_ID
 from loraforge_core.models import resolve_model
@@ -72,7 +72,11 @@ def validate(spec: JobSpec) -> None:
     v.raise_if_any()
     # A folder (or a hub model in the local cache) of a family we cannot train: say so now.
     model = resolve_model(spec.config.pretrained_model_name_or_path)
-    families.require_served(model, "trainer", local_only=True)
+    family = families.require_served(model, "trainer", local_only=True)
+    refused = family.objective_refusal(spec.config.objective_options) if family else None
+    if refused is not None:
+        option, why = refused
+        raise InvalidArgument(f"{family.title}: {option} {why}", f"config.{option}")
     if spec.config.use_face_segmentation_condition and not all(i.mask for i in spec.images):
         problem = face_detector_problem()
         if problem is not None:

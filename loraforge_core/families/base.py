@@ -116,6 +116,10 @@ class Family:
         """What training minimises, on the model's training ``scheduler``."""
         raise self._unsupported()
 
+    def objective_refusal(self, options: ObjectiveOptions) -> tuple[str, str] | None:
+        """(option, why) for a training option the family's objective cannot honour."""
+        return None
+
     def predict(
         self, denoiser: Any, noised: Noised, embeddings: PromptEmbeddings, *,
         dtype: torch.dtype, time_ids: Any = None, conditioning: torch.Tensor | None = None,

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge_core.families.base import Family, PromptEmbeddings
+from loraforge_core.families.objectives import FlowMatching
 from loraforge_core.families.sd import clip_ids, vae_factor
 from loraforge_core.targets import DEFAULT_CLIP_TARGETS
 
 if TYPE_CHECKING:
     import torch
 
-    from loraforge_core.families.objectives import FlowMatching, Noised, ObjectiveOptions
+    from loraforge_core.families.objectives import Noised, ObjectiveOptions
 
 # diffusers' train_dreambooth_lora_flux.py defaults: every attention projection of the
 # double-stream blocks (image and text streams) and their feed-forwards; the single-stream
@@ -76,9 +77,10 @@ class Flux(Family):
         return False  # guidance-distilled: dev takes the scale as an input, schnell ignores it
 
     def objective(self, scheduler: Any, options: ObjectiveOptions) -> FlowMatching:
-        from loraforge_core.families.objectives import FlowMatching
-
         return FlowMatching(scheduler, options)
+
+    def objective_refusal(self, options: ObjectiveOptions) -> tuple[str, str] | None:
+        return FlowMatching.refusal(options)
 
     def predict(
         self, denoiser: Any, noised: Noised, embeddings: PromptEmbeddings, *,

@@ -18,10 +18,10 @@ and timesteps. ``t_fraction`` < 1 keeps the draws in the least noisy part of the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # imported where used: the trainer server validates options without torch
+    import torch
 
 # diffusers' weighting schemes: how sigmas are drawn, and how each sample's loss is weighted.
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
@@ -69,23 +69,28 @@ class FlowMatching:
     """Rectified flow on ``scheduler``'s sigmas (a ``FlowMatchEulerDiscreteScheduler``)."""
 
     def __init__(self, scheduler: Any, options: ObjectiveOptions = ObjectiveOptions()) -> None:
-        if options.snr_gamma is not None:
-            raise ValueError(
-                "snr_gamma weights noise prediction on a DDPM schedule; this model trains "
-                "with flow matching: set weighting_scheme (sigma_sqrt, cosmap, logit_normal, "
-                "mode) instead"
-            )
-        if options.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(
-                f"weighting_scheme {options.weighting_scheme!r} is not one of "
-                f"{', '.join(WEIGHTING_SCHEMES)}"
-            )
+        refused = self.refusal(options)
+        if refused is not None:
+            raise ValueError(f"{refused[0]}: {refused[1]}")
         self.scheduler = scheduler
         self.options = options
+
+    @staticmethod
+    def refusal(options: ObjectiveOptions) -> tuple[str, str] | None:
+        """(option, why) for an option flow matching cannot honour; None if all can be."""
+        if options.snr_gamma is not None:
+            return "snr_gamma", (
+                "weights noise prediction on a DDPM schedule; this model trains with flow "
+                "matching: set weighting_scheme (sigma_sqrt, cosmap, logit_normal, mode) instead"
+            )
+        if options.weighting_scheme not in WEIGHTING_SCHEMES:
+            return "weighting_scheme", f"must be one of {', '.join(WEIGHTING_SCHEMES)}"
+        return None
 
     def noised(
         self, latents: torch.Tensor, generator: torch.Generator, t_fraction: float = 1.0
     ) -> Noised:
+        import torch
         from diffusers.training_utils import (
             compute_density_for_timestep_sampling,
             compute_loss_weighting_for_sd3,
@@ -116,6 +121,8 @@ def objective_loss(
     """Mean squared error of the prediction to its target, in float32; with ``weights`` (a
     loss mask, masks.loss_weights) both multiplied by them first, as lora_pti does; each
     sample's error times its weighting."""
+    import torch.nn.functional as F
+
     prediction, target = prediction.float(), noised.target.float()
     if weights is not None:
         prediction, target = prediction * weights, target * weights
@@ -132,6 +139,8 @@ def add_noise(
     """(noise, timesteps, noisy latents), timesteps drawn from the first ``t_fraction`` of the
     schedule."""
     device = latents.device
+    import torch
+
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t_max = max(1, int(scheduler.config.num_train_timesteps * t_fraction))
     timesteps = torch.randint(0, t_max, (latents.shape[0],), generator=generator).to(device)
@@ -157,6 +166,8 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
     already carries a factor SNR + 1, so its weight is min(SNR, gamma) / (SNR + 1). Written as
     a ratio that is never 0 / 0: with zero terminal SNR the last timestep's SNR is 0.
     """
+    import torch
+
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas / (1 - alphas).clamp(min=1e-12)
     kind = scheduler.config.prediction_type
