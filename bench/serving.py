@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         ("one-step generate, alternating 2 adapters + scales", alternating, "ms"),
         ("one-step generate, same adapter and scale", same, "ms"),
         ("  alternating / same (both merge: they alternate)", alternating / same, "x"),
-        ("merge a changed adapter set into the UNet (fused path, once per change)", merge, "ms"),
+        (
+            "merge a changed adapter set into the denoiser (fused path, once per change)",
+            merge,
+            "ms",
+        ),
         ("switch adapter + scales (ours: alternating - same, + the merge)", switch_ours, "ms"),
         ("switch adapter + scales (diffusers set_adapters)", switch_stock, "ms"),
         ("  ours / one generation", switch_ours / one_adapter_ms, "x (target <= 0.01)"),
