@@ -38,7 +38,7 @@ from inference_service.spec import (
 )
 from loraforge_core import families
 from loraforge_core.devices import out_of_memory, release_cached_memory
-from loraforge_core.errors import Cancelled, FailedPrecondition, ResourceExhausted
+from loraforge_core.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted
 from loraforge_core.objectstore import ObjectStore
 
 log = logging.getLogger("loraforge.generator.engine")
@@ -170,11 +170,17 @@ class GeneratorEngine:
                 factor = entry.recommended_scale if adapter.use_recommended_scale else 1.0
                 denoiser[entry.peft_name] = adapter.scale * factor
                 text[entry.peft_name] = adapter.te_scale * factor
-        texts = self.family.components[1:]
+        texts = self.family.adapted_text_encoders
         weights = {self.family.denoiser: denoiser, **dict.fromkeys(texts, text)}
         return Resolved(job, entries, prompt, negative, weights)
 
     def _check_mode(self, spec: GenerationSpec) -> None:
+        allowed = self.family.schedulers
+        if allowed is not None and spec.scheduler not in allowed:
+            raise InvalidArgument(
+                f"{self.family.title} models run {', '.join(allowed)} only (their pipeline's "
+                f"own scheduler); {spec.scheduler!r} is for other families", "scheduler",
+            )  # fmt: skip
         if self.inpainting_base and spec.mode != "inpaint":
             raise FailedPrecondition(
                 "this generator's base model is an inpainting model: send init_image and "
@@ -226,6 +232,10 @@ class GeneratorEngine:
                 vae.to(dtype)
         return processor.postprocess(decoded.float(), output_type="pil")
 
+    def _guidance(self, spec: GenerationSpec) -> float:
+        """The request's guidance scale, or the family's default."""
+        return self.family.default_guidance if spec.guidance_scale is None else spec.guidance_scale
+
     def _scheduler(self, name: str):
         import diffusers
 
@@ -246,7 +256,7 @@ class GeneratorEngine:
         denoiser_scales: dict[str, list[float]] = {}
         for request in batch:
             spec = request.spec
-            for encoder in family.components[1:]:
+            for encoder in family.adapted_text_encoders:
                 self.mixer.set(encoder, request.weights[encoder])
             encoded = family.pipeline_embeddings(
                 self.pipe, request.prompt, request.negative_prompt, spec.num_images, guided
@@ -259,7 +269,7 @@ class GeneratorEngine:
             for name, scale in request.weights[family.denoiser].items():
                 column = denoiser_scales.setdefault(name, [])
                 column += [0.0] * (first_image - len(column)) + [scale] * spec.num_images
-        for encoder in family.components[1:]:
+        for encoder in family.adapted_text_encoders:
             self.mixer.set(encoder, {})
         for column in denoiser_scales.values():
             column += [0.0] * (len(generators) - len(column))
@@ -282,7 +292,7 @@ class GeneratorEngine:
             })  # fmt: skip
             return pipe(
                 **embeddings,
-                num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
+                num_inference_steps=first.steps, guidance_scale=self._guidance(first),
                 generator=generators, callback_on_step_end=step_end, **inputs,
             ).images  # fmt: skip
         finally:
@@ -290,7 +300,7 @@ class GeneratorEngine:
 
     def _denoise(self, batch: Batch) -> list[list[GeneratedImage]]:
         first = batch[0].spec
-        guided = self.family.classifier_free(self.pipe, first.guidance_scale)
+        guided = self.family.classifier_free(self.pipe, self._guidance(first))
         pipe = self._pipeline(first.mode)
 
         def step_end(pipe, step, timestep, kwargs):

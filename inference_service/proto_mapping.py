@@ -10,7 +10,6 @@ from loraforge.v1 import common_pb2, generator_pb2
 
 from inference_service.adapter_sources import AdapterEntry
 from inference_service.spec import (
-    DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
     MAX_INPUT_IMAGE_BYTES,
@@ -40,8 +39,7 @@ def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
         prompt=request.prompt, negative_prompt=request.negative_prompt,
         width=request.width or _multiple_of_8(init, 0), height=request.height or
         _multiple_of_8(init, 1), steps=request.num_inference_steps or DEFAULT_STEPS,
-        guidance_scale=request.guidance_scale if request.HasField("guidance_scale")
-        else DEFAULT_GUIDANCE,
+        guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
         scheduler=SCHEDULER_NAMES[request.scheduler],
         seed=request.seed if request.HasField("seed") else random.randrange(2**31),
         num_images=request.num_images or 1, output_format=FORMATS[request.output_format],

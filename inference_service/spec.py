@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 7.5
 DEFAULT_SCHEDULER = "default"  # the model's own scheduler
 # Scheduler name -> (diffusers class, extra config); "default" keeps the model's own class.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -67,7 +66,7 @@ class GenerationSpec:
     width: int = 0
     height: int = 0
     steps: int = DEFAULT_STEPS
-    guidance_scale: float = DEFAULT_GUIDANCE
+    guidance_scale: float | None = None  # None: the model family's (SD: 7.5, FLUX.1: 3.5)
     scheduler: str = DEFAULT_SCHEDULER
     seed: int = 0
     num_images: int = 1
@@ -163,7 +162,8 @@ def validate_spec(spec: GenerationSpec) -> None:
         )
     v.check(1 <= spec.steps <= MAX_STEPS, "num_inference_steps", f"in 1..{MAX_STEPS}")
     v.check(
-        math.isfinite(spec.guidance_scale) and 0 <= spec.guidance_scale <= 50,
+        spec.guidance_scale is None
+        or (math.isfinite(spec.guidance_scale) and 0 <= spec.guidance_scale <= 50),
         "guidance_scale",
         "in 0..50",
     )

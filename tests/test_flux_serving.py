@@ -6,6 +6,7 @@ FluxInpaintPipeline's; the gRPC server serves a FLUX base end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -278,3 +279,18 @@ def test_kohya_export_of_a_flux_bundle_maps_key_for_key_in_comfyui_and_round_tri
     vectors = read_bundle(imported.path).token_vectors()["<y1>"]
     for ours, theirs in zip(vectors, bundle.token_vectors()["<y1>"], strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_a_flux_request_gets_flux_dev_guidance_by_default_and_only_its_own_scheduler(engine, stock):
+    from inference_service.spec import SCHEDULERS
+    from loraforge_core.errors import InvalidArgument
+
+    unset = spec(PROMPTS["base"], [], 4)
+    unset.guidance_scale = None  # as a request that sets none arrives
+    ours = pixels(engine.generate(unset))
+    assert np.abs(stock_pixels(stock, PROMPTS["base"], [], 4) - ours).mean() <= TOLERANCE  # 3.5
+    sd_default = pixels(engine.generate(dataclasses.replace(unset, guidance_scale=7.5)))
+    assert np.abs(sd_default - ours).mean() > 1e-3  # the guidance input matters
+    for name in set(SCHEDULERS) - {"default"}:
+        with pytest.raises(InvalidArgument, match=r"FLUX\.1 models run default only"):
+            engine.generate(dataclasses.replace(unset, scheduler=name))

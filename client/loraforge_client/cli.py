@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=0)
     generate.add_argument("--height", type=int, default=0)
     generate.add_argument("--steps", type=int, default=0, help="0: the server's default")
-    generate.add_argument("--guidance-scale", type=float)
+    generate.add_argument("--guidance-scale", type=float,
+                          help="unset: the model family's (SD: 7.5; FLUX.1: 3.5)")  # fmt: skip
     generate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="default")
     generate.add_argument("--seed", type=int)
     generate.add_argument("-n", "--num-images", type=int, default=1)

@@ -65,12 +65,20 @@ class Family:
     kohya_prefixes: dict[str, str] = field(default_factory=dict)
     kohya_module_names: bool = False
     services: frozenset[str] = frozenset()  # "generator", "trainer"
+    # Serving: the guidance scale a request that sets none gets, and the generator's
+    # scheduler names (spec.SCHEDULERS) the family's pipelines run; None: all of them.
+    default_guidance: float = 7.5
+    schedulers: tuple[str, ...] | None = None
+
+    @property
+    def adapted_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders LoRA adapts, in the family's order."""
+        return self.text_encoders if self.lora_text_encoders is None else self.lora_text_encoders
 
     @property
     def components(self) -> tuple[str, ...]:
         """The modules LoRA can adapt: the denoiser, then the text encoders it adapts."""
-        texts = self.text_encoders if self.lora_text_encoders is None else self.lora_text_encoders
-        return (self.denoiser, *texts)
+        return (self.denoiser, *self.adapted_text_encoders)
 
     # ------------------------------------------------------------------ LoRA
     def lora_targets(self, component: str, extended: bool = False) -> tuple[str, ...]:

@@ -175,6 +175,8 @@ FLUX = Flux(
     # diffusers reads for the attention layers).
     kohya_prefixes={"transformer": "lora_transformer_", "text_encoder": "lora_te1_"},
     kohya_module_names=True,
+    default_guidance=3.5,  # FLUX.1-dev's
+    schedulers=("default",),  # the model's flow-matching Euler (FluxPipeline passes sigmas)
     services=frozenset({"generator", "trainer"}),
 )
 

@@ -187,7 +187,8 @@ def evaluate(
     def render(text: str, scale: float, seed: int) -> Any:
         if active != [scale]:  # set_adapters walks every module: once per scale
             te_scale = scale if text_encoder_follows else 1.0
-            weights = {family.denoiser: scale, **dict.fromkeys(family.components[1:], te_scale)}
+            texts = dict.fromkeys(family.adapted_text_encoders, te_scale)
+            weights = {family.denoiser: scale, **texts}
             pipe.set_adapters([name], [weights])
             active[:] = [scale]
         return pipe(text, num_inference_steps=steps, guidance_scale=guidance,

@@ -90,7 +90,7 @@ class BaseModel:
     @property
     def lora_text_encoders(self) -> list[Any]:
         """The text encoders LoRA adapts (FLUX.1: CLIP-L, not T5), in the family's order."""
-        names = self.family.components[1:]
+        names = self.family.adapted_text_encoders
         return [e for name, e in zip(self.family.text_encoders, self.text_encoders, strict=True)
                 if name in names]  # fmt: skip
 

@@ -1,7 +1,8 @@
 """LoRA injection through peft (exported in the native format: loraforge_core.lora_format).
 
-UNet: diffusers' ``add_adapter`` (peft underneath). Text encoder: ``peft.inject_adapter_in_model``
-directly, because transformers 5.x's ``add_adapter`` demands peft >= 0.22 (see constraints.txt).
+Denoiser (UNet, transformer): diffusers' ``add_adapter`` (peft underneath). Text encoder:
+``peft.inject_adapter_in_model`` directly, because transformers 5.x's ``add_adapter`` demands
+peft >= 0.22 (see constraints.txt).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def lora_config(rank: int, alpha: float, targets: list[str], dropout: float) -> 
     )  # fmt: skip
 
 
-def add_unet_lora(unet: torch.nn.Module, config: LoraConfig) -> None:
-    unet.add_adapter(config)
+def add_denoiser_lora(denoiser: torch.nn.Module, config: LoraConfig) -> None:
+    denoiser.add_adapter(config)
 
 
 def add_text_encoder_lora(text_encoder: torch.nn.Module, config: LoraConfig) -> None:
@@ -95,8 +96,8 @@ def random_lora_bundle(
     torch.manual_seed(seed)
     denoiser = getattr(pipe, family.denoiser)
     denoiser_targets = list(family.lora_targets(family.denoiser, extended))
-    add_unet_lora(denoiser, lora_config(rank, rank, denoiser_targets, 0.0))
-    adapted = family.components[1:] if text_encoder else ()
+    add_denoiser_lora(denoiser, lora_config(rank, rank, denoiser_targets, 0.0))
+    adapted = family.adapted_text_encoders if text_encoder else ()
     text_targets = list(family.lora_targets(adapted[0])) if adapted else []
     for name in adapted:
         add_text_encoder_lora(getattr(pipe, name), lora_config(rank, rank, text_targets, 0.0))

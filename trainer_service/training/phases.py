@@ -45,7 +45,7 @@ def add_lora(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """peft LoRA on ``targets`` of the denoiser (and on the text encoders given): the
     optimizer's parameter groups."""
-    lora.add_unet_lora(denoiser, lora.lora_config(
+    lora.add_denoiser_lora(denoiser, lora.lora_config(
         config.lora_rank, config.effective_alpha, targets, config.lora_dropout,
     ))  # fmt: skip
     if config.train_text_encoder:

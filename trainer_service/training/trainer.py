@@ -5,10 +5,12 @@ Follows cloneofsimo/lora's ``lora_pti``:
 - Phase 1 (textual inversion): only the rows of the new tokens learn (tokens.py). Timesteps are
   drawn from the first 80% of the schedule, and gradients accumulate over
   ``gradient_accumulation_steps`` micro-steps.
-- Phase 2 (tuning): peft LoRA on the UNet (and the text encoders with ``train_text_encoder``),
-  one learning rate per group, optional continued inversion, gradient clipping, all timesteps.
+- Phase 2 (tuning): peft LoRA on the denoiser (and the text encoders the family adapts, with
+  ``train_text_encoder``), one learning rate per group, optional continued inversion, gradient
+  clipping, all timesteps.
 
-A step is one micro-batch, as in lora_pti. The loss is loss.py's. accelerate handles the
+A step is one micro-batch, as in lora_pti. The model family (loraforge_core.families) gives
+the objective (noise prediction or flow matching) and runs the denoiser. accelerate handles the
 device, mixed precision and data parallelism. The pieces: phases.py (what each phase trains and
 how fast), base_model.py (the frozen base model), tokens.py, data.py (batches), checkpoint.py
 (resume state and bundles), checkpoint_scores.py (evaluations and the final artifact),

@@ -115,8 +115,9 @@ class GenerateRequest(_message.Message):
     num_inference_steps: _builtins.int
     """0: 30"""
     guidance_scale: _builtins.float
-    """unset: 7.5"""
+    """Unset: the model family's (SD 1.x/2.x and SDXL: 7.5; FLUX.1: 3.5, its guidance input)."""
     scheduler: Global___Scheduler.ValueType
+    """FLUX.1 runs its own (UNSPECIFIED) only; another is INVALID_ARGUMENT."""
     seed: _builtins.int
     """unset: random; image i uses seed + i"""
     num_images: _builtins.int
