@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loraforge_core.families.base import Family, PromptEmbeddings
+from loraforge_core.families.objectives import NoisePrediction
 from loraforge_core.targets import DEFAULT_CLIP_TARGETS, DEFAULT_UNET_TARGETS, EXTENDED_UNET_TARGETS
 
 if TYPE_CHECKING:
     import torch
 
-    from loraforge_core.families.objectives import Noised, NoisePrediction, ObjectiveOptions
+    from loraforge_core.families.objectives import Noised, ObjectiveOptions
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,6 @@ class StableDiffusion(Family):
         return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
     def objective(self, scheduler: Any, options: ObjectiveOptions) -> NoisePrediction:
-        from loraforge_core.families.objectives import NoisePrediction
-
         return NoisePrediction(scheduler, options)
 
     def predict(
