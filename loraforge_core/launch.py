@@ -3,7 +3,6 @@ benchmarks and the tests, so all three exercise the real server entry points."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -50,6 +49,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.kind = kind
+        self.killed = False  # SIGKILLed on purpose (kill()): its exit code says nothing
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.data_dir = Path(data_dir)
@@ -108,6 +108,7 @@ class ServerProcess:
         return self.process.returncode
 
     def kill(self) -> None:
+        self.killed = True
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
@@ -115,6 +116,15 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self.start().wait_serving()
 
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(Exception):
-            self.terminate()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """SIGTERM and wait. A server that then exits with an error (it died during the block,
+        or did not drain and stop within the grace) fails the block, unless the block failed
+        already or killed it on purpose."""
+        try:
+            code = self.terminate()
+        except Exception:
+            if exc_type is None:
+                raise
+            return
+        if exc_type is None and not self.killed and code != 0:
+            raise RuntimeError(f"{self.kind} exited with {code}, not 0, on SIGTERM:\n{self.log()}")

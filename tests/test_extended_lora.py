@@ -18,7 +18,7 @@ from safetensors.torch import save
 from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core import interop
-from loraforge_core.bundle import pack, read_bundle
+from loraforge_core.bundle import pack, read_bundle, store_bundle
 from loraforge_core.files import atomic_write_bytes
 from loraforge_core.launch import ServerProcess, free_port
 from loraforge_core.models import load_pipeline
@@ -51,9 +51,19 @@ def engine(request, tiny_model: Path, conv_bundle, tmp_path_factory: pytest.Temp
     engine.adapters.register("conv", data=pack(conv_bundle.path))
     plain = random_lora_bundle(str(tiny_model), root / "in", seed=4, token="<d>")
     engine.adapters.register("plain", data=pack(plain.path))
+    engine.adapters.register("conv-linear", data=pack(linear_part(conv_bundle, root).path))
     loaded = engine.adapters.entries["conv"].peft_name
     assert loaded.startswith("slot-" if request.param == "extended" else "adapter-")
     return engine
+
+
+def linear_part(bundle, root: Path):
+    """The same adapter without its convolutions' LoRA (its linear layers and token only)."""
+    state = bundle.lora_state_dict()
+    convolutions = conv_keys(state)
+    linear = {k: v for k, v in state.items() if k.split(".lora_")[0] not in convolutions}
+    assert convolutions and linear
+    return store_bundle(root / "linear", linear, bundle.embeddings(), bundle.manifest)
 
 
 def spec(adapters, seed: int = 1, prompt: str = PROMPT) -> GenerationSpec:
@@ -100,8 +110,9 @@ def test_served_like_stock_diffusers_at_each_scale(engine, conv_bundle, tiny_mod
     ours = pixels(engine.generate(spec([("conv", scale)])))[0]
     assert np.abs(ours - stock_render(tiny_model, conv_bundle.lora_path, scale, conv_bundle)).mean(
     ) <= 1e-3  # fmt: skip
-    base = pixels(engine.generate(spec([])))[0]
-    assert np.abs(ours - base).mean() > 1e-2  # the convolutions' LoRA acts
+    # The convolutions' LoRA acts: the same adapter without it renders another image.
+    linear_only = pixels(engine.generate(spec([("conv-linear", scale)])))[0]
+    assert np.abs(ours - linear_only).mean() > 1e-2
 
 
 def test_mixed_batches_with_conv_lora_give_each_request_its_own_image(engine):

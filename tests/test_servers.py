@@ -76,3 +76,16 @@ def test_a_flag_out_of_range_names_the_flag_and_its_range(args, env, message) ->
         text=True, env={**os.environ, **env}, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_a_server_that_dies_inside_the_block_fails_the_block(tmp_path: Path) -> None:
+    """The harness reads the exit code: a server that crashed during a test (here: SIGKILLed
+    behind the harness's back) fails it, where it used to be terminated quietly."""
+    import signal
+
+    server = ServerProcess("generator", data_dir=tmp_path, model="tiny-random")
+    dies = pytest.raises(RuntimeError, match=r"generator exited with -9, not 0, on SIGTERM")
+    with dies, server:
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
