@@ -292,7 +292,7 @@ async def serve(
         port = server.add_insecure_port(address)
     await _set_health(health_servicer, names, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    serve_metrics(settings.metrics_port, settings.host)
+    serve_metrics(settings.metrics_port, settings.metrics_host or settings.host)
     log.info(
         "listening",
         extra={

@@ -38,4 +38,4 @@ def serve_metrics(port: int, host: str) -> None:
     """Expose this process's metrics at http://host:port/metrics (a daemon thread)."""
     if port:
         start_http_server(port, addr=host)
-        log.info("metrics endpoint", extra={"port": port, "path": "/metrics"})
+        log.info("metrics endpoint", extra={"host": host, "port": port, "path": "/metrics"})

@@ -99,6 +99,7 @@ class ServerSettings:
     log_level: str = "info"
     max_message_mb: int = 64
     metrics_port: int = 0
+    metrics_host: str = ""  # empty: --host's
     auth_token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -157,7 +158,14 @@ class ServerSettings:
             "--metrics-port",
             default=0,
             type=_port,
-            help="HTTP port of the Prometheus metrics (/metrics, on --host); 0: none",
+            help="HTTP port of the Prometheus metrics (/metrics, on --metrics-host); 0: none",
+        )
+        add_setting(
+            parser,
+            "--metrics-host",
+            default="",
+            help="address the metrics endpoint binds (it has no auth: the pod's own address, "
+            "scraped inside the cluster network, or 127.0.0.1 behind a sidecar); empty: --host",
         )
         add_setting(
             parser,
@@ -200,6 +208,7 @@ class ServerSettings:
             log_level=args.log_level,
             max_message_mb=args.max_message_mb,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             auth_token_file=args.auth_token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

@@ -205,3 +205,18 @@ def typed_client_request_ids(target: str) -> dict[str, str]:
         cli(["--generator", target, "--request-id", "req-cli-9", "generate", "", "-o", "/tmp"])
     found["cli"] = stderr.getvalue().rsplit("(request id ", 1)[-1].split(")")[0]
     return found
+
+
+def test_the_metrics_endpoint_binds_the_address_it_is_given(tmp_path: Path) -> None:
+    """/metrics has no auth: an operator binds it apart from gRPC's --host (here 127.0.0.2,
+    a loopback address of its own), and it answers there only."""
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    metrics = ["--metrics-port", str(port), "--metrics-host", "127.0.0.2"]
+    with ServerProcess("generator", data_dir=tmp_path, model="tiny-random", extra_args=metrics):
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=10) as reply:
+            assert b"# HELP loraforge_" in reply.read()
+        with pytest.raises(urllib.error.URLError):  # not on the gRPC address
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
