@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -45,3 +46,23 @@ def write_model_index(folder: Path, class_name: str = "StableDiffusion3Pipeline"
     index = {"_class_name": class_name, "_diffusers_version": "0.36.0"}
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+def load_bundles_into(pipe: Any, bundles: dict) -> Any:
+    """Stock diffusers with each bundle as an adapter of its name (``load_lora_weights``) and
+    its learned tokens in every text encoder of the family (``load_textual_inversion``, the
+    vectors stored under each encoder's embedding key)."""
+    from loraforge_core import families
+    from loraforge_core.bundle import LORA_FILE
+
+    family = families.of_pipeline(pipe)
+    places = zip(family.embedding_keys, family.text_encoders, family.tokenizers, strict=True)
+    encoders = [(key, getattr(pipe, e), getattr(pipe, t)) for key, e, t in places]
+    for name, bundle in bundles.items():
+        pipe.load_lora_weights(str(bundle.path / LORA_FILE), adapter_name=name)
+        stored, tokens = bundle.embeddings(), bundle.manifest.tokens
+        for key, encoder, tokenizer in encoders:
+            pipe.load_textual_inversion(
+                stored[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
+            )
+    return pipe

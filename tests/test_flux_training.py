@@ -1,7 +1,7 @@
 """FLUX.1 in the trainer: flow matching on packed latents learns (the denoising loss of an
 overfit image falls), PTI learns tokens in CLIP-L and T5 then LoRA, DreamBooth-LoRA trains the
-transformer, both over gRPC on the tiny FLUX, and their bundles load in stock FluxPipeline; a
-killed server's FLUX job resumes from its checkpoint."""
+transformer, both over gRPC on the tiny FLUX, and their bundles load in stock FluxPipeline (a
+killed server's FLUX job resuming is test_trainer_service's, for both SD and FLUX)."""
 
 from __future__ import annotations
 
@@ -194,32 +194,3 @@ def test_flux_jobs_over_grpc_yield_bundles_stock_flux_pipeline_loads(
     base = render(pipe, prompt)
     pipe.load_lora_weights(bundle.path, adapter_name="trained")
     assert np.abs(render(pipe, prompt) - base).mean() > 1e-3
-
-
-@pytest.mark.slow
-def test_a_killed_servers_flux_job_resumes_from_its_checkpoint(tiny_flux: Path, tmp_path: Path):
-    server = ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_flux))
-    with server, grpc.insecure_channel(server.target) as channel:
-        stub = trainer_pb2_grpc.TrainerStub(channel)
-        request = job_request(max_train_steps_ti=6, max_train_steps_tuning=60, save_steps=5)
-        job = stub.CreateJob(request, timeout=30)
-        last = 0
-        for event in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id)):
-            last = event.sequence
-            if event.WhichOneof("kind") == "checkpoint" and event.checkpoint.global_step >= 10:
-                break
-        server.kill()
-    with (
-        ServerProcess(
-            "trainer", data_dir=tmp_path, model=str(tiny_flux), port=server.port
-        ) as again,
-        grpc.insecure_channel(again.target) as channel,
-    ):
-        stub = trainer_pb2_grpc.TrainerStub(channel)
-        rest = watch_all(stub, job.job_id, after=last)
-        final = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id))
-        assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.failure_reason
-        logs = [e.log.message for e in rest if e.WhichOneof("kind") == "log"]
-        assert any("resumed from checkpoint at step" in m for m in logs), logs
-        progress = [e.progress.global_step for e in rest if e.WhichOneof("kind") == "progress"]
-        assert min(progress) > 10 and max(progress) == 66  # went on, not from the start

@@ -16,9 +16,10 @@ from PIL import Image
 
 from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
-from loraforge_core.bundle import LORA_FILE, pack
+from loraforge_core.bundle import pack
 from loraforge_core.errors import FailedPrecondition
 from loraforge_core.models import load_pipeline
+from tests.helpers import load_bundles_into
 from trainer_service.training.lora import random_lora_bundle
 
 PROMPTS = {"s1": "a <x1> circle", "s2": "a green <x2>", "base": "a blue triangle"}
@@ -46,17 +47,7 @@ def stock(tiny_sdxl: Path, bundles: dict):
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.set_progress_bar_config(disable=True)
-    for name, bundle in bundles.items():
-        pipe.load_lora_weights(str(bundle.path / LORA_FILE), adapter_name=name)
-        stored, tokens = bundle.embeddings(), bundle.manifest.tokens
-        for key, encoder, tokenizer in (
-            ("clip_l", pipe.text_encoder, pipe.tokenizer),
-            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
-        ):
-            pipe.load_textual_inversion(
-                stored[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
-            )
-    return pipe
+    return load_bundles_into(pipe, bundles)
 
 
 def spec(prompt: str, adapters: list[tuple[str, float, float | None]], seed: int):

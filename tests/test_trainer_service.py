@@ -263,8 +263,12 @@ def test_list_jobs_pages_and_filters(stub) -> None:
 
 
 @pytest.mark.slow
-def test_killed_server_resumes_the_job_after_restart(tiny_model: Path, tmp_path: Path) -> None:
-    server = ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model))
+@pytest.mark.parametrize("base", ["tiny_model", "tiny_flux"])
+def test_killed_server_resumes_the_job_after_restart(
+    base: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    model = str(request.getfixturevalue(base))
+    server = ServerProcess("trainer", data_dir=tmp_path, model=model)
     with server:
         with grpc.insecure_channel(server.target) as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
@@ -279,9 +283,7 @@ def test_killed_server_resumes_the_job_after_restart(tiny_model: Path, tmp_path:
                     break
         server.kill()
     with (
-        ServerProcess(
-            "trainer", data_dir=tmp_path, model=str(tiny_model), port=server.port
-        ) as again,
+        ServerProcess("trainer", data_dir=tmp_path, model=model, port=server.port) as again,
         grpc.insecure_channel(again.target) as channel,
     ):
         stub = trainer_pb2_grpc.TrainerStub(channel)
@@ -293,6 +295,8 @@ def test_killed_server_resumes_the_job_after_restart(tiny_model: Path, tmp_path:
         logs = [e.log.message for e in rest if e.WhichOneof("kind") == "log"]
         assert any("resumed from checkpoint at step" in m for m in logs), logs
         assert final.final_artifact_id
+        progress = [e.progress.global_step for e in rest if e.WhichOneof("kind") == "progress"]
+        assert min(progress) > 10 and max(progress) == 66  # went on, not from the start
 
 
 @pytest.mark.slow
