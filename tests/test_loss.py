@@ -1,4 +1,4 @@
-"""The denoising loss's min-SNR-gamma weighting (trainer_service/training/loss.py)."""
+"""The denoising loss's min-SNR-gamma weighting (loraforge_core/families/objectives.py)."""
 
 from __future__ import annotations
 

@@ -126,8 +126,8 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
         t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t)
-        if family.micro_conditioned:
-            conditioning = _sdxl_conditioning(family, text_encoders, ids, dropped)
+        if family is families.SDXL:
+            conditioning = _sdxl_conditioning(text_encoders, ids, dropped)
         else:
             ids[dropped] = empty_ids
             conditioning = {"encoder_hidden_states": text_encoders[0](ids)[0]}
@@ -156,9 +156,7 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
     return {"denoiser_steps": step + 1, "denoiser_seconds": time.monotonic() - started, "lr": lr}
 
 
-def _sdxl_conditioning(
-    family: families.Family, text_encoders: list, ids: torch.Tensor, dropped: torch.Tensor
-) -> dict:
+def _sdxl_conditioning(text_encoders: list, ids: torch.Tensor, dropped: torch.Tensor) -> dict:
     """The UNet's conditioning as the SDXL pipeline computes it; dropped captions are zeros,
     what the pipeline feeds the unconditional branch."""
     hidden, pooled = [], None
@@ -166,7 +164,7 @@ def _sdxl_conditioning(
         output = encoder(ids, output_hidden_states=True)
         if output[0].ndim == 2:
             pooled = output[0]
-        hidden.append(output.hidden_states[family.text_hidden_layer])
+        hidden.append(output.hidden_states[-2])  # the penultimate layer's, as families/sdxl.py
     keep = (~dropped).float()
     side = toyworld.SIZE
     time_ids = torch.tensor([[side, side, 0, 0, side, side]] * len(ids), dtype=torch.float32)
