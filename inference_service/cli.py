@@ -93,13 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from inference_service.server import GeneratorServicer
-    from inference_service.service import GeneratorService
-    from loraforge_core.grpc_edge import serve
     from loraforge_core.logs import configure_logging
 
     settings = ServerSettings.from_cli(args, parser)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level)  # before the libraries it quiets are imported
+    from inference_service.server import GeneratorServicer
+    from inference_service.service import GeneratorService
+    from loraforge_core.grpc_edge import serve
+
     service = GeneratorService(
         settings,
         max_resident_adapters=args.max_resident_adapters,

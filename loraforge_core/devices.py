@@ -34,11 +34,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def visible_gpus(device: torch.device) -> list[int]:
-    """The CUDA devices a server on ``device`` may hand out: all for ``cuda``, one for
-    ``cuda:N``, none on the CPU."""
+def visible_gpus(spec: str) -> list[int]:
+    """The CUDA devices a server on device ``spec`` may hand out: all for ``cuda`` (and for
+    ``auto`` where CUDA is available), one for ``cuda:N``, none on the CPU. ``cpu`` is answered
+    without importing torch, which a trainer server needs for nothing else."""
+    if validate_device(spec) == "cpu":
+        return []
     import torch
 
+    device = resolve_device(spec)
     if device.type != "cuda":
         return []
     if device.index is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -65,20 +66,28 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("diffusers", "transformers", "accelerate", "peft", "PIL", "urllib3"):
+    logging.captureWarnings(True)  # warnings.warn lines become JSON lines too
+    for noisy in ("accelerate", "peft", "PIL", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Library progress bars would interleave with the JSON lines.
-    try:
-        from diffusers.utils import logging as diffusers_logging
+    _quiet_hugging_face_libraries()
 
-        diffusers_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        pass
-    try:
-        from transformers.utils import logging as transformers_logging
 
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+# Read when each library is imported (diffusers and transformers reset their loggers' level
+# then; tqdm >= 4.66 reads TQDM_* for every bar made after): library progress bars would
+# interleave with the JSON lines. Through the environment, so that a server does not import
+# diffusers (3 s) only to quiet it, and its training processes inherit the same.
+QUIET_LIBRARIES_ENV = {
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def _quiet_hugging_face_libraries() -> None:
+    os.environ.update(QUIET_LIBRARIES_ENV)
+    for library in ("diffusers", "transformers"):  # imported already: quiet them now
+        if library in sys.modules:
+            library_logging = importlib.import_module(f"{library}.utils.logging")
+            library_logging.set_verbosity_error()
+            library_logging.disable_progress_bar()

@@ -16,7 +16,8 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from trainer_service.training.base_model import BaseModel
-from trainer_service.training.data import InstanceExample, caption_for
+from trainer_service.training.captions import caption_for
+from trainer_service.training.data import InstanceExample
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "loraforge-test/tiny"

@@ -26,7 +26,8 @@ from trainer_service.config import TrainingConfig
 from trainer_service.jobdir import ImageUpload, JobDir
 from trainer_service.jobs import JobSpec, validate
 from trainer_service.training.data import InstanceExample, TrainingData, bucket_for, buckets
-from trainer_service.training.masks import face_mask, loss_weights
+from trainer_service.training.faces import face_mask
+from trainer_service.training.masks import loss_weights
 from trainer_service.training.trainer import RunPaths, Trainer
 
 QUICK = dict(max_train_steps_ti=2, max_train_steps_tuning=2, save_steps=100, seed=0,

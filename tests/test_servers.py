@@ -25,12 +25,19 @@ def _reflected_services(target: str) -> set[str]:
         return {s.name for s in reply.list_services_response.service}
 
 
+# Modules a trainer server must not import to serve: it trains in child processes, and torch
+# with diffusers would cost every replica's start (and every test that starts one) 3 s.
+TRAINING_ONLY = {"torch", "diffusers", "transformers", "peft", "accelerate"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["trainer", "generator"])
 def test_server_is_healthy_reflects_and_stops_on_sigterm(
     kind: str, tiny_model: Path, tmp_path: Path
 ) -> None:
-    server = ServerProcess(kind, data_dir=tmp_path, model=str(tiny_model)).start()
+    # With Python's import profile on stderr, which is the server's log.
+    server = ServerProcess(kind, data_dir=tmp_path, model=str(tiny_model),
+                           env={"PYTHONPROFILEIMPORTTIME": "1"}).start()  # fmt: skip
     try:
         server.wait_serving()
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -41,6 +48,15 @@ def test_server_is_healthy_reflects_and_stops_on_sigterm(
         code = server.terminate()
     assert code == 0, server.log()
     assert '"msg": "stopped"' in server.log()
+    lines = server.log_path.read_text().splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    if kind == "trainer":
+        assert imported & TRAINING_ONLY == set()
+    else:
+        assert TRAINING_ONLY - {"accelerate"} <= imported  # the profile saw the imports
+    # Everything else is a JSON line: no library progress bar or warning breaks a collector.
+    others = [line for line in lines if not line.startswith("import time:")]
+    assert others and all(line.startswith("{") for line in others), others[:5]
 
 
 @pytest.mark.slow

@@ -161,13 +161,14 @@ def main(argv: list[str] | None = None) -> None:
 
         print(save_tiny_model(args.output, seed=args.seed))
         return
-    from loraforge_core.grpc_edge import serve
     from loraforge_core.logs import configure_logging
+
+    settings = ServerSettings.from_cli(args, parser)
+    configure_logging(settings.log_level)  # before the libraries it quiets are imported
+    from loraforge_core.grpc_edge import serve
     from trainer_service.server import TrainerServicer
     from trainer_service.service import TrainerService
 
-    settings = ServerSettings.from_cli(args, parser)
-    configure_logging(settings.log_level)
     fleet = FleetSettings.from_args(args)
     service = TrainerService(
         settings, num_processes=args.num_processes, max_jobs=args.max_jobs, fleet=fleet

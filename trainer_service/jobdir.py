@@ -22,7 +22,6 @@ from typing import IO, TYPE_CHECKING
 from loraforge_core.files import atomic_write_bytes
 from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
-from trainer_service.training.checkpoint import checkpoint_path
 
 if TYPE_CHECKING:
     from trainer_service.training.data import InstanceExample
@@ -79,6 +78,9 @@ class JobDir:
         objects.put_files(self.key, self.path, [*names, self.index.name, self.config_file.name])
 
     def publish_checkpoint(self, objects: ObjectStore, global_step: int) -> None:
+        # Here, not at the top: the trainer server's start would import torch (1.5 s) for it.
+        from trainer_service.training.checkpoint import checkpoint_path
+
         path = checkpoint_path(self.checkpoints, global_step)
         objects.put_file(f"{self.key}checkpoints/{path.name}", path)
 

@@ -20,8 +20,8 @@ from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
 from trainer_service.job_store import JobRecord, JobStore
 from trainer_service.jobdir import ImageUpload, JobDir
-from trainer_service.training.data import caption_from_filename
-from trainer_service.training.masks import face_detector_problem
+from trainer_service.training.captions import caption_from_filename
+from trainer_service.training.faces import face_detector_problem
 
 MAX_IMAGES = 200
 MAX_IMAGE_BYTES = 32 * 1024 * 1024

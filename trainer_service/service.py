@@ -20,7 +20,7 @@ from loraforge_core import bundle as bundles
 from loraforge_core import families
 from loraforge_core.artifacts import fetch_bundle
 from loraforge_core.bundle import Bundle
-from loraforge_core.devices import resolve_device, validate_device, visible_gpus
+from loraforge_core.devices import validate_device, visible_gpus
 from loraforge_core.errors import NotFound, ResourceExhausted, Unavailable
 from loraforge_core.models import resolve_model
 from loraforge_core.objectstore import ObjectStore, open_object_store
@@ -79,7 +79,7 @@ class TrainerService:
         await asyncio.to_thread(
             families.require_served, self.base_model, "trainer", local_only=True
         )
-        self.device = resolve_device(self.settings.device)
+        self.gpus = visible_gpus(self.settings.device)
         self.objects = await asyncio.to_thread(
             open_object_store, self.settings.artifact_store, self.data_dir
         )
@@ -87,13 +87,12 @@ class TrainerService:
         self.job_store = JobStore(db)
         loop = asyncio.get_running_loop()
         db.listen(lambda job_id: loop.call_soon_threadsafe(self._changed_elsewhere, job_id))
-        gpus = visible_gpus(self.device)
         max_jobs = self.max_jobs
         if max_jobs is None:
-            max_jobs = max(1, len(gpus) // self.num_processes)
+            max_jobs = max(1, len(self.gpus) // self.num_processes)
         self.runner = JobRunner(
             self.job_store, self.jobs_dir, self.artifacts_dir, self.objects, max_jobs=max_jobs,
-            gpus=gpus, num_processes=self.num_processes, replica_id=self.replica_id,
+            gpus=self.gpus, num_processes=self.num_processes, replica_id=self.replica_id,
             lease_s=self.fleet.lease_seconds, on_event=self._notify,
         )  # fmt: skip
         self.runner.start()
@@ -132,7 +131,7 @@ class TrainerService:
             config,
             pretrained_model_name_or_path=config.pretrained_model_name_or_path
             or self.settings.model,
-            device="cpu" if self.device.type == "cpu" else "auto",
+            device="auto" if self.gpus else "cpu",
             seed=config.seed if config.seed is not None else random.randrange(2**31),
         )
         spec = jobs.JobSpec(request_id=request_id, config=config, images=images)

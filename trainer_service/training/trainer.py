@@ -59,7 +59,7 @@ from trainer_service.training.data import (
     TrainingData,
     generate_class_images,
 )
-from trainer_service.training.masks import with_face_masks
+from trainer_service.training.faces import with_face_masks
 from trainer_service.training.progress import StepRate, eta_seconds
 from trainer_service.training.scoring import make_scorer
 from trainer_service.training.tokens import PlaceholderTokens
