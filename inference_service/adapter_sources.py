@@ -109,8 +109,15 @@ class AdapterSources:
             "give a bundle archive or a LoRA .safetensors file (no pickle)", "data"
         )
 
-    def _from_store(self, adapter_id: str, uri: str) -> AdapterEntry:
-        """From a path in the store; a bare id also finds the trainer's ``artifacts/<id>``."""
+    def fetch(self, adapter_id: str, uri: str = "") -> None:
+        """Download a remote store's bundle into the local cache, if that is where ``uri`` (or
+        the id) points and it is not here yet. Touches no model: the generator calls it off
+        the pipeline thread, so a download stalls only the requests that need it."""
+        self._stored_path(uri or adapter_id)
+
+    def _stored_path(self, uri: str) -> Path:
+        """Where a store path lies on this server's disk, fetched into the cache when it is a
+        bundle id in a remote store; a bare id also finds the trainer's ``artifacts/<id>``."""
         relative = uri.removeprefix("file://")
         try:
             path = safe_child(self.data_dir, relative)
@@ -127,6 +134,11 @@ class AdapterSources:
                     raise InvalidArgument(
                         f"bundle {bundle_id} in the artifact store: {err}", "uri"
                     ) from err
+        return path
+
+    def _from_store(self, adapter_id: str, uri: str) -> AdapterEntry:
+        relative = uri.removeprefix("file://")
+        path = self._stored_path(uri)
         if (path / bundles.MANIFEST_FILE).is_file():
             try:
                 return self._from_bundle(adapter_id, path, "uri")

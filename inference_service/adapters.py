@@ -82,6 +82,17 @@ class AdapterRegistry:
         metrics.ADAPTER_LOADS.labels(source).inc()
         return entry
 
+    def fetch_cold(self, adapters: Iterable[tuple[str, str]]) -> None:
+        """Download what the (adapter id, uri) pairs need from a remote store before their
+        request takes its turn on the pipeline thread: called from any other thread, holding
+        no lock, so other requests, ListAdapters and /metrics go on meanwhile; concurrent
+        requests for one bundle share its download (artifacts.BundleCache)."""
+        for adapter_id, uri in adapters:
+            with self.lock:
+                known = adapter_id in self.entries and not uri
+            if not known:
+                self.sources.fetch(adapter_id, uri)
+
     def unload(self, adapter_id: str) -> None:
         with self.lock:
             if adapter_id not in self.entries:

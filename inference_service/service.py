@@ -89,6 +89,8 @@ class GeneratorService:
         """Serve a Generate request in the first batch that takes it (the queue plans the
         batches: batching.BatchQueue.take)."""
         engine = self.engine_or_raise()  # UNAVAILABLE until the model is loaded
+        cold = [(a.adapter_id, "") for a in job.spec.adapters]
+        await asyncio.to_thread(engine.adapters.fetch_cold, cold)
         return await self.turns.generate(job, engine.serve_batch)
 
     async def load_adapter(
@@ -96,8 +98,10 @@ class GeneratorService:
     ) -> AdapterEntry:
         """Make an adapter resident, from pushed ``data`` or ``uri`` in the artifact store (its
         id when empty), on its turn."""
-        register = self.engine_or_raise().adapters.register
-        return await self.turns.run(register, adapter_id, data=data, uri=uri, pin=pin)
+        adapters = self.engine_or_raise().adapters
+        if data is None:
+            await asyncio.to_thread(adapters.fetch_cold, [(adapter_id, uri)])
+        return await self.turns.run(adapters.register, adapter_id, data=data, uri=uri, pin=pin)
 
     async def unload_adapter(self, adapter_id: str) -> None:
         await self.turns.run(self.engine_or_raise().adapters.unload, adapter_id)

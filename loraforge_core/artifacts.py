@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from loraforge_core.bundle import BUNDLE_FILES, MANIFEST_FILE, Bundle, BundleError, read_bundle
@@ -63,7 +64,8 @@ def fetch_bundle(objects: ObjectStore, bundle_id: str, dest: Path) -> Bundle | N
 
 class BundleCache:
     """Bundles fetched from a remote store, under ``root``, at most ``limit_bytes`` in all.
-    The least recently used go first, except those ``in_use`` names (loaded adapters)."""
+    The least recently used go first, except those ``in_use`` names (loaded adapters).
+    Threads asking for the same bundle at once share one download."""
 
     def __init__(
         self, objects: ObjectStore, root: Path, limit_bytes: int,
@@ -75,28 +77,51 @@ class BundleCache:
         self.in_use = in_use
         self.fetches = 0  # bundles fetched from the store (the rest came from the cache)
         self._lock = threading.Lock()
+        self._downloads: dict[str, Future[Path | None]] = {}  # bundle id -> the one under way
 
     def get(self, bundle_id: str) -> Path | None:
         """The local folder of a bundle, fetched if needed; None when the store lacks it."""
         dest = self.root / bundle_id
-        cached = (dest / MANIFEST_FILE).is_file()
+        if (dest / MANIFEST_FILE).is_file():
+            os.utime(dest)  # recency for the LRU order
+            return dest
+        with self._lock:
+            download = self._downloads.get(bundle_id)
+            leader = download is None
+            if leader:
+                download = self._downloads[bundle_id] = Future()
+        if not leader:
+            return download.result()  # the leader's folder, or its error
+        try:
+            download.set_result(self._download(bundle_id, dest))
+        except BaseException as err:
+            download.set_exception(err)
+        finally:
+            with self._lock:
+                del self._downloads[bundle_id]
+        return download.result()
+
+    def _download(self, bundle_id: str, dest: Path) -> Path | None:
+        log.info("fetching bundle from the artifact store",
+                 extra={"bundle_id": bundle_id, "store": self.objects.url})  # fmt: skip
         if fetch_bundle(self.objects, bundle_id, dest) is None:
             return None
-        if not cached:
-            self.fetches += 1
-            log.info("bundle fetched from the artifact store",
-                     extra={"bundle_id": bundle_id, "store": self.objects.url})  # fmt: skip
-        os.utime(dest)  # recency for the LRU order
+        self.fetches += 1
+        log.info("bundle fetched from the artifact store",
+                 extra={"bundle_id": bundle_id, "store": self.objects.url})  # fmt: skip
         self.evict(keep=dest)
         return dest
 
     def evict(self, keep: Path | None = None) -> list[str]:
         """Drop least recently used bundles until the cache fits; the ids dropped."""
+        # Asked before the lock: in_use takes the adapter registry's, whose holder may be
+        # waiting for this one.
+        in_use = self.in_use()
         with self._lock:
             folders = [p for p in self.root.iterdir() if (p / MANIFEST_FILE).is_file()]
             sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in folders}
             total = sum(sizes.values())
-            protected = {p.resolve() for p in self.in_use()} | ({keep.resolve()} if keep else set())
+            protected = {p.resolve() for p in in_use} | ({keep.resolve()} if keep else set())
             dropped = []
             for folder in sorted(folders, key=lambda p: p.stat().st_mtime):
                 if total <= self.limit_bytes:
