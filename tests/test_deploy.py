@@ -16,6 +16,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from loraforge_client import GeneratorClient, TrainerClient, UnauthenticatedError
 
 from loraforge_core.launch import free_port, health_status
 from tests.services import tool
@@ -51,7 +52,7 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict]]:
 def test_every_object_validates_against_the_kubernetes_schemas(rendered) -> None:
     overlay, objects = rendered
     assert {o["kind"] for o in objects} >= {
-        "Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
+        "Deployment", "Service", "ConfigMap", "PodDisruptionBudget",
     }  # fmt: skip
     # One machine keeps SQLite and bundles on a volume and scales generators on CPU; the GPU
     # fleet shares no disk and scales on queue depth (KEDA).
@@ -85,6 +86,14 @@ def test_policy_probes_security_resources_and_secrets(rendered) -> None:
             assert (gpus == "1") == (overlay == "gpu")
     for secret in by_kind(objects, "Secret"):
         assert not secret.get("data") and not secret.get("stringData"), "no inlined tokens"
+    # Auth on in every overlay: the token file lies in a Secret volume the pod requires.
+    for deployment in by_kind(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        token_file = Path(_container_env(objects, container)["LORAFORGE_AUTH_TOKEN_FILE"])
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(token_file.parent)])
+        assert volume["secret"] == {"secretName": "loraforge-auth", "optional": False}
     headless = [s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"]
     assert headless, "a headless Service for client-side round-robin over generators"
 
@@ -179,10 +188,17 @@ def _container_env(objects: list[dict], container: dict) -> dict[str, str]:
     return env
 
 
+CLIENT_CALLS = {
+    "loraforge-generator": (GeneratorClient, lambda client: client.list_adapters()),
+    "loraforge-trainer": (TrainerClient, lambda client: list(client.list_jobs())),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["loraforge-generator", "loraforge-trainer"])
 def test_servers_start_with_the_manifests_args_and_env(name: str, tmp_path: Path) -> None:
-    """The cpu-dev overlay's command line and ConfigMap, as the kubelet would pass them."""
+    """The cpu-dev overlay's command line and ConfigMap, as the kubelet would pass them, with
+    the loraforge-auth Secret an operator creates: auth is on."""
     objects = render("cpu-dev")
     deployment = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"] == name)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -192,6 +208,10 @@ def test_servers_start_with_the_manifests_args_and_env(name: str, tmp_path: Path
         for mount, local in mounts.items():
             if value.startswith(mount + "/") or value == mount:
                 env[key] = str(local) + value[len(mount) :]
+    token = "t" * 32
+    tokens = Path(env["LORAFORGE_AUTH_TOKEN_FILE"])  # the Secret's volume
+    tokens.parent.mkdir(parents=True)
+    tokens.write_text(token + "\n")
     args = list(container["args"])
     port = free_port()
     args[args.index("--port") + 1] = str(port)
@@ -210,6 +230,11 @@ def test_servers_start_with_the_manifests_args_and_env(name: str, tmp_path: Path
             time.sleep(0.2)
         else:
             pytest.fail("server did not become healthy")
+        client_class, call = CLIENT_CALLS[name]
+        with client_class(f"127.0.0.1:{port}") as client, pytest.raises(UnauthenticatedError):
+            call(client)
+        with client_class(f"127.0.0.1:{port}", token=token) as client:
+            call(client)
     finally:
         process.terminate()
         assert process.wait(60) == 0
