@@ -14,6 +14,7 @@ the file that marks them complete last (bundle.py: the manifest).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -38,6 +39,10 @@ class ObjectStore:
 
     def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` (a folder-like prefix ending in "/")."""
+        raise NotImplementedError
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove these objects (a missing one is no error)."""
         raise NotImplementedError
 
     def put_files(self, prefix: str, folder: Path, names: Iterable[str]) -> None:
@@ -101,6 +106,16 @@ class LocalObjectStore(ObjectStore):
             str(p.relative_to(root)) for p in folder.rglob("*")
             if p.is_file() and not p.name.startswith(".")
         )  # fmt: skip
+
+    def delete(self, keys: Iterable[str]) -> None:
+        folders = set()
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        for folder in folders:  # a bundle's folder goes with its last file
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 class S3ObjectStore(ObjectStore):
@@ -166,6 +181,14 @@ class S3ObjectStore(ObjectStore):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             found += [item["Key"][len(self.prefix) :] for item in page.get("Contents", [])]
         return sorted(found)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        keys = [self._key(key) for key in keys]
+        for start in range(0, len(keys), 1000):  # S3's limit per DeleteObjects
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+            if reply.get("Errors"):
+                raise OSError(f"the artifact store {self.url} kept objects: {reply['Errors'][:3]}")
 
 
 def open_object_store(url: str, data_dir: Path) -> ObjectStore:

@@ -128,6 +128,32 @@ def test_artifacts_are_recorded_once_and_the_final_one_marks_the_job(store) -> N
     assert store.get_artifact("fin").global_step == 6 and store.get_artifact("nope") is None
 
 
+def test_retention_forgets_all_but_the_last_checkpoints_the_best_and_the_final(store) -> None:
+    job_id = new_job(store)
+    assert store.claim_next("a", 60).job_id == job_id
+    for step in (2, 4, 6, 8, 10):
+        store.add_artifact(artifact_id=f"ck{step}", job_id=job_id, kind="checkpoint",
+                           global_step=step, path=f"ck{step}", owner="a")  # fmt: skip
+    best = events.CheckpointEvaluated("ck4", {"global_step": 4}, best=True)
+    store.append_event(job_id, best, owner="a")
+    with pytest.raises(LeaseLost):  # only the owner prunes
+        store.prune_checkpoints(job_id, 2, owner="b")
+    pruned = store.prune_checkpoints(job_id, 2, owner="a")
+    assert sorted(r.artifact_id for r in pruned) == ["ck2", "ck6"]
+    assert store.get_job(job_id).checkpoint_artifact_ids == ["ck4", "ck8", "ck10"]
+    assert store.get_artifact("ck2") is None and store.get_artifact("ck4") is not None
+    # The final artifact may be an older checkpoint (select_final best): it stays too.
+    store.add_artifact(artifact_id="ck8", job_id=job_id, kind="final", global_step=8,
+                       path="ck8", final=True, owner="a")  # fmt: skip
+    store.add_artifact(artifact_id="ck12", job_id=job_id, kind="checkpoint", global_step=12,
+                       path="ck12", owner="a")  # fmt: skip
+    assert [r.artifact_id for r in store.prune_checkpoints(job_id, 1, owner="a")] == ["ck10"]
+    store.add_artifact(artifact_id="ck14", job_id=job_id, kind="checkpoint", global_step=14,
+                       path="ck14", owner="a")  # fmt: skip
+    assert [r.artifact_id for r in store.prune_checkpoints(job_id, 1, owner="a")] == ["ck12"]
+    assert store.get_job(job_id).checkpoint_artifact_ids == ["ck4", "ck8", "ck14"]
+
+
 def test_list_jobs_pages_in_creation_order_and_filters_by_state(store) -> None:
     ids = [new_job(store) for _ in range(5)]
     store.set_state(ids[1], RUNNING)

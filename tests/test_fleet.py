@@ -20,6 +20,7 @@ from loraforge.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer
 
 from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import ServerProcess
+from loraforge_core.objectstore import open_object_store
 from tests.test_faults_and_load import (
     assert_resumed_from_checkpoints,
     freeze_tree,
@@ -182,6 +183,33 @@ def test_a_generator_without_the_trainers_disk_loads_an_artifact_by_id(fleet: Fl
         fetched = server.log().count("bundle fetched from the artifact store")
     assert fetched == 1
     assert not (fleet.root / "g" / "jobs").exists()  # nothing of the trainer's on its disk
+
+
+def test_retention_keeps_the_last_checkpoints_in_the_store_and_on_disk(fleet: Fleet) -> None:
+    with ExitStack() as stack:
+        trainer = stub(stack.enter_context(fleet.trainer("a", "--keep-checkpoints", "2")), stack)
+        request = job_request(max_train_steps_ti=2, max_train_steps_tuning=8, save_steps=2)
+        job_id = trainer.CreateJob(request, timeout=30).job_id
+        events = watch(trainer, job_id)
+        job = trainer.GetJob(trainer_pb2.GetJobRequest(job_id=job_id))
+        checkpoints = [
+            e.checkpoint.artifact_id for e in events if e.WhichOneof("kind") == "checkpoint"
+        ]
+        assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED and len(checkpoints) == 5
+        kept = {*checkpoints[-2:], job.final_artifact_id}
+        for pruned in checkpoints[:-2]:
+            with pytest.raises(grpc.RpcError) as caught:
+                trainer.GetArtifact(trainer_pb2.GetArtifactRequest(artifact_id=pruned))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    store = open_object_store(fleet.s3_url, fleet.root)
+    assert {key.split("/")[1] for key in store.keys("artifacts/")} == kept
+    resume_states = [Path(key).name for key in store.keys(f"jobs/{job_id}/checkpoints/")]
+    assert resume_states == ["step-0000008.pt", "step-0000010.pt"]
+    local = fleet.root / "a"
+    assert {p.name for p in (local / "artifacts").iterdir() if not p.name.startswith(".")} == kept
+    assert (
+        sorted(p.name for p in (local / "jobs" / job_id / "checkpoints").iterdir()) == resume_states
+    )
 
 
 def test_a_cancel_on_one_replica_stops_the_job_where_it_runs(fleet: Fleet) -> None:

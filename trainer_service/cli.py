@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs this replica trains at once, each on --num-processes GPUs of its own; "
         "0: answer RPCs only, other replicas train (default: every GPU busy, 1 on a CPU)",
     )
+    add_setting(
+        serve,
+        "--keep-checkpoints",
+        default=0,
+        type=in_range(int, 0, 100_000, "--keep-checkpoints"),
+        help="checkpoints kept per job: the last N (resume states and bundles) plus the "
+        "best-scoring and the final bundle; older ones are deleted from the artifact store "
+        "(default 0: keep every one)",
+    )
     FleetSettings.add_arguments(serve)
     export = commands.add_parser("export", help="export a bundle for other tools")
     export.add_argument("bundle", type=Path, help="bundle folder")
@@ -171,6 +180,10 @@ def main(argv: list[str] | None = None) -> None:
 
     fleet = FleetSettings.from_args(args)
     service = TrainerService(
-        settings, num_processes=args.num_processes, max_jobs=args.max_jobs, fleet=fleet
+        settings,
+        num_processes=args.num_processes,
+        max_jobs=args.max_jobs,
+        fleet=fleet,
+        keep_checkpoints=args.keep_checkpoints,
     )
     sys.exit(asyncio.run(serve(service, TrainerServicer(service), settings)))

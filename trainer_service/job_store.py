@@ -362,6 +362,24 @@ class JobStore:
             if final:
                 tx.run("UPDATE jobs SET final_artifact_id=? WHERE job_id=?", (artifact_id, job_id))
 
+    def prune_checkpoints(self, job_id: str, keep: int, *, owner: str = "") -> list[ArtifactRecord]:
+        """Forget the job's checkpoint artifacts past retention: all but the last ``keep`` by
+        step, the best-scoring one and the final one. Returns the forgotten, whose files the
+        caller deletes (a reader never finds a record without its files)."""
+        with self.db.transaction() as tx:
+            self._check_owner(tx, job_id, owner)
+            job = tx.one("SELECT best_artifact_id, final_artifact_id FROM jobs WHERE job_id=?",
+                         (job_id,))  # fmt: skip
+            rows = tx.rows(
+                "SELECT * FROM artifacts WHERE job_id=? AND kind='checkpoint'"
+                " ORDER BY global_step DESC", (job_id,),
+            )  # fmt: skip
+            protected = {job["best_artifact_id"], job["final_artifact_id"]}
+            pruned = [r for r in rows[keep:] if r["artifact_id"] not in protected]
+            for row in pruned:
+                tx.run("DELETE FROM artifacts WHERE artifact_id=?", (row["artifact_id"],))
+        return [ArtifactRecord(**row) for row in pruned]
+
     def get_artifact(self, artifact_id: str) -> ArtifactRecord | None:
         with self.db.read() as tx:
             row = tx.one("SELECT * FROM artifacts WHERE artifact_id=?", (artifact_id,))

@@ -84,6 +84,19 @@ class JobDir:
         path = checkpoint_path(self.checkpoints, global_step)
         objects.put_file(f"{self.key}checkpoints/{path.name}", path)
 
+    def drop_resume_states(self, objects: ObjectStore | None, *, keep: int) -> None:
+        """All but the last ``keep`` resume states, here and in the artifact store."""
+        from trainer_service.training.checkpoint import GLOB
+
+        if keep <= 0:
+            return
+        old = sorted(self.checkpoints.glob(GLOB))[:-keep]
+        if objects is not None:
+            stored = sorted(objects.keys(f"{self.key}checkpoints/"))[:-keep]
+            objects.delete(key for key in stored if Path(key).match(GLOB))
+        for path in old:
+            path.unlink(missing_ok=True)
+
     def fetch(self, objects: ObjectStore) -> None:
         """What another replica stored for this job (inputs, checkpoints) that is not here."""
         objects.get_tree(self.key, self.path)

@@ -54,11 +54,13 @@ class TrainerService:
         settings: ServerSettings,
         num_processes: int = 1,
         max_jobs: int | None = None,
+        keep_checkpoints: int = 0,
         fleet: FleetSettings | None = None,
     ) -> None:
         validate_device(settings.device)
         self.settings = settings
         self.num_processes = num_processes
+        self.keep_checkpoints = keep_checkpoints  # 0: every checkpoint stays
         self.max_jobs = max_jobs  # None: one job per num_processes GPUs (one on a CPU machine)
         self.fleet = fleet or FleetSettings()
         self.base_model = ""
@@ -93,7 +95,8 @@ class TrainerService:
         self.runner = JobRunner(
             self.job_store, self.jobs_dir, self.artifacts_dir, self.objects, max_jobs=max_jobs,
             gpus=self.gpus, num_processes=self.num_processes, replica_id=self.replica_id,
-            lease_s=self.fleet.lease_seconds, on_event=self._notify,
+            lease_s=self.fleet.lease_seconds, keep_checkpoints=self.keep_checkpoints,
+            on_event=self._notify,
         )  # fmt: skip
         self.runner.start()
         self.collector = metrics.TrainerCollector(

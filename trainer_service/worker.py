@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge_core.artifacts import fetch_bundle, publish_bundle
+from loraforge_core.artifacts import bundle_key, fetch_bundle, publish_bundle
 from loraforge_core.logs import REQUEST_ID, REQUEST_ID_ENV
 from loraforge_core.objectstore import ObjectStore
 from loraforge_core.settings import LEASE_SECONDS
@@ -88,6 +89,7 @@ class JobRunner:
         num_processes: int = 1,
         replica_id: str = "local",
         lease_s: float = LEASE_SECONDS,
+        keep_checkpoints: int = 0,
         on_event: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.job_store = job_store
@@ -98,6 +100,7 @@ class JobRunner:
         self.num_processes = num_processes
         self.replica_id = replica_id
         self.lease_s = lease_s
+        self.keep_checkpoints = keep_checkpoints  # 0: every checkpoint stays
         self.on_event = on_event  # called on the event loop's thread (see _announce)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
@@ -333,6 +336,8 @@ class JobRunner:
                     await asyncio.to_thread(self._publish, job_dir, event)
             # Off the event loop: a slow or restarting database stalls this job, not the RPCs.
             await asyncio.to_thread(self._record, job_id, event)
+            if isinstance(event, Checkpoint) and self.keep_checkpoints:
+                await asyncio.to_thread(self._retain, job_id, job_dir)
         code = await process.wait()
         if not running.lost:
             await asyncio.to_thread(self._finish, job_id, code, finished, error, job_dir)
@@ -390,6 +395,23 @@ class JobRunner:
         publish_bundle(self.objects, self.artifacts_dir / event.artifact_id)
         if isinstance(event, Checkpoint):
             job_dir.publish_checkpoint(self.objects, event.global_step)
+
+    def _retain(self, job_id: str, job_dir: JobDir) -> None:
+        """Checkpoint retention, after each checkpoint: the last ``keep_checkpoints`` bundles,
+        the best-scoring and the final stay; the resume states of the last ones only (a
+        resume needs the latest). Records go first, then files: what a record names exists."""
+        pruned = self.job_store.prune_checkpoints(
+            job_id, self.keep_checkpoints, owner=self.replica_id
+        )
+        try:
+            for record in pruned:
+                if self.objects is not None:
+                    self.objects.delete(self.objects.keys(bundle_key(record.artifact_id)))
+                shutil.rmtree(self.artifacts_dir / record.path, ignore_errors=True)
+            job_dir.drop_resume_states(self.objects, keep=self.keep_checkpoints)
+        except Exception:  # the store is slow or away: storage, not the job, pays for it
+            log.warning("checkpoint files not deleted; they stay in the store",
+                        extra={"job_id": job_id}, exc_info=True)  # fmt: skip
 
     def _record(self, job_id: str, event: JobEvent) -> None:
         """Persist an event; a bundle it reports also becomes an artifact record."""
