@@ -130,27 +130,27 @@ def test_artifacts_are_recorded_once_and_the_final_one_marks_the_job(store) -> N
 
 def test_retention_forgets_all_but_the_last_checkpoints_the_best_and_the_final(store) -> None:
     job_id = new_job(store)
-    assert store.claim_next("a", 60).job_id == job_id
+    lease = store.claim_next("a", 60).lease
     for step in (2, 4, 6, 8, 10):
         store.add_artifact(artifact_id=f"ck{step}", job_id=job_id, kind="checkpoint",
-                           global_step=step, path=f"ck{step}", owner="a")  # fmt: skip
+                           global_step=step, path=f"ck{step}", lease=lease)  # fmt: skip
     best = events.CheckpointEvaluated("ck4", {"global_step": 4}, best=True)
-    store.append_event(job_id, best, owner="a")
-    with pytest.raises(LeaseLost):  # only the owner prunes
-        store.prune_checkpoints(job_id, 2, owner="b")
-    pruned = store.prune_checkpoints(job_id, 2, owner="a")
+    store.append_event(job_id, best, lease=lease)
+    with pytest.raises(LeaseLost):  # only the claim that runs the job prunes
+        store.prune_checkpoints(job_id, 2, lease=job_store.Lease("b", lease.epoch))
+    pruned = store.prune_checkpoints(job_id, 2, lease=lease)
     assert sorted(r.artifact_id for r in pruned) == ["ck2", "ck6"]
     assert store.get_job(job_id).checkpoint_artifact_ids == ["ck4", "ck8", "ck10"]
     assert store.get_artifact("ck2") is None and store.get_artifact("ck4") is not None
     # The final artifact may be an older checkpoint (select_final best): it stays too.
     store.add_artifact(artifact_id="ck8", job_id=job_id, kind="final", global_step=8,
-                       path="ck8", final=True, owner="a")  # fmt: skip
+                       path="ck8", final=True, lease=lease)  # fmt: skip
     store.add_artifact(artifact_id="ck12", job_id=job_id, kind="checkpoint", global_step=12,
-                       path="ck12", owner="a")  # fmt: skip
-    assert [r.artifact_id for r in store.prune_checkpoints(job_id, 1, owner="a")] == ["ck10"]
+                       path="ck12", lease=lease)  # fmt: skip
+    assert [r.artifact_id for r in store.prune_checkpoints(job_id, 1, lease=lease)] == ["ck10"]
     store.add_artifact(artifact_id="ck14", job_id=job_id, kind="checkpoint", global_step=14,
-                       path="ck14", owner="a")  # fmt: skip
-    assert [r.artifact_id for r in store.prune_checkpoints(job_id, 1, owner="a")] == ["ck12"]
+                       path="ck14", lease=lease)  # fmt: skip
+    assert [r.artifact_id for r in store.prune_checkpoints(job_id, 1, lease=lease)] == ["ck12"]
     assert store.get_job(job_id).checkpoint_artifact_ids == ["ck4", "ck8", "ck14"]
 
 
@@ -283,15 +283,36 @@ def test_an_expired_lease_passes_the_job_to_another_replica(store) -> None:
     assert second.job_id == job_id and second.owner == "b" and second.attempts == 2
     assert store.claim_next("c", lease_s=60) is None  # b's lease is live
     with pytest.raises(LeaseLost):  # a's late writes are refused
-        store.append_event(job_id, EXAMPLES[1], owner="a")
+        store.append_event(job_id, EXAMPLES[1], lease=first.lease)
     with pytest.raises(LeaseLost):
-        store.renew(job_id, "a", 60)
-    assert store.renew(job_id, "b", 60) is False  # no cancel asked
+        store.renew(job_id, first.lease, 60)
+    assert store.renew(job_id, second.lease, 60) is False  # no cancel asked
     takeover = store.events_after(job_id, 0)[-1].event
     assert "replica a stopped renewing its lease; replica b resumes" in takeover.message
-    store.set_state(job_id, "succeeded", owner="b")
+    store.set_state(job_id, "succeeded", lease=second.lease)
     done = store.get_job(job_id)
     assert done.owner == "" and done.lease_expires_at is None
+
+
+def test_a_claim_fences_off_an_earlier_claim_by_the_same_replica(store) -> None:
+    """Replica ids survive restarts (a pod's name): a frozen incarnation that wakes after its
+    own restarted successor took the job back must not write as if it still ran it."""
+    job_id = new_job(store)
+    stale = store.claim_next("a", lease_s=-1).lease  # froze past its lease
+    fresh = store.claim_next("a", lease_s=60).lease  # a again: restarted, took it back
+    assert (stale.owner, fresh.owner) == ("a", "a") and fresh.epoch == stale.epoch + 1
+    for write in (
+        lambda lease: store.append_event(job_id, EXAMPLES[1], lease=lease),
+        lambda lease: store.add_artifact(artifact_id="ck", job_id=job_id, kind="checkpoint",
+                                         global_step=2, path="ck", lease=lease),
+        lambda lease: store.renew(job_id, lease, 60),
+        lambda lease: store.prune_checkpoints(job_id, 1, lease=lease),
+        lambda lease: store.set_state(job_id, "failed", "stale", lease=lease),
+    ):  # fmt: skip
+        with pytest.raises(LeaseLost):
+            write(stale)
+        write(fresh)
+    assert store.get_job(job_id).state == "failed"
 
 
 class SkewedClock:
@@ -306,9 +327,10 @@ class SkewedClock:
 
 def test_leases_go_by_the_databases_clock_whatever_a_replicas_says(store, monkeypatch) -> None:
     job_id = new_job(store)
-    assert store.claim_next("a", lease_s=60).job_id == job_id
+    claim = store.claim_next("a", lease_s=60)
+    assert claim.job_id == job_id
     monkeypatch.setattr(job_store, "time", SkewedClock(-3600))  # a's clock runs an hour late
-    store.renew(job_id, "a", lease_s=60)
+    store.renew(job_id, claim.lease, lease_s=60)
     monkeypatch.setattr(job_store, "time", SkewedClock(+3600))  # b's an hour early
     assert store.claim_next("b", lease_s=60) is None  # a's lease has a minute to run
     assert store.get_job(job_id).owner == "a"
@@ -317,10 +339,11 @@ def test_leases_go_by_the_databases_clock_whatever_a_replicas_says(store, monkey
 def test_cancel_stops_a_queued_job_at_once_and_asks_the_owner_of_a_running_one(store) -> None:
     queued, running, orphan = new_job(store), new_job(store), new_job(store)
     assert store.request_cancel(queued).state == CANCELLED
-    assert store.claim_next("a", 60).job_id == running
+    claim = store.claim_next("a", 60)
+    assert claim.job_id == running
     assert store.claim_next("b", -1).job_id == orphan  # b dies at once
     assert store.request_cancel(running).cancel_requested
-    assert store.renew(running, "a", 60) is True  # a learns it at its next heartbeat
+    assert store.renew(running, claim.lease, 60) is True  # a learns it at its next heartbeat
     store.request_cancel(orphan)
     assert store.claim_next("c", 60) is None  # the orphan is cancelled, not resumed
     assert store.get_job(orphan).state == CANCELLED

@@ -142,6 +142,9 @@ def test_a_killed_replicas_job_resumes_on_another_and_after_both_die(fleet: Flee
     messages = [e.log.message for e in events if e.WhichOneof("kind") == "log"]
     assert any("replica a stopped renewing its lease; replica b resumes" in m for m in messages)
     assert any("replica b stopped renewing its lease; replica a resumes" in m for m in messages)
+    # Each claim (a, b, a again) wrote its resume states under a key of its own.
+    stored = open_object_store(fleet.s3_url, fleet.root).keys(f"jobs/{job_id}/checkpoints/")
+    assert {key.split("/")[3] for key in stored} == {"claim-1", "claim-2", "claim-3"}, stored
 
 
 def test_one_request_id_on_both_replicas_at_once_is_one_job(fleet: Fleet) -> None:
@@ -203,7 +206,9 @@ def test_retention_keeps_the_last_checkpoints_in_the_store_and_on_disk(fleet: Fl
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     store = open_object_store(fleet.s3_url, fleet.root)
     assert {key.split("/")[1] for key in store.keys("artifacts/")} == kept
-    resume_states = [Path(key).name for key in store.keys(f"jobs/{job_id}/checkpoints/")]
+    stored = store.keys(f"jobs/{job_id}/checkpoints/")
+    assert {key.split("/")[3] for key in stored} == {"claim-1"}
+    resume_states = [Path(key).name for key in stored]
     assert resume_states == ["step-0000008.pt", "step-0000010.pt"]
     local = fleet.root / "a"
     assert {p.name for p in (local / "artifacts").iterdir() if not p.name.startswith(".")} == kept

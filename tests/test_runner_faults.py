@@ -20,7 +20,7 @@ from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
 from trainer_service.database import SqliteDatabase, migrate
 from trainer_service.events import JobEvent, Progress
-from trainer_service.job_store import FAILED, QUEUED, SUCCEEDED, TERMINAL, JobStore
+from trainer_service.job_store import FAILED, QUEUED, SUCCEEDED, TERMINAL, JobStore, Lease
 from trainer_service.jobdir import ImageUpload
 from trainer_service.jobs import JobSpec, create_job
 from trainer_service.worker import JobRunner
@@ -29,10 +29,10 @@ from trainer_service.worker import JobRunner
 class StoreThatFailsMidJob(JobStore):
     """A job store whose third progress event raises: a bug in the runner's own path."""
 
-    def append_event(self, job_id: str, event: JobEvent, *, owner: str = "") -> int:
+    def append_event(self, job_id: str, event: JobEvent, *, lease: Lease | None = None) -> int:
         if isinstance(event, Progress) and event.global_step >= 3:
             raise RuntimeError("injected: the runner failed to record an event")
-        return super().append_event(job_id, event, owner=owner)
+        return super().append_event(job_id, event, lease=lease)
 
 
 class WatchedRunner(JobRunner):

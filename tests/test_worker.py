@@ -15,6 +15,7 @@ from trainer_service.job_store import (
     RUNNING,
     SUCCEEDED,
     JobStore,
+    Lease,
     LeaseLost,
 )
 from trainer_service.jobdir import JobDir
@@ -32,7 +33,7 @@ def runner(tmp_path: Path):
     store.close()
 
 
-def running_job(runner: JobRunner) -> tuple[str, JobDir]:
+def running_job(runner: JobRunner) -> tuple[str, Lease, JobDir]:
     job, _ = runner.job_store.create_job(
         request_id="", method="pti", base_model="tiny", tokens=[], num_images=1, config={}
     )
@@ -40,13 +41,13 @@ def running_job(runner: JobRunner) -> tuple[str, JobDir]:
     assert claimed is not None and claimed.state == RUNNING
     job_dir = JobDir(runner.jobs_dir / job.job_id)
     job_dir.path.mkdir(parents=True)
-    return job.job_id, job_dir
+    return job.job_id, claimed.lease, job_dir
 
 
 def test_reported_bundles_become_artifact_records_and_events(runner) -> None:
-    job_id, _ = running_job(runner)
-    runner._record(job_id, Checkpoint("ck", 5))
-    runner._record(job_id, FinalArtifact("fin", 10))
+    job_id, lease, _ = running_job(runner)
+    runner._record(job_id, Checkpoint("ck", 5), lease)
+    runner._record(job_id, FinalArtifact("fin", 10), lease)
     job = runner.job_store.get_job(job_id)
     assert job.checkpoint_artifact_ids == ["ck"] and job.final_artifact_id == "fin"
     assert runner.job_store.get_artifact("fin").path == "fin"
@@ -67,9 +68,9 @@ def test_reported_bundles_become_artifact_records_and_events(runner) -> None:
     ],
 )
 def test_the_exit_decides_the_jobs_state(runner, code, finished, error, state, reason) -> None:
-    job_id, job_dir = running_job(runner)
+    job_id, lease, job_dir = running_job(runner)
     job_dir.log.write_text("loading\nCUDA error: device-side assert\n")
-    runner._finish(job_id, code, finished, error, job_dir)
+    runner._finish(job_id, lease, code, finished, error, job_dir)
     job = runner.job_store.get_job(job_id)
     assert job.state == state
     last = runner.job_store.events_after(job_id, 0)[-1].event
@@ -77,29 +78,29 @@ def test_the_exit_decides_the_jobs_state(runner, code, finished, error, state, r
 
 
 def test_a_cancel_wins_and_a_shutdown_gives_the_job_back_to_the_queue(runner) -> None:
-    job_id, job_dir = running_job(runner)
+    job_id, lease, job_dir = running_job(runner)
     runner._cancelled.add(job_id)
-    runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
+    runner._finish(job_id, lease, EXIT_CANCELLED, False, "", job_dir)
     assert runner.job_store.get_job(job_id).state == CANCELLED
-    job_id, job_dir = running_job(runner)
+    job_id, lease, job_dir = running_job(runner)
     runner._stopping = True
-    runner._finish(job_id, EXIT_CANCELLED, False, "", job_dir)
+    runner._finish(job_id, lease, EXIT_CANCELLED, False, "", job_dir)
     job = runner.job_store.get_job(job_id)
     assert job.state == QUEUED and job.owner == ""  # any replica resumes it now
     assert "replica local shut down" in runner.job_store.events_after(job_id, 0)[-1].event.reason
 
 
 def test_a_replica_that_lost_its_lease_writes_nothing_more(runner) -> None:
-    job_id, job_dir = running_job(runner)
+    job_id, lease, job_dir = running_job(runner)
     # The lease runs out and another replica claims the job.
     with runner.job_store.db.transaction() as tx:
         tx.run("UPDATE jobs SET lease_expires_at=0 WHERE job_id=?", (job_id,))
     assert runner.job_store.claim_next("other", 60).owner == "other"
     before = runner.job_store.get_job(job_id).last_sequence
     with pytest.raises(LeaseLost):
-        runner._record(job_id, Checkpoint("ck", 5))
+        runner._record(job_id, Checkpoint("ck", 5), lease)
     with pytest.raises(LeaseLost):
-        runner._finish(job_id, 0, True, "", job_dir)
+        runner._finish(job_id, lease, 0, True, "", job_dir)
     job = runner.job_store.get_job(job_id)
     assert job.last_sequence == before and job.state == RUNNING and job.owner == "other"
 

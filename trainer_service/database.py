@@ -21,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger("loraforge.trainer.database")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # MIGRATIONS[i] takes a database from version i to i + 1.
 MIGRATIONS: list[list[str]] = [
     [
@@ -72,6 +72,9 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # the checkpoint whose evaluation scored best
         "ALTER TABLE jobs ADD COLUMN best_artifact_id TEXT NOT NULL DEFAULT ''",
+    ],
+    [  # where a checkpoint's resume state lies in the artifact store (its claim's own key)
+        "ALTER TABLE artifacts ADD COLUMN resume_key TEXT NOT NULL DEFAULT ''",
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION

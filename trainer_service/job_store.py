@@ -75,6 +75,20 @@ class Claim(JobRecord):
 
     took_over: bool = False
 
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.owner, self.attempts)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The fencing token of one claim: the replica and the job's claim count when it took it.
+    Every write of the job's runner carries it; once another claim (by another replica, or a
+    restarted incarnation of the same one) raises the count, the old token's writes fail."""
+
+    owner: str
+    epoch: int
+
 
 @dataclass
 class EventRecord:
@@ -92,6 +106,7 @@ class ArtifactRecord:
     global_step: int
     path: str
     created_at: float
+    resume_key: str = ""  # a checkpoint's training state in the artifact store ("": none)
 
 
 class JobStore:
@@ -189,12 +204,14 @@ class JobStore:
             )
             return [self._to_job(tx, r) for r in rows]
 
-    def set_state(self, job_id: str, state: str, reason: str = "", *, owner: str = "") -> JobRecord:
-        """Change state and log a state event, in one transaction. With ``owner``, only while
-        that replica still holds the job (else LeaseLost); leaving RUNNING ends the lease."""
+    def set_state(
+        self, job_id: str, state: str, reason: str = "", *, lease: Lease | None = None
+    ) -> JobRecord:
+        """Change state and log a state event, in one transaction. With ``lease``, only while
+        that claim still holds the job (else LeaseLost); leaving RUNNING ends the lease."""
         now = time.time()
         with self.db.transaction() as tx:
-            self._check_owner(tx, job_id, owner)
+            self._check_lease(tx, job_id, lease)
             self._set_state(tx, job_id, state, reason, now)
         return self._existing(job_id)
 
@@ -213,12 +230,16 @@ class JobStore:
         self._append(tx, job_id, StateChange(state, reason), now)
 
     @staticmethod
-    def _check_owner(tx: Tx, job_id: str, owner: str) -> None:
-        if not owner:
+    def _check_lease(tx: Tx, job_id: str, lease: Lease | None) -> None:
+        if lease is None:
             return
-        row = tx.one("SELECT owner, state FROM jobs WHERE job_id=?" + _for_update(tx), (job_id,))
-        if row is None or row["owner"] != owner or row["state"] != RUNNING:
-            raise LeaseLost(f"job {job_id} is no longer run by {owner}")
+        row = tx.one(
+            "SELECT owner, state, attempts FROM jobs WHERE job_id=?" + _for_update(tx), (job_id,)
+        )
+        if row is None or row["state"] != RUNNING or (row["owner"], row["attempts"]) != (
+            lease.owner, lease.epoch
+        ):  # fmt: skip
+            raise LeaseLost(f"job {job_id} is no longer run by {lease.owner} (claim {lease.epoch})")
 
     # ------------------------------------------------------------------ the queue
     def claim_next(self, owner: str, lease_s: float) -> Claim | None:
@@ -262,17 +283,17 @@ class JobStore:
             rows = tx.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
 
-    def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
-        """Extend ``owner``'s lease on a running job; whether a cancel was asked of it.
-        Raises LeaseLost when the job is no longer ``owner``'s to run."""
+    def renew(self, job_id: str, lease: Lease, lease_s: float) -> bool:
+        """Extend a claim's lease on a running job; whether a cancel was asked of it. Raises
+        LeaseLost when the job is no longer that claim's to run."""
         with self.db.transaction() as tx:
             row = tx.one(
                 f"UPDATE jobs SET lease_expires_at={self.db.now} + ?"
-                " WHERE job_id=? AND owner=? AND state=? RETURNING cancel_requested",
-                (lease_s, job_id, owner, RUNNING),
+                " WHERE job_id=? AND owner=? AND attempts=? AND state=? RETURNING cancel_requested",
+                (lease_s, job_id, lease.owner, lease.epoch, RUNNING),
             )
         if row is None:
-            raise LeaseLost(f"job {job_id} is no longer run by {owner}")
+            raise LeaseLost(f"job {job_id} is no longer run by {lease.owner} (claim {lease.epoch})")
         return bool(row["cancel_requested"])
 
     def requeue_owned(self, owner: str, reason: str) -> list[str]:
@@ -318,9 +339,9 @@ class JobStore:
         self.db.notify(tx, job_id)
         return sequence
 
-    def append_event(self, job_id: str, event: JobEvent, *, owner: str = "") -> int:
+    def append_event(self, job_id: str, event: JobEvent, *, lease: Lease | None = None) -> int:
         with self.db.transaction() as tx:
-            self._check_owner(tx, job_id, owner)
+            self._check_lease(tx, job_id, lease)
             sequence = self._append(tx, job_id, event, time.time())
             if isinstance(event, CheckpointEvaluated) and event.best:
                 tx.run("UPDATE jobs SET best_artifact_id=? WHERE job_id=?",
@@ -349,25 +370,29 @@ class JobStore:
         global_step: int,
         path: str,
         final: bool = False,
-        owner: str = "",
+        resume_key: str = "",
+        lease: Lease | None = None,
     ) -> None:
         """Record an artifact (idempotent: a resumed job may report the same one again)."""
         with self.db.transaction() as tx:
-            self._check_owner(tx, job_id, owner)
+            self._check_lease(tx, job_id, lease)
             tx.run(
-                "INSERT INTO artifacts (artifact_id, job_id, kind, global_step, path, created_at)"
-                " VALUES (?,?,?,?,?,?) ON CONFLICT (artifact_id) DO NOTHING",
-                (artifact_id, job_id, kind, global_step, path, time.time()),
+                "INSERT INTO artifacts"
+                " (artifact_id, job_id, kind, global_step, path, created_at, resume_key)"
+                " VALUES (?,?,?,?,?,?,?) ON CONFLICT (artifact_id) DO NOTHING",
+                (artifact_id, job_id, kind, global_step, path, time.time(), resume_key),
             )
             if final:
                 tx.run("UPDATE jobs SET final_artifact_id=? WHERE job_id=?", (artifact_id, job_id))
 
-    def prune_checkpoints(self, job_id: str, keep: int, *, owner: str = "") -> list[ArtifactRecord]:
+    def prune_checkpoints(
+        self, job_id: str, keep: int, *, lease: Lease | None = None
+    ) -> list[ArtifactRecord]:
         """Forget the job's checkpoint artifacts past retention: all but the last ``keep`` by
         step, the best-scoring one and the final one. Returns the forgotten, whose files the
         caller deletes (a reader never finds a record without its files)."""
         with self.db.transaction() as tx:
-            self._check_owner(tx, job_id, owner)
+            self._check_lease(tx, job_id, lease)
             job = tx.one("SELECT best_artifact_id, final_artifact_id FROM jobs WHERE job_id=?",
                          (job_id,))  # fmt: skip
             rows = tx.rows(
@@ -379,6 +404,15 @@ class JobStore:
             for row in pruned:
                 tx.run("DELETE FROM artifacts WHERE artifact_id=?", (row["artifact_id"],))
         return [ArtifactRecord(**row) for row in pruned]
+
+    def latest_checkpoint(self, job_id: str) -> ArtifactRecord | None:
+        """The job's checkpoint of the highest step: where a resumed run starts."""
+        with self.db.read() as tx:
+            row = tx.one(
+                "SELECT * FROM artifacts WHERE job_id=? AND kind='checkpoint'"
+                " ORDER BY global_step DESC LIMIT 1", (job_id,),
+            )  # fmt: skip
+        return ArtifactRecord(**row) if row else None
 
     def get_artifact(self, artifact_id: str) -> ArtifactRecord | None:
         with self.db.read() as tx:

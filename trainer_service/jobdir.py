@@ -24,7 +24,15 @@ from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
 
 if TYPE_CHECKING:
+    from trainer_service.job_store import ArtifactRecord
     from trainer_service.training.data import InstanceExample
+
+RESUME_STATES = "step-*.pt"  # in checkpoints/, written by training/checkpoint.py
+
+
+def checkpoint_name(global_step: int) -> str:
+    """The file name of the resume state at ``global_step``."""
+    return f"step-{global_step:07d}.pt"
 
 
 @dataclass
@@ -77,29 +85,36 @@ class JobDir:
         names = [f"images/{p.name}" for p in sorted(self.images.iterdir())]
         objects.put_files(self.key, self.path, [*names, self.index.name, self.config_file.name])
 
-    def publish_checkpoint(self, objects: ObjectStore, global_step: int) -> None:
-        # Here, not at the top: the trainer server's start would import torch (1.5 s) for it.
-        from trainer_service.training.checkpoint import checkpoint_path
+    def publish_checkpoint(self, objects: ObjectStore, global_step: int, epoch: int) -> str:
+        """A checkpoint's resume state into the artifact store; its key. In a remote store
+        under the claim's own prefix (``claim-<epoch>/``), so that a replica that lost the
+        job cannot overwrite its new owner's state: only a key the job's record names (in a
+        transaction fenced by the claim) is ever resumed from."""
+        path = self.checkpoints / checkpoint_name(global_step)
+        claim = f"claim-{epoch}/" if objects.local_root is None else ""  # local: this file
+        key = f"{self.key}checkpoints/{claim}{path.name}"
+        objects.put_file(key, path)
+        return key
 
-        path = checkpoint_path(self.checkpoints, global_step)
-        objects.put_file(f"{self.key}checkpoints/{path.name}", path)
+    def fetch_resume_state(self, objects: ObjectStore, record: ArtifactRecord) -> None:
+        """A checkpoint's resume state from the artifact store into this job folder (a
+        record written before resume keys names the old, shared key)."""
+        key = record.resume_key or f"{self.key}checkpoints/{checkpoint_name(record.global_step)}"
+        if not objects.get_file(key, self.checkpoints / checkpoint_name(record.global_step)):
+            raise FileNotFoundError(f"resume state {key} is not in the artifact store")
 
-    def drop_resume_states(self, objects: ObjectStore | None, *, keep: int) -> None:
-        """All but the last ``keep`` resume states, here and in the artifact store."""
-        from trainer_service.training.checkpoint import GLOB
-
-        if keep <= 0:
-            return
-        old = sorted(self.checkpoints.glob(GLOB))[:-keep]
+    def drop_resume_state(self, objects: ObjectStore | None, record: ArtifactRecord) -> None:
+        """A pruned checkpoint's resume state, here and in the artifact store."""
+        name = checkpoint_name(record.global_step)
         if objects is not None:
-            stored = sorted(objects.keys(f"{self.key}checkpoints/"))[:-keep]
-            objects.delete(key for key in stored if Path(key).match(GLOB))
-        for path in old:
-            path.unlink(missing_ok=True)
+            objects.delete([record.resume_key or f"{self.key}checkpoints/{name}"])
+        (self.checkpoints / name).unlink(missing_ok=True)
 
-    def fetch(self, objects: ObjectStore) -> None:
-        """What another replica stored for this job (inputs, checkpoints) that is not here."""
-        objects.get_tree(self.key, self.path)
+    def fetch_inputs(self, objects: ObjectStore) -> None:
+        """The job's images, their index and its config, where another replica stored them."""
+        objects.get_tree(f"{self.key}images/", self.images)
+        for path in (self.index, self.config_file):
+            objects.get_file(self.key + path.name, path)
 
     def config(self) -> TrainingConfig:
         return TrainingConfig.from_json(self.config_file.read_text())

@@ -42,6 +42,7 @@ from trainer_service.job_store import (
     SUCCEEDED,
     TERMINAL,
     JobStore,
+    Lease,
     LeaseLost,
 )  # fmt: skip
 from trainer_service.jobdir import JobDir
@@ -70,6 +71,7 @@ def plan_slots(max_jobs: int, num_processes: int, gpus: Sequence[int]) -> list[l
 @dataclass
 class RunningJob:
     slot: int
+    lease: Lease  # every write for the job carries it (job_store.Lease)
     task: asyncio.Task[None] | None = None
     process: asyncio.subprocess.Process | None = None
     lost: bool = False  # another replica took the job: write nothing more
@@ -192,7 +194,7 @@ class JobRunner:
                     log.exception("claiming a job failed")
             if slot is None or job is None or self._stopping:
                 if job is not None:  # claimed while stopping: give it back
-                    await asyncio.to_thread(self._give_back, job.job_id, "shutting down")
+                    await asyncio.to_thread(self._give_back, job.job_id, job.lease, "shutting down")
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_S)
@@ -200,7 +202,7 @@ class JobRunner:
             self.on_event(job.job_id)
             if job.took_over:
                 metrics.TAKEOVERS.inc()
-            running = RunningJob(slot)
+            running = RunningJob(slot, job.lease)
             self._running[job.job_id] = running
             if job.cancel_requested:
                 self._cancelled.add(job.job_id)
@@ -218,7 +220,7 @@ class JobRunner:
             for job_id, running in list(self._running.items()):
                 try:
                     cancel = await asyncio.to_thread(
-                        self.job_store.renew, job_id, self.replica_id, self.lease_s
+                        self.job_store.renew, job_id, running.lease, self.lease_s
                     )
                 except LeaseLost:
                     log.warning("lease lost: another replica runs the job now",
@@ -244,7 +246,7 @@ class JobRunner:
             with contextlib.suppress(LeaseLost):
                 await asyncio.to_thread(
                     self.job_store.set_state, job_id, FAILED, "internal error in the job runner",
-                    owner=self.replica_id,
+                    lease=self._running[job_id].lease,
                 )  # fmt: skip
             self.on_event(job_id)
         finally:
@@ -265,11 +267,11 @@ class JobRunner:
         else:
             self._event_loop.call_soon_threadsafe(self.on_event, job_id)
 
-    def _give_back(self, job_id: str, why: str) -> None:
+    def _give_back(self, job_id: str, lease: Lease, why: str) -> None:
         with contextlib.suppress(LeaseLost):
             self.job_store.set_state(
                 job_id, QUEUED, f"replica {self.replica_id} {why}; resuming from the last "
-                "checkpoint", owner=self.replica_id,
+                "checkpoint", lease=lease,
             )  # fmt: skip
         self._announce(job_id)
 
@@ -331,24 +333,31 @@ class JobRunner:
                 metrics.STEPS.inc()
             if isinstance(event, Checkpoint):
                 metrics.CHECKPOINT_WRITE_SECONDS.labels("write").observe(event.write_seconds)
+            resume_key = ""
             if isinstance(event, (Checkpoint, FinalArtifact)) and self.objects is not None:
                 with metrics.CHECKPOINT_WRITE_SECONDS.labels("publish").time():
-                    await asyncio.to_thread(self._publish, job_dir, event)
+                    resume_key = await asyncio.to_thread(
+                        self._publish, job_dir, event, running.lease
+                    )
             # Off the event loop: a slow or restarting database stalls this job, not the RPCs.
-            await asyncio.to_thread(self._record, job_id, event)
+            await asyncio.to_thread(self._record, job_id, event, running.lease, resume_key)
             if isinstance(event, Checkpoint) and self.keep_checkpoints:
-                await asyncio.to_thread(self._retain, job_id, job_dir)
+                await asyncio.to_thread(self._retain, job_id, job_dir, running.lease)
         code = await process.wait()
         if not running.lost:
-            await asyncio.to_thread(self._finish, job_id, code, finished, error, job_dir)
+            await asyncio.to_thread(
+                self._finish, job_id, running.lease, code, finished, error, job_dir
+            )
 
-    def _finish(self, job_id: str, code: int, finished: bool, error: str, job_dir: JobDir) -> None:
+    def _finish(
+        self, job_id: str, lease: Lease, code: int, finished: bool, error: str, job_dir: JobDir
+    ) -> None:
         if job_id in self._cancelled:
             self._cancelled.discard(job_id)
             state, reason = CANCELLED, "cancelled by request"
         elif self._stopping and not finished:
             log.info("job given back for shutdown", extra={"job_id": job_id})
-            self._give_back(job_id, "shut down")
+            self._give_back(job_id, lease, "shut down")
             return
         elif code == 0 and finished:
             state, reason = SUCCEEDED, ""
@@ -357,7 +366,7 @@ class JobRunner:
             state, reason = QUEUED, "training process stopped; resuming from its checkpoint"
         else:
             state, reason = FAILED, error or self._exit_reason(code, job_dir)
-        job = self.job_store.set_state(job_id, state, reason, owner=self.replica_id)
+        job = self.job_store.set_state(job_id, state, reason, lease=lease)
         self._announce(job_id)
         if state in TERMINAL and job.started_at is not None and job.finished_at is not None:
             metrics.JOB_DURATION.labels(state).observe(job.finished_at - job.started_at)
@@ -376,11 +385,15 @@ class JobRunner:
         return f"training process exited with code {code}" + (f": {tail}" if tail else "")
 
     def _fetch_job(self, job_id: str, job_dir: JobDir) -> None:
-        """What a resumed run needs from the artifact store: the job's inputs and resume
-        states, and the bundle of every checkpoint recorded so far (the final artifact may be
-        an earlier checkpoint's, which another replica wrote)."""
+        """What a resumed run needs from the artifact store: the job's inputs, the resume
+        state its latest checkpoint record names, and the bundle of every checkpoint recorded
+        so far (the final artifact may be an earlier checkpoint's, which another replica
+        wrote)."""
         assert self.objects is not None
-        job_dir.fetch(self.objects)
+        job_dir.fetch_inputs(self.objects)
+        latest = self.job_store.latest_checkpoint(job_id)
+        if latest is not None:
+            job_dir.fetch_resume_state(self.objects, latest)
         for artifact_id in self.job_store.get_job(job_id).checkpoint_artifact_ids:
             record = self.job_store.get_artifact(artifact_id)
             if record is not None and fetch_bundle(
@@ -388,41 +401,41 @@ class JobRunner:
             ) is None:  # fmt: skip
                 raise FileNotFoundError(f"checkpoint {artifact_id} is not in the artifact store")
 
-    def _publish(self, job_dir: JobDir, event: Checkpoint | FinalArtifact) -> None:
-        """A reported bundle (and a checkpoint's resume state) into the artifact store before
-        the job's record names it: what a record names, every replica can fetch."""
+    def _publish(self, job_dir: JobDir, event: Checkpoint | FinalArtifact, lease: Lease) -> str:
+        """A reported bundle (and a checkpoint's resume state, whose key it returns) into the
+        artifact store before the job's record names it: what a record names, every replica
+        can fetch. Bundles are content-addressed: a stale owner's copy is the same bytes."""
         assert self.objects is not None
         publish_bundle(self.objects, self.artifacts_dir / event.artifact_id)
         if isinstance(event, Checkpoint):
-            job_dir.publish_checkpoint(self.objects, event.global_step)
+            return job_dir.publish_checkpoint(self.objects, event.global_step, lease.epoch)
+        return ""
 
-    def _retain(self, job_id: str, job_dir: JobDir) -> None:
+    def _retain(self, job_id: str, job_dir: JobDir, lease: Lease) -> None:
         """Checkpoint retention, after each checkpoint: the last ``keep_checkpoints`` bundles,
-        the best-scoring and the final stay; the resume states of the last ones only (a
-        resume needs the latest). Records go first, then files: what a record names exists."""
-        pruned = self.job_store.prune_checkpoints(
-            job_id, self.keep_checkpoints, owner=self.replica_id
-        )
+        the best-scoring and the final stay, each with its resume state. Records go first,
+        then files: what a record names exists."""
+        pruned = self.job_store.prune_checkpoints(job_id, self.keep_checkpoints, lease=lease)
         try:
             for record in pruned:
                 if self.objects is not None:
                     self.objects.delete(self.objects.keys(bundle_key(record.artifact_id)))
                 shutil.rmtree(self.artifacts_dir / record.path, ignore_errors=True)
-            job_dir.drop_resume_states(self.objects, keep=self.keep_checkpoints)
+                job_dir.drop_resume_state(self.objects, record)
         except Exception:  # the store is slow or away: storage, not the job, pays for it
             log.warning("checkpoint files not deleted; they stay in the store",
                         extra={"job_id": job_id}, exc_info=True)  # fmt: skip
 
-    def _record(self, job_id: str, event: JobEvent) -> None:
+    def _record(self, job_id: str, event: JobEvent, lease: Lease, resume_key: str = "") -> None:
         """Persist an event; a bundle it reports also becomes an artifact record."""
         if isinstance(event, (Checkpoint, FinalArtifact)):
             final = isinstance(event, FinalArtifact)
             self.job_store.add_artifact(
                 artifact_id=event.artifact_id, job_id=job_id,
                 kind="final" if final else "checkpoint", global_step=event.global_step,
-                path=event.artifact_id, final=final, owner=self.replica_id,
+                path=event.artifact_id, final=final, resume_key=resume_key, lease=lease,
             )  # fmt: skip
-        self.job_store.append_event(job_id, event, owner=self.replica_id)
+        self.job_store.append_event(job_id, event, lease=lease)
         self._announce(job_id)
 
 

@@ -24,12 +24,7 @@ from loraforge_core.bundle import Bundle, Manifest, store_bundle
 from loraforge_core.evaluation import Evaluation
 from loraforge_core.lora_format import pack_lora
 from trainer_service.config import TrainingConfig
-
-GLOB = "step-*.pt"
-
-
-def checkpoint_path(folder: Path, global_step: int) -> Path:
-    return folder / f"step-{global_step:07d}.pt"
+from trainer_service.jobdir import RESUME_STATES, checkpoint_name
 
 
 @dataclass
@@ -47,7 +42,7 @@ class TrainingState:
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        final = checkpoint_path(folder, self.global_step)
+        final = folder / checkpoint_name(self.global_step)
         tmp = final.with_suffix(".tmp")
         torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
         with open(tmp, "rb") as handle:
@@ -67,7 +62,7 @@ class TrainingState:
 
     @staticmethod
     def latest(folder: Path) -> Path | None:
-        found = sorted(folder.glob(GLOB))
+        found = sorted(folder.glob(RESUME_STATES))
         return found[-1] if found else None
 
 
