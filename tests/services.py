@@ -55,14 +55,17 @@ class Postgres:
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
-        run = dict(check=True, capture_output=True, text=True)
-        subprocess.run(_as_postgres([_pg_bin("initdb"), "-N", "-A", "trust", "-U", "postgres",
-                                     "-D", str(self.data)]), **run)  # fmt: skip
+        initdb = [_pg_bin("initdb"), "-N", "-A", "trust", "-U", "postgres", "-D", str(self.data)]
+        subprocess.run(_as_postgres(initdb), check=True, capture_output=True)
+        return self.start_again()
+
+    def start_again(self) -> Postgres:
+        """Start the cluster (again, after ``stop``) on its port, and wait until it answers."""
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
                    " -c max_connections=200")  # fmt: skip
         subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-w", "-D", str(self.data),
                                      "-l", str(self.root / "log"), "-o", options, "start"]),
-                       **run)  # fmt: skip
+                       check=True, capture_output=True)  # fmt: skip
         return self
 
     def stop(self) -> None:

@@ -82,6 +82,19 @@ NOTIFY_CHANNEL = "loraforge_jobs"
 _MIGRATION_LOCK = 0x6C6F7261  # "lora": one advisory lock id for all replicas
 
 
+def unreachable(err: BaseException) -> bool:
+    """Whether a job-store call failed because the database was away (restarting, failing
+    over, its connections dropped, busy), not because of what the call asked: worth a retry."""
+    if isinstance(err, (sqlite3.OperationalError, ConnectionError, TimeoutError)):
+        return True
+    try:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    return isinstance(err, (psycopg.OperationalError, PoolTimeout))
+
+
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer loraforge."""
 

@@ -24,15 +24,18 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loraforge_core.artifacts import bundle_key, fetch_bundle, publish_bundle
 from loraforge_core.logs import REQUEST_ID, REQUEST_ID_ENV
 from loraforge_core.objectstore import ObjectStore
 from loraforge_core.settings import LEASE_SECONDS
 from trainer_service import metrics
+from trainer_service.database import unreachable
 from trainer_service.events import Checkpoint, FinalArtifact, JobEvent, Log, Progress, parse_line
 from trainer_service.job_store import (
     CANCELLED,
@@ -68,10 +71,19 @@ def plan_slots(max_jobs: int, num_processes: int, gpus: Sequence[int]) -> list[l
     return [list(gpus[i * num_processes : (i + 1) * num_processes]) for i in range(max_jobs)]
 
 
+# A job's training process runs only while its lease is certainly held by this replica's own
+# monotonic clock: until the start of its last successful renewal (or claim) plus the lease
+# less this share of it. A database away longer stops the process before the lease could
+# lapse, so the claim after the outage, by whichever replica, is the job's only runner.
+LEASE_MARGIN = 1 / 6
+RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)  # then 2 s apart, while the lease lasts
+
+
 @dataclass
 class RunningJob:
     slot: int
     lease: Lease  # every write for the job carries it (job_store.Lease)
+    held_until: float = 0.0  # time.monotonic(): the lease is certainly ours until then
     task: asyncio.Task[None] | None = None
     process: asyncio.subprocess.Process | None = None
     lost: bool = False  # another replica took the job: write nothing more
@@ -185,6 +197,7 @@ class JobRunner:
         while not self._stopping:
             slot = self._free_slot()
             job = None
+            claimed_at = time.monotonic()  # before the claim: the lease is at least as recent
             if slot is not None:
                 try:
                     job = await asyncio.to_thread(
@@ -202,7 +215,7 @@ class JobRunner:
             self.on_event(job.job_id)
             if job.took_over:
                 metrics.TAKEOVERS.inc()
-            running = RunningJob(slot, job.lease)
+            running = RunningJob(slot, job.lease, claimed_at + self._certain_lease_s())
             self._running[job.job_id] = running
             if job.cancel_requested:
                 self._cancelled.add(job.job_id)
@@ -218,10 +231,12 @@ class JobRunner:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), self.lease_s / 3)
             for job_id, running in list(self._running.items()):
+                started = time.monotonic()
                 try:
                     cancel = await asyncio.to_thread(
                         self.job_store.renew, job_id, running.lease, self.lease_s
                     )
+                    running.held_until = started + self._certain_lease_s()
                 except LeaseLost:
                     log.warning("lease lost: another replica runs the job now",
                                 extra={"job_id": job_id})  # fmt: skip
@@ -235,7 +250,43 @@ class JobRunner:
                     self._cancelled.add(job_id)
                     self._signal(running, signal.SIGTERM)
 
+    def _certain_lease_s(self) -> float:
+        return self.lease_s * (1 - LEASE_MARGIN)
+
+    async def _stop_before_the_lease_lapses(self, job_id: str, running: RunningJob) -> None:
+        """Kill the job's training process once its lease is no longer certainly held (the
+        renewals failed: the database is away); the job's next claim resumes it from its last
+        recorded checkpoint, and this replica writes nothing more for it."""
+        while (left := running.held_until - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        if not running.lost:
+            log.warning("lease not renewed in time (is the job database away?): stopping the job "
+                        "here; its next claim resumes it", extra={"job_id": job_id})  # fmt: skip
+            running.lost = True
+            self._signal(running, signal.SIGKILL)
+
+    async def _store_write(self, running: RunningJob, call: Callable[..., Any], *args: Any) -> Any:
+        """A job-store write for a running job, off the event loop, retried while the database
+        is away and the lease still certainly held: a store away for seconds delays a job but
+        never fails it. Its events wait meanwhile, so their sequence numbers stay gapless."""
+        delays = iter(RETRY_DELAYS_S)
+        while True:
+            if running.lost:
+                raise LeaseLost("the lease may have lapsed while the job database was away")
+            try:
+                return await asyncio.to_thread(call, *args)
+            except LeaseLost:
+                raise
+            except Exception as err:
+                if not unreachable(err):
+                    raise
+                log.warning("job database unreachable; retrying", extra={"error": str(err)})
+                await asyncio.sleep(next(delays, RETRY_DELAYS_S[-1]))
+
     async def _guarded(self, job_id: str) -> None:
+        expiry = asyncio.create_task(
+            self._stop_before_the_lease_lapses(job_id, self._running[job_id])
+        )
         try:
             await self._run(job_id)
         except LeaseLost:
@@ -250,6 +301,7 @@ class JobRunner:
                 )  # fmt: skip
             self.on_event(job_id)
         finally:
+            expiry.cancel()
             running = self._running.pop(job_id, None)
             if running is not None and running.process is not None:
                 await _kill_and_reap(running.process)
@@ -340,13 +392,14 @@ class JobRunner:
                         self._publish, job_dir, event, running.lease
                     )
             # Off the event loop: a slow or restarting database stalls this job, not the RPCs.
-            await asyncio.to_thread(self._record, job_id, event, running.lease, resume_key)
+            await self._store_write(running, self._record, job_id, event, running.lease,
+                                    resume_key)  # fmt: skip
             if isinstance(event, Checkpoint) and self.keep_checkpoints:
-                await asyncio.to_thread(self._retain, job_id, job_dir, running.lease)
+                await self._store_write(running, self._retain, job_id, job_dir, running.lease)
         code = await process.wait()
         if not running.lost:
-            await asyncio.to_thread(
-                self._finish, job_id, running.lease, code, finished, error, job_dir
+            await self._store_write(
+                running, self._finish, job_id, running.lease, code, finished, error, job_dir
             )
 
     def _finish(
