@@ -368,7 +368,9 @@ class JobRunner:
                 start_new_session=True,
             )  # fmt: skip
         running.process = process
-        if job_id in self._cancelled or self._stopping:  # asked while it was starting
+        if running.lost:  # the lease lapsed while its inputs were fetched
+            self._signal(running, signal.SIGKILL)
+        elif job_id in self._cancelled or self._stopping:  # asked while it was starting
             self._signal(running, signal.SIGTERM)
         error = ""
         finished = False

@@ -32,19 +32,24 @@ def own_postgres() -> Iterator[Postgres]:
 
 
 class TrainingProcesses:
-    """Samples /proc for a job's training processes until stopped; the most seen at once."""
+    """Samples /proc for a job's training processes until stopped; the most seen at once
+    (with ``running_only``, not counting frozen ones: SIGSTOP, or zombies)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, *, running_only: bool = False) -> None:
         self.job_id = job_id
+        self.running_only = running_only
         self.most = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def now(self) -> list[int]:
         found = []
-        for process in psutil.process_iter(["pid", "cmdline"]):
+        for process in psutil.process_iter(["pid", "cmdline", "status"]):
             cmdline = " ".join(process.info["cmdline"] or [])
-            if "trainer_service.training.run" in cmdline and self.job_id in cmdline:
+            if "trainer_service.training.run" not in cmdline or self.job_id not in cmdline:
+                continue
+            frozen = process.info["status"] in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
+            if not (self.running_only and frozen):
                 found.append(process.info["pid"])
         return found
 
