@@ -22,17 +22,11 @@ from typing import IO, TYPE_CHECKING
 from loraforge_core.files import atomic_write_bytes
 from loraforge_core.objectstore import ObjectStore
 from trainer_service.config import TrainingConfig
+from trainer_service.training import checkpoint_name
 
 if TYPE_CHECKING:
     from trainer_service.job_store import ArtifactRecord
     from trainer_service.training.data import InstanceExample
-
-RESUME_STATES = "step-*.pt"  # in checkpoints/, written by training/checkpoint.py
-
-
-def checkpoint_name(global_step: int) -> str:
-    """The file name of the resume state at ``global_step``."""
-    return f"step-{global_step:07d}.pt"
 
 
 @dataclass

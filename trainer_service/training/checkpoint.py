@@ -24,7 +24,7 @@ from loraforge_core.bundle import Bundle, Manifest, store_bundle
 from loraforge_core.evaluation import Evaluation
 from loraforge_core.lora_format import pack_lora
 from trainer_service.config import TrainingConfig
-from trainer_service.jobdir import RESUME_STATES, checkpoint_name
+from trainer_service.training import RESUME_STATES, checkpoint_name
 
 
 @dataclass
