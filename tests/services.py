@@ -190,6 +190,8 @@ class SeaweedS3(_ChildServer):
             [str(weed), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
              "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={config}",
              "-admin.ui=false", "-master.telemetry=false", f"-bucket={self.bucket}",
+             # Off: the Iceberg and Lance catalogs listen on fixed ports, so two servers clash.
+             "-s3.port.iceberg=0", "-s3.port.lance=0",
              f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
              f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
              f"-webdav.port={ports['webdav']}", f"-metricsPort={ports['metrics']}"],

@@ -1,0 +1,69 @@
+"""A replica frozen (SIGSTOP of the server and its training process) past its lease while it
+trains, then thawed (SIGCONT) after another replica took the job over: the thawed server kills
+its training process before that process runs another step, writes nothing more for the job,
+and the job ends SUCCEEDED on the other replica with a gapless log; at no moment do two
+unfrozen training processes run the job."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+import pytest
+from loraforge.v1 import trainer_pb2
+
+from tests.chaos.test_database_restart import TrainingProcesses
+from tests.test_faults_and_load import freeze_tree
+from tests.test_fleet import Fleet, stub, watch
+from tests.test_trainer_service import job_request
+
+pytestmark = pytest.mark.slow
+
+STOPPED_IN_TIME = "lease not renewed in time"
+
+
+def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
+    tiny_model: Path, tmp_path: Path, postgres_server, s3_url: str, s3_server
+) -> None:
+    fleet = Fleet(tiny_model, tmp_path, postgres_server.new_database(), s3_url, s3_server.env)
+    with ExitStack() as stack:
+        a_server = stack.enter_context(fleet.trainer("a"))
+        a = stub(a_server, stack)
+        request = job_request(max_train_steps_ti=4, max_train_steps_tuning=300, save_steps=8)
+        job_id = a.CreateJob(request, timeout=30).job_id
+        last = 0
+        for event in a.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300):
+            last = event.sequence
+            if event.WhichOneof("kind") == "checkpoint" and event.checkpoint.global_step >= 16:
+                break
+        with TrainingProcesses(job_id, running_only=True) as processes:
+            frozen = [psutil.Process(pid) for pid in processes.now()]
+            freeze_tree(a_server)
+            b = stub(stack.enter_context(fleet.trainer("b")), stack)  # b takes the job over
+            taken = False
+            after_freeze = trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=last)
+            for event in b.WatchJob(after_freeze, timeout=300):
+                kind = event.WhichOneof("kind")
+                taken |= kind == "log" and "replica b resumes" in event.log.message
+                if taken and kind == "progress":
+                    break  # b trains the job now
+            # a wakes: the server first, as its clock tells it the lease is gone ...
+            psutil.Process(a_server.process.pid).resume()
+            deadline = time.monotonic() + 60
+            while STOPPED_IN_TIME not in a_server.log():
+                assert time.monotonic() < deadline, a_server.log()
+                time.sleep(0.05)
+            for process in frozen:  # ... then the training process it has already killed
+                if process.is_running():
+                    process.resume()
+            assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in frozen)
+            events = watch(b, job_id)
+            job = b.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=60)
+    assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
+    assert processes.most == 1, "two running training processes ran the job at once"
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # no gaps
+    messages = [e.log.message for e in events if e.WhichOneof("kind") == "log"]
+    assert any("replica a stopped renewing its lease; replica b resumes" in m for m in messages)
+    assert processes.now() == []  # nothing left behind
