@@ -42,6 +42,7 @@ bench: $(STAMP) test-services
 	$(PY) -m bench.serving
 	$(PY) -m bench.training
 	$(PY) -m bench.fleet
+	$(PY) -m bench.takeover
 	$(PY) -m bench.masking
 	$(PY) -m bench.masking --background bar
 	$(PY) -m bench.slots
