@@ -4,11 +4,14 @@ where only the model stack is installed)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from bench.common import interleaved_medians, median_ms
@@ -132,6 +135,73 @@ def lora_overhead(
          ms["on one"] / ms["distinct"], "x (target >= 0.9)"),
         (f"  {batch} distinct adapters, one mixed batch vs one after another, throughput",
          ms["sequential"] / ms["distinct"], "x (target > 1)"),
+    ]  # fmt: skip
+
+
+def prompt_length_options(pipe: Any) -> dict[str, int]:
+    """FLUX.1: T5 prompts as long as the engine's (the tokenizer's length), not 512."""
+    tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+    takes_length = "max_sequence_length" in inspect.signature(pipe.__call__).parameters
+    return {"max_sequence_length": tokenizer_2.model_max_length} if takes_length else {}
+
+
+def stock_same_loop(
+    engine: GeneratorEngine,
+    spec: Callable[..., GenerationSpec],
+    stock_pipeline: Callable[[], Any],
+    lora_paths: list[Any],
+    rounds: int,
+    sync: Callable[[], None] = lambda: None,
+) -> list[tuple[str, float, str]]:
+    """Ours against stock diffusers doing the same work, timed round-robin in one loop: no
+    adapter; one adapter (ours on its default fused path) against stock fused and unloaded
+    (diffusers' advice for one fixed adapter) and against stock unfused; two adapters against
+    stock unfused with ``set_adapters``. Each stock variant is a pipeline of its own (fusing
+    changes its weights), from ``stock_pipeline()``; each generation encodes a PNG, as ours
+    answers one. The base's A/A twin, timed in the same loop, is every row's noise floor."""
+    pipes = {name: stock_pipeline() for name in ("base", "fused", "unfused", "unfused 2")}
+    for name, count in (("fused", 1), ("unfused", 1), ("unfused 2", 2)):
+        for i, path in enumerate(lora_paths[:count]):
+            pipes[name].load_lora_weights(path, adapter_name=f"x{i}")
+        pipes[name].set_adapters([f"x{i}" for i in range(count)], [0.7, 0.5][:count])
+    pipes["fused"].fuse_lora(adapter_names=["x0"], lora_scale=1.0)
+    pipes["fused"].unload_lora_weights()
+    base = spec()
+    guidance = engine.family.default_guidance  # spec() leaves it unset: the family's
+
+    def stock(pipe: Any) -> None:
+        image = pipe(base.prompt, width=base.width, height=base.height,
+                     num_inference_steps=base.steps, guidance_scale=guidance,
+                     generator=torch.Generator().manual_seed(base.seed),
+                     **prompt_length_options(pipe)).images[0]  # fmt: skip
+        image.save(io.BytesIO(), format="PNG")
+
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    one, two = spec(("a0", 1.0)), spec(("a0", 0.7), ("a1", 0.5))
+    variants = {
+        "ours base": lambda: engine.generate(base),
+        "ours base A/A": lambda: engine.generate(base),
+        "ours 1": lambda: engine.generate(one),
+        "ours 2": lambda: engine.generate(two),
+        **{f"stock {name}": (lambda pipe=pipe: stock(pipe)) for name, pipe in pipes.items()},
+    }
+    ms = interleaved_medians(
+        {name: (lambda fn=fn: (fn(), sync())) for name, fn in variants.items()},
+        repeat=rounds, warmup=2,
+    )  # fmt: skip
+    floor = f"x (A/A of this loop: {ms['ours base A/A'] / ms['ours base']:.3f})"
+    return [
+        ("stock diffusers, same loop: base", ms["stock base"], "ms"),
+        ("stock diffusers, same loop: 1 adapter fused and unloaded", ms["stock fused"], "ms"),
+        ("stock diffusers, same loop: 1 adapter unfused", ms["stock unfused"], "ms"),
+        ("stock diffusers, same loop: 2 adapters unfused", ms["stock unfused 2"], "ms"),
+        ("ours / stock base, no adapter, same loop", ms["ours base"] / ms["stock base"], floor),
+        ("ours / stock fused, 1 adapter, same loop", ms["ours 1"] / ms["stock fused"], floor),
+        ("ours / stock unfused, 1 adapter, same loop", ms["ours 1"] / ms["stock unfused"],
+         floor),
+        ("ours / stock, 2 adapters (stock unfused), same loop",
+         ms["ours 2"] / ms["stock unfused 2"], floor),
     ]  # fmt: skip
 
 

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
+from bench.adapters import (
+    lora_overhead,
+    merge_cost,
+    mixed_batches,
+    stock_same_loop,
+    switch_cost,
+)
 from bench.common import median_ms, report
 from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
@@ -131,6 +137,11 @@ def serving_rows(
 
     rows += mixed_batches(engine, one_adapter_spec, 3, counts=(4,), sync=synchronize)
     rows += lora_overhead(engine, one_adapter_spec, rounds=3, sync=synchronize)
+    rows += stock_same_loop(
+        engine, one_adapter_spec,
+        lambda: load_pipeline(str(model_dir), device=args.device, dtype=DTYPES[args.dtype]),
+        [b.lora_path for b in bundles[:2]], rounds=3, sync=synchronize,
+    )  # fmt: skip
     fresh = iter(bundles[8:] * 50)
     counter = iter(range(10**9))
 

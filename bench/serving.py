@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bench.adapters import lora_overhead, merge_cost, mixed_batches, switch_cost
+from bench.adapters import (
+    lora_overhead,
+    merge_cost,
+    mixed_batches,
+    prompt_length_options,
+    stock_same_loop,
+    switch_cost,
+)
 from bench.common import interleaved_medians, median_ms, report
 from inference_service.engine import build_engine
 from inference_service.spec import AdapterRequest, GenerationSpec
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     for warm in (spec(), spec(("a0", 1.0)), spec(("a0", 0.7), ("a1", 0.5))):
         engine.generate(warm)  # first calls pay one-time kernel selection; keep them out
     rows = lora_overhead(engine, spec, rounds=args.rounds)
+    rows += stock_same_loop(
+        engine, spec, lambda: load_pipeline(model, device=device),
+        [b.lora_path for b in bundles[:2]], rounds=args.rounds,
+    )  # fmt: skip
     one_adapter_ms = next(value for name, value, _ in rows if name == "generate, 1 adapter")
 
     stock_rows, switch_stock, stock_one_adapter = stock_reference(
@@ -164,10 +174,7 @@ def stock_reference(
 
     pipe = load_pipeline(model, device=device)
     denoiser = families.of_pipeline(pipe).denoiser
-    # FLUX.1: T5 prompts as long as the engine's (the tokenizer's length), not 512.
-    tokenizer_2 = getattr(pipe, "tokenizer_2", None)
-    takes_length = "max_sequence_length" in inspect.signature(pipe.__call__).parameters
-    extra = {"max_sequence_length": tokenizer_2.model_max_length} if takes_length else {}
+    extra = prompt_length_options(pipe)
 
     def run() -> None:
         pipe("a red circle", width=size, height=size, num_inference_steps=steps,
