@@ -28,13 +28,19 @@ def interleaved_medians(
     fns: dict[str, Callable[[], Any]], *, repeat: int = 7, warmup: int = 1
 ) -> dict[str, float]:
     """Median ms of each function, timed round-robin so that a drift in the machine's speed
-    (tens of percent over minutes on shared machines) hits every variant alike."""
+    (tens of percent over minutes on shared machines) hits every variant alike. Each round
+    starts one variant later, so that no variant always runs first or after the same other
+    one (what ran before leaves caches warm or cold: in the serving loops the A/A twin, always
+    second, read 0.973-0.996x of the base it followed)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_ in range(repeat):
+        start = round_ % len(names)
+        for name in names[start:] + names[:start]:
+            fn = fns[name]
             started = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - started) * 1000)
