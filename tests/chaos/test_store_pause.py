@@ -16,9 +16,8 @@ from loraforge.v1 import trainer_pb2
 
 from loraforge_core.artifacts import fetch_bundle
 from loraforge_core.objectstore import open_object_store
-from tests.chaos.test_database_restart import TrainingProcesses
+from tests.chaos.common import TrainingProcesses, assert_ran_once_and_finished, start_long_job
 from tests.test_fleet import Fleet, stub, watch
-from tests.test_trainer_service import job_request
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +31,7 @@ def test_a_frozen_store_delays_checkpoint_uploads_and_loses_nothing(
     with ExitStack() as stack:
         a = stub(stack.enter_context(fleet.trainer("a")), stack)
         stack.enter_context(fleet.trainer("b"))
-        request = job_request(max_train_steps_ti=4, max_train_steps_tuning=200, save_steps=8)
-        job_id = a.CreateJob(request, timeout=30).job_id
-        for event in a.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300):
-            if event.WhichOneof("kind") == "checkpoint" and event.checkpoint.global_step >= 16:
-                break  # the next checkpoint's upload meets the frozen store
+        job_id, _ = start_long_job(a, tuning_steps=200)  # its next upload meets the frozen store
         with TrainingProcesses(job_id) as processes:
             os.kill(s3_server.process.pid, signal.SIGSTOP)
             try:
@@ -45,13 +40,10 @@ def test_a_frozen_store_delays_checkpoint_uploads_and_loses_nothing(
                 os.kill(s3_server.process.pid, signal.SIGCONT)
             events = watch(a, job_id)
             job = a.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=60)
-    assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
-    assert processes.most == 1, "two training processes ran the job at once"
-    assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # no gaps
+    assert_ran_once_and_finished(job, events, processes)
     messages = [e.log.message for e in events if e.WhichOneof("kind") == "log"]
     assert not any("stopped renewing its lease" in m for m in messages)  # never taken over
     store = open_object_store(fleet.s3_url, tmp_path)
     named = [e.checkpoint.artifact_id for e in events if e.WhichOneof("kind") == "checkpoint"]
     for artifact_id in {*named, job.final_artifact_id}:  # whole and verified, each of them
         assert fetch_bundle(store, artifact_id, tmp_path / "check" / artifact_id) is not None
-    assert processes.now() == []  # nothing left behind

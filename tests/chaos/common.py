@@ -1,0 +1,70 @@
+"""What the chaos tests share: a long job started on a fleet replica and watched past its
+first checkpoints, the job's training processes sampled from /proc, and the invariants every
+fault must leave intact."""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
+
+from tests.test_trainer_service import job_request
+
+PAST_STEP = 16  # a fault is injected after the checkpoint at this step: in the tuning phase
+
+
+def start_long_job(stub: trainer_pb2_grpc.TrainerStub, tuning_steps: int) -> tuple[str, int]:
+    """A job of ``tuning_steps`` LoRA steps, checkpointed every 8, watched until its
+    checkpoint at ``PAST_STEP``: (its id, the sequence of that event)."""
+    request = job_request(max_train_steps_ti=4, max_train_steps_tuning=tuning_steps, save_steps=8)
+    job_id = stub.CreateJob(request, timeout=30).job_id
+    for event in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300):
+        if event.WhichOneof("kind") == "checkpoint" and event.checkpoint.global_step >= PAST_STEP:
+            return job_id, event.sequence
+    raise AssertionError(f"job {job_id} ended before its checkpoint at step {PAST_STEP}")
+
+
+class TrainingProcesses:
+    """Samples /proc for a job's training processes until stopped; the most seen at once
+    (with ``running_only``, not counting frozen ones: SIGSTOP, or zombies)."""
+
+    def __init__(self, job_id: str, *, running_only: bool = False) -> None:
+        self.job_id = job_id
+        self.running_only = running_only
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def now(self) -> list[int]:
+        found = []
+        for process in psutil.process_iter(["pid", "cmdline", "status"]):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "trainer_service.training.run" not in cmdline or self.job_id not in cmdline:
+                continue
+            frozen = process.info["status"] in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
+            if not (self.running_only and frozen):
+                found.append(process.info["pid"])
+        return found
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.most = max(self.most, len(self.now()))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> TrainingProcesses:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def assert_ran_once_and_finished(job, events: list, processes: TrainingProcesses) -> None:
+    """The invariants after any fault: SUCCEEDED, never two training processes at once, a
+    gapless event log, and no training process left."""
+    assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
+    assert processes.most == 1, "two training processes ran the job at once"
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # no gaps
+    assert processes.now() == []  # nothing left behind
