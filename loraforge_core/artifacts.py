@@ -99,7 +99,10 @@ class BundleCache:
         finally:
             with self._lock:
                 del self._downloads[bundle_id]
-        return download.result()
+        fetched = download.result()
+        if fetched is not None:  # after the waiters are released: in_use may take a lock that
+            self.evict(keep=fetched)  # one of them holds while it waits (the registry's)
+        return fetched
 
     def _download(self, bundle_id: str, dest: Path) -> Path | None:
         log.info("fetching bundle from the artifact store",
@@ -109,7 +112,6 @@ class BundleCache:
         self.fetches += 1
         log.info("bundle fetched from the artifact store",
                  extra={"bundle_id": bundle_id, "store": self.objects.url})  # fmt: skip
-        self.evict(keep=dest)
         return dest
 
     def evict(self, keep: Path | None = None) -> list[str]:
