@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +132,67 @@ def test_the_bundle_cache_fetches_once_verifies_and_drops_the_least_recent(
     with pytest.raises(BundleError, match="sha256"):
         cache.get(ids[1])
     assert not (tmp_path / "cache" / ids[1]).exists()
+
+
+def waiting_in(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is inside a call of ``function`` now (its stack, sampled)."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class PausedStore(LocalObjectStore):
+    """A store whose downloads wait until ``resume`` is set (a slow network, held still)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.downloading, self.resume = threading.Event(), threading.Event()
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        self.downloading.set()
+        self.resume.wait()
+        return super().get_file(key, dest)
+
+
+def test_a_download_shared_with_a_waiter_holding_the_registrys_lock_completes(
+    tmp_path: Path,
+) -> None:
+    """The generator's pipeline thread may wait for a bundle another thread is downloading
+    while it holds the adapter registry's lock, which the cache takes (through ``in_use``)
+    to evict: the waiter must be released before the leader evicts."""
+    from loraforge_core.artifacts import BundleCache
+
+    store = PausedStore(tmp_path / "remote")
+    (bundle_id,) = stored_bundles(store, tmp_path, 1)
+    registry_lock = threading.Lock()
+
+    def in_use() -> set[Path]:
+        with registry_lock:
+            return set()
+
+    cache = BundleCache(store, tmp_path / "cache", limit_bytes=2**30, in_use=in_use)
+    leader = threading.Thread(target=cache.get, args=(bundle_id,), daemon=True)
+    leader.start()
+    assert store.downloading.wait(60)
+    got: list[Path | None] = []
+
+    def waiter() -> None:  # the pipeline thread: the lock held, the same bundle asked for
+        with registry_lock:
+            got.append(cache.get(bundle_id))
+
+    pipeline = threading.Thread(target=waiter, daemon=True)
+    pipeline.start()
+    while not waiting_in(pipeline, "result"):  # until it waits for the leader's download
+        assert pipeline.is_alive()
+        time.sleep(0.01)
+    store.resume.set()
+    pipeline.join(30)  # a bound on a deadlock, not a timing
+    leader.join(30)
+    assert not pipeline.is_alive() and not leader.is_alive(), "the two threads deadlocked"
+    assert got == [tmp_path / "cache" / bundle_id]
 
 
 def test_a_bundle_stored_under_another_bundles_id_is_refused(store, tmp_path: Path) -> None:
