@@ -1,5 +1,10 @@
 """Runs queued jobs, up to ``max_jobs`` at once, each in its own training process.
 
+Long because: one ``JobRunner`` owns a job's whole life on a replica (claim, lease and its
+watchdog, the child process, its events and their store writes, the artifact store's copies,
+retention), and each of those steps reads the same per-job state (``RunningJob``); split, the
+lease rules (fenced writes, stop before the lease lapses) would be spread over modules.
+
 A child process per job means a cancel is a clean stop, a crash or OOM fails only the job, and
 GPU memory is returned. The child reports events (events.py) as JSON lines on stdout; this module
 turns them into persisted job events and artifact records. A job this replica was running when
@@ -11,8 +16,8 @@ Each concurrent job has a slot; on a GPU machine a slot owns ``num_processes`` G
 
 Jobs are claimed from the shared store under a lease (job_store.py) that a heartbeat renews every
 ``lease_s / 3``; the heartbeat also carries a cancel asked on another replica. A replica that
-finds its lease gone (another replica took the job) kills the job's process and writes nothing
-more for it.
+finds its lease gone (another replica took the job), or no longer certainly held (the database
+away past LEASE_MARGIN), kills the job's process and writes nothing more for it.
 """
 
 from __future__ import annotations
