@@ -265,10 +265,10 @@ class JobRunner:
         while (left := running.held_until - time.monotonic()) > 0:
             await asyncio.sleep(left)
         if not running.lost:
-            log.warning("lease not renewed in time (is the job database away?): stopping the job "
-                        "here; its next claim resumes it", extra={"job_id": job_id})  # fmt: skip
             running.lost = True
-            self._signal(running, signal.SIGKILL)
+            self._signal(running, signal.SIGKILL)  # before the log line: it says it is done
+            log.warning("lease not renewed in time (is the job database away?): stopped the job "
+                        "here; its next claim resumes it", extra={"job_id": job_id})  # fmt: skip
 
     async def _store_write(self, running: RunningJob, call: Callable[..., Any], *args: Any) -> Any:
         """A job-store write for a running job, off the event loop, retried while the database

@@ -6,6 +6,7 @@ unfrozen training processes run the job."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,6 +22,14 @@ from tests.test_fleet import Fleet, stub, watch
 pytestmark = pytest.mark.slow
 
 STOPPED_IN_TIME = "lease not renewed in time"
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running or stopped, not yet ended (a zombie has ended; its parent reaps it later)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
@@ -48,10 +57,12 @@ def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
             while STOPPED_IN_TIME not in a_server.log():
                 assert time.monotonic() < deadline, a_server.log()
                 time.sleep(0.05)
-            for process in frozen:  # ... then the training process it has already killed
-                if process.is_running():
+            for process in frozen:  # ... then the training process it has already killed:
+                with contextlib.suppress(psutil.NoSuchProcess):  # its SIGKILL comes first
                     process.resume()
-            assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in frozen)
+            while any(alive(p) for p in frozen):  # the kernel ends a killed process promptly
+                assert time.monotonic() < deadline, "the frozen training process outlived a"
+                time.sleep(0.05)
             events = watch(b, job_id)
             job = b.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=60)
     assert_ran_once_and_finished(job, events, processes)  # counting running processes
