@@ -18,6 +18,11 @@ same few operations whatever the number of adapters:
   gathered into ``[rows, rank, in]`` and ``[rows, out, rank]`` (padded to the largest row's
   rank sum), and the delta is one batched matmul pair, as Punica's BGMV does.
 
+While a set applies, a layer with nothing to add stands aside for its base layer, and a fused
+layer for a twin of its base layer that holds the merged weight: the model then makes the
+module calls stock diffusers makes (the wrappers' own calls were about 1% of a small render);
+``clear`` puts the LoRA layers back. Compiled components keep their layers (their graph).
+
 The maths is peft's own (``scaling`` = alpha / r); only each adapter's used rank and layers
 are computed (a rank-8 adapter in a rank-16 slot costs rank 8, and a slot's layers that its
 adapter lacks cost nothing, except in a compiled component, whose graph must not change).
@@ -25,6 +30,7 @@ adapter lacks cost nothing, except in a compiled component, whose graph must not
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,6 +133,8 @@ class LoraMixer:
         # adapter set (steps x guidance), so merging a set that every row shares pays there.
         self.components = tuple(components)
         self.layers: dict[str, list[Any]] = {c: [] for c in self.components}
+        self._places: dict[str, list[tuple[Any, str]]] = {c: [] for c in self.components}
+        self._twins: dict[int, Any] = {}  # a layer's base layer holding its fused weight
         self.ranks: dict[str, int] = {}  # peft name -> rank in use, where less than the layer's
         self.holding: dict[str, set[int]] = {}  # peft name -> its layers, where fewer than all
         self.version = 0  # bumped when any adapter's factors change: built plans are stale
@@ -136,17 +144,21 @@ class LoraMixer:
 
     def refresh(self) -> None:
         """Take over LoRA layers that diffusers created since the last call."""
+        self.clear()  # every layer in its place before the walk
         classes = _layer_classes()
         mixed = tuple(classes.values())
         for component in self.components:
-            found = []
-            for module in getattr(self.pipe, component).modules():
-                if type(module) in classes:
-                    module.__class__ = classes[type(module)]
-                if isinstance(module, mixed):
-                    _refuse_unsupported(module)
-                    found.append(module)
-            self.layers[component] = found
+            found, places = [], []
+            for parent in getattr(self.pipe, component).modules():
+                for name, module in parent.named_children():
+                    if type(module) in classes:
+                        module.__class__ = classes[type(module)]
+                    if isinstance(module, mixed):
+                        _refuse_unsupported(module)
+                        found.append(module)
+                        places.append((parent, name))
+            self.layers[component], self._places[component] = found, places
+        self._twins.clear()
         self.version += 1
 
     def adapter_changed(
@@ -172,13 +184,34 @@ class LoraMixer:
             skip = component not in self.compiled
             plans = [self._plan(layer, weights, fuse, skip) for layer in self.layers[component]]
             self._built[component] = built = (key, plans)
-        for layer, plan in zip(self.layers[component], built[1], strict=True):
+        stand_aside = component not in self.compiled
+        places = self._places[component]
+        for layer, plan, (parent, name) in zip(self.layers[component], built[1], places,
+                                               strict=True):  # fmt: skip
             object.__setattr__(layer, "mix_plan", plan)  # skips nn.Module's attribute checks
+            if stand_aside:
+                parent._modules[name] = self._stand_in(layer, plan)
 
     def clear(self) -> None:
         for component in self.components:
-            for layer in self.layers[component]:
+            for layer, (parent, name) in zip(self.layers[component], self._places[component],
+                                             strict=True):  # fmt: skip
                 object.__setattr__(layer, "mix_plan", None)
+                parent._modules[name] = layer
+
+    def _stand_in(self, layer: Any, plan: Plan | None) -> Any:
+        """What computes ``layer`` under ``plan`` with the fewest calls: its base layer when it
+        adds nothing, the base layer's twin on the merged weight when fused, else itself."""
+        if plan is None:
+            return layer.base_layer
+        if plan.kind != "fused":
+            return layer
+        twin = self._twins.get(id(layer))
+        if twin is None:  # the merged weight lives in the layer's one scratch buffer
+            twin = self._twins[id(layer)] = copy.copy(layer.base_layer)
+            merged = torch.nn.Parameter(plan.weight, requires_grad=False)
+            twin._parameters = {**twin._parameters, "weight": merged}
+        return twin
 
     # ------------------------------------------------------------------ plans
     @torch.no_grad()

@@ -18,6 +18,7 @@ from inference_service.batching import PipelineTurns
 from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import pack
+from loraforge_core.errors import Cancelled
 from trainer_service.training.lora import random_lora_bundle
 
 ADAPTERS = 4
@@ -158,6 +159,37 @@ def test_the_pipelines_find_their_device_without_walking_their_modules(engine, m
         "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
         "StableDiffusionInpaintPipeline",
     ]  # fmt: skip
+
+
+def test_the_denoiser_runs_without_lora_wrappers_unless_a_request_mixes(engine):
+    """With no adapter, or one set shared by the batch (fused), the UNet makes the module
+    calls stock diffusers makes: no LoRA wrapper runs. A mixed batch runs them; afterwards,
+    and after a cancelled request, every LoRA layer is back in its place."""
+    layers = engine.mixer.layers["unet"]
+    calls: list[str] = []
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append("unet"))
+             for layer in layers]  # fmt: skip
+
+    def in_place() -> bool:
+        named = dict(engine.pipe.unet.named_modules())
+        return all(any(m is layer for m in named.values()) for layer in layers)
+
+    def spec(*adapters: tuple[str, float], seed: int = 0) -> GenerationSpec:
+        return GenerationSpec("a red circle", width=32, height=32, steps=2, seed=seed,
+                              adapters=[AdapterRequest(a, s) for a, s in adapters])  # fmt: skip
+
+    try:
+        engine.generate(spec())
+        engine.generate(spec(("a0", 0.8)))
+        assert calls == [] and in_place()
+        engine.generate_batch([GenerationJob(spec(("a0", 0.8))), GenerationJob(spec(seed=1))])
+        assert calls and in_place()
+        with pytest.raises(Cancelled):
+            engine.generate(spec(("a1", 0.5)), is_cancelled=lambda: True)
+        assert in_place()
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @pytest.mark.parametrize("scheduler", ["dpmpp_2m", "pndm", "euler_ancestral"])
