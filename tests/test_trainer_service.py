@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import torch
 from google.rpc import error_details_pb2
@@ -19,6 +20,7 @@ from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
 from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import ServerProcess
 from tests.helpers import shape_png, write_model_index
+from trainer_service.training.zygote import TITLE as ZYGOTE
 
 FAST = dict(max_train_steps_ti=4, max_train_steps_tuning=4, save_steps=2,
             gradient_accumulation_steps=1, learning_rate_unet=1e-2, learning_rate_text=1e-3,
@@ -344,3 +346,45 @@ def test_a_replica_trains_max_jobs_at_once_and_queues_the_rest(
     finished = [j.finished_at.ToDatetime() for j in jobs]
     assert started[1] < finished[0] and started[0] < finished[1]  # the first two overlapped
     assert started[2] >= min(finished[:2])  # the third waited for a free slot
+
+
+@pytest.mark.slow
+def test_training_processes_fork_from_one_zygote_and_outlive_its_death(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Each job's training process is forked from the server's one preloaded zygote (so jobs
+    skip the training stack's imports), named in ps as an exec'd one would be. A zygote that
+    dies stops its children as a dying server does: their jobs go back to the queue, a new
+    zygote starts, and they resume and succeed."""
+    with (
+        ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        request = job_request("z-1", max_train_steps_ti=2, max_train_steps_tuning=2)
+        watch_all(stub, stub.CreateJob(request, timeout=30).job_id)
+        assert server.process is not None
+        server_process = psutil.Process(server.process.pid)
+
+        def zygotes() -> list[psutil.Process]:
+            return [p for p in server_process.children() if p.cmdline()[:1] == [ZYGOTE]]
+
+        (zygote,) = zygotes()  # started for the first job, still there
+        request = job_request("z-2", max_train_steps_ti=4, max_train_steps_tuning=40,
+                              save_steps=8)  # fmt: skip
+        job_id = stub.CreateJob(request, timeout=30).job_id
+        for event in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300):
+            if event.WhichOneof("kind") == "checkpoint":
+                break
+        (training,) = zygote.children()
+        assert f"-m trainer_service.training.run --job-dir {tmp_path}" in " ".join(
+            training.cmdline()
+        ) and job_id in " ".join(training.cmdline())
+        zygote.kill()
+        events = watch_all(stub, job_id)
+        job = stub.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=30)
+        (new_zygote,) = zygotes()
+    assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
+    assert new_zygote.pid != zygote.pid
+    messages = [e.log.message for e in events if e.WhichOneof("kind") == "log"]
+    assert any(m.startswith("resumed from checkpoint at step ") for m in messages), messages

@@ -55,6 +55,7 @@ from trainer_service.job_store import (
 )  # fmt: skip
 from trainer_service.jobdir import JobDir
 from trainer_service.training.run import EXIT_CANCELLED
+from trainer_service.training.zygote import ForkedProcess, Zygote
 
 log = logging.getLogger("loraforge.trainer.worker")
 
@@ -90,7 +91,7 @@ class RunningJob:
     lease: Lease  # every write for the job carries it (job_store.Lease)
     held_until: float = 0.0  # time.monotonic(): the lease is certainly ours until then
     task: asyncio.Task[None] | None = None
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | ForkedProcess | None = None
     lost: bool = False  # another replica took the job: write nothing more
     progress: Progress | None = None  # the latest, for the metrics
 
@@ -109,6 +110,7 @@ class JobRunner:
         replica_id: str = "local",
         lease_s: float = LEASE_SECONDS,
         keep_checkpoints: int = 0,
+        preload: bool = True,
         on_event: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.job_store = job_store
@@ -120,6 +122,8 @@ class JobRunner:
         self.replica_id = replica_id
         self.lease_s = lease_s
         self.keep_checkpoints = keep_checkpoints  # 0: every checkpoint stays
+        # Single-process jobs fork from a zygote that imported the training stack once.
+        self._zygote = Zygote(MAX_EVENT_LINE) if preload and num_processes <= 1 else None
         self.on_event = on_event  # called on the event loop's thread (see _announce)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
@@ -164,6 +168,8 @@ class JobRunner:
                 self._signal(running, signal.SIGKILL)
             await asyncio.wait(late)
         self._drained.set()
+        if self._zygote is not None:
+            await self._zygote.close()
         if heartbeat is not None:
             await heartbeat
 
@@ -332,15 +338,11 @@ class JobRunner:
             )  # fmt: skip
         self._announce(job_id)
 
+    def _arguments(self, job_dir: JobDir) -> list[str]:
+        return ["--job-dir", str(job_dir.path), "--artifacts-dir", str(self.artifacts_dir)]
+
     def _command(self, job_dir: JobDir) -> list[str]:
-        run = [
-            "-m",
-            "trainer_service.training.run",
-            "--job-dir",
-            str(job_dir.path),
-            "--artifacts-dir",
-            str(self.artifacts_dir),
-        ]
+        run = ["-m", "trainer_service.training.run", *self._arguments(job_dir)]
         if self.num_processes <= 1:
             return [sys.executable, *run]
         # torchrun starts one process per device (CPU processes talk over gloo); accelerate
@@ -366,12 +368,15 @@ class JobRunner:
         running = self._running[job_id]
         if self.objects is not None:  # inputs, checkpoints and bundles another replica stored
             await asyncio.to_thread(self._fetch_job, job_id, job_dir)
+        env = self._environment(self.slots[running.slot])
         with open(job_dir.log, "ab") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
-                env=self._environment(self.slots[running.slot]), limit=MAX_EVENT_LINE,
-                start_new_session=True,
-            )  # fmt: skip
+            if self._zygote is not None:
+                process = await self._zygote.spawn(self._arguments(job_dir), env, stderr.fileno())
+            else:
+                process = await asyncio.create_subprocess_exec(
+                    *self._command(job_dir), stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                    env=env, limit=MAX_EVENT_LINE, start_new_session=True,
+                )  # fmt: skip
         running.process = process
         if running.lost:  # the lease lapsed while its inputs were fetched
             self._signal(running, signal.SIGKILL)
@@ -499,7 +504,7 @@ class JobRunner:
         self._announce(job_id)
 
 
-async def _kill_and_reap(process: asyncio.subprocess.Process) -> None:
+async def _kill_and_reap(process: asyncio.subprocess.Process | ForkedProcess) -> None:
     """A job's training process, once the runner is done with it for any reason: its process
     group (the launcher and every rank it started) killed unless it has exited, then waited
     for, so that nothing trains on unwatched and no zombie is left."""

@@ -1,0 +1,254 @@
+"""A preloaded parent for training processes: ``python -m trainer_service.training.zygote``.
+
+A training process spends about 5.5 s of CPU importing torch, diffusers, transformers and peft
+before its first step, on every job, resume and retry. The trainer server keeps one zygote
+that imports them once (and touches no device) and forks each single-process job's training
+process from it: the child starts with everything imported, in its own session, with the
+job's environment, its stdout on the pipe the server reads events from and its stderr on the
+job's log, and then runs ``training.run`` as an exec'd process would. ``ps`` shows it as
+``trainer_service.training.run --job-dir ...``.
+
+Protocol, on the zygote's stdin (a SOCK_SEQPACKET socket: one message per request): a JSON
+object ``{"argv": [...], "env": {...}}`` with two descriptors attached (the child's stdout and
+stderr). On its stdout, one JSON line per event: ``{"started": pid}`` for each request, in
+order, then ``{"exited": pid, "code": c}`` when that child ends (``c`` as asyncio reports it:
+negative for a signal). The zygote exits when its stdin closes or its parent dies; its children
+then get SIGTERM (each ties itself to its parent) and stop at their next step, as they do when
+a server dies, and their jobs go back to the queue; the next job starts a new zygote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+
+from trainer_service.training.run import EXIT_CANCELLED
+
+MAX_REQUEST = 1 << 20  # a request's JSON: the job's environment and arguments
+UNREPORTED_EXIT_S = 2.0  # how long an ended child's exit status may take to be reported
+TITLE = "loraforge training zygote"
+
+
+class ForkedProcess:
+    """A training process the zygote forked, with what the job runner uses of
+    ``asyncio.subprocess.Process``: ``pid``, ``stdout``, ``returncode``, ``wait`` and
+    ``send_signal``."""
+
+    def __init__(self, pid: int, stdout: asyncio.StreamReader, ended: asyncio.Future) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self._ended = ended
+        # Its end is seen without the zygote too (a zygote frozen or gone never reports it):
+        # a pidfd turns readable when the process ends, whoever its parent is.
+        with contextlib.suppress(ProcessLookupError):  # already ended: the report will come
+            self._pidfd = os.pidfd_open(pid)
+            asyncio.get_running_loop().add_reader(self._pidfd, self._gone)
+
+    def _gone(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        loop.call_later(UNREPORTED_EXIT_S, self._unreported)
+
+    def _unreported(self) -> None:
+        if not self._ended.done():  # its job resumes from its last checkpoint
+            self._ended.set_result(EXIT_CANCELLED)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._ended.result() if self._ended.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._ended)
+
+    def send_signal(self, sig: int) -> None:
+        if self._ended.done():  # reaped: its pid may be another process's now
+            raise ProcessLookupError(self.pid)
+        os.kill(self.pid, sig)
+
+
+class Zygote:
+    """The server's side: starts the zygote on first use (and again if it died), forks
+    training processes from it, and learns from it when each ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # the longest event line a child's stdout may carry
+        self._process: asyncio.subprocess.Process | None = None
+        self._control: socket.socket | None = None
+        self._turn = asyncio.Lock()
+        self._starting: collections.deque[asyncio.Future] = collections.deque()
+        self._ended: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def spawn(self, argv: list[str], env: dict[str, str], stderr: int) -> ForkedProcess:
+        """A training process running ``training.run`` with ``argv`` and ``env``, its stderr
+        on the descriptor ``stderr``."""
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe()
+        try:
+            async with self._turn:
+                control = await self._running()
+                started = loop.create_future()
+                self._starting.append(started)
+                request = json.dumps({"argv": argv, "env": env}).encode()
+                socket.send_fds(control, [request], [write_end, stderr])
+                pid = await started
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        stdout = asyncio.StreamReader(limit=self.limit)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_end, "rb", 0)
+        )
+        return ForkedProcess(pid, stdout, self._ended[pid])
+
+    async def close(self) -> None:
+        """End the zygote (its stdin closes); its children, if any, get SIGTERM."""
+        process, self._process = self._process, None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if process is not None and process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), timeout=10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        if self._reader is not None:
+            await self._reader
+
+    async def _running(self) -> socket.socket:
+        if self._process is None or self._process.returncode is not None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with theirs:
+                self._process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "trainer_service.training.zygote", stdin=theirs,
+                    stdout=asyncio.subprocess.PIPE, start_new_session=True,
+                )  # fmt: skip
+            self._control = ours
+            self._reader = asyncio.create_task(
+                self._read_reports(self._process), name="training-zygote"
+            )
+        assert self._control is not None
+        return self._control
+
+    async def _read_reports(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            report = json.loads(line)
+            if "started" in report:
+                self._ended[report["started"]] = asyncio.get_running_loop().create_future()
+                self._starting.popleft().set_result(report["started"])
+            else:
+                ended = self._ended.pop(report["exited"])
+                if not ended.done():
+                    ended.set_result(report["code"])
+        # The zygote ended: its children got SIGTERM (they stop at their next step and exit).
+        await process.wait()
+        while self._starting:
+            self._starting.popleft().set_exception(
+                RuntimeError(f"the training zygote exited with code {process.returncode}")
+            )
+        for ended in self._ended.values():  # stopped as a dying server's children stop
+            if not ended.done():
+                ended.set_result(EXIT_CANCELLED)
+        self._ended.clear()
+
+
+def exit_code(status: int) -> int:
+    """A wait status as asyncio's ``returncode``: the exit code, or minus the signal."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def main() -> int:
+    from setproctitle import setproctitle
+
+    from loraforge_core.logs import configure_logging
+    from trainer_service.training import run
+
+    run.die_with_parent()
+    setproctitle(TITLE)
+    configure_logging("info")  # before the libraries speak: what they log is JSON
+    import trainer_service.training.trainer  # noqa: F401  the imports every child shares
+
+    control = socket.socket(fileno=sys.stdin.fileno())
+    reports = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not reach the server
+    child_ended_r, child_ended_w = os.pipe()
+    os.set_blocking(child_ended_w, False)
+    signal.set_wakeup_fd(child_ended_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector through the pipe
+    events = selectors.DefaultSelector()
+    events.register(control, selectors.EVENT_READ)
+    events.register(child_ended_r, selectors.EVENT_READ)
+    while True:
+        for key, _ in events.select():
+            if key.fileobj is child_ended_r:
+                os.read(child_ended_r, 4096)
+                _report_ended(reports)
+                continue
+            message, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 2)
+            if not message:  # the server closed its end: no more jobs
+                return 0
+            request = json.loads(message)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the training process
+                events.close()
+                reports.close()
+                control.detach()  # fd 0: the child's stdin becomes /dev/null
+                for fd in (child_ended_r, child_ended_w):
+                    os.close(fd)
+                return _become_training_process(request, fds)
+            for fd in fds:
+                os.close(fd)
+            reports.write(json.dumps({"started": pid}) + "\n")
+
+
+def _report_ended(reports) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        reports.write(json.dumps({"exited": pid, "code": exit_code(status)}) + "\n")
+
+
+def _become_training_process(request: dict, fds: list[int]) -> int:
+    from setproctitle import setproctitle
+
+    from trainer_service.training import run
+
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, sys.stdin.fileno())
+    os.close(null)
+    os.dup2(fds[0], sys.stdout.fileno())
+    os.dup2(fds[1], sys.stderr.fileno())
+    for fd in fds:
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = request["argv"]
+    setproctitle(" ".join([sys.executable, "-m", "trainer_service.training.run", *argv]))
+    sys.argv = ["trainer_service.training.run", *argv]
+    return run.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
