@@ -2,7 +2,7 @@
 it never saw, and the fidelity check fails when the LoRA is not applied or the trainer's loss
 target is wrong.
 
-Each test trains the demo's recipe (about 60 s on one core) and scores images with the
+Each test trains the demo's recipe (about 100 s on one core) and scores images with the
 toy-world checker; the full table over five scales is in docs/architecture.md.
 """
 
