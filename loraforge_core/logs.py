@@ -75,8 +75,8 @@ def configure_logging(level: str = "info") -> None:
 # Read when each library is imported (diffusers and transformers reset their loggers' level
 # then, and tqdm >= 4.66 takes its TQDM_* defaults then: hence the servers quiet them before
 # importing anything that imports them): library progress bars would interleave with the JSON
-# lines. Through the environment, so that a server does not import
-# diffusers (3 s) only to quiet it, and its training processes inherit the same.
+# lines. Through the environment, so that a server does not import diffusers (3 s) only to
+# quiet it, and its training processes inherit the same.
 QUIET_LIBRARIES_ENV = {
     "DIFFUSERS_VERBOSITY": "error",
     "TRANSFORMERS_VERBOSITY": "error",

@@ -185,8 +185,9 @@ def test_a_download_shared_with_a_waiter_holding_the_registrys_lock_completes(
 
     pipeline = threading.Thread(target=waiter, daemon=True)
     pipeline.start()
+    deadline = time.monotonic() + 60
     while not waiting_in(pipeline, "result"):  # until it waits for the leader's download
-        assert pipeline.is_alive()
+        assert pipeline.is_alive() and time.monotonic() < deadline
         time.sleep(0.01)
     store.resume.set()
     pipeline.join(30)  # a bound on a deadlock, not a timing

@@ -61,7 +61,7 @@ def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
                 with contextlib.suppress(psutil.NoSuchProcess):  # its SIGKILL comes first
                     process.resume()
             while any(alive(p) for p in frozen):  # the kernel ends a killed process promptly
-                assert time.monotonic() < deadline, "the frozen training process outlived a"
+                assert time.monotonic() < deadline, "the killed training process lives on"
                 time.sleep(0.05)
             events = watch(b, job_id)
             job = b.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=60)

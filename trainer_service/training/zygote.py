@@ -41,9 +41,13 @@ class ForkedProcess:
     ``asyncio.subprocess.Process``: ``pid``, ``stdout``, ``returncode``, ``wait`` and
     ``send_signal``."""
 
-    def __init__(self, pid: int, stdout: asyncio.StreamReader, ended: asyncio.Future) -> None:
+    def __init__(
+        self, pid: int, stdout: asyncio.StreamReader, pipe: asyncio.BaseTransport,
+        ended: asyncio.Future,
+    ) -> None:  # fmt: skip
         self.pid = pid
         self.stdout = stdout
+        self._pipe = pipe
         self._ended = ended
         # Its end is seen without the zygote too (a zygote frozen or gone never reports it):
         # a pidfd turns readable when the process ends, whoever its parent is.
@@ -66,7 +70,9 @@ class ForkedProcess:
         return self._ended.result() if self._ended.done() else None
 
     async def wait(self) -> int:
-        return await asyncio.shield(self._ended)
+        code = await asyncio.shield(self._ended)
+        self._pipe.close()  # the runner has read what it wanted of stdout (or killed it)
+        return code
 
     def send_signal(self, sig: int) -> None:
         if self._ended.done():  # reaped: its pid may be another process's now
@@ -106,10 +112,10 @@ class Zygote:
         finally:
             os.close(write_end)
         stdout = asyncio.StreamReader(limit=self.limit)
-        await loop.connect_read_pipe(
+        pipe, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_end, "rb", 0)
         )
-        return ForkedProcess(pid, stdout, self._ended[pid])
+        return ForkedProcess(pid, stdout, pipe, self._ended[pid])
 
     async def close(self) -> None:
         """End the zygote (its stdin closes); its children, if any, get SIGTERM."""
@@ -163,11 +169,6 @@ class Zygote:
             if not ended.done():
                 ended.set_result(EXIT_CANCELLED)
         self._ended.clear()
-
-
-def exit_code(status: int) -> int:
-    """A wait status as asyncio's ``returncode``: the exit code, or minus the signal."""
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def main() -> int:
@@ -224,7 +225,8 @@ def _report_ended(reports) -> None:
             return
         if pid == 0:
             return
-        reports.write(json.dumps({"exited": pid, "code": exit_code(status)}) + "\n")
+        code = os.waitstatus_to_exitcode(status)  # as asyncio's returncode: -signal if killed
+        reports.write(json.dumps({"exited": pid, "code": code}) + "\n")
 
 
 def _become_training_process(request: dict, fds: list[int]) -> int:
