@@ -20,6 +20,25 @@ from loraforge_core.models import resolve_model
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def preload() -> None:
+    """Import the classes a job of every family the trainer serves resolves by name (diffusers
+    and transformers import each on first use): a process forked after this (the zygote's
+    children) starts its job without importing, about 1 s of CPU a job."""
+    import diffusers
+    import diffusers.image_processor
+    import diffusers.optimization
+    import diffusers.training_utils
+    import transformers
+
+    for family in families.served_by("trainer"):
+        names = (family.denoiser_class, family.training_scheduler, family.preview_scheduler,
+                 *family.pipelines.values())  # fmt: skip
+        for name in ("AutoencoderKL", *names):
+            getattr(diffusers, name)
+        for name in (*family.text_encoder_classes, *family.tokenizer_classes):
+            getattr(transformers, name)
+
+
 @dataclass
 class BaseModel:
     path: str
@@ -159,10 +178,11 @@ class BaseModel:
 
     @torch.no_grad()
     def render(
-        self, prompt: str, resolution: int, seed: int, steps: int = 20,
+        self, prompts: list[str], resolution: int, seeds: list[int], steps: int = 20,
         guidance: float | None = None,
-    ) -> Any:  # fmt: skip
-        """One image of ``prompt`` with the weights as they are now (a training preview); the
+    ) -> list[Any]:  # fmt: skip
+        """An image of each prompt (``prompts[i]`` drawn from ``seeds[i]``, as it would be
+        alone), in one batch, with the weights as they are now (previews, evaluations); the
         modules' train/eval modes are left as they were.
 
         The denoiser runs in its own dtype under autocast (the text encoders stay float32);
@@ -180,12 +200,12 @@ class BaseModel:
             with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=mixed):
                 options = {} if guidance is None else {"guidance_scale": guidance}
                 latents = pipe(
-                    prompt, height=resolution, width=resolution, num_inference_steps=steps,
-                    generator=torch.Generator().manual_seed(seed), output_type="latent",
-                    **options,
+                    prompts, height=resolution, width=resolution, num_inference_steps=steps,
+                    generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                    output_type="latent", **options,
                 ).images  # fmt: skip
             latents = self.family.spatial_latents(latents, resolution, resolution, self.vae)
-            return self.decode(latents)[0]
+            return self.decode(latents)
         finally:
             for module, mode in zip(modules, modes, strict=True):
                 module.train(mode)

@@ -181,6 +181,9 @@ def main() -> int:
     setproctitle(TITLE)
     configure_logging("info")  # before the libraries speak: what they log is JSON
     import trainer_service.training.trainer  # noqa: F401  the imports every child shares
+    from trainer_service.training.base_model import preload
+
+    preload()
 
     control = socket.socket(fileno=sys.stdin.fileno())
     reports = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
