@@ -81,12 +81,13 @@ def measure(
     pipe.load_textual_inversion(list(embeddings.values()), token=list(embeddings))
     found: dict[float, list[tuple[float, float]]] = {0.0: [], 1.0: []}
 
-    def render(prompt: str, scale: float, seed: int):
+    def render(prompts: list[str], scale: float, seeds: list[int]):
         pipe.set_adapters(["b"], [scale])
-        image = pipe(prompt, num_inference_steps=20, guidance_scale=GUIDANCE,
-                     generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
-        found[scale].append(leaks(image, background))
-        return image
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        images = pipe(prompts, num_inference_steps=20, guidance_scale=GUIDANCE,
+                      generator=generators).images  # fmt: skip
+        found[scale] += [leaks(image, background) for image in images]
+        return images
 
     rows = score(render, Concept(CONCEPT_COLOR), "".join(embeddings), scales=(0.0, 1.0))
     return {

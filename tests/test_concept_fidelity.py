@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from inference_service.engine import build_engine
-from inference_service.spec import AdapterRequest, GenerationSpec
+from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import Bundle, pack
 from loraforge_core.evaluation import Evaluation
 from loraforge_core.models import load_pipeline
@@ -78,10 +78,15 @@ def generator_fidelity(bundle: Bundle, evaluation: Evaluation) -> dict[float, fl
     engine = build_engine(load_pipeline(""), bundle.path.parent / "generator")
     engine.adapters.register("trained", data=pack(bundle.path))
 
-    def render(prompt: str, scale: float, seed: int):
-        spec = GenerationSpec(prompt=prompt, steps=EVAL_STEPS, guidance_scale=5.0, seed=seed,
-                              adapters=[AdapterRequest("trained", scale)])  # fmt: skip
-        return Image.open(io.BytesIO(engine.generate(spec)[0].data)).convert("RGB")
+    def render(prompts: list[str], scale: float, seeds: list[int]) -> list[Image.Image]:
+        jobs = [GenerationJob(GenerationSpec(prompt=prompt, steps=EVAL_STEPS, guidance_scale=5.0,
+                                             seed=seed,
+                                             adapters=[AdapterRequest("trained", scale)]))
+                for prompt, seed in zip(prompts, seeds, strict=True)]  # fmt: skip
+        outcomes = engine.generate_batch(jobs)  # one batch, as the server's queue would make
+        for outcome in outcomes:
+            assert not isinstance(outcome, Exception), outcome
+        return [Image.open(io.BytesIO(images[0].data)).convert("RGB") for images in outcomes]
 
     scales = [s.scale for s in evaluation.scores]
     rows = score(render, Concept(CONCEPT_COLOR), "<s1>", scales=scales, seeds=EVAL_IMAGES,

@@ -20,6 +20,7 @@ import io
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loraforge_client import GeneratorClient, TrainerClient
@@ -56,10 +57,15 @@ def fidelity_table(client: GeneratorClient, adapter: str, seeds: int, steps: int
     """Fidelity per scale (UNet and text encoder together) over the probe prompts, with the
     images drawn by the generator service."""
 
-    def render(prompt: str, scale: float, seed: int) -> Image.Image:
+    def one(prompt: str, scale: float, seed: int) -> Image.Image:
         image = client.generate(prompt, adapters=[(adapter, scale)], seed=seed, steps=steps,
                                 guidance_scale=GUIDANCE)[0]  # fmt: skip
         return Image.open(io.BytesIO(image.data))
+
+    def render(prompts: list[str], scale: float, seeds: list[int]) -> list[Image.Image]:
+        # Requests in flight together: the generator draws them in shared batches.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(one, prompts, [scale] * len(prompts), seeds))
 
     return format_table(score(render, Concept(CONCEPT_COLOR), "<s1>", seeds=seeds))
 

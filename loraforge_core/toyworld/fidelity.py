@@ -134,7 +134,9 @@ def probes_for(concept: Concept) -> list[Probe]:
     return probes
 
 
-Render = Callable[[str, float, int], Any]  # (prompt, adapter scale, seed) -> PIL image
+# (prompts, adapter scale, seeds) -> one PIL image per prompt, prompts[i] drawn with seeds[i].
+# A scale's images come in one call, so that a renderer can draw them as batches.
+Render = Callable[[list[str], float, list[int]], list[Any]]
 FIRST_SEED = 10_000  # probes use seeds FIRST_SEED, FIRST_SEED + 1, ...
 
 
@@ -143,17 +145,19 @@ def score(
     first_seed: int = FIRST_SEED,
 ) -> list[Row]:  # fmt: skip
     """Subject and prompt fidelity at each scale of images drawn by ``render``."""
+    asks = [(probe, seed) for probe in probes_for(concept)
+            for seed in range(first_seed, first_seed + seeds)]  # fmt: skip
+    prompts = [probe.template.format(tokens) for probe, _ in asks]
     rows = []
     for scale in scales:
-        subject = prompt = total = 0
-        for probe in probes_for(concept):
-            for seed in range(first_seed, first_seed + seeds):
-                reading = toyworld.check(render(probe.template.format(tokens), scale, seed))
-                shows = concept.shown_by(reading)
-                subject += shows
-                prompt += shows and reading.matches(probe.color, probe.shape)
-                total += 1
-        rows.append(Row(scale, subject / total, prompt / total, total))
+        images = render(prompts, scale, [seed for _, seed in asks])
+        subject = prompt = 0
+        for (probe, _), image in zip(asks, images, strict=True):
+            reading = toyworld.check(image)
+            shows = concept.shown_by(reading)
+            subject += shows
+            prompt += shows and reading.matches(probe.color, probe.shape)
+        rows.append(Row(scale, subject / len(asks), prompt / len(asks), len(asks)))
     return rows
 
 
@@ -167,9 +171,10 @@ def evaluate(
     steps: int = 20,
     guidance: float = GUIDANCE,
     text_encoder_follows: bool = True,
+    batch: int = 16,
 ) -> list[Row]:
     """Fidelity of the bundle loaded into a stock diffusers pipeline of its family (tokens
-    loaded into every text encoder throughout)."""
+    loaded into every text encoder throughout), drawn ``batch`` images a pipeline call."""
     from loraforge_core import families
 
     family = families.of_pipeline(pipe)
@@ -184,17 +189,18 @@ def evaluate(
         if tokens:
             pipe.load_textual_inversion([vectors[t][i] for t in tokens], token=tokens,
                                         text_encoder=encoder, tokenizer=tokenizer)  # fmt: skip
-    active: list[float] = []
 
-    def render(text: str, scale: float, seed: int) -> Any:
-        if active != [scale]:  # set_adapters walks every module: once per scale
-            te_scale = scale if text_encoder_follows else 1.0
-            texts = dict.fromkeys(family.adapted_text_encoders, te_scale)
-            weights = {family.denoiser: scale, **texts}
-            pipe.set_adapters([name], [weights])
-            active[:] = [scale]
-        return pipe(text, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
+    def render(texts: list[str], scale: float, seeds: list[int]) -> list[Any]:
+        te_scale = scale if text_encoder_follows else 1.0
+        weights = {family.denoiser: scale,
+                   **dict.fromkeys(family.adapted_text_encoders, te_scale)}  # fmt: skip
+        pipe.set_adapters([name], [weights])
+        images = []
+        for start in range(0, len(texts), batch):  # each image's own generator: as alone
+            generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch]]
+            images += pipe(texts[start:start + batch], num_inference_steps=steps,
+                           guidance_scale=guidance, generator=generators).images  # fmt: skip
+        return images
 
     try:
         return score(render, concept, "".join(tokens), scales=scales, seeds=seeds)

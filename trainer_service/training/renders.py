@@ -17,6 +17,11 @@ from trainer_service.events import Preview
 from trainer_service.training import lora
 from trainer_service.training.scoring import EvaluationPlan
 
+# Images an evaluation draws in one pipeline call. Four cost 0.59x of four alone on the tiny
+# model (one CPU core; 16: 0.51x), and keep the denoiser's batch (eight, with guidance) small
+# beside the training state that stays in memory meanwhile.
+RENDER_BATCH = 4
+
 
 def evaluate_weights(
     scorer: Any, config: TrainingConfig, model: Any, components: list[torch.nn.Module],
@@ -25,11 +30,15 @@ def evaluate_weights(
     """The evaluation of the weights at ``global_step``; ``components`` are the modules whose
     LoRA layers the scales apply to (the learned tokens stay at every scale)."""
     started = time.perf_counter()
+    steps, guidance = config.evaluation_steps, config.evaluation_guidance
 
-    def render_at(prompt: str, scale: float, seed: int) -> Any:
+    def render_at(prompts: list[str], scale: float, seeds: list[int]) -> list[Any]:
+        images = []
         with lora.scaled(components, scale):
-            return model.render(prompt, resolution, seed, config.evaluation_steps,
-                                config.evaluation_guidance)  # fmt: skip
+            for start in range(0, len(prompts), RENDER_BATCH):
+                batch = slice(start, start + RENDER_BATCH)
+                images += model.render(prompts[batch], resolution, seeds[batch], steps, guidance)
+        return images
 
     plan = EvaluationPlan(list(config.evaluation_scales), list(config.evaluation_prompts),
                           config.evaluation_images, config.evaluation_seed)  # fmt: skip
@@ -47,7 +56,7 @@ def preview(
     every = config.validation_steps or config.save_steps
     if not config.validation_prompt or global_step % every:
         return None
-    image = model.render(config.validation_prompt, resolution, seed)
+    (image,) = model.render([config.validation_prompt], resolution, [seed])
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return Preview(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,10 @@ import torch
 
 from loraforge_core import toyworld
 from loraforge_core.evaluation import ScaleScore
-from loraforge_core.toyworld.fidelity import Concept
+from loraforge_core.toyworld.fidelity import Concept, Render
 from loraforge_core.toyworld.fidelity import score as toy_score
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-
-Render = Callable[[str, float, int], Any]  # (prompt, scale, seed) -> PIL image
 
 
 @dataclass
@@ -112,7 +109,8 @@ class ClipScorer:
             for template in prompts:
                 text = template.format(tokens)
                 plain = re.sub(r"\s+", " ", template.format("")).strip()
-                images = [render(text, scale, plan.seed + i) for i in range(plan.images)]
+                images = render([text] * plan.images, scale,
+                                [plan.seed + i for i in range(plan.images)])  # fmt: skip
                 embedded = self._images(images)
                 subject += (embedded @ self.instances.T).mean(dim=1).tolist()
                 prompt_scores += (embedded @ self._texts([plain]).T)[:, 0].tolist()
