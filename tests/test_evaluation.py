@@ -47,7 +47,10 @@ def examples() -> list[InstanceExample]:
 @pytest.mark.slow
 def test_select_final_best_takes_an_earlier_checkpoint_that_scored_better(tmp_path) -> None:
     config = TrainingConfig(device="cpu", **{
-        **CONCEPT_TRAINING, "max_train_steps_tuning": 600, "save_steps": 400,
+        # 100 + 100 LoRA steps to the first checkpoint (at scale 1: 38% purple, score 0.75);
+        # the second, its LoRA flipped, scores 0 (unflipped it would score 2.0).
+        **CONCEPT_TRAINING, "max_train_steps_ti": 100, "max_train_steps_tuning": 300,
+        "save_steps": 200,
         "learning_rate_unet": 2e-3, "learning_rate_text": 1e-3,
         "evaluation_scales": [0.0, 1.0, 2.0],
         "evaluation_images": 2, "evaluation_steps": 10, "select_final": "best",
@@ -57,17 +60,17 @@ def test_select_final_best_takes_an_earlier_checkpoint_that_scored_better(tmp_pa
     # Stopped after the first checkpoint and resumed: the evaluations so far come back with
     # the checkpoint, so the choice still sees the first one.
     stopping = DivergingTrainer(config, examples(), paths, reporter)
-    stopping.should_stop = lambda: stopping.global_step >= 400
+    stopping.should_stop = lambda: stopping.global_step >= 200
     with pytest.raises(StopRequested):
         stopping.run()
     bundle = DivergingTrainer(config, examples(), paths, reporter).run()
     evaluated = [e for e in reporter.events if isinstance(e, CheckpointEvaluated)]
     first, second = (Evaluation.from_dict(e.evaluation) for e in evaluated)
-    assert (first.global_step, second.global_step) == (400, 800)
+    assert (first.global_step, second.global_step) == (200, 400)
     assert first.score > second.score, (first, second)
     assert [e.best for e in evaluated] == [True, False]
     (final,) = [e for e in reporter.events if isinstance(e, FinalArtifact)]
-    assert (final.artifact_id, final.global_step) == (evaluated[0].artifact_id, 400)
+    assert (final.artifact_id, final.global_step) == (evaluated[0].artifact_id, 200)
     assert bundle is not None and bundle.id == evaluated[0].artifact_id
     assert Evaluation.from_dict(bundle.manifest.evaluation) == first
 
