@@ -79,6 +79,12 @@ MIGRATIONS: list[list[str]] = [
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 NOTIFY_CHANNEL = "loraforge_jobs"
+POOL_WAIT_S = 5.0  # the longest a call waits for a pooled connection (psycopg_pool: 30 s)
+# How long the pool retries one lost connection before giving it up; the next call that finds
+# no connection starts a fresh attempt. psycopg_pool's default (5 min) doubles the delay
+# between attempts throughout: after a 15 s outage the next attempt came up to 16 s after the
+# database was back, and every call meanwhile answered UNAVAILABLE.
+RECONNECT_S = 2.0
 _MIGRATION_LOCK = 0x6C6F7261  # "lora": one advisory lock id for all replicas
 
 
@@ -212,8 +218,10 @@ class PostgresDatabase(Database):
         self.url = url
         self._psycopg = psycopg
         self.pool = ConnectionPool(
-            url, min_size=1, max_size=max_connections, open=False,
-            kwargs={"autocommit": True, "row_factory": dict_row}, name="loraforge",
+            url, min_size=1, max_size=max_connections, open=False, timeout=POOL_WAIT_S,
+            reconnect_timeout=RECONNECT_S, name="loraforge",
+            kwargs={"autocommit": True, "row_factory": dict_row,
+                    "connect_timeout": int(POOL_WAIT_S)},
         )  # fmt: skip
         try:
             self.pool.open(wait=True, timeout=30)

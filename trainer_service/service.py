@@ -27,7 +27,7 @@ from loraforge_core.objectstore import ObjectStore, open_object_store
 from loraforge_core.settings import FleetSettings, ServerSettings
 from trainer_service import jobs, metrics
 from trainer_service.config import TrainingConfig
-from trainer_service.database import open_database, redact
+from trainer_service.database import POOL_WAIT_S, open_database, redact, unreachable
 from trainer_service.job_store import (
     RUNNING,
     TERMINAL,
@@ -43,6 +43,10 @@ log = logging.getLogger("loraforge.trainer")
 
 MAX_WATCHERS = 256  # WatchJob streams open at once
 DB_TIMEOUT_S = 10.0  # a job-database call slower than this answers UNAVAILABLE
+# The thread a call runs on goes on after its deadline (threads cannot be cancelled): it must
+# give up waiting for a connection first, or calls made during an outage hold every thread of
+# the loop's executor and the first calls after it queue behind them.
+assert POOL_WAIT_S < DB_TIMEOUT_S
 
 
 class TrainerService:
@@ -200,6 +204,10 @@ class TrainerService:
             raise Unavailable(
                 f"the job database did not answer within {DB_TIMEOUT_S:.0f} s; retry shortly"
             ) from None
+        except Exception as err:
+            if not unreachable(err):
+                raise
+            raise Unavailable(f"the job database did not answer ({err}); retry shortly") from err
 
     async def job(self, job_id: str) -> JobRecord:
         job = await self._query("get_job", job_id) if job_id else None
