@@ -5,6 +5,7 @@ fault must leave intact."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import psutil
 from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
@@ -25,9 +26,23 @@ def start_long_job(stub: trainer_pb2_grpc.TrainerStub, tuning_steps: int) -> tup
     raise AssertionError(f"job {job_id} ended before its checkpoint at step {PAST_STEP}")
 
 
+PF_EXITING = 0x4  # the kernel's flag for a process in do_exit: it runs no more of its code
+
+
+def exiting(pid: int) -> bool:
+    """Whether the process is ending (killed, say): it still shows as running while the
+    kernel frees its memory, tens of milliseconds for a training process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    flags = int(stat.rsplit(")", 1)[1].split()[6])  # field 9; the name may hold spaces
+    return bool(flags & PF_EXITING)
+
+
 class TrainingProcesses:
     """Samples /proc for a job's training processes until stopped; the most seen at once
-    (with ``running_only``, not counting frozen ones: SIGSTOP, or zombies)."""
+    (with ``running_only``, not counting frozen ones: SIGSTOP, or ending, or zombies)."""
 
     def __init__(self, job_id: str, *, running_only: bool = False) -> None:
         self.job_id = job_id
@@ -43,7 +58,7 @@ class TrainingProcesses:
             if "trainer_service.training.run" not in cmdline or self.job_id not in cmdline:
                 continue
             frozen = process.info["status"] in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
-            if not (self.running_only and frozen):
+            if not (self.running_only and (frozen or exiting(process.info["pid"]))):
                 found.append(process.info["pid"])
         return found
 
