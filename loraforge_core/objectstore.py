@@ -24,6 +24,26 @@ from pathlib import Path
 from loraforge_core.files import safe_child
 
 
+def unreachable(err: BaseException) -> bool:
+    """Whether a store call failed because the store was away (down, restarting, unreachable,
+    answering 5xx) after the client's own retries, not because of what the call asked: worth
+    retrying later."""
+    try:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return False
+    if isinstance(err, S3UploadFailedError):  # boto3 wraps a ClientError's message only
+        return any(f"({code})" in str(err) for code in _UNAVAILABLE_CODES)
+    if isinstance(err, ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or err.response.get("Error", {}).get("Code") in _UNAVAILABLE_CODES
+    return isinstance(err, (ConnectionError, HTTPClientError))  # botocore's, after its retries
+
+
+_UNAVAILABLE_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
+
+
 class ObjectStore:
     """put/get whole files by key; see LocalObjectStore and S3ObjectStore."""
 

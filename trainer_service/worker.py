@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraforge_core import objectstore
 from loraforge_core.artifacts import bundle_key, fetch_bundle, publish_bundle
 from loraforge_core.logs import REQUEST_ID, REQUEST_ID_ENV
 from loraforge_core.objectstore import ObjectStore
@@ -277,21 +278,29 @@ class JobRunner:
                         "here; its next claim resumes it", extra={"job_id": job_id})  # fmt: skip
 
     async def _store_write(self, running: RunningJob, call: Callable[..., Any], *args: Any) -> Any:
-        """A job-store write for a running job, off the event loop, retried while the database
-        is away and the lease still certainly held: a store away for seconds delays a job but
-        never fails it. Its events wait meanwhile, so their sequence numbers stay gapless."""
+        """A job-store write for a running job (see ``_retried``)."""
+        return await self._retried(running, "job database", unreachable, call, *args)
+
+    async def _retried(
+        self, running: RunningJob, store: str, away: Callable[[BaseException], bool],
+        call: Callable[..., Any], *args: Any,
+    ) -> Any:  # fmt: skip
+        """A write for a running job, off the event loop, retried while ``store`` is away (as
+        ``away`` tells from the error) and the lease still certainly held: a store away for a
+        while delays a job but never fails it. Its events wait meanwhile, so their sequence
+        numbers stay gapless."""
         delays = iter(RETRY_DELAYS_S)
         while True:
             if running.lost:
-                raise LeaseLost("the lease may have lapsed while the job database was away")
+                raise LeaseLost(f"the lease may have lapsed while the {store} was away")
             try:
                 return await asyncio.to_thread(call, *args)
             except LeaseLost:
                 raise
             except Exception as err:
-                if not unreachable(err):
+                if not away(err):
                     raise
-                log.warning("job database unreachable; retrying", extra={"error": str(err)})
+                log.warning(f"{store} unreachable; retrying", extra={"error": str(err)})
                 await asyncio.sleep(next(delays, RETRY_DELAYS_S[-1]))
 
     async def _guarded(self, job_id: str) -> None:
@@ -367,7 +376,8 @@ class JobRunner:
         job_dir = JobDir(self.jobs_dir / job_id)
         running = self._running[job_id]
         if self.objects is not None:  # inputs, checkpoints and bundles another replica stored
-            await asyncio.to_thread(self._fetch_job, job_id, job_dir)
+            await self._retried(running, "artifact store or job database", _away,
+                                self._fetch_job, job_id, job_dir)  # fmt: skip
         env = self._environment(self.slots[running.slot])
         with open(job_dir.log, "ab") as stderr:
             if self._zygote is not None:
@@ -400,9 +410,9 @@ class JobRunner:
             resume_key = ""
             if isinstance(event, (Checkpoint, FinalArtifact)) and self.objects is not None:
                 with metrics.CHECKPOINT_WRITE_SECONDS.labels("publish").time():
-                    resume_key = await asyncio.to_thread(
-                        self._publish, job_dir, event, running.lease
-                    )
+                    resume_key = await self._retried(running, "artifact store",
+                                                     objectstore.unreachable, self._publish,
+                                                     job_dir, event, running.lease)  # fmt: skip
             # Off the event loop: a slow or restarting database stalls this job, not the RPCs.
             await self._store_write(running, self._record, job_id, event, running.lease,
                                     resume_key)  # fmt: skip
@@ -512,3 +522,8 @@ async def _kill_and_reap(process: asyncio.subprocess.Process | ForkedProcess) ->
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # its own session: start_new_session
     await process.wait()
+
+
+def _away(err: BaseException) -> bool:
+    """Whether the job database or the artifact store was away (see ``_retried``)."""
+    return unreachable(err) or objectstore.unreachable(err)
