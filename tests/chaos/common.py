@@ -48,23 +48,31 @@ class TrainingProcesses:
         self.job_id = job_id
         self.running_only = running_only
         self.most = 0
+        self.seen: list[tuple[int, str]] = []  # the processes counted when ``most`` was seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def now(self) -> list[int]:
+        return [pid for pid, _ in self._running()]
+
+    def _running(self) -> list[tuple[int, str]]:
+        """(pid, what /proc said of it) of each training process of the job counted now."""
         found = []
-        for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        for process in psutil.process_iter(["pid", "ppid", "cmdline", "status"]):
             cmdline = " ".join(process.info["cmdline"] or [])
             if "trainer_service.training.run" not in cmdline or self.job_id not in cmdline:
                 continue
-            frozen = process.info["status"] in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
-            if not (self.running_only and (frozen or exiting(process.info["pid"]))):
-                found.append(process.info["pid"])
+            pid, status = process.info["pid"], process.info["status"]
+            frozen = status in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
+            if not (self.running_only and (frozen or exiting(pid))):
+                found.append((pid, f"{status}, parent {process.info['ppid']}: {cmdline}"))
         return found
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.most = max(self.most, len(self.now()))
+            running = self._running()
+            if len(running) > self.most:
+                self.most, self.seen = len(running), running  # for the failure message
             self._stop.wait(0.05)
 
     def __enter__(self) -> TrainingProcesses:
@@ -80,6 +88,6 @@ def assert_ran_once_and_finished(job, events: list, processes: TrainingProcesses
     """The invariants after any fault: SUCCEEDED, never two training processes at once, a
     gapless event log, and no training process left."""
     assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
-    assert processes.most == 1, "two training processes ran the job at once"
+    assert processes.most == 1, f"training processes running the job at once: {processes.seen}"
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # no gaps
     assert processes.now() == []  # nothing left behind
