@@ -285,10 +285,10 @@ class JobRunner:
         self, running: RunningJob, store: str, away: Callable[[BaseException], bool],
         call: Callable[..., Any], *args: Any,
     ) -> Any:  # fmt: skip
-        """A write for a running job, off the event loop, retried while ``store`` is away (as
-        ``away`` tells from the error) and the lease still certainly held: a store away for a
-        while delays a job but never fails it. Its events wait meanwhile, so their sequence
-        numbers stay gapless."""
+        """A store call for a running job (a write, or the fetch of its inputs), off the event
+        loop, retried while ``store`` is away (as ``away`` tells from the error) and the lease
+        still certainly held: a store away for a while delays a job but never fails it. Its
+        events wait meanwhile, so their sequence numbers stay gapless."""
         delays = iter(RETRY_DELAYS_S)
         while True:
             if running.lost:
