@@ -29,12 +29,15 @@ def kill_tree(server: ServerProcess) -> None:
     psutil.wait_procs(children, timeout=10)
 
 
-def freeze_tree(server: ServerProcess) -> None:
-    """SIGSTOP the server and its training processes: they hold their state and do no work."""
+def freeze_tree(server: ServerProcess) -> list[psutil.Process]:
+    """SIGSTOP the server and its descendants (the zygote, the training processes): they hold
+    their state and do no work. Returns them, the server first."""
     assert server.process is not None
     root = psutil.Process(server.process.pid)
-    for process in [root, *root.children(recursive=True)]:
+    tree = [root, *root.children(recursive=True)]
+    for process in tree:
         process.suspend()
+    return tree
 
 
 RESUMED = "resumed from checkpoint at step "

@@ -42,7 +42,7 @@ def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
         job_id, last = start_long_job(a, tuning_steps=300)
         with TrainingProcesses(job_id, running_only=True) as processes:
             frozen = [psutil.Process(pid) for pid in processes.now()]
-            freeze_tree(a_server)
+            tree = freeze_tree(a_server)
             b = stub(stack.enter_context(fleet.trainer("b")), stack)  # b takes the job over
             taken = False
             after_freeze = trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=last)
@@ -63,8 +63,12 @@ def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
             while any(alive(p) for p in frozen):  # the kernel ends a killed process promptly
                 assert time.monotonic() < deadline, "the killed training process lives on"
                 time.sleep(0.05)
+            for process in tree[1:]:  # the rest (its zygote) reaps it, and ends when a stops
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.resume()
             events = watch(b, job_id)
             job = b.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=60)
     assert_ran_once_and_finished(job, events, processes)  # counting running processes
+    assert psutil.wait_procs(tree, timeout=30)[1] == [], "a's processes outlived it"
     messages = [e.log.message for e in events if e.WhichOneof("kind") == "log"]
     assert any("replica a stopped renewing its lease; replica b resumes" in m for m in messages)
