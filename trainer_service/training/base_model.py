@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from loraforge_core import families
+from loraforge_core import families, models
 from loraforge_core.families import PromptEmbeddings
 from loraforge_core.models import resolve_model
 
@@ -21,22 +21,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def preload() -> None:
-    """Import the classes a job of every family the trainer serves resolves by name (diffusers
-    and transformers import each on first use): a process forked after this (the zygote's
-    children) starts its job without importing, about 1 s of CPU a job."""
-    import diffusers
-    import diffusers.image_processor
+    """Import what a training job of every family resolves by name (``models.preload``), and
+    the training utilities: the zygote's children start their job without importing, about
+    1 s of CPU a job."""
     import diffusers.optimization
-    import diffusers.training_utils
-    import transformers
+    import diffusers.training_utils  # noqa: F401
 
-    for family in families.served_by("trainer"):
-        names = (family.denoiser_class, family.training_scheduler, family.preview_scheduler,
-                 *family.pipelines.values())  # fmt: skip
-        for name in ("AutoencoderKL", *names):
-            getattr(diffusers, name)
-        for name in (*family.text_encoder_classes, *family.tokenizer_classes):
-            getattr(transformers, name)
+    models.preload("trainer")
 
 
 @dataclass

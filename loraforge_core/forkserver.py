@@ -1,0 +1,243 @@
+"""A preloaded parent that forks servers: ``python -m loraforge_core.forkserver SOCKET``.
+
+A generator spends about 6 s of CPU importing torch, diffusers, transformers and peft before it
+serves, and the test suite starts about 25 of them. Where ``LORAFORGE_FORKSERVER`` names this
+process's socket, ``launch.ServerProcess`` asks it for the server instead of exec'ing Python:
+the forkserver imported the stack once (``models.preload``) and forks; the child is the real
+server, ``python -m MODULE ARGV`` as an exec'd one runs it (its ``__main__`` through runpy,
+that command line in ``ps``, the caller's environment, working folder and log files), in its
+own pid. Production exec's its servers; this is for the tests, the demo and the benchmarks.
+Servers are forked only from a process that has run no thread and no torch operation.
+
+Protocol (SOCK_SEQPACKET, a connection per child): the caller sends one JSON object
+``{"module", "argv", "env", "cwd"}`` with two descriptors attached (the child's stdout and
+stderr); the answer is ``{"started": pid}``, later ``{"exited": code}`` (negative for a
+signal), or ``{"refused": why}`` when the child would not be what an exec'd one is: the
+caller then exec's. The forkserver exits when its stdin closes (its parent closed it, or died)
+or on SIGTERM; its children run on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import runpy
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENV = "LORAFORGE_FORKSERVER"
+TITLE = "loraforge forkserver"
+MAX_REQUEST = 1 << 20  # a request's JSON: the child's environment and arguments
+# What the preloaded libraries read from the environment as they are imported: a child asking
+# for other values would not get them, so it is exec'd.
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
+                   "CUDA_", "OMP_", "MKL_", "PYTHON", "LD_")  # fmt: skip
+
+
+def _import_time_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)}
+
+
+class ForkedServer:
+    """A child of the forkserver, with what ``ServerProcess`` uses of ``subprocess.Popen``:
+    ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``terminate`` and ``kill``."""
+
+    def __init__(self, pid: int, connection: socket.socket, args: list[str]) -> None:
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+        self._connection = connection  # its exit status comes here
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._read_exit(timeout=0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and not self._read_exit(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # ended: its pid may be another process's now
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _read_exit(self, timeout: float | None) -> bool:
+        self._connection.settimeout(timeout)
+        try:
+            message = self._connection.recv(4096)
+        except (TimeoutError, BlockingIOError):
+            return False
+        # No message: the forkserver is gone, and with it the exit status (-1 says unknown).
+        self.returncode = json.loads(message)["exited"] if message else -1
+        self._connection.close()
+        return True
+
+
+def spawn(module: str, argv: list[str], env: dict[str, str], log: int) -> ForkedServer | None:
+    """``python -m module argv`` forked by the forkserver named in ``env``, its output on the
+    descriptor ``log``; None where there is none or it refuses (the caller exec's)."""
+    path = env.get(ENV)
+    if not path:
+        return None
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        connection.connect(path)
+        request = {"module": module, "argv": argv, "env": env, "cwd": os.getcwd()}
+        socket.send_fds(connection, [json.dumps(request).encode()], [log, log])
+        answer = json.loads(connection.recv(4096) or b'{"refused": "it exited"}')
+    except OSError:
+        connection.close()
+        return None
+    if "started" not in answer:
+        connection.close()
+        return None
+    return ForkedServer(answer["started"], connection, [sys.executable, "-m", module, *argv])
+
+
+# ---------------------------------------------------------------------- the forkserver itself
+def main(argv: list[str] | None = None) -> int:
+    from setproctitle import setproctitle  # here: it takes over the command line's memory
+
+    (path,) = argv if argv is not None else sys.argv[1:]
+    setproctitle(f"{TITLE} {path}")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener.bind(path)
+    listener.listen(64)  # callers that come during the preload wait in the backlog
+    before = dict(os.environ)
+    from loraforge_core import models
+
+    models.preload("generator")
+    # What the imports set themselves (torch's inductor cache folder): an exec'd child's
+    # imports would set it too.
+    added = {k: v for k, v in os.environ.items() if k not in before}
+    return _serve(listener, before, added)
+
+
+def _serve(listener: socket.socket, env: dict[str, str], added: dict[str, str]) -> int:
+    child_ended_r, child_ended_w = os.pipe()
+    os.set_blocking(child_ended_w, False)
+    signal.set_wakeup_fd(child_ended_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector through the pipe
+    callers: dict[int, socket.socket] = {}  # child pid -> the connection awaiting its exit
+    events = selectors.DefaultSelector()
+    events.register(listener, selectors.EVENT_READ)
+    events.register(child_ended_r, selectors.EVENT_READ)
+    events.register(sys.stdin, selectors.EVENT_READ)
+    while True:
+        for key, _ in events.select():
+            if key.fileobj is sys.stdin:
+                if not os.read(sys.stdin.fileno(), 4096):  # the parent is done, or gone
+                    return 0
+                continue
+            if key.fileobj is child_ended_r:
+                os.read(child_ended_r, 4096)
+                _report_ended(callers)
+                continue
+            connection, _ = listener.accept()
+            try:
+                message, fds, _, _ = socket.recv_fds(connection, MAX_REQUEST, 2)
+                request = json.loads(message)
+            except (OSError, ValueError):
+                connection.close()
+                continue
+            if refusal := _refusal(request, fds, env):
+                connection.send(json.dumps({"refused": refusal}).encode())
+                connection.close()
+                for fd in fds:
+                    os.close(fd)
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                events.close()
+                for fd in (child_ended_r, child_ended_w):
+                    os.close(fd)
+                for open_socket in (listener, connection, *callers.values()):
+                    open_socket.close()
+                return _become(request, fds, added)
+            for fd in fds:
+                os.close(fd)
+            callers[pid] = connection
+            with contextlib.suppress(OSError):  # a caller gone: the child runs on regardless
+                connection.send(json.dumps({"started": pid}).encode())
+
+
+def _refusal(request: dict, fds: list[int], env: dict[str, str]) -> str:
+    if len(fds) != 2:
+        return "send the child's stdout and stderr"
+    if _import_time_env(request["env"]) != _import_time_env(env):
+        return "the environment differs in what the libraries read as they are imported"
+    return ""
+
+
+def _report_ended(callers: dict[int, socket.socket]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        connection = callers.pop(pid, None)
+        if connection is not None:
+            code = os.waitstatus_to_exitcode(status)  # as Popen's returncode: -signal if killed
+            with contextlib.suppress(OSError):
+                connection.send(json.dumps({"exited": code}).encode())
+            connection.close()
+
+
+def _become(request: dict, fds: list[int], added: dict[str, str]) -> int:
+    """Turn this forked child into ``python -m module argv``."""
+    from setproctitle import setproctitle
+
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, sys.stdin.fileno())
+    os.close(null)
+    os.dup2(fds[0], sys.stdout.fileno())
+    os.dup2(fds[1], sys.stderr.fileno())
+    for fd in fds:
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(added | request["env"])
+    os.chdir(request["cwd"])
+    module, argv = request["module"], request["argv"]
+    setproctitle(" ".join([sys.executable, "-m", module, *argv]))
+    sys.argv = [module, *argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+def start(path: Path) -> subprocess.Popen[bytes]:
+    """Start a forkserver listening at ``path`` (its own output in ``path``.log); it preloads
+    while the caller goes on, and exits when the caller closes its ``stdin`` (or dies)."""
+    command = [sys.executable, "-m", "loraforge_core.forkserver", str(path)]
+    with open(path.with_suffix(".log"), "ab") as log:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log)
+    while not path.exists():  # listening: it binds before it imports anything heavy
+        if process.poll() is not None:
+            raise RuntimeError(f"the forkserver exited: {path.with_suffix('.log').read_text()}")
+        time.sleep(0.01)
+    return process
+
+
+if __name__ == "__main__":
+    sys.exit(main())
