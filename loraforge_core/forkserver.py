@@ -1,9 +1,11 @@
-"""A preloaded parent that forks servers: ``python -m loraforge_core.forkserver SOCKET``.
+"""A preloaded parent that forks servers: ``python -m loraforge_core.forkserver SOCKET
+[MODULE:FUNCTION ...]`` (each function called once, to import what its servers use).
 
 A generator spends about 6 s of CPU importing torch, diffusers, transformers and peft before it
-serves, and the test suite starts about 25 of them. Where ``LORAFORGE_FORKSERVER`` names this
-process's socket, ``launch.ServerProcess`` asks it for the server instead of exec'ing Python:
-the forkserver imported the stack once (``models.preload``) and forks; the child is the real
+serves, a trainer's zygote as much, and the test suite starts dozens of each. Where
+``LORAFORGE_FORKSERVER`` names this process's socket, ``launch.ServerProcess`` asks it for the
+server instead of exec'ing Python: the forkserver imported the stack once and forks (a trainer
+forks its zygote from itself at its start, so the zygote inherits it too); the child is the real
 server, ``python -m MODULE ARGV`` as an exec'd one runs it (its ``__main__`` through runpy,
 that command line in ``ps``, the caller's environment, working folder and log files), in its
 own pid. Production exec's its servers; this is for the tests, the demo and the benchmarks.
@@ -20,6 +22,7 @@ or on SIGTERM; its children run on.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import runpy
@@ -29,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ENV = "LORAFORGE_FORKSERVER"
@@ -104,6 +108,8 @@ def spawn(module: str, argv: list[str], env: dict[str, str], log: int) -> Forked
         return None
     if "started" not in answer:
         connection.close()
+        warnings.warn(f"the forkserver refused {module}: {answer['refused']}; exec'ing it",
+                      stacklevel=2)  # fmt: skip
         return None
     return ForkedServer(answer["started"], connection, [sys.executable, "-m", module, *argv])
 
@@ -112,7 +118,7 @@ def spawn(module: str, argv: list[str], env: dict[str, str], log: int) -> Forked
 def main(argv: list[str] | None = None) -> int:
     from setproctitle import setproctitle  # here: it takes over the command line's memory
 
-    (path,) = argv if argv is not None else sys.argv[1:]
+    path, *preloads = argv if argv is not None else sys.argv[1:]
     setproctitle(f"{TITLE} {path}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with contextlib.suppress(FileNotFoundError):
@@ -120,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     listener.bind(path)
     listener.listen(64)  # callers that come during the preload wait in the backlog
     before = dict(os.environ)
-    from loraforge_core import models
-
-    models.preload("generator")
+    for preload in preloads:
+        module, function = preload.split(":")
+        getattr(importlib.import_module(module), function)()
     # What the imports set themselves (torch's inductor cache folder): an exec'd child's
     # imports would set it too.
     added = {k: v for k, v in os.environ.items() if k not in before}
@@ -156,7 +162,7 @@ def _serve(listener: socket.socket, env: dict[str, str], added: dict[str, str]) 
             except (OSError, ValueError):
                 connection.close()
                 continue
-            if refusal := _refusal(request, fds, env):
+            if refusal := _refusal(request, fds, env, added):
                 connection.send(json.dumps({"refused": refusal}).encode())
                 connection.close()
                 for fd in fds:
@@ -179,11 +185,15 @@ def _serve(listener: socket.socket, env: dict[str, str], added: dict[str, str]) 
                 connection.send(json.dumps({"started": pid}).encode())
 
 
-def _refusal(request: dict, fds: list[int], env: dict[str, str]) -> str:
+def _refusal(request: dict, fds: list[int], env: dict[str, str], added: dict[str, str]) -> str:
     if len(fds) != 2:
         return "send the child's stdout and stderr"
-    if _import_time_env(request["env"]) != _import_time_env(env):
-        return "the environment differs in what the libraries read as they are imported"
+    asked = _import_time_env(request["env"])
+    asked = {k: v for k, v in asked.items() if added.get(k) != v}  # as the imports set it
+    differ = sorted(set(asked.items()) ^ set(_import_time_env(env).items()))
+    if differ:
+        names = sorted({name for name, _ in differ})
+        return f"the libraries read {', '.join(names)} as they are imported, set otherwise here"
     return ""
 
 
@@ -226,10 +236,11 @@ def _become(request: dict, fds: list[int], added: dict[str, str]) -> int:
     return 0
 
 
-def start(path: Path) -> subprocess.Popen[bytes]:
-    """Start a forkserver listening at ``path`` (its own output in ``path``.log); it preloads
-    while the caller goes on, and exits when the caller closes its ``stdin`` (or dies)."""
-    command = [sys.executable, "-m", "loraforge_core.forkserver", str(path)]
+def start(path: Path, preloads: list[str]) -> subprocess.Popen[bytes]:
+    """Start a forkserver listening at ``path`` (its own output in ``path``.log) that calls
+    each ``module:function`` of ``preloads``; it preloads while the caller goes on, and exits
+    when the caller closes its ``stdin`` (or dies)."""
+    command = [sys.executable, "-m", "loraforge_core.forkserver", str(path), *preloads]
     with open(path.with_suffix(".log"), "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log)
     while not path.exists():  # listening: it binds before it imports anything heavy

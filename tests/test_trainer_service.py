@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from loraforge.v1 import trainer_pb2, trainer_pb2_grpc
 
+from loraforge_core import forkserver
 from loraforge_core.bundle import read_bundle
 from loraforge_core.launch import ServerProcess
 from tests.helpers import shape_png, write_model_index
@@ -355,21 +358,28 @@ def test_training_processes_fork_from_one_zygote_and_outlive_its_death(
     """Each job's training process is forked from the server's one preloaded zygote (so jobs
     skip the training stack's imports), named in ps as an exec'd one would be. A zygote that
     dies stops its children as a dying server does: their jobs go back to the queue, a new
-    zygote starts, and they resume and succeed."""
+    zygote starts, and they resume and succeed. The server is exec'd here, as in production
+    (elsewhere the tests fork servers from their forkserver): its first zygote, forked at its
+    start, imports the training stack itself, and the one after it is exec'd."""
+    exec_d = {forkserver.ENV: ""}
     with (
-        ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model)) as server,
+        ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model), env=exec_d) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
-        stub = trainer_pb2_grpc.TrainerStub(channel)
-        request = job_request("z-1", max_train_steps_ti=2, max_train_steps_tuning=2)
-        watch_all(stub, stub.CreateJob(request, timeout=30).job_id)
-        assert server.process is not None
+        assert isinstance(server.process, subprocess.Popen)
         server_process = psutil.Process(server.process.pid)
 
         def zygotes() -> list[psutil.Process]:
             return [p for p in server_process.children() if p.cmdline()[:1] == [ZYGOTE]]
 
-        (zygote,) = zygotes()  # started for the first job, still there
+        deadline = time.monotonic() + 60
+        while not zygotes():  # forked as the server started, it names itself at once
+            assert time.monotonic() < deadline, "no zygote before the first job"
+        (zygote,) = zygotes()
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        request = job_request("z-1", max_train_steps_ti=2, max_train_steps_tuning=2)
+        watch_all(stub, stub.CreateJob(request, timeout=30).job_id)
+        assert zygotes() == [zygote]  # the first job forked from it
         request = job_request("z-2", max_train_steps_ti=4, max_train_steps_tuning=40,
                               save_steps=8)  # fmt: skip
         job_id = stub.CreateJob(request, timeout=30).job_id

@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = ServerSettings.from_cli(args, parser)
     configure_logging(settings.log_level)  # before the libraries it quiets are imported
+    if args.num_processes <= 1 and args.max_jobs != 0:  # single-process jobs fork from it
+        from trainer_service.training import zygote
+
+        zygote.fork_first()  # before any thread starts
     from loraforge_core.grpc_edge import serve
     from trainer_service.server import TrainerServicer
     from trainer_service.service import TrainerService

@@ -8,6 +8,10 @@ job's environment, its stdout on the pipe the server reads events from and its s
 job's log, and then runs ``training.run`` as an exec'd process would. ``ps`` shows it as
 ``trainer_service.training.run --job-dir ...``.
 
+A server forks its first zygote as its first act (``fork_first``, while it runs one thread):
+where the server itself was forked from a preloaded process (the tests' forkserver) the zygote
+then imports nothing; a zygote that died is replaced by an exec'd one.
+
 Protocol, on the zygote's stdin (a SOCK_SEQPACKET socket: one message per request): a JSON
 object ``{"argv": [...], "env": {...}}`` with two descriptors attached (the child's stdout and
 stderr). On its stdout, one JSON line per event: ``{"started": pid}`` for each request, in
@@ -86,7 +90,7 @@ class Zygote:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # the longest event line a child's stdout may carry
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: asyncio.subprocess.Process | FirstZygote | None = None
         self._control: socket.socket | None = None
         self._turn = asyncio.Lock()
         self._starting: collections.deque[asyncio.Future] = collections.deque()
@@ -119,6 +123,8 @@ class Zygote:
 
     async def close(self) -> None:
         """End the zygote (its stdin closes); its children, if any, get SIGTERM."""
+        if _first is not None:  # never used: it ends as the others do
+            await self._running()
         process, self._process = self._process, None
         if self._control is not None:
             self._control.close()
@@ -134,6 +140,13 @@ class Zygote:
             await self._reader
 
     async def _running(self) -> socket.socket:
+        global _first
+        if self._process is None and _first is not None:  # the one forked at the start
+            self._process, self._control = await _first.adopt(self.limit), _first.control
+            _first = None
+            self._reader = asyncio.create_task(
+                self._read_reports(self._process), name="training-zygote"
+            )
         if self._process is None or self._process.returncode is not None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with theirs:
@@ -148,7 +161,7 @@ class Zygote:
         assert self._control is not None
         return self._control
 
-    async def _read_reports(self, process: asyncio.subprocess.Process) -> None:
+    async def _read_reports(self, process: asyncio.subprocess.Process | FirstZygote) -> None:
         assert process.stdout is not None
         async for line in process.stdout:
             report = json.loads(line)
@@ -171,6 +184,81 @@ class Zygote:
         self._ended.clear()
 
 
+class FirstZygote:
+    """A zygote forked by ``fork_first``, until the server's ``Zygote`` adopts it: what that
+    uses of ``asyncio.subprocess.Process`` (``stdout``, ``returncode``, ``wait``, ``kill``)."""
+
+    def __init__(self, pid: int, control: socket.socket, reports: int) -> None:
+        self.pid = pid
+        self.control = control
+        self.returncode: int | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self._reports = reports
+        self._ended: asyncio.Future | None = None
+
+    async def adopt(self, limit: int) -> FirstZygote:
+        loop = asyncio.get_running_loop()
+        self.stdout = asyncio.StreamReader(limit=limit)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self.stdout), os.fdopen(self._reports, "rb", 0)
+        )
+        self._ended = loop.create_future()
+        pidfd = os.pidfd_open(self.pid)  # our child: not reaped until we wait for it
+
+        def ended() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self._ended.set_result(self.returncode)
+
+        loop.add_reader(pidfd, ended)
+        return self
+
+    async def wait(self) -> int:
+        assert self._ended is not None
+        return await asyncio.shield(self._ended)
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+_first: FirstZygote | None = None  # forked at the start, not yet adopted
+
+
+def fork_first() -> None:
+    """Fork this process's first zygote now, while it runs one thread: a server calls this
+    before it starts any (fork is unsafe after). ``Zygote`` adopts it on first use."""
+    global _first
+    import setproctitle  # noqa: F401  before the fork: it takes over the command line's memory
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reports_r, reports_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the zygote: as an exec'd one, its stdin the control socket, its stdout
+        os.setsid()  # the reports, its stderr the server's, nothing else open
+        os.dup2(theirs.fileno(), sys.stdin.fileno())
+        os.dup2(reports_w, sys.stdout.fileno())
+        ours.detach()  # both closed below, by number
+        theirs.detach()
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        sys.exit(main())
+    theirs.close()
+    os.close(reports_w)
+    _first = FirstZygote(pid, ours, reports_r)
+
+
+def preload() -> None:
+    """Import what every training process uses (a process forked after this skips it)."""
+    import trainer_service.training.trainer  # noqa: F401
+    from trainer_service.training import base_model
+
+    base_model.preload()
+
+
 def main() -> int:
     from setproctitle import setproctitle
 
@@ -180,9 +268,6 @@ def main() -> int:
     run.die_with_parent()
     setproctitle(TITLE)
     configure_logging("info")  # before the libraries speak: what they log is JSON
-    import trainer_service.training.trainer  # noqa: F401  the imports every child shares
-    from trainer_service.training.base_model import preload
-
     preload()
 
     control = socket.socket(fileno=sys.stdin.fileno())
