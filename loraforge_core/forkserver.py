@@ -39,9 +39,11 @@ ENV = "LORAFORGE_FORKSERVER"
 TITLE = "loraforge forkserver"
 MAX_REQUEST = 1 << 20  # a request's JSON: the child's environment and arguments
 # What the preloaded libraries read from the environment as they are imported: a child asking
-# for other values would not get them, so it is exec'd.
+# for other values would not get them, so it is exec'd. Not LD_*: the loader reads it once, as
+# a process starts (a library that amends LD_LIBRARY_PATH, as OpenCV does, amends it for the
+# processes its process execs, which the child's environment still reaches).
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
-                   "CUDA_", "OMP_", "MKL_", "PYTHON", "LD_")  # fmt: skip
+                   "CUDA_", "OMP_", "MKL_", "PYTHON")  # fmt: skip
 
 
 def _import_time_env(env: dict[str, str]) -> dict[str, str]:
