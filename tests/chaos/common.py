@@ -4,6 +4,7 @@ fault must leave intact."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from pathlib import Path
 
@@ -27,17 +28,23 @@ def start_long_job(stub: trainer_pb2_grpc.TrainerStub, tuning_steps: int) -> tup
 
 
 PF_EXITING = 0x4  # the kernel's flag for a process in do_exit: it runs no more of its code
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)  # in /proc/<pid>/status's masks of pending signals
 
 
 def exiting(pid: int) -> bool:
-    """Whether the process is ending (killed, say): it still shows as running while the
-    kernel frees its memory, tens of milliseconds for a training process."""
+    """Whether the process is ending: SIGKILLed (woken to die: a stopped one shows as running
+    until the scheduler gets to it, which on a busy machine takes tens of milliseconds, and it
+    runs none of its code again) or in do_exit (it still shows as running while the kernel
+    frees its memory, tens of milliseconds for a training process)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return True
     flags = int(stat.rsplit(")", 1)[1].split()[6])  # field 9; the name may hold spaces
-    return bool(flags & PF_EXITING)
+    pending = [line.split()[1] for line in status.splitlines()
+               if line.startswith(("SigPnd:", "ShdPnd:"))]  # fmt: skip
+    return bool(flags & PF_EXITING) or any(int(mask, 16) & SIGKILL_BIT for mask in pending)
 
 
 class TrainingProcesses:
