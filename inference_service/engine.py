@@ -38,7 +38,7 @@ from inference_service.spec import (
     GenerationSpec,
     Outcome,
 )
-from loraforge_core import families, models
+from loraforge_core import families
 from loraforge_core.devices import out_of_memory, release_cached_memory
 from loraforge_core.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted
 from loraforge_core.objectstore import ObjectStore
@@ -65,13 +65,6 @@ class Resolved:
 
 
 Batch = list[Resolved]
-
-
-def preload() -> None:
-    """Import what a generator uses, with the classes loading any served family's model
-    resolves by name: a process forked after this (the tests' forkserver's generators) starts
-    without importing."""
-    models.preload("generator")
 
 
 def build_engine(

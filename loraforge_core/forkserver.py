@@ -1,5 +1,5 @@
 """A preloaded parent that forks servers: ``python -m loraforge_core.forkserver SOCKET
-[MODULE:FUNCTION ...]`` (each function called once, to import what its servers use).
+[PRELOAD ...]``, each PRELOAD a module to import or a ``module:function`` to call, once.
 
 A generator spends about 6 s of CPU importing torch, diffusers, transformers and peft before it
 serves, a trainer's zygote as much, and the test suite starts dozens of each. Where
@@ -37,6 +37,7 @@ from pathlib import Path
 
 ENV = "LORAFORGE_FORKSERVER"
 TITLE = "loraforge forkserver"
+SERVICES = ("inference_service", "trainer_service")
 MAX_REQUEST = 1 << 20  # a request's JSON: the child's environment and arguments
 # What the preloaded libraries read from the environment as they are imported: a child asking
 # for other values would not get them, so it is exec'd. Not LD_*: the loader reads it once, as
@@ -105,8 +106,10 @@ def spawn(module: str, argv: list[str], env: dict[str, str], log: int) -> Forked
         request = {"module": module, "argv": argv, "env": env, "cwd": os.getcwd()}
         socket.send_fds(connection, [json.dumps(request).encode()], [log, log])
         answer = json.loads(connection.recv(4096) or b'{"refused": "it exited"}')
-    except OSError:
+    except OSError as err:
         connection.close()
+        warnings.warn(f"the forkserver at {path} did not answer ({err}); exec'ing {module}",
+                      stacklevel=2)  # fmt: skip
         return None
     if "started" not in answer:
         connection.close()
@@ -129,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     listener.listen(64)  # callers that come during the preload wait in the backlog
     before = dict(os.environ)
     for preload in preloads:
-        module, function = preload.split(":")
-        getattr(importlib.import_module(module), function)()
+        module, _, function = preload.partition(":")
+        imported = importlib.import_module(module)
+        if function:
+            getattr(imported, function)()
+    if services := sorted(m for m in sys.modules if m.split(".")[0] in SERVICES):
+        sys.exit(
+            f"preload libraries only, not {services}: what a service module sets up as it "
+            "is imported (its metrics registry) would be in every server forked here"
+        )
     # What the imports set themselves (torch's inductor cache folder): an exec'd child's
     # imports would set it too.
     added = {k: v for k, v in os.environ.items() if k not in before}
@@ -239,9 +249,9 @@ def _become(request: dict, fds: list[int], added: dict[str, str]) -> int:
 
 
 def start(path: Path, preloads: list[str]) -> subprocess.Popen[bytes]:
-    """Start a forkserver listening at ``path`` (its own output in ``path``.log) that calls
-    each ``module:function`` of ``preloads``; it preloads while the caller goes on, and exits
-    when the caller closes its ``stdin`` (or dies)."""
+    """Start a forkserver listening at ``path`` (its own output in ``path``.log) that imports
+    or calls each of ``preloads``; it preloads while the caller goes on, and exits when the
+    caller closes its ``stdin`` (or dies)."""
     command = [sys.executable, "-m", "loraforge_core.forkserver", str(path), *preloads]
     with open(path.with_suffix(".log"), "ab") as log:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log)

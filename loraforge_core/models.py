@@ -199,17 +199,18 @@ def resolve_model(name_or_path: str | None) -> str:
     return name
 
 
-def preload(service: str) -> None:
-    """Import what loading a model of every family ``service`` runs resolves by name (diffusers
-    and transformers import each class on first use; about 5 s of CPU in all): a process forked
-    after this (the trainer's zygote's jobs, the forkserver's servers) starts without importing.
-    No torch operation runs here: forking after one is unsafe."""
+def preload(service: str = "") -> None:
+    """Import what loading a model of every family ``service`` runs (every service's, where
+    none is named) resolves by name (diffusers and transformers import each class on first use;
+    about 5 s of CPU in all): a process forked after this (the trainer's zygote's jobs, the
+    forkserver's servers) starts without importing. No torch operation runs here: forking after
+    one is unsafe."""
     import diffusers
     import diffusers.image_processor
     import peft  # noqa: F401  the LoRA layers of both services
     import transformers
 
-    for family in families.served_by(service):
+    for family in families.served_by(service) if service else families.FAMILIES:
         names = (family.denoiser_class, family.training_scheduler, family.preview_scheduler,
                  *family.pipelines.values())  # fmt: skip
         for name in ("AutoencoderKL", *names):

@@ -57,3 +57,12 @@ def test_an_environment_the_imports_would_read_otherwise_is_refused(tmp_path: Pa
         assert spawn(tmp_path, "0", env) is None  # the caller exec's instead
     no_forkserver = {k: v for k, v in os.environ.items() if k != forkserver.ENV}
     assert spawn(tmp_path, "0", no_forkserver) is None
+
+
+def test_a_preload_of_a_service_module_is_refused(tmp_path: Path) -> None:
+    """What a service module sets up as it is imported (the generator's metrics) must not be
+    in a trainer forked from the same forkserver: preloads are libraries only."""
+    process = forkserver.start(tmp_path / "socket", ["inference_service.metrics"])
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "preload libraries only" in (tmp_path / "socket.log").read_text()
