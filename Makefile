@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m tools.demo
 
-# The suite runs on every core (pytest-xdist, a worker per core and one more; tests/conftest.py
-# gives each worker its share of torch threads and starts the modules with slow tests first). test-fast
-# leaves out the tests marked slow: the end-to-end training runs.
-PYTEST := $(PY) -m pytest -q -n auto --dist worksteal
+# The suite runs on every core (pytest-xdist: a worker per core and one more, each with its
+# share of torch threads; whole modules handed out longest first, by tests/durations.json: see
+# tests/conftest.py). test-fast leaves out the tests marked slow: the end-to-end training runs.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder
 
 test: $(STAMP) test-services
 	$(PY) tools/gen_protos.py --check

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +24,52 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return (os.cpu_count() or 1) + 1
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow tests first, so that in a parallel run the long tests start early and
-    the short ones fill in around them, instead of one long test running alone at the end.
-    A stable sort by module keeps each module's tests together and in file order: a module
-    fixture (a server, a pipeline) is built once per worker, and tests see the state their
-    module's earlier tests left, as written."""
-    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow_modules)
+DURATIONS = Path(__file__).with_name("durations.json")  # seconds per module, measured
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--record-durations", action="store_true",
+        help="write the seconds each module that ran took into tests/durations.json",
+    )  # fmt: skip
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest modules first. ``make test`` hands whole modules to the workers in this
+    order (``--dist loadscope``), so the long ones start at once and the short ones fill in
+    around them, instead of a long module starting last and running alone. Seconds come from
+    tests/durations.json; a module it does not list yet goes first if it has slow tests and
+    last otherwise. The sort is stable: each module's tests stay in file order, sharing their
+    module fixtures (a server, a pipeline) and seeing the state earlier tests left."""
+    measured = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    slow = {_module(item.nodeid) for item in items if item.get_closest_marker("slow")}
+
+    def seconds(item: pytest.Item) -> float:
+        module = _module(item.nodeid)
+        return measured.get(module, math.inf if module in slow else 0.0)
+
+    items.sort(key=seconds, reverse=True)
+
+
+_took: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _took[_module(report.nodeid)] = _took.get(_module(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if not config.getoption("--record-durations") or hasattr(config, "workerinput"):
+        return  # under xdist the controller, which sees every worker's reports, writes
+    measured = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    measured |= {module: round(took, 1) for module, took in _took.items()}
+    ordered = dict(sorted(measured.items(), key=lambda pair: -pair[1]))
+    DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session", autouse=True)
