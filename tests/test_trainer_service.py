@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import subprocess
@@ -351,6 +352,20 @@ def test_a_replica_trains_max_jobs_at_once_and_queues_the_rest(
     assert started[2] >= min(finished[:2])  # the third waited for a free slot
 
 
+def zygotes_of(server: ServerProcess) -> list[psutil.Process]:
+    assert server.process is not None
+    children = psutil.Process(server.process.pid).children()
+    return [p for p in children if p.cmdline()[:1] == [ZYGOTE]]  # a zombie's is empty
+
+
+def first_zygote(server: ServerProcess) -> list[psutil.Process]:
+    """The zygote the server forked as it started (it names itself at once)."""
+    deadline = time.monotonic() + 60
+    while not zygotes_of(server):
+        assert time.monotonic() < deadline, "no zygote before the first job"
+    return zygotes_of(server)
+
+
 @pytest.mark.slow
 def test_training_processes_fork_from_one_zygote_and_outlive_its_death(
     tiny_model: Path, tmp_path: Path
@@ -367,15 +382,8 @@ def test_training_processes_fork_from_one_zygote_and_outlive_its_death(
         grpc.insecure_channel(server.target) as channel,
     ):
         assert isinstance(server.process, subprocess.Popen)
-        server_process = psutil.Process(server.process.pid)
-
-        def zygotes() -> list[psutil.Process]:
-            return [p for p in server_process.children() if p.cmdline()[:1] == [ZYGOTE]]
-
-        deadline = time.monotonic() + 60
-        while not zygotes():  # forked as the server started, it names itself at once
-            assert time.monotonic() < deadline, "no zygote before the first job"
-        (zygote,) = zygotes()
+        (zygote,) = first_zygote(server)
+        zygotes = functools.partial(zygotes_of, server)
         stub = trainer_pb2_grpc.TrainerStub(channel)
         request = job_request("z-1", max_train_steps_ti=2, max_train_steps_tuning=2)
         watch_all(stub, stub.CreateJob(request, timeout=30).job_id)
@@ -398,3 +406,21 @@ def test_training_processes_fork_from_one_zygote_and_outlive_its_death(
     assert new_zygote.pid != zygote.pid
     messages = [e.log.message for e in events if e.WhichOneof("kind") == "log"]
     assert any(m.startswith("resumed from checkpoint at step ") for m in messages), messages
+
+
+def test_a_zygote_dead_before_the_first_job_is_replaced(tiny_model: Path, tmp_path: Path) -> None:
+    """The zygote forked at the server's start dies before any job: the first job execs a new
+    one and succeeds."""
+    with (
+        ServerProcess("trainer", data_dir=tmp_path, model=str(tiny_model)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        (first,) = first_zygote(server)
+        first.kill()
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        request = job_request("z-1", max_train_steps_ti=2, max_train_steps_tuning=2)
+        watch_all(stub, stub.CreateJob(request, timeout=30).job_id)
+        job = stub.ListJobs(trainer_pb2.ListJobsRequest(), timeout=30).jobs[0]
+        (zygote,) = zygotes_of(server)
+    assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED, job.failure_reason
+    assert zygote.pid != first.pid

@@ -123,8 +123,7 @@ class Zygote:
 
     async def close(self) -> None:
         """End the zygote (its stdin closes); its children, if any, get SIGTERM."""
-        if _first is not None:  # never used: it ends as the others do
-            await self._running()
+        await self._adopt_first()  # never used: it ends as the others do
         process, self._process = self._process, None
         if self._control is not None:
             self._control.close()
@@ -139,14 +138,20 @@ class Zygote:
         if self._reader is not None:
             await self._reader
 
-    async def _running(self) -> socket.socket:
+    async def _adopt_first(self) -> None:
+        """Take over the zygote this process forked at its start, if it has not yet."""
         global _first
-        if self._process is None and _first is not None:  # the one forked at the start
-            self._process, self._control = await _first.adopt(self.limit), _first.control
-            _first = None
-            self._reader = asyncio.create_task(
-                self._read_reports(self._process), name="training-zygote"
-            )
+        if self._process is not None or _first is None:
+            return
+        first, _first = _first, None
+        if (await first.adopt(self.limit)).returncode is None:
+            self._process, self._control = first, first.control
+            self._reader = asyncio.create_task(self._read_reports(first), name="training-zygote")
+        else:  # it died before its first job: the next start execs another
+            first.control.close()
+
+    async def _running(self) -> socket.socket:
+        await self._adopt_first()
         if self._process is None or self._process.returncode is not None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with theirs:
@@ -198,11 +203,17 @@ class FirstZygote:
 
     async def adopt(self, limit: int) -> FirstZygote:
         loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid:  # it died before its first job
+            os.close(self._reports)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self._ended.set_result(self.returncode)
+            return self
         self.stdout = asyncio.StreamReader(limit=limit)
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(self.stdout), os.fdopen(self._reports, "rb", 0)
         )
-        self._ended = loop.create_future()
         pidfd = os.pidfd_open(self.pid)  # our child: not reaped until we wait for it
 
         def ended() -> None:
