@@ -8,8 +8,9 @@ server instead of exec'ing Python: the forkserver imported the stack once and fo
 forks its zygote from itself at its start, so the zygote inherits it too); the child is the real
 server, ``python -m MODULE ARGV`` as an exec'd one runs it (its ``__main__`` through runpy,
 that command line in ``ps``, the caller's environment, working folder and log files), in its
-own pid. Production exec's its servers; this is for the tests, the demo and the benchmarks.
-Servers are forked only from a process that has run no thread and no torch operation.
+own pid. Production, the demo and the benchmarks exec their servers; the tests start a
+forkserver per worker (tests/conftest.py). Servers are forked only from a process that has run
+no thread and no torch operation, and it preloads libraries only, never a service's modules.
 
 Protocol (SOCK_SEQPACKET, a connection per child): the caller sends one JSON object
 ``{"module", "argv", "env", "cwd"}`` with two descriptors attached (the child's stdout and
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 ENV = "LORAFORGE_FORKSERVER"
@@ -209,7 +211,9 @@ def _refusal(request: dict, fds: list[int], env: dict[str, str], added: dict[str
     return ""
 
 
-def _report_ended(callers: dict[int, socket.socket]) -> None:
+def reaped() -> Iterator[tuple[int, int]]:
+    """Each ended child not yet waited for: its pid and exit code (as ``Popen.returncode``
+    and asyncio's: negative for a signal). For a parent woken by SIGCHLD."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -217,17 +221,23 @@ def _report_ended(callers: dict[int, socket.socket]) -> None:
             return
         if pid == 0:
             return
+        yield pid, os.waitstatus_to_exitcode(status)
+
+
+def _report_ended(callers: dict[int, socket.socket]) -> None:
+    for pid, code in reaped():
         connection = callers.pop(pid, None)
         if connection is not None:
-            code = os.waitstatus_to_exitcode(status)  # as Popen's returncode: -signal if killed
             with contextlib.suppress(OSError):
                 connection.send(json.dumps({"exited": code}).encode())
             connection.close()
 
 
-def _become(request: dict, fds: list[int], added: dict[str, str]) -> int:
-    """Turn this forked child into ``python -m module argv``."""
-    from setproctitle import setproctitle
+def become_child(fds: list[int], env: dict[str, str], module: str, argv: list[str]) -> None:
+    """In a child just forked from a preloading parent (this forkserver, the trainer's zygote):
+    the default SIGCHLD, stdin on /dev/null, stdout and stderr on the two ``fds``, ``env`` as
+    the whole environment, and ``python -m module argv`` as its command line and ``sys.argv``."""
+    from setproctitle import setproctitle  # imported by the parent: see main
 
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -239,12 +249,16 @@ def _become(request: dict, fds: list[int], added: dict[str, str]) -> int:
     for fd in fds:
         os.close(fd)
     os.environ.clear()
-    os.environ.update(added | request["env"])
-    os.chdir(request["cwd"])
-    module, argv = request["module"], request["argv"]
+    os.environ.update(env)
     setproctitle(" ".join([sys.executable, "-m", module, *argv]))
     sys.argv = [module, *argv]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _become(request: dict, fds: list[int], added: dict[str, str]) -> int:
+    """Turn this forked child into ``python -m module argv``."""
+    become_child(fds, added | request["env"], request["module"], request["argv"])
+    os.chdir(request["cwd"])
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     return 0
 
 

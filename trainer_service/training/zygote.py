@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 
+from loraforge_core import forkserver
 from trainer_service.training.run import EXIT_CANCELLED
 
 MAX_REQUEST = 1 << 20  # a request's JSON: the job's environment and arguments
@@ -317,37 +318,16 @@ def main() -> int:
 
 
 def _report_ended(reports) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        code = os.waitstatus_to_exitcode(status)  # as asyncio's returncode: -signal if killed
+    for pid, code in forkserver.reaped():
         reports.write(json.dumps({"exited": pid, "code": code}) + "\n")
 
 
 def _become_training_process(request: dict, fds: list[int]) -> int:
-    from setproctitle import setproctitle
-
     from trainer_service.training import run
 
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, sys.stdin.fileno())
-    os.close(null)
-    os.dup2(fds[0], sys.stdout.fileno())
-    os.dup2(fds[1], sys.stderr.fileno())
-    for fd in fds:
-        os.close(fd)
-    os.environ.clear()
-    os.environ.update(request["env"])
     argv = request["argv"]
-    setproctitle(" ".join([sys.executable, "-m", "trainer_service.training.run", *argv]))
-    sys.argv = ["trainer_service.training.run", *argv]
+    forkserver.become_child(fds, request["env"], "trainer_service.training.run", argv)
     return run.main(argv)
 
 
