@@ -21,9 +21,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def preload() -> None:
-    """Import what a training job of every family resolves by name (``models.preload``), and
-    the training utilities: the zygote's children start their job without importing, about
-    1 s of CPU a job."""
+    """Import what a training job of every family the trainer serves resolves by name
+    (``models.preload``), and the training utilities: the zygote's children start their job
+    without importing, about 1 s of CPU a job."""
     import diffusers.optimization
     import diffusers.training_utils  # noqa: F401
 
