@@ -1,5 +1,5 @@
-"""A preloaded parent that forks servers: ``python -m loraforge_core.forkserver SOCKET
-[PRELOAD ...]``, each PRELOAD a module to import or a ``module:function`` to call, once.
+"""A preloaded parent that forks servers, started by ``start(socket_path, preloads)``: each
+preload a module to import or a ``module:function`` to call, once.
 
 A generator spends about 6 s of CPU importing torch, diffusers, transformers and peft before it
 serves, a trainer's zygote as much, and the test suite starts dozens of each. Where
@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,15 +122,12 @@ def spawn(module: str, argv: list[str], env: dict[str, str], log: int) -> Forked
 
 # ---------------------------------------------------------------------- the forkserver itself
 def main(argv: list[str] | None = None) -> int:
+    """``python -m loraforge_core.forkserver FD PRELOAD...``: FD is the listening socket."""
     from setproctitle import setproctitle  # here: it takes over the command line's memory
 
-    path, *preloads = argv if argv is not None else sys.argv[1:]
-    setproctitle(f"{TITLE} {path}")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    listener.bind(path)
-    listener.listen(64)  # callers that come during the preload wait in the backlog
+    fd, *preloads = argv if argv is not None else sys.argv[1:]
+    listener = socket.socket(fileno=int(fd))
+    setproctitle(f"{TITLE} {listener.getsockname()}")
     before = dict(os.environ)
     for preload in preloads:
         module, _, function = preload.partition(":")
@@ -266,14 +262,15 @@ def start(path: Path, preloads: list[str]) -> subprocess.Popen[bytes]:
     """Start a forkserver listening at ``path`` (its own output in ``path``.log) that imports
     or calls each of ``preloads``; it preloads while the caller goes on, and exits when the
     caller closes its ``stdin`` (or dies)."""
-    command = [sys.executable, "-m", "loraforge_core.forkserver", str(path), *preloads]
-    with open(path.with_suffix(".log"), "ab") as log:
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log)
-    while not path.exists():  # listening: it binds before it imports anything heavy
-        if process.poll() is not None:
-            raise RuntimeError(f"the forkserver exited: {path.with_suffix('.log').read_text()}")
-        time.sleep(0.01)
-    return process
+    # Listening before it starts: callers that come during the preload wait in the backlog.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(path))
+        listener.listen(64)
+        fd = listener.fileno()
+        command = [sys.executable, "-m", "loraforge_core.forkserver", str(fd), *preloads]
+        with open(path.with_suffix(".log"), "ab") as log:
+            return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=log,
+                                    pass_fds=[fd])  # fmt: skip
 
 
 if __name__ == "__main__":

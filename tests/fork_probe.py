@@ -1,10 +1,10 @@
 """``python -m tests.fork_probe CODE``: prints what a started process sees of itself as JSON,
-then exits with CODE ("wait": sleeps until killed). Run by tests/test_forkserver.py."""
+then exits with CODE ("wait": waits for a signal to end it). Run by tests/test_forkserver.py."""
 
 import json
 import os
+import signal
 import sys
-import time
 
 import psutil
 
@@ -14,5 +14,5 @@ if __name__ == "__main__":
             "cmdline": me.cmdline(), "parent": me.ppid(), "stdin": sys.stdin.read()}  # fmt: skip
     print(json.dumps(seen), flush=True)
     if sys.argv[1] == "wait":
-        time.sleep(600)
+        signal.pause()
     sys.exit(int(sys.argv[1]))
