@@ -21,6 +21,7 @@ from trainer_service.database import (
     SqliteDatabase,
     migrate,
     open_database,
+    unreachable,
 )
 from trainer_service.job_store import CANCELLED, QUEUED, RUNNING, EventRecord, JobStore, LeaseLost
 from trainer_service.jobdir import ImageUpload
@@ -256,6 +257,56 @@ def test_a_claim_skips_a_job_another_replica_has_locked_instead_of_waiting(
         holder.result()
     assert taken is not None and taken.job_id == second
     store.close()
+
+
+def test_a_replica_stalled_inside_a_transaction_loses_its_row_lock_with_its_lease(
+    postgres_server,
+) -> None:
+    """A replica frozen between two statements of a transaction holds its job's row lock,
+    and every other replica's claim skips locked rows: unless the server ends the stalled
+    session once the lease could have run out, the job is nobody's until the replica wakes."""
+    import psycopg
+
+    url = postgres_server.new_database()
+    a, b = (JobStore(open_database(url, Path("unused"), name=f"loraforge-{r}", lease_s=1))
+            for r in "ab")  # fmt: skip
+    job_id = new_job(a)
+    lease = a.claim_next("a", lease_s=1).lease
+    stalled, wake = threading.Event(), threading.Event()
+
+    def append_and_stall() -> None:
+        with a.db.transaction() as tx:
+            tx.one("SELECT job_id FROM jobs WHERE job_id=? FOR UPDATE", (job_id,))
+            stalled.set()
+            wake.wait()
+            tx.one("SELECT 1 AS one")
+
+    def claim_for_b() -> job_store.Claim:
+        deadline = time.monotonic() + 30
+        while (taken := b.claim_next("b", lease_s=60)) is None:
+            assert time.monotonic() < deadline, "the stalled replica's row lock outlived its lease"
+            time.sleep(0.1)
+        return taken
+
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(url) as watcher:
+        stalled_a = pool.submit(append_and_stall)
+        try:
+            stalled.wait()
+            names = watcher.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE state='idle in transaction'"
+            ).fetchall()
+            assert names == [("loraforge-a",)]
+            taken = claim_for_b()
+        finally:
+            wake.set()
+        with pytest.raises(psycopg.Error) as ended:  # the server ended a's session
+            stalled_a.result()
+    assert unreachable(ended.value)  # a retries, and its retry finds the job gone:
+    assert taken.job_id == job_id and taken.took_over
+    with pytest.raises(LeaseLost):  # a, awake, writes nothing more for the job
+        a.append_event(job_id, EXAMPLES[1], lease=lease)
+    a.close()
+    b.close()
 
 
 def test_a_change_on_one_replica_reaches_another_through_listen_notify(postgres_server):

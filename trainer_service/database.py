@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from loraforge_core.settings import LEASE_SECONDS
+
 log = logging.getLogger("loraforge.trainer.database")
 
 SCHEMA_VERSION = 5
@@ -90,15 +92,17 @@ _MIGRATION_LOCK = 0x6C6F7261  # "lora": one advisory lock id for all replicas
 
 def unreachable(err: BaseException) -> bool:
     """Whether a job-store call failed because the database was away (restarting, failing
-    over, its connections dropped, busy), not because of what the call asked: worth a retry."""
+    over, its connections dropped, busy) or this replica was (the server ended a transaction
+    it left idle past the lease), not because of what the call asked: worth a retry."""
     if isinstance(err, (sqlite3.OperationalError, ConnectionError, TimeoutError)):
         return True
     try:
         import psycopg
+        from psycopg.errors import IdleInTransactionSessionTimeout
         from psycopg_pool import PoolTimeout
     except ImportError:  # pragma: no cover - psycopg is a dependency
         return False
-    return isinstance(err, (psycopg.OperationalError, PoolTimeout))
+    return isinstance(err, (psycopg.OperationalError, IdleInTransactionSessionTimeout, PoolTimeout))
 
 
 class SchemaTooNew(RuntimeError):
@@ -210,18 +214,26 @@ class PostgresDatabase(Database):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
-    def __init__(self, url: str, *, max_connections: int = 8) -> None:
+    def __init__(
+        self, url: str, *, max_connections: int = 8, name: str = "loraforge",
+        stalled_transaction_s: float = LEASE_SECONDS,
+    ) -> None:  # fmt: skip
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict
         from psycopg.rows import dict_row
         from psycopg_pool import ConnectionPool
 
         self.url = url
         self._psycopg = psycopg
+        # What pg_stat_activity shows for this replica's sessions, unless the URL names one.
+        self.application_name = conninfo_to_dict(url).get("application_name") or name
+        self._stalled_ms = max(1, round(stalled_transaction_s * 1000))
         self.pool = ConnectionPool(
             url, min_size=1, max_size=max_connections, open=False, timeout=POOL_WAIT_S,
-            reconnect_timeout=RECONNECT_S, name="loraforge",
+            reconnect_timeout=RECONNECT_S, name="loraforge", configure=self._configure,
             kwargs={"autocommit": True, "row_factory": dict_row,
-                    "connect_timeout": int(POOL_WAIT_S)},
+                    "connect_timeout": int(POOL_WAIT_S),
+                    "application_name": self.application_name},
         )  # fmt: skip
         try:
             self.pool.open(wait=True, timeout=30)
@@ -230,6 +242,16 @@ class PostgresDatabase(Database):
             raise ConnectionError(f"cannot reach PostgreSQL at {redact(url)}: {err}") from err
         self._listener: threading.Thread | None = None
         self._closing = threading.Event()
+
+    def _configure(self, connection: Any) -> None:
+        """A session whose client stalls inside a transaction (a frozen or partitioned
+        replica) is ended by the server after ``stalled_transaction_s``: its row locks would
+        otherwise keep the job from every other replica's claim (``SKIP LOCKED``) for as long
+        as the stall lasts, lease or no lease."""
+        connection.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+            (str(self._stalled_ms),),
+        )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Tx]:
@@ -248,7 +270,9 @@ class PostgresDatabase(Database):
         def run() -> None:
             while not self._closing.is_set():
                 try:
-                    with self._psycopg.connect(self.url, autocommit=True) as connection:
+                    with self._psycopg.connect(
+                        self.url, autocommit=True, application_name=self.application_name
+                    ) as connection:
                         connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
                         while not self._closing.is_set():
                             for note in connection.notifies(timeout=1.0):
@@ -278,11 +302,19 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-def open_database(url: str, data_dir: Path) -> Database:
-    """``postgresql://...`` or empty (SQLite at ``data_dir/jobs.sqlite3``), migrated."""
+def open_database(
+    url: str, data_dir: Path, *, name: str = "loraforge", lease_s: float = LEASE_SECONDS
+) -> Database:
+    """``postgresql://...`` or empty (SQLite at ``data_dir/jobs.sqlite3``), migrated. On
+    PostgreSQL, ``name`` is the sessions' application_name and a transaction left idle for
+    ``lease_s`` (its replica stalled as long as it may) is ended by the server."""
     if url and not url.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"--database-url must be postgresql://...; got {redact(url)!r}")
-    db: Database = PostgresDatabase(url) if url else SqliteDatabase(data_dir / "jobs.sqlite3")
+    db: Database = (
+        PostgresDatabase(url, name=name, stalled_transaction_s=lease_s)
+        if url
+        else SqliteDatabase(data_dir / "jobs.sqlite3")
+    )
     try:
         migrate(db)
     except BaseException:

@@ -89,7 +89,10 @@ class TrainerService:
         self.objects = await asyncio.to_thread(
             open_object_store, self.settings.artifact_store, self.data_dir
         )
-        db = await asyncio.to_thread(open_database, self.fleet.database_url, self.data_dir)
+        db = await asyncio.to_thread(
+            open_database, self.fleet.database_url, self.data_dir,
+            name=f"loraforge-trainer-{self.replica_id}", lease_s=self.fleet.lease_seconds,
+        )  # fmt: skip
         self.job_store = JobStore(db)
         loop = asyncio.get_running_loop()
         db.listen(lambda job_id: loop.call_soon_threadsafe(self._changed_elsewhere, job_id))
