@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
 TINY_SDXL_NAMES = ("tiny-sdxl", "loraforge/tiny-sdxl")
+TINY_FLUX_NAMES = ("tiny-flux", "loraforge/tiny-flux")
 RANDOM_TINY_NAMES = ("tiny-random", "loraforge/tiny-random")
 RANDOM_TINY_FLUX_NAMES = ("tiny-flux-random", "loraforge/tiny-flux-random")
 TINY_MODEL_VERSION = "tiny-sd-v2"
@@ -38,6 +39,9 @@ TRAINED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
 # Its SDXL twin, trained on the same world from its VAE and UNet (two text encoders, SDXL's
 # conditioning): for SDXL training and serving tests that need a model that draws.
 TRAINED_TINY_SDXL = TRAINED_TINY_MODEL.with_name("tiny-sdxl")
+# A FLUX.1 of the same world (the SD model's VAE; transformer and both text encoders trained
+# from scratch): for FLUX tests that need a model that draws.
+TRAINED_TINY_FLUX = TRAINED_TINY_MODEL.with_name("tiny-flux")
 
 
 def cache_dir() -> Path:
@@ -192,6 +196,8 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(default_model_path())
     if name in TINY_SDXL_NAMES:
         return str(TRAINED_TINY_SDXL)
+    if name in TINY_FLUX_NAMES:
+        return str(TRAINED_TINY_FLUX)
     if name in RANDOM_TINY_NAMES:
         return str(random_tiny_model_path())
     if name in RANDOM_TINY_FLUX_NAMES:

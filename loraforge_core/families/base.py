@@ -119,6 +119,11 @@ class Family:
         """Whether ``guidance_scale`` runs a negative half beside each image."""
         raise self._unsupported()
 
+    def call_options(self, pipe: Any) -> dict[str, Any]:
+        """What a call of the family's stock pipeline needs, besides the prompt, to encode it
+        as training and serving do (e.g. FLUX.1's T5 length: the pipeline's default is 512)."""
+        return {}
+
     # ------------------------------------------------------------------ training
     def objective(self, scheduler: Any, options: ObjectiveOptions) -> Objective:
         """What training minimises, on the model's training ``scheduler``."""

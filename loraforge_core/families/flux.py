@@ -76,6 +76,9 @@ class Flux(Family):
     def classifier_free(self, pipe: Any, guidance_scale: float) -> bool:
         return False  # guidance-distilled: dev takes the scale as an input, schnell ignores it
 
+    def call_options(self, pipe: Any) -> dict[str, Any]:
+        return {"max_sequence_length": sequence_length(pipe.tokenizer_2)}
+
     def objective(self, scheduler: Any, options: ObjectiveOptions) -> FlowMatching:
         return FlowMatching(scheduler, options)
 

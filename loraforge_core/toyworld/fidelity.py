@@ -199,7 +199,8 @@ def evaluate(
         for start in range(0, len(texts), batch):  # each image's own generator: as alone
             generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch]]
             images += pipe(texts[start:start + batch], num_inference_steps=steps,
-                           guidance_scale=guidance, generator=generators).images  # fmt: skip
+                           guidance_scale=guidance, generator=generators, height=toyworld.SIZE,
+                           width=toyworld.SIZE, **family.call_options(pipe)).images  # fmt: skip
         return images
 
     try:

@@ -1,0 +1,27 @@
+"""Concept learning on FLUX.1, measured: PTI (tokens in CLIP-L and T5, then LoRA on the
+transformer and CLIP-L) teaches the shipped tiny FLUX a colour it never saw, and the subject
+fidelity of stock ``FluxPipeline`` images rises with the adapter's scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraforge_core.toyworld.fidelity import SCALES
+from tests.test_concept_fidelity import subject_fidelity, train
+
+pytestmark = pytest.mark.slow
+
+FLUX_RECIPE = {"max_train_steps_ti": 100, "max_train_steps_tuning": 300, "learning_rate_ti": 5e-4}
+
+
+def test_pti_teaches_the_tiny_flux_a_colour_and_fidelity_rises_with_scale(tmp_path: Path) -> None:
+    bundle = train(tmp_path, model="tiny-flux", **FLUX_RECIPE)
+    assert bundle.manifest.family == "flux"
+    assert len(bundle.token_vectors()["<s1>"]) == 2  # a row in CLIP-L and one in T5
+    fidelity = subject_fidelity(bundle, SCALES, model="tiny-flux")
+    assert fidelity[0.0] <= 0.1, fidelity
+    assert fidelity[1.0] >= 0.75, fidelity
+    rising = [fidelity[s] for s in SCALES]
+    assert rising == sorted(rising), fidelity
