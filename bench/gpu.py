@@ -1,15 +1,18 @@
-"""GPU figures on the SD 2.1-base and SDXL architectures with random weights (no download).
+"""GPU figures on the SD 2.1-base, SDXL and FLUX.1-dev architectures with random weights (no
+download).
 
-    bash bench/gpu.sh                       # on a GPU machine: SD 2.1 512px, SDXL 1024px, fp16
+    bash bench/gpu.sh                       # on a GPU machine: SD 2.1, SDXL, FLUX.1-dev
     python -m bench.gpu --arch tiny --size 64 --dtype fp32 --device cpu   # syntax check on CPU
     python -m bench.gpu --arch tiny-sdxl --size 64 --dtype fp32 --device cpu
+    python -m bench.gpu --arch tiny-flux --size 64 --dtype fp32 --device cpu
 
 Reports denoising steps/s with 0, 1 and 4 adapters, the time to switch between resident
 adapters and to load a new one (ours and diffusers'), a mixed batch of 4 requests with 4
 adapters vs the same requests one after another, the LoRA overhead rows of the CPU bench
 (1 and 2 adapters fused and with fusion off, 8 distinct adapters in one batch vs 8 on one,
 beside an A/A twin of the base), LoRA training steps/s (batch 1, where the trainer runs the
-model's family: not SDXL yet), and peak GPU memory.
+model's family), and peak GPU memory. The model is saved in the benchmark's dtype (FLUX.1-dev
+is 67 GB in fp32, 34 GB in bf16).
 Random weights give real shapes and real costs, not meaningful images.
 """
 
@@ -36,10 +39,19 @@ from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import families
 from loraforge_core.architectures import ARCHITECTURES
 from loraforge_core.bundle import pack
+from loraforge_core.families import flux
 from loraforge_core.models import build_pipeline, load_pipeline
 from trainer_service.training.lora import random_lora_bundle
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Each architecture's pipeline with random weights (seed 0).
+BUILDERS = {
+    **{
+        name: lambda arch=arch: build_pipeline(arch, seed=0) for name, arch in ARCHITECTURES.items()
+    },
+    "tiny-flux": lambda: flux.build_tiny(0),
+    "flux-dev": lambda: flux.build_tiny(0, flux.FLUX_DEV),
+}
 
 
 def synchronize() -> None:
@@ -49,10 +61,11 @@ def synchronize() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sd21-base", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--arch", default="sd21-base", choices=sorted(BUILDERS))
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in training")
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -60,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     model_dir = work / "model"
-    build_pipeline(ARCHITECTURES[args.arch], seed=0).save_pretrained(model_dir)
+    BUILDERS[args.arch]().to(DTYPES[args.dtype]).save_pretrained(model_dir)
     print(f"built {args.arch} in {time.monotonic() - started:.0f}s", flush=True)
     bundles = [
         random_lora_bundle(str(model_dir), work / "store", seed=i, token=f"<g{i}>", rank=8)
@@ -101,6 +114,8 @@ def serving_rows(
 
     for n in (0, 1, 4):  # first calls pay one-time kernel selection; keep them out
         generate(n)
+    family = families.of_pipeline(pipe)
+    guidance = "CFG" if family.classifier_free(pipe, family.default_guidance) else "no CFG"
     rows: list[tuple[str, float, str]] = []
     base_ms = None
     for n in (0, 1, 4):
@@ -108,7 +123,7 @@ def serving_rows(
         base_ms = base_ms or ms
         rows.append(
             (
-                f"denoising steps/s, {n} adapters ({args.size}px, CFG)",
+                f"denoising steps/s, {n} adapters ({args.size}px, {guidance})",
                 args.steps / ms * 1000,
                 "steps/s",
             )
@@ -183,6 +198,7 @@ def train_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, flo
             pretrained_model_name_or_path=str(model_dir), max_train_steps_ti=phase_steps[0],
             max_train_steps_tuning=phase_steps[1], save_steps=10**6, resolution=args.size,
             mixed_precision=precision, gradient_accumulation_steps=1, seed=0,
+            gradient_checkpointing=args.gradient_checkpointing,
             device="cpu" if args.device == "cpu" else "auto",
         )  # fmt: skip
         reporter = ListReporter()

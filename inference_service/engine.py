@@ -181,12 +181,20 @@ class GeneratorEngine:
         return Resolved(job, entries, prompt, negative, weights)
 
     def _check_mode(self, spec: GenerationSpec) -> None:
-        allowed = self.family.schedulers
+        family = self.family
+        allowed = family.schedulers
         if allowed is not None and spec.scheduler not in allowed:
             raise InvalidArgument(
-                f"{self.family.title} models run {', '.join(allowed)} only (their pipeline's "
+                f"{family.title} models run {', '.join(allowed)} only (their pipeline's "
                 f"own scheduler); {spec.scheduler!r} is for other families", "scheduler",
             )  # fmt: skip
+        most, asked = family.max_text_tokens, spec.max_sequence_length
+        if asked > most:
+            length = (f"at most {most} tokens; asked for {asked}" if most
+                      else "a fixed length: leave it 0 (it sets FLUX.1's T5 length)")  # fmt: skip
+            raise InvalidArgument(
+                f"{family.title} models encode prompts to {length}", "max_sequence_length"
+            )
         if self.inpainting_base and spec.mode != "inpaint":
             raise FailedPrecondition(
                 "this generator's base model is an inpainting model: send init_image and "
@@ -268,8 +276,9 @@ class GeneratorEngine:
             for encoder in family.adapted_text_encoders:
                 self.mixer.set(encoder, request.weights[encoder])
             encoded = family.pipeline_embeddings(
-                self.pipe, request.prompt, request.negative_prompt, spec.num_images, guided
-            )
+                self.pipe, request.prompt, request.negative_prompt, spec.num_images, guided,
+                text_tokens=spec.max_sequence_length,
+            )  # fmt: skip
             for name, tensor in encoded.items():
                 outputs.setdefault(name, []).append(tensor)
             first_image = len(generators)

@@ -40,6 +40,7 @@ def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
         width=request.width or _multiple_of_8(init, 0), height=request.height or
         _multiple_of_8(init, 1), steps=request.num_inference_steps or DEFAULT_STEPS,
         guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+        max_sequence_length=request.max_sequence_length,
         scheduler=SCHEDULER_NAMES[request.scheduler],
         seed=request.seed if request.HasField("seed") else random.randrange(2**31),
         num_images=request.num_images or 1, output_format=FORMATS[request.output_format],

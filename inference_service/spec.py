@@ -75,6 +75,7 @@ class GenerationSpec:
     init_image: Image.Image | None = None  # img2img and inpainting start from it (RGB)
     mask_image: Image.Image | None = None  # inpainting: white = repaint (L)
     strength: float | None = None  # None: DEFAULT_STRENGTH of the mode
+    max_sequence_length: int = 0  # FLUX.1: T5 tokens per prompt (0: the model's, at most 512)
 
     @property
     def mode(self) -> str:
@@ -94,7 +95,7 @@ class GenerationSpec:
 def batch_key(spec: GenerationSpec) -> tuple:
     """The settings that requests must share to be denoised in one batch."""
     return (spec.width, spec.height, spec.steps, spec.guidance_scale, spec.scheduler,
-            spec.mode, spec.denoise_strength)  # fmt: skip
+            spec.mode, spec.denoise_strength, spec.max_sequence_length)  # fmt: skip
 
 
 @dataclass

@@ -136,6 +136,9 @@ def test_cli_trains_watches_downloads_and_generates(servers, images, tmp_path):
     assert Image.open(out.stdout.split()[0]).size == (40, 24)
     bad = cli(servers, "generate", "x", "--init-image", str(init), "--strength", "2", check=False)
     assert bad.returncode == 1 and "strength" in bad.stderr and "Traceback" not in bad.stderr
+    # The flag reaches the server, which runs SD (FLUX.1's is test_flux_serving's).
+    t5 = cli(servers, "generate", "x", "--max-sequence-length", "64", check=False)
+    assert t5.returncode == 1 and "max_sequence_length" in t5.stderr and "fixed" in t5.stderr
 
 
 def test_cli_errors_are_one_clear_line(servers, images):

@@ -1,5 +1,6 @@
-"""A compiled UNet serves any adapter set, scale and mix without recompiling, and renders
-what the uncompiled engine renders.
+"""A compiled denoiser (SD's UNet, FLUX.1's transformer) serves any adapter set, scale and
+mix without recompiling, also when the next adapter targets more layers (an extended one) or
+carries text-encoder LoRA, and renders what the uncompiled engine renders.
 
 The backend is ``aot_eager``: recompiles are dynamo's decision (its guards), whatever the
 backend, and inductor's code generation would take minutes on a 2-core CI machine;
@@ -16,29 +17,29 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from torch._dynamo.utils import counters
 
 from inference_service.engine import GeneratorEngine, build_engine
 from inference_service.spec import AdapterRequest, GenerationJob, GenerationSpec
 from loraforge_core.bundle import pack
+from loraforge_core.models import load_pipeline
 from trainer_service.training.lora import random_lora_bundle
 
 ADAPTERS = 4
 
 
-def make_engine(tiny_model: Path, root: Path, compile_backend: str | None) -> GeneratorEngine:
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    pipe.set_progress_bar_config(disable=True)
+def make_engine(model: Path, root: Path, compile_backend: str | None) -> GeneratorEngine:
+    pipe = load_pipeline(str(model))
     engine = build_engine(
         pipe, root, max_resident=ADAPTERS, slot_rank=8, extended_slots=True,
         compile_backend=compile_backend,
     )  # fmt: skip
     for i in range(ADAPTERS):
         rank = 4 + 2 * (i % 2)  # two ranks: the gathered factors' width varies with the mix
-        # and one extended (LoCon) adapter: the others hold zeros in its convolutions' slots
-        bundle = random_lora_bundle(str(tiny_model), root / "bundles", seed=i, rank=rank,
+        # and one extended adapter (SD: LoCon; FLUX.1: the output projections and
+        # modulations): the others hold zeros in its layers' slots
+        bundle = random_lora_bundle(str(model), root / "bundles", seed=i, rank=rank,
                                     extended=i == ADAPTERS - 1)  # fmt: skip
         engine.adapters.register(f"a{i}", data=pack(bundle.path))
         assert engine.adapters.entries[f"a{i}"].peft_name.startswith("slot-")
@@ -81,9 +82,13 @@ def fresh_dynamo():
 
 
 @pytest.mark.slow
-def test_changing_adapters_scales_and_mixes_never_recompiles(tiny_model, tmp_path, fresh_dynamo):
-    compiled = make_engine(tiny_model, tmp_path / "compiled", "aot_eager")
-    plain = make_engine(tiny_model, tmp_path / "plain", None)
+@pytest.mark.parametrize(("model", "checked"), [("tiny_model", 100), ("tiny_flux", 40)])
+def test_changing_adapters_scales_and_mixes_never_recompiles(
+    model: str, checked: int, tmp_path: Path, fresh_dynamo, request: pytest.FixtureRequest
+) -> None:
+    path = request.getfixturevalue(model)
+    compiled = make_engine(path, tmp_path / "compiled", "aot_eager")
+    plain = make_engine(path, tmp_path / "plain", None)
     rng = random.Random(0)
     # Warm-up: the base, a fused set, and mixed batches of each batch size (after a second
     # size, dynamo makes the sizes dynamic).
@@ -95,7 +100,7 @@ def test_changing_adapters_scales_and_mixes_never_recompiles(tiny_model, tmp_pat
 
     torch._dynamo.config.error_on_recompile = True  # any recompile from here on raises
     requests = 0
-    while requests < 100:
+    while requests < checked:
         batch = random_batch(rng)
         requests += len(batch)
         serve(compiled, batch)

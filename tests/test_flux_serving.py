@@ -80,10 +80,10 @@ def use_adapters(pipe, adapters: list[tuple[str, float, float | None]]) -> None:
 
 def stock_pixels(pipe, prompt: str, adapters, seed: int, **inputs) -> np.ndarray:
     use_adapters(pipe, adapters)
+    inputs = {"max_sequence_length": pipe.tokenizer_2.model_max_length, **inputs}
     image = pipe(
         prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=32, height=32,
-        generator=torch.Generator().manual_seed(seed),
-        max_sequence_length=pipe.tokenizer_2.model_max_length, **inputs,
+        generator=torch.Generator().manual_seed(seed), **inputs,
     ).images[0]  # fmt: skip
     return np.asarray(image, dtype=np.float32) / 255
 
@@ -120,6 +120,28 @@ def test_a_mixed_batch_of_four_flux_adapters_equals_each_request_alone(engine):
     # Four different images: each row really had its own adapter.
     firsts = [pixels(images) for images in alone]
     assert min(np.abs(a - b).mean() for i, a in enumerate(firsts) for b in firsts[i + 1 :]) > 1e-2
+
+
+def test_each_request_sets_its_t5_length_as_stock_does_and_batches_apart(engine, stock):
+    """FLUX.1's transformer attends to every T5 position, padding included, so the length a
+    prompt is encoded to changes the image; requests of different lengths share no batch."""
+    from loraforge_core.errors import InvalidArgument
+
+    adapters = [("f1", 0.8, None)]
+    long, short = (
+        spec(PROMPTS["f1"], adapters, 6, max_sequence_length=64),
+        spec(PROMPTS["f1"], adapters, 6),
+    )
+    want = stock_pixels(stock, PROMPTS["f1"], adapters, 6, max_sequence_length=64)
+    ours = pixels(engine.generate(long))
+    assert np.abs(want - ours).mean() <= TOLERANCE
+    default = pixels(engine.generate(short))  # the tiny model's own length: 32
+    assert np.abs(default - ours).mean() > 1e-3
+    batched = engine.generate_batch([GenerationJob(long), GenerationJob(short)])
+    assert np.abs(pixels(batched[0]) - ours).mean() <= TOLERANCE
+    assert np.abs(pixels(batched[1]) - default).mean() <= TOLERANCE
+    with pytest.raises(InvalidArgument, match="at most 512 tokens; asked for 513"):
+        engine.generate(dataclasses.replace(long, max_sequence_length=513))
 
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])

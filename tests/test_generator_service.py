@@ -197,6 +197,14 @@ def test_bad_requests_get_clear_errors(stub, req, code):
     assert caught.value.code() == code
 
 
+def test_a_t5_length_on_an_sd_model_is_refused_naming_the_field(stub):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(request(max_sequence_length=64), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_sequence_length" in caught.value.details()
+    assert "fixed length" in caught.value.details()
+
+
 @pytest.mark.parametrize("uri", ["x" * 300, "a/" * 600, "../outside"])
 def test_load_from_an_unusable_store_path_is_invalid_argument(stub, uri):
     """Found by the fuzz test: a 300-byte name made stat() fail and the call INTERNAL."""

@@ -183,9 +183,11 @@ def generate_request(
     init_image: bytes | str | Path | None = None,
     mask_image: bytes | str | Path | None = None,
     strength: float | None = None,
+    max_sequence_length: int = 0,
 ) -> generator_pb2.GenerateRequest:
     """A GenerateRequest; with ``init_image`` (bytes or a file) img2img, and with
-    ``mask_image`` too (white = repaint) inpainting; ``strength`` in [0, 1]."""
+    ``mask_image`` too (white = repaint) inpainting; ``strength`` in [0, 1];
+    ``max_sequence_length``: FLUX.1's T5 tokens per prompt (0: the model's)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}")
     if output_format not in IMAGE_FORMATS:
@@ -193,7 +195,7 @@ def generate_request(
     request = generator_pb2.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
         num_inference_steps=steps, scheduler=SCHEDULERS[scheduler], num_images=num_images,
-        output_format=IMAGE_FORMATS[output_format],
+        output_format=IMAGE_FORMATS[output_format], max_sequence_length=max_sequence_length,
         adapters=[AdapterRef.coerce(a).to_proto() for a in adapters],
     )  # fmt: skip
     if guidance_scale is not None:

@@ -204,6 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale, scheduler=args.scheduler, seed=args.seed,
             num_images=args.num_images, output_format=args.format, init_image=args.init_image,
             mask_image=args.mask_image, strength=args.strength,
+            max_sequence_length=args.max_sequence_length,
         )  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i, image in enumerate(images):
@@ -317,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=float,
                           help="unset: the model family's (SD: 7.5; FLUX.1: 3.5)")  # fmt: skip
     generate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="default")
+    generate.add_argument(
+        "--max-sequence-length", type=int, default=0,
+        help="FLUX.1: T5 tokens per prompt, up to 512 (0: the model's)",
+    )  # fmt: skip
     generate.add_argument("--seed", type=int)
     generate.add_argument("-n", "--num-images", type=int, default=1)
     generate.add_argument("--format", choices=["png", "jpeg", "webp"], default="png")

@@ -69,6 +69,9 @@ class Family:
     # scheduler names (spec.SCHEDULERS) the family's pipelines run; None: all of them.
     default_guidance: float = 7.5
     schedulers: tuple[str, ...] | None = None
+    # The most text tokens a request may ask its prompts be encoded to (FLUX.1's T5: 512);
+    # 0: the length is the model's and fixed (CLIP's 77).
+    max_text_tokens: int = 0
 
     @property
     def adapted_text_encoders(self) -> tuple[str, ...]:
@@ -110,9 +113,11 @@ class Family:
 
     def pipeline_embeddings(
         self, pipe: Any, prompt: str, negative_prompt: str, num_images: int, guided: bool,
+        text_tokens: int = 0,
     ) -> dict[str, torch.Tensor | None]:  # fmt: skip
         """One request's prompt embeddings as the pipeline call's keyword arguments (the
-        serving path encodes each request at its own text-encoder scales, then batches)."""
+        serving path encodes each request at its own text-encoder scales, then batches);
+        ``text_tokens``: the length to encode to, up to ``max_text_tokens`` (0: the model's)."""
         raise self._unsupported()
 
     def classifier_free(self, pipe: Any, guidance_scale: float) -> bool:

@@ -66,10 +66,12 @@ class Flux(Family):
 
     def pipeline_embeddings(
         self, pipe: Any, prompt: str, negative_prompt: str, num_images: int, guided: bool,
+        text_tokens: int = 0,
     ) -> dict[str, torch.Tensor | None]:  # fmt: skip
         prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
             prompt=prompt, prompt_2=None, device=pipe._execution_device,
-            num_images_per_prompt=num_images, max_sequence_length=sequence_length(pipe.tokenizer_2),
+            num_images_per_prompt=num_images,
+            max_sequence_length=text_tokens or sequence_length(pipe.tokenizer_2),
         )  # fmt: skip
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
@@ -179,6 +181,7 @@ FLUX = Flux(
     kohya_prefixes={"transformer": "lora_transformer_", "text_encoder": "lora_te1_"},
     kohya_module_names=True,
     default_guidance=3.5,  # FLUX.1-dev's
+    max_text_tokens=MAX_SEQUENCE_LENGTH,
     schedulers=("default",),  # the model's flow-matching Euler (FluxPipeline passes sigmas)
     services=frozenset({"generator", "trainer"}),
 )
@@ -210,8 +213,38 @@ TINY_FLUX = {
 }  # fmt: skip
 
 
+# FLUX.1-dev's shapes (the public config.json files of its transformer, VAE, CLIP-L and
+# T5-XXL; the vocabularies are the tiny tokenizers'), for GPU benchmarks with random weights:
+# 12B + 4.7B + 0.1B parameters, 34 GB in bf16.
+FLUX_DEV = {
+    "transformer": {
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True,
+    },
+    "vae": {
+        "sample_size": 1024, "in_channels": 3, "out_channels": 3,
+        "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 16, "layers_per_block": 2,
+        "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+    "text_encoder": {
+        "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    },
+    "text_encoder_2": {
+        "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+        "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu",
+    },
+    "t5_max_length": 512,
+}  # fmt: skip
+
+
 def build_tiny(seed: int = 0, architecture: dict[str, Any] = TINY_FLUX) -> Any:
-    """A ``FluxPipeline`` with random weights (fixed seed) from the tiny configs."""
+    """A ``FluxPipeline`` with random weights (fixed seed) from the tiny configs, or another
+    architecture's (``FLUX_DEV``)."""
     import torch
     from diffusers import (
         AutoencoderKL,

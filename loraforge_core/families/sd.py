@@ -46,6 +46,7 @@ class StableDiffusion(Family):
 
     def pipeline_embeddings(
         self, pipe: Any, prompt: str, negative_prompt: str, num_images: int, guided: bool,
+        text_tokens: int = 0,
     ) -> dict[str, torch.Tensor | None]:  # fmt: skip
         encoded = pipe.encode_prompt(
             prompt=prompt, device=pipe._execution_device, num_images_per_prompt=num_images,

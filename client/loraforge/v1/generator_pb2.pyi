@@ -107,6 +107,7 @@ class GenerateRequest(_message.Message):
     INIT_IMAGE_FIELD_NUMBER: _builtins.int
     MASK_IMAGE_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     negative_prompt: _builtins.str
     width: _builtins.int
@@ -133,6 +134,10 @@ class GenerateRequest(_message.Message):
     """With init_image: how far to move from it, 0 (the init image back, through the VAE) to
     1 (none of it kept under the noise). Unset: 0.8 for img2img, 1.0 for inpainting.
     """
+    max_sequence_length: _builtins.int
+    """FLUX.1: the T5 tokens each prompt is encoded to, 1..512 (0: the model's, at most 512;
+    schnell was distilled at 256). SD 1.x/2.x and SDXL encode 77 CLIP tokens: leave it 0.
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRef]: ...
     def __init__(
@@ -152,10 +157,11 @@ class GenerateRequest(_message.Message):
         init_image: _builtins.bytes = ...,
         mask_image: _builtins.bytes = ...,
         strength: _builtins.float | None = ...,
+        max_sequence_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "adapters", b"adapters", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_strength", b"_strength", "adapters", b"adapters", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "max_sequence_length", b"max_sequence_length", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
