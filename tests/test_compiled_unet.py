@@ -27,6 +27,10 @@ from loraforge_core.models import load_pipeline
 from trainer_service.training.lora import random_lora_bundle
 
 ADAPTERS = 4
+# Random requests served after the warm-up (which covers each batch size, the fused and the
+# gathered paths) with any recompile an error: 40 per family (SD's were 100 before FLUX.1
+# joined; the suite's time).
+CHECKED_REQUESTS = 40
 
 
 def make_engine(model: Path, root: Path, compile_backend: str | None) -> GeneratorEngine:
@@ -76,15 +80,16 @@ def serve(engine: GeneratorEngine, batch: list[GenerationSpec]) -> list[np.ndarr
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps them: a test counts its own graphs
     yield
     torch._dynamo.config.error_on_recompile = False
     torch._dynamo.reset()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "checked"), [("tiny_model", 100), ("tiny_flux", 40)])
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_flux"])
 def test_changing_adapters_scales_and_mixes_never_recompiles(
-    model: str, checked: int, tmp_path: Path, fresh_dynamo, request: pytest.FixtureRequest
+    model: str, tmp_path: Path, fresh_dynamo, request: pytest.FixtureRequest
 ) -> None:
     path = request.getfixturevalue(model)
     compiled = make_engine(path, tmp_path / "compiled", "aot_eager")
@@ -100,7 +105,7 @@ def test_changing_adapters_scales_and_mixes_never_recompiles(
 
     torch._dynamo.config.error_on_recompile = True  # any recompile from here on raises
     requests = 0
-    while requests < checked:
+    while requests < CHECKED_REQUESTS:
         batch = random_batch(rng)
         requests += len(batch)
         serve(compiled, batch)

@@ -13,7 +13,7 @@ from tests.test_concept_fidelity import subject_fidelity, train
 
 pytestmark = pytest.mark.slow
 
-FLUX_RECIPE = {"max_train_steps_ti": 100, "max_train_steps_tuning": 300, "learning_rate_ti": 5e-4}
+FLUX_RECIPE = {"max_train_steps_ti": 100, "max_train_steps_tuning": 200, "learning_rate_ti": 5e-4}
 
 
 def test_pti_teaches_the_tiny_flux_a_colour_and_fidelity_rises_with_scale(tmp_path: Path) -> None:

@@ -190,28 +190,39 @@ def test_buckets_keep_about_the_pixel_count_and_the_unet_s_multiples():
 
 
 class RecordingTrainer(Trainer):
+    """Records the latents of every batch the denoiser is asked to predict (FLUX.1's
+    transformer sees them packed in 2x2 patches, with their rows' and columns' ids)."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.shapes: list[tuple[int, ...]] = []
-        self.model.denoiser.register_forward_pre_hook(
-            lambda module, args: self.shapes.append(tuple(args[0].shape))
-        )
+
+    def _loss(self, denoiser, text_encoders, batch, generator, t_fraction):
+        self.shapes.append(tuple(batch.latents.shape))
+        return super()._loss(denoiser, text_encoders, batch, generator, t_fraction)
 
 
-def test_bucket_shapes_reach_the_unet_uncropped(tmp_path: Path):
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_flux"])
+def test_bucket_shapes_reach_the_denoiser_uncropped(
+    model: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     wide = Image.new("RGB", (40, 24), "white")
     tall = Image.new("RGB", (24, 40), "white")
     examples = [InstanceExample(wide, "wide.png"), InstanceExample(tall, "tall.png")]
+    path = str(request.getfixturevalue(model))
     seen = {}
     for bucketing in (True, False):
         options = {**QUICK, "max_train_steps_ti": 0, "max_train_steps_tuning": 12}
-        config = TrainingConfig(aspect_ratio_bucketing=bucketing, train_batch_size=2,
-                                device="cpu", **options)  # fmt: skip
+        config = TrainingConfig(
+            pretrained_model_name_or_path=path, train_batch_size=2,
+            aspect_ratio_bucketing=bucketing, device="cpu", **options,
+        )  # fmt: skip
         trainer = RecordingTrainer(config, examples, RunPaths(tmp_path / f"c{bucketing}",
                                                               tmp_path / "a"))  # fmt: skip
         trainer.run()
         seen[bucketing] = set(trainer.shapes)
-    # The tiny VAE halves each side: 40x24 pixels are 20x12 latents, batched two by two.
+    # Both tiny VAEs halve each side: 40x24 pixels are 20x12 latents, batched two by two
+    # (FLUX.1's size step, 4 pixels, divides 40 and 24 too).
     assert seen[True] == {(2, 4, 12, 20), (2, 4, 20, 12)}
     assert seen[False] == {(2, 4, 16, 16)}  # centre-cropped squares
 

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from loraforge_core.bundle import read_bundle
+from loraforge_core.models import load_pipeline
 from tests.helpers import shape_png
 from trainer_service.config import TrainingConfig
 from trainer_service.events import (
@@ -78,10 +79,14 @@ def test_train_runs_from_python_without_the_service_and_resumes(tiny_model, tmp_
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["tiny_flux"])  # SD's: test_trainer_service's, over gRPC
+def test_two_process_data_parallel_run_on_cpu(
+    model: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    path = request.getfixturevalue(model)
     job = JobDir(tmp_path / "job")
     config = TrainingConfig(
-        pretrained_model_name_or_path=str(tiny_model),
+        pretrained_model_name_or_path=str(path),
         max_train_steps_ti=2,
         max_train_steps_tuning=3,
         save_steps=2,
@@ -106,7 +111,7 @@ def test_two_process_data_parallel_run_on_cpu(tiny_model: Path, tmp_path: Path) 
     assert_two_ranks([e.message for e in events if isinstance(e, Log)])
     bundle = read_bundle(tmp_path / "art" / finals[0].artifact_id)
     assert bundle.manifest.tokens == ["<s1>"] and bundle.manifest.global_step == 5
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe = load_pipeline(str(path))  # the family's stock pipeline loads it
     pipe.load_lora_weights(bundle.path)
 
 
