@@ -211,6 +211,15 @@ def cloneofsimo_to_diffusers(
     return pairs_state(pairs), tokens
 
 
+def _module_named(state: dict[str, torch.Tensor], family: families.Family) -> bool:
+    """Whether every LoRA layer of a kohya file is named by the family's prefixes and module
+    names (as ``kohya_by_module_names`` reads them); others, e.g. kohya sd-scripts' FLUX.1
+    files in BFL's fused names (``lora_unet_double_blocks_0_img_attn_qkv``), are for
+    diffusers' own converter."""
+    prefixes = tuple(family.kohya_prefixes.values())
+    return all(key.startswith(prefixes) for key in state if ".lora_down." in key)
+
+
 def kohya_by_module_names(
     state: dict[str, torch.Tensor], pipe: Any, family: families.Family
 ) -> dict[str, torch.Tensor]:
@@ -320,7 +329,7 @@ def import_file(path: Path, pipe: Any, store: Path, *, base_model: str) -> Bundl
         vectors = {token: [vector] for token, vector in tokens.items()}
         check_shapes(pipe, lora)
         source: Any = lora
-    elif kind == "kohya" and family.kohya_module_names:
+    elif kind == "kohya" and family.kohya_module_names and _module_named(state, family):
         vectors = _bundled_embeddings(state, family)
         source = kohya_by_module_names(state, pipe, family)
         check_shapes(pipe, source)

@@ -235,6 +235,59 @@ def test_a_published_flux_lora_file_serves_as_stock_diffusers_loads_it(engine, t
     assert np.abs(base - ours).mean() > 1e-2  # the file's alpha (2x) made it through
 
 
+def kohya_bfl_flux_lora(model: Path, folder: Path) -> Path:
+    """A FLUX LoRA as kohya sd-scripts saves it: BFL's fused layer names
+    (``lora_unet_double_blocks_{i}_img_attn_qkv``, ...), ``lora_down``/``lora_up`` and an
+    ``alpha`` of 2 x rank; every layer of both block kinds but the single blocks' fused
+    ``linear1``, which diffusers' converter splits at FLUX.1's widths (3072 and 12288)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = 4 * inner  # FLUX.1's mlp_ratio
+    shapes: dict[str, tuple[int, int]] = {}  # layer -> (in, out)
+    for i in range(config["num_layers"]):
+        for stream in ("img", "txt"):
+            prefix = f"lora_unet_double_blocks_{i}_{stream}"
+            shapes |= {
+                f"{prefix}_attn_qkv": (inner, 3 * inner), f"{prefix}_attn_proj": (inner, inner),
+                f"{prefix}_mlp_0": (inner, mlp), f"{prefix}_mlp_2": (mlp, inner),
+                f"{prefix}_mod_lin": (inner, 6 * inner),
+            }  # fmt: skip
+    for i in range(config["num_single_layers"]):
+        prefix = f"lora_unet_single_blocks_{i}"
+        shapes |= {f"{prefix}_linear2": (inner + mlp, inner),
+                   f"{prefix}_modulation_lin": (inner, 3 * inner)}  # fmt: skip
+    generator, rank, tensors = torch.Generator().manual_seed(13), 4, {}
+    for name, (fan_in, fan_out) in shapes.items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.3
+        tensors[f"{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.3
+        tensors[f"{name}.alpha"] = torch.tensor(2.0 * rank)
+    path = folder / "kohya_bfl.safetensors"
+    save_file(tensors, path)
+    return path
+
+
+def test_a_kohya_flux_file_in_bfl_names_serves_as_stock_diffusers_loads_it(
+    engine, tiny_flux, tmp_path
+):
+    from diffusers import FluxPipeline
+
+    path = kohya_bfl_flux_lora(tiny_flux, tmp_path)
+    entry = engine.adapters.register("kohya-bfl", data=path.read_bytes())
+    assert entry.family == "flux"
+    ours = pixels(engine.generate(spec(PROMPTS["base"], [("kohya-bfl", 0.6, None)], 8)))
+    stock = FluxPipeline.from_pretrained(tiny_flux)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(path), adapter_name="kohya-bfl")
+    want = stock_pixels(stock, PROMPTS["base"], [("kohya-bfl", 0.6, None)], 8)
+    base = stock_pixels(stock, PROMPTS["base"], [], 8)
+    assert np.abs(want - ours).mean() <= TOLERANCE
+    assert np.abs(base - ours).mean() > 1e-2
+
+
 # What ComfyUI (comfy/utils.py flux_to_diffusers, comfy/lora.py model_lora_keys_unet and
 # model_lora_keys_clip) maps for a FLUX model, read from its code: per double block and per
 # single block these diffusers modules (q, k, v and the MLP input land at their offsets in
