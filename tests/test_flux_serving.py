@@ -270,19 +270,51 @@ def kohya_bfl_flux_lora(model: Path, folder: Path) -> Path:
     return path
 
 
-def test_a_kohya_flux_file_in_bfl_names_serves_as_stock_diffusers_loads_it(
-    engine, tiny_flux, tmp_path
+def xlabs_flux_lora(model: Path, folder: Path) -> Path:
+    """A FLUX LoRA as XLabs' trainer saves it: ``double_blocks.{i}.processor.qkv_lora1`` (the
+    image stream's fused q, k, v), ``proj_lora1``, ``qkv_lora2`` and ``proj_lora2`` (the text
+    stream's), ``single_blocks.{i}.processor.qkv_lora`` and ``proj_lora``; ``down``/``up``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    shapes: dict[str, tuple[int, int]] = {}
+    for i in range(config["num_layers"]):
+        for stream in ("1", "2"):  # image, text
+            processor = f"double_blocks.{i}.processor"
+            shapes |= {f"{processor}.qkv_lora{stream}": (inner, 3 * inner),
+                       f"{processor}.proj_lora{stream}": (inner, inner)}  # fmt: skip
+    for i in range(config["num_single_layers"]):
+        shapes |= {f"single_blocks.{i}.processor.qkv_lora": (inner, 3 * inner),
+                   f"single_blocks.{i}.processor.proj_lora": (5 * inner, inner)}  # fmt: skip
+    generator, rank, tensors = torch.Generator().manual_seed(14), 4, {}
+    for name, (fan_in, fan_out) in shapes.items():  # attention only: larger factors than kohya's
+        tensors[f"{name}.down.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.5
+        tensors[f"{name}.up.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.5
+    path = folder / "xlabs.safetensors"
+    save_file(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize("make", [kohya_bfl_flux_lora, xlabs_flux_lora], ids=["kohya", "xlabs"])
+def test_flux_files_in_bfl_names_serve_as_stock_diffusers_loads_them(
+    engine, tiny_flux, tmp_path, make
 ):
+    """kohya sd-scripts' and XLabs' FLUX.1 files name BFL's fused layers; diffusers' own
+    converter splits them, on import as in stock load_lora_weights."""
     from diffusers import FluxPipeline
 
-    path = kohya_bfl_flux_lora(tiny_flux, tmp_path)
-    entry = engine.adapters.register("kohya-bfl", data=path.read_bytes())
+    path = make(tiny_flux, tmp_path)
+    name = path.stem.replace("_", "-")
+    entry = engine.adapters.register(name, data=path.read_bytes())
     assert entry.family == "flux"
-    ours = pixels(engine.generate(spec(PROMPTS["base"], [("kohya-bfl", 0.6, None)], 8)))
+    ours = pixels(engine.generate(spec(PROMPTS["base"], [(name, 0.6, None)], 8)))
     stock = FluxPipeline.from_pretrained(tiny_flux)
     stock.set_progress_bar_config(disable=True)
-    stock.load_lora_weights(str(path), adapter_name="kohya-bfl")
-    want = stock_pixels(stock, PROMPTS["base"], [("kohya-bfl", 0.6, None)], 8)
+    stock.load_lora_weights(str(path), adapter_name=name)
+    want = stock_pixels(stock, PROMPTS["base"], [(name, 0.6, None)], 8)
     base = stock_pixels(stock, PROMPTS["base"], [], 8)
     assert np.abs(want - ours).mean() <= TOLERANCE
     assert np.abs(base - ours).mean() > 1e-2
