@@ -88,6 +88,52 @@ def train_vae(vae, seconds: float, steps: int, seed: int) -> dict:
     }
 
 
+def encoded_world(vae, seed: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """6,144 captioned toy-world samples through the VAE: captions, latent means and stds."""
+    samples = toyworld.samples(6144, seed + 1)
+    with torch.no_grad():
+        data = pixels_of([s.image for s in samples])
+        dist = [vae.encode(data[i : i + 512]).latent_dist for i in range(0, len(data), 512)]
+    return ([s.caption for s in samples], torch.cat([d.mean for d in dist]),
+            torch.cat([d.std for d in dist]))  # fmt: skip
+
+
+def fit(pipe, names: tuple[str, ...], batch_loss, seconds: float, steps: int, seed: int,
+        lr: float) -> dict:  # fmt: skip
+    """The pipeline's modules ``names`` trained together on ``batch_loss(generator)`` (AdamW,
+    warm-up, clipping) until ``steps`` or ``seconds``; their EMA replaces them."""
+    live = [getattr(pipe, name) for name in names]
+    params = [p for module in live for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    emas = [copy.deepcopy(module) for module in live]
+    generator = torch.Generator().manual_seed(seed)
+    for module in live:
+        module.train()
+    started = time.monotonic()
+    for step in range(steps):
+        loss = batch_loss(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, module in zip(emas, live, strict=True):
+                for e, p in zip(ema.parameters(), module.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+        if step % 100 == 0:
+            elapsed = time.monotonic() - started
+            print(f"{names[0]} step {step} loss {loss.item():.4f} {elapsed:.0f}s", flush=True)
+        if time.monotonic() - started > seconds:
+            break
+    pipe.register_modules(**dict(zip(names, emas, strict=True)))
+    for module in emas:
+        module.eval()
+    return {"denoiser_steps": step + 1, "denoiser_seconds": time.monotonic() - started, "lr": lr}
+
+
 def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4) -> dict:
     from diffusers import DDPMScheduler
 
@@ -95,13 +141,7 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
     unet, vae = pipe.unet, pipe.vae
     text_encoders = [getattr(pipe, name) for name in family.text_encoders]
     tokenizer = pipe.tokenizer  # the tiny tokenizers are one vocabulary
-    samples = toyworld.samples(6144, seed + 1)
-    captions = [s.caption for s in samples]
-    with torch.no_grad():
-        data = pixels_of([s.image for s in samples])
-        dist = [vae.encode(data[i : i + 512]).latent_dist for i in range(0, len(data), 512)]
-        means = torch.cat([d.mean for d in dist])
-        stds = torch.cat([d.std for d in dist])
+    captions, means, stds = encoded_world(vae, seed)
     # The same padding as the pipeline (77 positions): the UNet attends to all of them.
     ids_all = tokenizer(
         [*captions, ""],
@@ -120,16 +160,8 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
         }
     )
     scaling = vae.config.scaling_factor
-    live = [unet, *text_encoders]
-    params = [p for module in live for p in module.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
-    emas = [copy.deepcopy(module) for module in live]
-    generator = torch.Generator().manual_seed(seed)
-    for module in live:
-        module.train()
-    started = time.monotonic()
-    for step in range(steps):
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, len(means), (32,), generator=generator)
         latents = (
             means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
@@ -145,29 +177,9 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
         else:
             ids[dropped] = empty_ids
             conditioning = {"encoder_hidden_states": text_encoders[0](ids)[0]}
-        prediction = unet(noisy, t, **conditioning).sample
-        loss = F.mse_loss(prediction, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, module in zip(emas, live, strict=True):
-                for e, p in zip(ema.parameters(), module.parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
-        if step % 100 == 0:
-            print(
-                f"unet step {step} loss {loss.item():.4f} {time.monotonic() - started:.0f}s",
-                flush=True,
-            )
-        if time.monotonic() - started > seconds:
-            break
-    pipe.register_modules(**dict(zip(("unet", *family.text_encoders), emas, strict=True)))
-    for module in emas:
-        module.eval()
-    return {"denoiser_steps": step + 1, "denoiser_seconds": time.monotonic() - started, "lr": lr}
+        return F.mse_loss(unet(noisy, t, **conditioning).sample, target)
+
+    return fit(pipe, ("unet", *family.text_encoders), batch_loss, seconds, steps, seed, lr)
 
 
 def train_flow_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4) -> dict:
@@ -182,25 +194,11 @@ def train_flow_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float =
     denoiser, vae = getattr(pipe, family.denoiser), pipe.vae
     text_encoders = [getattr(pipe, name) for name in family.text_encoders]
     tokenizers = [getattr(pipe, name) for name in family.tokenizers]
-    samples = toyworld.samples(6144, seed + 1)
-    captions = [s.caption for s in samples]
-    with torch.no_grad():
-        data = pixels_of([s.image for s in samples])
-        dist = [vae.encode(data[i : i + 512]).latent_dist for i in range(0, len(data), 512)]
-        means = torch.cat([d.mean for d in dist])
-        stds = torch.cat([d.std for d in dist])
+    captions, means, stds = encoded_world(vae, seed)
     shift, scaling = vae.config.shift_factor, vae.config.scaling_factor
     objective = FlowMatching(pipe.scheduler, ObjectiveOptions(weighting_scheme="logit_normal"))
-    live = [denoiser, *text_encoders]
-    params = [p for module in live for p in module.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
-    emas = [copy.deepcopy(module) for module in live]
-    generator = torch.Generator().manual_seed(seed)
-    for module in live:
-        module.train()
-    started = time.monotonic()
-    for step in range(steps):
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, len(means), (32,), generator=generator)
         latents = (
             means[index]
@@ -213,30 +211,12 @@ def train_flow_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float =
         guidance = 1 + 5 * torch.rand((), generator=generator).item()
         prediction = family.predict(denoiser, noised, embeddings, dtype=torch.float32,
                                     guidance=guidance)  # fmt: skip
-        loss = objective_loss(prediction, noised)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, module in zip(emas, live, strict=True):
-                for e, p in zip(ema.parameters(), module.parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
-        if step % 100 == 0:
-            print(
-                f"{family.denoiser} step {step} loss {loss.item():.4f}"
-                f" {time.monotonic() - started:.0f}s",
-                flush=True,
-            )
-        if time.monotonic() - started > seconds:
-            break
-    pipe.register_modules(**dict(zip((family.denoiser, *family.text_encoders), emas, strict=True)))
-    for module in emas:
-        module.eval()
-    return {"denoiser_steps": step + 1, "denoiser_seconds": time.monotonic() - started, "lr": lr,
-            "vae_shift_factor": shift, "vae_scaling_factor": scaling}  # fmt: skip
+        return objective_loss(prediction, noised)
+
+    names = (family.denoiser, *family.text_encoders)
+    return fit(pipe, names, batch_loss, seconds, steps, seed, lr) | {
+        "vae_shift_factor": shift, "vae_scaling_factor": scaling,
+    }  # fmt: skip
 
 
 def calibrate_latents(vae, seed: int) -> None:
