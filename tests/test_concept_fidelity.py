@@ -1,6 +1,6 @@
 """Concept learning, measured: PTI teaches the shipped tiny model (and its SDXL twin) a colour
-it never saw, and the fidelity check fails when the LoRA is not applied (scale 0; a wrong loss
-target failing it is test_flux_fidelity's, at a quarter of this recipe's cost).
+it never saw, and the fidelity check fails when the LoRA is not applied or the trainer's loss
+target is wrong (here the noise for SD's velocity; test_flux_fidelity reverses FLUX's flow).
 
 Each test trains the demo's recipe (about 90 s on one core; the SDXL twin half its LoRA
 steps) and scores images with the toy-world checker; the full table over five scales is in
@@ -37,6 +37,16 @@ pytestmark = pytest.mark.slow
 
 SEEDS = 4  # per probe: 16 images per scale
 EVAL_IMAGES, EVAL_STEPS = 2, 10  # per probe and scale in the evaluation during training
+
+
+class EpsilonTargetTrainer(Trainer):
+    """Deliberately broken: it regresses the noise while the model predicts the velocity."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        scheduler = self.model.noise_scheduler
+        assert scheduler.config.prediction_type == "v_prediction"
+        scheduler.register_to_config(prediction_type="epsilon")
 
 
 def train(
@@ -111,6 +121,13 @@ def test_pti_teaches_a_colour_the_base_model_never_saw(tmp_path: Path) -> None:
     served = generator_fidelity(bundle, recorded)
     for s in recorded.scores:
         assert abs(served[s.scale] - s.subject_fidelity) <= 0.25, (served, recorded)
+
+
+def test_a_wrong_loss_target_fails_the_fidelity_check(tmp_path: Path) -> None:
+    # The whole recipe, which with the right target passes the check (the first test).
+    bundle = train(tmp_path, EpsilonTargetTrainer)
+    fidelity = subject_fidelity(bundle, (1.0,))
+    assert fidelity[1.0] < 0.5, fidelity
 
 
 def test_pti_on_the_sdxl_twin_teaches_the_colour_through_both_encoders(tmp_path: Path) -> None:
