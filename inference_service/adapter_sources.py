@@ -1,13 +1,15 @@
-"""Where adapters come from: pushed bytes or the artifact store, turned into bundle folders.
+"""Where adapters come from: pushed bytes, the artifact store, or a reference (hf://,
+https://, s3://: references.py, fetched by fetching.py), turned into bundle folders.
 
-A pushed bundle archive is unpacked under ``adapters/<id>``; a pushed or stored LoRA file in
-any supported format (kohya/A1111, diffusers/peft, cloneofsimo) is converted into a bundle
-there (loraforge_core.interop); a bundle in the artifact store is read where it lies. The
-result is an ``AdapterEntry``: what the server knows of an adapter, resident or not.
+A pushed bundle archive is unpacked under ``adapters/<id>``; a pushed, stored or fetched LoRA
+file in any supported format (kohya/A1111, diffusers/peft, cloneofsimo) is converted into a
+bundle there (loraforge_core.interop); a bundle in the artifact store is read where it lies.
+The result is an ``AdapterEntry``: what the server knows of an adapter, resident or not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from typing import Any
 
 import torch
 
+from inference_service.fetching import FetchPolicy, RemoteAdapters
+from inference_service.references import Reference, is_reference, parse_reference
 from inference_service.spec import is_adapter_id, learned_token_problem
 from loraforge_core import bundle as bundles
 from loraforge_core import families, interop
@@ -44,6 +48,14 @@ class AdapterEntry:
     resident: bool = False
     peft_name: str = ""  # the name its weights have in the peft layers (a slot, or its own)
     token_map: dict[str, str] = field(default_factory=dict)  # learned token -> private name
+    # Where it came from: a reference (its canonical text), "upload", or "store:<path>"; and
+    # the sha256 of the file as it came (what a reference's #sha256= pins), where one came.
+    source: str = ""
+    source_sha256: str = ""
+
+    def serves(self, reference: Reference) -> bool:
+        """Whether this adapter is what ``reference`` names (and pins, where it pins)."""
+        return self.source == reference.text and reference.sha256 in ("", self.source_sha256)
 
     @property
     def recommended_scale(self) -> float:
@@ -68,7 +80,7 @@ class AdapterSources:
         self, pipe: Any, data_dir: Path, model_name: str = "",
         after_import: Callable[[], None] = lambda: None, *,
         objects: ObjectStore | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-        in_use: Callable[[], set[Path]] = set,
+        in_use: Callable[[], set[Path]] = set, remote: RemoteAdapters | None = None,
     ) -> None:  # fmt: skip
         self.pipe = pipe  # imports check the file against the model's architecture
         self.model_name = model_name
@@ -80,15 +92,27 @@ class AdapterSources:
         self.cache = None
         if objects is not None and objects.local_root is None:
             self.cache = BundleCache(objects, self.data_dir / "artifacts", cache_bytes, in_use)
+        # References: none allowed unless the operator's policy says (fetching.FetchPolicy).
+        self.remote = remote or RemoteAdapters(FetchPolicy(), self.data_dir / "adapter-cache")
         self.family = families.of_pipeline(pipe)
         self.text_hidden = int(pipe.text_encoder.config.hidden_size)
         self.cross_dim = self.family.conditioning_dim(getattr(pipe, self.family.denoiser))
 
     def open(self, adapter_id: str, *, data: bytes | None = None, uri: str = "") -> AdapterEntry:
-        """The adapter from inline bytes, else from ``uri`` (or its id) in the artifact store."""
+        """The adapter from inline bytes, else from ``uri``: a reference, or a path (or its
+        id) in the artifact store."""
         if data is not None:
-            return self._from_bytes(adapter_id, data)
-        return self._from_store(adapter_id, uri or adapter_id)
+            entry = self._from_bytes(adapter_id, data)
+            entry.source, entry.source_sha256 = "upload", hashlib.sha256(data).hexdigest()
+        elif is_reference(uri):
+            reference = parse_reference(uri, "uri")
+            fetched = self.remote.fetch(reference, again=True)  # cached by fetch(), first
+            entry = self._import(adapter_id, fetched.path, "uri")
+            entry.source, entry.source_sha256 = reference.text, fetched.sha256
+        else:
+            entry = self._from_store(adapter_id, uri or adapter_id)
+            entry.source = f"store:{uri or adapter_id}"
+        return entry
 
     def _from_bytes(self, adapter_id: str, data: bytes) -> AdapterEntry:
         folder = safe_child(self.adapters_dir, adapter_id)
@@ -110,10 +134,14 @@ class AdapterSources:
         )
 
     def fetch(self, adapter_id: str, uri: str = "") -> None:
-        """Download a remote store's bundle into the local cache, if that is where ``uri`` (or
-        the id) points and it is not here yet. Touches no model: the generator calls it off
-        the pipeline thread, so a download stalls only the requests that need it."""
-        self._stored_path(uri or adapter_id)
+        """Download what ``uri`` names (a reference), or a remote store's bundle that ``uri``
+        (or the id) points to, into the local cache if it is not there yet. Touches no model:
+        the generator calls it off the pipeline thread, so a download stalls only the
+        requests that need it."""
+        if is_reference(uri):
+            self.remote.fetch(parse_reference(uri, "uri"))
+        else:
+            self._stored_path(uri or adapter_id)
 
     def _stored_path(self, uri: str) -> Path:
         """Where a store path lies on this server's disk, fetched into the cache when it is a
@@ -148,7 +176,7 @@ class AdapterSources:
             return self._import(adapter_id, path)
         raise NotFound("adapter", adapter_id, f"nothing loadable at {relative!r} in the store")
 
-    def _import(self, adapter_id: str, source: Path) -> AdapterEntry:
+    def _import(self, adapter_id: str, source: Path, field_name: str = "data") -> AdapterEntry:
         """A LoRA file in any supported format -> a bundle under adapters/<id>."""
         folder = safe_child(self.adapters_dir, adapter_id)
         try:
@@ -158,7 +186,7 @@ class AdapterSources:
         except interop.ArchitectureMismatch as err:
             raise FailedPrecondition(f"adapter {adapter_id!r}: {err}") from err
         except interop.FormatError as err:
-            raise InvalidArgument(str(err), "data") from err
+            raise InvalidArgument(str(err), field_name) from err
         finally:
             self.after_import()
         shutil.rmtree(folder, ignore_errors=True)

@@ -22,6 +22,7 @@ import torch
 from inference_service import metrics
 from inference_service.adapter_sources import AdapterEntry, AdapterSources
 from inference_service.mixing import LoraMixer
+from inference_service.references import is_reference, parse_reference
 from inference_service.slots import SlotPool, TokenPool
 from inference_service.spec import AdapterRequest
 from loraforge_core import bundle as bundles
@@ -71,8 +72,10 @@ class AdapterRegistry:
         self, adapter_id: str, *, data: bytes | None = None, uri: str = "", pin: bool = False,
         keep: Keep = frozenset(),
     ) -> AdapterEntry:  # fmt: skip
-        """Make an adapter known and resident (from inline bytes or the artifact store)."""
-        source = "bytes" if data is not None else "store"
+        """Make an adapter known and resident (from inline bytes, a reference or the artifact
+        store)."""
+        source = "bytes" if data is not None else uri.partition("://")[0] if (
+            is_reference(uri)) else "store"  # fmt: skip
         with self.lock, metrics.ADAPTER_LOAD_SECONDS.labels(source).time():
             if adapter_id in self.entries:
                 self._forget(adapter_id)
@@ -86,11 +89,15 @@ class AdapterRegistry:
         """Download what the (adapter id, uri) pairs need from a remote store before their
         request takes its turn on the pipeline thread: called from any other thread, holding
         no lock, so other requests, ListAdapters and /metrics go on meanwhile; concurrent
-        requests for one bundle share its download (artifacts.BundleCache)."""
+        requests for one bundle or reference share its download (artifacts.BundleCache,
+        fetching.RemoteAdapters)."""
         for adapter_id, uri in adapters:
             with self.lock:
-                known = adapter_id in self.entries and not uri
-            if not known:
+                entry = self.entries.get(adapter_id)
+            served = entry is not None and (
+                not uri or (is_reference(uri) and entry.serves(parse_reference(uri)))
+            )
+            if not served:
                 self.sources.fetch(adapter_id, uri)
 
     def unload(self, adapter_id: str) -> None:
@@ -116,10 +123,18 @@ class AdapterRegistry:
             max_resident=self.max_resident,
         )
 
-    def ensure_resident(self, adapter_id: str, keep: Keep = frozenset()) -> AdapterEntry:
-        """Resident adapter by id, loading it from the artifact store on demand."""
+    def ensure_resident(
+        self, adapter_id: str, keep: Keep = frozenset(), reference: str = ""
+    ) -> AdapterEntry:
+        """Resident adapter by id, loading it on demand from ``reference`` (fetched already:
+        fetch_cold) or else the artifact store."""
         with self.lock:
             entry = self.entries.get(adapter_id)
+            if entry is not None and reference and not entry.serves(parse_reference(reference)):
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r} is loaded from {entry.source} (sha256 "
+                    f"{entry.source_sha256}), not {reference}: name this one differently"
+                )
             if entry is not None:
                 if entry.resident:
                     metrics.ADAPTER_LOADS.labels("resident").inc()
@@ -130,8 +145,10 @@ class AdapterRegistry:
                 self.lru.move_to_end(adapter_id)
                 return entry
         try:
-            return self.register(adapter_id, keep=keep)
+            return self.register(adapter_id, uri=reference, keep=keep)
         except NotFound:
+            if reference:
+                raise
             raise NotFound(
                 "adapter", adapter_id, "load it with LoadAdapter or put it in the artifact store"
             ) from None
@@ -142,7 +159,7 @@ class AdapterRegistry:
             raise InvalidArgument(
                 f"at most {self.max_resident} adapters per request on this server", "adapters"
             )
-        entries = [self.ensure_resident(a.adapter_id, keep=keep) for a in adapters]
+        entries = [self.ensure_resident(a.adapter_id, keep, a.source) for a in adapters]
         seen: dict[str, str] = {}
         for entry in entries:
             for token in entry.tokens:

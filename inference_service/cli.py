@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from loraforge_core.settings import ServerSettings, add_setting, server_parser
+
+if TYPE_CHECKING:
+    from inference_service.fetching import FetchPolicy
 
 DEFAULT_PORT = 50052
 
@@ -83,11 +87,89 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the former name of --compile-denoiser")  # fmt: skip
     add_setting(
         serve,
+        "--adapter-sources",
+        default="",
+        help="comma-separated reference schemes requests may name adapters by, besides ids "
+        "and the artifact store: hf (the model hub at HF_ENDPOINT, token HF_TOKEN), https, "
+        "s3 (the artifact store's endpoint and keys); off by default (docs/adapters.md)",
+    )
+    add_setting(
+        serve,
+        "--adapter-allow-hosts",
+        default="",
+        help="comma-separated hosts https references may fetch from; empty: any host whose "
+        "address is public",
+    )
+    add_setting(
+        serve,
+        "--adapter-allow-buckets",
+        default="",
+        help="comma-separated S3 buckets s3 references may read, besides the artifact store's",
+    )
+    add_setting(
+        serve,
+        "--adapter-allow-networks",
+        default="",
+        help="comma-separated CIDRs (e.g. 10.0.0.0/8) that references may fetch from although "
+        "they are loopback, link-local or private; empty: public addresses only",
+    )
+    add_setting(
+        serve,
+        "--adapter-max-mb",
+        default=2048.0,
+        type=float,
+        help="the largest adapter file a reference may fetch, in MiB",
+    )
+    add_setting(
+        serve,
+        "--adapter-fetch-timeout",
+        default=300.0,
+        type=float,
+        help="seconds a reference's whole download may take",
+    )
+    add_setting(
+        serve,
+        "--adapter-ca-file",
+        default="",
+        help="a PEM bundle of the CAs https references are checked against (default: the "
+        "system's); bearer tokens per host come from LORAFORGE_ADAPTER_TOKENS=host=token,...",
+    )
+    add_setting(
+        serve,
         "--preload",
         default="",
         help="comma-separated adapter ids (in the artifact store) to load and pin",
     )
     return parser
+
+
+def fetch_policy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> FetchPolicy:
+    """The --adapter-* settings as the policy references are fetched under."""
+    import ipaddress
+    import os
+
+    from inference_service.fetching import FetchPolicy
+    from inference_service.references import SCHEMES
+
+    def items(text: str) -> list[str]:
+        return [item.strip().lower() for item in text.split(",") if item.strip()]
+
+    sources = items(args.adapter_sources)
+    if unknown := set(sources) - set(SCHEMES):
+        parser.error(f"--adapter-sources: {sorted(unknown)} unknown; choose from {SCHEMES}")
+    try:
+        networks = tuple(
+            ipaddress.ip_network(n, strict=False) for n in items(args.adapter_allow_networks)
+        )
+    except ValueError as err:
+        parser.error(f"--adapter-allow-networks: {err}")
+    return FetchPolicy(
+        sources=frozenset(sources), hosts=frozenset(items(args.adapter_allow_hosts)),
+        buckets=frozenset(items(args.adapter_allow_buckets)), networks=networks,
+        max_bytes=int(args.adapter_max_mb * 2**20), timeout_s=args.adapter_fetch_timeout,
+        ca_file=args.adapter_ca_file,
+        tokens=FetchPolicy.parse_tokens(os.environ.get("LORAFORGE_ADAPTER_TOKENS", "")),
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,5 +194,6 @@ def main(argv: list[str] | None = None) -> None:
         cache_bytes=int(args.artifact_cache_gb * 2**30),
         fuse_adapters=args.adapter_fusion == "on",
         compile_denoiser=args.compile_denoiser == "on",
+        fetch_policy=fetch_policy(args, parser),
     )
     sys.exit(asyncio.run(serve(service, GeneratorServicer(service), settings)))

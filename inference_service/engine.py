@@ -29,6 +29,7 @@ from inference_service import metrics
 from inference_service.adapter_sources import DEFAULT_CACHE_BYTES, AdapterEntry, AdapterSources
 from inference_service.adapters import AdapterRegistry
 from inference_service.batching import plan
+from inference_service.fetching import FetchPolicy, RemoteAdapters
 from inference_service.mixing import LoraMixer, row_weights
 from inference_service.spec import (
     IMAGE_FORMATS,
@@ -71,17 +72,22 @@ def build_engine(
     pipe, data_dir: Path, *, max_resident: int = 8, model_name: str = "",
     slot_rank: int = 16, extended_slots: bool = False, objects: ObjectStore | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES, fuse_adapters: bool = True,
-    compile_backend: str | None = None,
+    compile_backend: str | None = None, fetch_policy: FetchPolicy | None = None,
 ) -> GeneratorEngine:  # fmt: skip
     """The engine and its parts, each given what it uses: the LoRA mixer; the adapter sources
-    (bytes, the data dir, the artifact store ``objects`` behind a cache of ``cache_bytes``);
-    the registry of resident adapters (slots of ``slot_rank``, at most ``max_resident``)."""
+    (bytes, the data dir, the artifact store ``objects`` behind a cache of ``cache_bytes``,
+    references fetched under ``fetch_policy``); the registry of resident adapters (slots of
+    ``slot_rank``, at most ``max_resident``)."""
     family = families.of_pipeline(pipe)
     mixer = LoraMixer(pipe, family.components, fuse=fuse_adapters,
                       compiled=(family.denoiser,) if compile_backend else ())  # fmt: skip
+    remote = RemoteAdapters(
+        fetch_policy or FetchPolicy(), Path(data_dir) / "adapter-cache",
+        store_bucket=getattr(objects, "bucket", ""),
+    )  # fmt: skip
     sources = AdapterSources(
         pipe, data_dir, model_name, after_import=mixer.refresh, objects=objects,
-        cache_bytes=cache_bytes, in_use=lambda: registry.paths_in_use(),
+        cache_bytes=cache_bytes, in_use=lambda: registry.paths_in_use(), remote=remote,
     )  # fmt: skip
     registry = AdapterRegistry(pipe, sources, mixer, max_resident=max_resident,
                                slot_rank=slot_rank, extended_slots=extended_slots)  # fmt: skip

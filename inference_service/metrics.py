@@ -41,6 +41,29 @@ ADAPTER_LOAD_SECONDS = Histogram(
     ["source"],
     buckets=LATENCY_BUCKETS,
 )
+# Adapters named by reference (hf://, https://, s3://: fetching.py), by source.
+ADAPTER_FETCH_SECONDS = Histogram(
+    "loraforge_generator_adapter_fetch_seconds",
+    "Time to download an adapter file named by reference (cache misses), by source",
+    ["source"],
+    buckets=LATENCY_BUCKETS,
+)
+ADAPTER_FETCH_BYTES = Counter(
+    "loraforge_generator_adapter_fetch_bytes_total",
+    "Bytes of adapter files downloaded by reference, by source",
+    ["source"],
+)
+ADAPTER_FETCH_CACHE = Counter(
+    "loraforge_generator_adapter_fetch_cache_total",
+    "References looked up: hit (on disk), miss (downloaded) or shared (waited for another "
+    "request's download), by source",
+    ["source", "result"],
+)
+ADAPTER_FETCH_FAILURES = Counter(
+    "loraforge_generator_adapter_fetch_failures_total",
+    "References refused or failed, by source and the rule (ErrorInfo reason) that refused",
+    ["source", "rule"],
+)
 EVICTIONS = Counter(
     "loraforge_generator_adapter_evictions_total", "Resident adapters evicted to make room"
 )

@@ -9,6 +9,7 @@ import random
 from loraforge.v1 import common_pb2, generator_pb2
 
 from inference_service.adapter_sources import AdapterEntry
+from inference_service.references import adapter_id_for, is_reference, parse_reference
 from inference_service.spec import (
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
@@ -44,19 +45,23 @@ def spec_from_request(request: generator_pb2.GenerateRequest) -> GenerationSpec:
         scheduler=SCHEDULER_NAMES[request.scheduler],
         seed=request.seed if request.HasField("seed") else random.randrange(2**31),
         num_images=request.num_images or 1, output_format=FORMATS[request.output_format],
-        adapters=[
-            AdapterRequest(
-                a.adapter_id, a.scale if a.HasField("scale") else 1.0,
-                a.text_encoder_scale if a.HasField("text_encoder_scale") else None,
-                a.use_recommended_scale,
-            )
-            for a in request.adapters
-        ],
+        adapters=[_adapter(a, f"adapters[{i}]") for i, a in enumerate(request.adapters)],
         init_image=init, mask_image=mask.convert("L") if mask is not None else None,
         strength=request.strength if request.HasField("strength") else None,
     )  # fmt: skip
     validate_spec(spec)
     return spec
+
+
+def _adapter(ref: generator_pb2.AdapterRef, field_name: str) -> AdapterRequest:
+    adapter_id = ref.adapter_id
+    if ref.source:  # named by reference: served under a name of its own unless given one
+        adapter_id = adapter_id or adapter_id_for(parse_reference(ref.source, field_name))
+    return AdapterRequest(
+        adapter_id, ref.scale if ref.HasField("scale") else 1.0,
+        ref.text_encoder_scale if ref.HasField("text_encoder_scale") else None,
+        ref.use_recommended_scale, ref.source,
+    )  # fmt: skip
 
 
 def _image(data: bytes, field_name: str):
@@ -81,7 +86,8 @@ def adapter_to_proto(entry: AdapterEntry) -> generator_pb2.AdapterInfo:
         adapter_id=entry.adapter_id, rank=entry.rank, tokens=entry.tokens,
         size_bytes=entry.size_bytes, sha256=entry.sha256, resident=entry.resident,
         pinned=entry.pinned, source_format=entry.source_format,
-        has_text_encoder=entry.has_text_encoder, family=entry.family,
+        has_text_encoder=entry.has_text_encoder, family=entry.family, source=entry.source,
+        source_sha256=entry.source_sha256,
     )  # fmt: skip
     if entry.evaluation is not None:
         evaluation_to_proto(entry.evaluation, info.evaluation)
@@ -98,12 +104,17 @@ def images_to_proto(images: list[GeneratedImage]) -> list[common_pb2.Image]:
 
 def adapter_source(request: generator_pb2.LoadAdapterRequest) -> dict:
     """The LoadAdapter request's adapter id and source as ``AdapterRegistry.register``'s
-    arguments."""
-    validate_adapter_id(request.adapter_id, "adapter_id")
+    arguments; a reference with no id is named as Generate names it."""
     source = request.WhichOneof("source")
     if source is None:
-        raise InvalidArgument("give a uri in the artifact store or the file's bytes", "source")
+        raise InvalidArgument(
+            "give a reference, a uri in the artifact store or the file's bytes", "source"
+        )
+    adapter_id = request.adapter_id
+    if source == "uri" and is_reference(request.uri):
+        adapter_id = adapter_id or adapter_id_for(parse_reference(request.uri, "uri"))
+    validate_adapter_id(adapter_id, "adapter_id")
     return {
-        "adapter_id": request.adapter_id, "data": request.data if source == "data" else None,
+        "adapter_id": adapter_id, "data": request.data if source == "data" else None,
         "uri": request.uri if source == "uri" else "", "pin": request.pin,
     }  # fmt: skip

@@ -15,6 +15,7 @@ from inference_service import metrics
 from inference_service.adapter_sources import DEFAULT_CACHE_BYTES, AdapterEntry
 from inference_service.batching import PipelineTurns
 from inference_service.engine import GeneratorEngine, build_engine
+from inference_service.fetching import FetchPolicy
 from inference_service.spec import GeneratedImage, GenerationJob
 from loraforge_core.devices import resolve_device, validate_device
 from loraforge_core.errors import Unavailable
@@ -43,8 +44,10 @@ class GeneratorService:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         fuse_adapters: bool = True,
         compile_denoiser: bool = False,
+        fetch_policy: FetchPolicy | None = None,
     ) -> None:
         validate_device(settings.device)
+        self.fetch_policy = fetch_policy or FetchPolicy()
         self.cache_bytes = cache_bytes
         self.fuse_adapters = fuse_adapters
         self.compile_denoiser = compile_denoiser
@@ -77,6 +80,7 @@ class GeneratorService:
             extended_slots=self.extended_slots, objects=objects, cache_bytes=self.cache_bytes,
             fuse_adapters=self.fuse_adapters,
             compile_backend="inductor" if self.compile_denoiser else None,
+            fetch_policy=self.fetch_policy,
         )  # fmt: skip
         for adapter_id in self.preload:
             await self.turns.run(self.engine.adapters.register, adapter_id, pin=True)
@@ -89,7 +93,7 @@ class GeneratorService:
         """Serve a Generate request in the first batch that takes it (the queue plans the
         batches: batching.BatchQueue.take)."""
         engine = self.engine_or_raise()  # UNAVAILABLE until the model is loaded
-        cold = [(a.adapter_id, "") for a in job.spec.adapters]
+        cold = [(a.adapter_id, a.source) for a in job.spec.adapters]
         await asyncio.to_thread(engine.adapters.fetch_cold, cold)
         return await self.turns.generate(job, engine.serve_batch)
 

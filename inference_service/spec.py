@@ -53,6 +53,7 @@ class AdapterRequest:
     text_encoder_scale: float | None = None
     # The scales multiply the adapter's recommended scale (its evaluation's; 1 without one).
     use_recommended_scale: bool = False
+    source: str = ""  # a reference (references.py) the adapter is fetched from on first use
 
     @property
     def te_scale(self) -> float:

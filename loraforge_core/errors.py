@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 
 class ServiceError(Exception):
-    """Base for errors a caller can act on."""
+    """Base for errors a caller can act on. ``reason``, where set, names the rule that refused
+    the call (UPPER_SNAKE_CASE); the status carries it as a ``google.rpc.ErrorInfo``."""
+
+    reason = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -48,6 +51,10 @@ class NotFound(ServiceError):
 
 class FailedPrecondition(ServiceError):
     pass
+
+
+class PermissionDenied(ServiceError):
+    """The server's policy refuses what the call asks (not the caller's credentials)."""
 
 
 class ResourceExhausted(ServiceError):

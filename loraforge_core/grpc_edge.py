@@ -62,6 +62,7 @@ MAX_TEXT = 300
 # grpc-status-details-bin carries the message and the details, in base64, and grpc-message
 # the message again, percent-encoded (a non-ASCII byte takes three): about 6.3 KiB at most.
 MAX_DETAILS_BYTES = 3000
+DOMAIN = "loraforge.dev"  # ErrorInfo.domain: whose rules the reasons name
 MAX_MESSAGE_BYTES = 1000
 
 
@@ -111,6 +112,8 @@ def _status_for(err: errors.ServiceError) -> status_pb2.Status:
         )
     elif isinstance(err, errors.Unavailable):
         code = code_pb2.UNAVAILABLE
+    elif isinstance(err, errors.PermissionDenied):
+        code = code_pb2.PERMISSION_DENIED
     elif isinstance(err, errors.Cancelled):
         code = code_pb2.CANCELLED
     else:
@@ -118,6 +121,8 @@ def _status_for(err: errors.ServiceError) -> status_pb2.Status:
     status = status_pb2.Status(code=code, message=_cut_message(err.message))
     if detail is not None:
         status.details.add().Pack(detail)
+    if err.reason:  # the rule that refused, for callers that branch on it
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN))
     return status
 
 

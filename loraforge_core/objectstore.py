@@ -44,6 +44,17 @@ def unreachable(err: BaseException) -> bool:
 _UNAVAILABLE_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout")
 
 
+def s3_client():
+    """A boto3 S3 client with the endpoint and keys from AWS_* (a session of its own:
+    boto3's default one keeps the first credentials it found), retrying what S3 asks to."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"})
+    )
+
+
 class ObjectStore:
     """put/get whole files by key; see LocalObjectStore and S3ObjectStore."""
 
@@ -142,9 +153,7 @@ class S3ObjectStore(ObjectStore):
     """Objects under ``s3://bucket/prefix`` through boto3 (endpoint and keys from AWS_*)."""
 
     def __init__(self, url: str) -> None:
-        import boto3
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
@@ -152,10 +161,7 @@ class S3ObjectStore(ObjectStore):
         self.url = url
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        # A session of its own: boto3's default one keeps the first credentials it found.
-        self.client = boto3.session.Session().client(
-            "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"})
-        )
+        self.client = s3_client()
         # Parts of 64 MiB past 64 MiB: a 1 GiB checkpoint is 16 parts, retried one by one.
         self.transfer = TransferConfig(
             multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20

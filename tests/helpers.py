@@ -66,3 +66,60 @@ def load_bundles_into(pipe: Any, bundles: dict) -> Any:
                 stored[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
             )
     return pipe
+
+
+def _cert(name: str, issuer_key, issuer_name, key, *, ca: bool = False, san: bool = False):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(obj) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A test CA (ca.pem) and certificates it signed: server.pem/.key (for localhost and
+    127.0.0.1) and client.pem/.key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("loraforge-test-ca", ca_key, None, ca_key, ca=True)
+    files = {"ca.pem": _pem(ca)}
+    for role, san in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[f"{role}.pem"] = _pem(_cert(role, ca_key, ca.subject, key, san=san))
+        files[f"{role}.key"] = _pem(key)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in files}

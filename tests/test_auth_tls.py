@@ -2,70 +2,25 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraforge.v1 import generator_pb2, generator_pb2_grpc
 from loraforge_client import TLS, GeneratorClient, UnauthenticatedError, UnavailableError
 
 from loraforge_core.auth import token_matches
 from loraforge_core.launch import ServerProcess
+from tests.helpers import make_pki
 
 TOKEN = "s3cret-token-for-tests-0001"
 OTHER = "another-valid-token-000002"
 
 
-def _cert(name: str, issuer_key, issuer_name, key, *, ca: bool = False, san: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if san:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("loraforge-test-ca", ca_key, None, ca_key, ca=True)
-    files = {"ca.pem": _pem(ca)}
-    for role, san in (("server", True), ("client", False)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        files[f"{role}.pem"] = _pem(_cert(role, ca_key, ca.subject, key, san=san))
-        files[f"{role}.key"] = _pem(key)
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return {name: folder / name for name in files}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_token_comparison_checks_every_token() -> None:

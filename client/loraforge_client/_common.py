@@ -218,13 +218,15 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
 def load_adapter_request(
     adapter_id: str, source: str | Path | bytes, *, pin: bool = False, in_store: bool = False
 ) -> generator_pb2.LoadAdapterRequest:
-    """From bytes, a bundle folder, a .safetensors/.tar file, or (``in_store``) a store path."""
-    from loraforge_client.types import pack_bundle
+    """From bytes, a bundle folder, a .safetensors/.tar file, a reference the server fetches
+    (``hf://``, ``https://``, ``s3://``; ``adapter_id`` may be empty), or (``in_store``) a
+    store path."""
+    from loraforge_client.types import is_reference, pack_bundle
 
     request = generator_pb2.LoadAdapterRequest(adapter_id=adapter_id, pin=pin)
     if isinstance(source, bytes):
         request.data = source
-    elif in_store:
+    elif in_store or is_reference(str(source)):
         request.uri = str(source)
     else:
         path = Path(source)
@@ -235,6 +237,12 @@ def load_adapter_request(
         else:
             raise FileNotFoundError(f"{path} is neither a bundle folder nor a file")
     return request
+
+
+def routing_keys(request: generator_pb2.GenerateRequest) -> list[str]:
+    """What a request's replica is picked by: its adapters' ids, or their references (one
+    reference then goes to one replica, which fetches it once)."""
+    return [a.adapter_id or a.source for a in request.adapters]
 
 
 # ---------------------------------------------------------------------- what both twins share

@@ -21,6 +21,7 @@ from loraforge_client._common import (
     images_from_folder,
     list_jobs_request,
     load_adapter_request,
+    routing_keys,
 )
 from loraforge_client.errors import (
     LoraforgeError,
@@ -168,7 +169,7 @@ class AsyncGeneratorClient(_AsyncBase, GeneratorReplicas):
 
     async def generate(self, prompt: str, **kwargs: Any) -> list[GeneratedImage]:
         request = generate_request(prompt, **kwargs)
-        ids = [a.adapter_id for a in request.adapters]
+        ids = routing_keys(request)
         reply = await self._routed("Generate", request, ids, timeout=600)
         return [GeneratedImage.from_proto(i) for i in reply.images]
 
@@ -176,7 +177,7 @@ class AsyncGeneratorClient(_AsyncBase, GeneratorReplicas):
         self, prompt: str, **kwargs: Any
     ) -> AsyncIterator[tuple[int, int] | GeneratedImage]:
         request = generate_request(prompt, **kwargs)
-        stub = self._stream_stub([a.adapter_id for a in request.adapters])
+        stub = self._stream_stub(routing_keys(request))
         try:
             async for message in stub.GenerateStream(request, timeout=600, metadata=self.metadata):
                 if message.WhichOneof("kind") == "progress":
@@ -196,7 +197,7 @@ class AsyncGeneratorClient(_AsyncBase, GeneratorReplicas):
     ) -> AdapterInfo:
         request = load_adapter_request(adapter_id, source, pin=pin, in_store=in_store)
         return AdapterInfo.from_proto(
-            await self._routed("LoadAdapter", request, [adapter_id], timeout=300)
+            await self._routed("LoadAdapter", request, [adapter_id or request.uri], timeout=300)
         )
 
     async def unload_adapter(self, adapter_id: str) -> None:

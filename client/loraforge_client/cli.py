@@ -221,7 +221,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             )
             print(
                 f"{info.adapter_id}: rank {info.rank}, tokens {info.tokens}, "
-                f"{info.size_bytes} bytes, sha256 {info.sha256[:12]}"
+                f"{info.size_bytes} bytes, sha256 {info.sha256[:12]}, from {info.source}"
             )
         elif args.action == "unload":
             client.unload_adapter(args.adapter_id)
@@ -229,14 +229,15 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         else:
             print(
                 f"{'ADAPTER':24s} {'RESIDENT':8s} {'PINNED':6s} {'RANK':>4s} {'FAMILY':6s} "
-                f"{'FORMAT':11s} {'SCALE':>5s} TOKENS"
+                f"{'FORMAT':11s} {'SCALE':>5s} {'TOKENS':16s} SOURCE"
             )
             for a in client.list_adapters():
                 # the recommended scale, where its training measured one
                 scale = f"{a.evaluation.recommended_scale:5.2f}" if a.evaluation else "    -"
                 print(
                     f"{a.adapter_id:24s} {a.resident!s:8s} {a.pinned!s:6s} {a.rank:4d} "
-                    f"{a.family:6s} {a.source_format:11s} {scale} {' '.join(a.tokens)}"
+                    f"{a.family:6s} {a.source_format:11s} {scale} {' '.join(a.tokens):16s} "
+                    f"{a.source}"
                 )
     return 0
 
@@ -309,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="render images, optionally with adapters")
     generate.add_argument("prompt")
     generate.add_argument(
-        "--adapter", action="append", help="ID[:SCALE[:TEXT_ENCODER_SCALE]] (repeatable)"
+        "--adapter",
+        "--lora",
+        action="append",
+        help="ID_OR_REFERENCE[:SCALE[:TEXT_ENCODER_SCALE]] (repeatable); a reference is "
+        "hf://OWNER/REPO[@REV]/FILE.safetensors, https://... or s3://BUCKET/KEY, which the "
+        "server fetches if its policy allows (docs/adapters.md)",
     )
     generate.add_argument("--negative-prompt", default="")
     generate.add_argument("--width", type=int, default=0)
@@ -338,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("ls", help="list adapters")
     load = actions.add_parser("load", help="load an adapter")
     load.add_argument("adapter_id")
-    load.add_argument("source", help="bundle folder, .safetensors or .tar file")
+    load.add_argument(
+        "source",
+        help="bundle folder, .safetensors or .tar file, or a reference (hf://, "
+        "https://, s3://) the server fetches",
+    )
     load.add_argument("--pin", action="store_true", help="never evict it")
     load.add_argument(
         "--in-store", action="store_true", help="source is a path in the server's artifact store"

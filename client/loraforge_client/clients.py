@@ -21,6 +21,7 @@ from loraforge_client._common import (
     images_from_folder,
     list_jobs_request,
     load_adapter_request,
+    routing_keys,
 )
 from loraforge_client.errors import (
     LoraforgeError,
@@ -184,7 +185,7 @@ class GeneratorClient(_Base, GeneratorReplicas):
     def generate(self, prompt: str, **kwargs: Any) -> list[GeneratedImage]:
         """Images for a prompt; ``adapters=[("my-dog", 0.8)]`` or AdapterRef objects."""
         request = generate_request(prompt, **kwargs)
-        ids = [a.adapter_id for a in request.adapters]
+        ids = routing_keys(request)
         reply = self._routed("Generate", request, ids, timeout=600)
         return [GeneratedImage.from_proto(i) for i in reply.images]
 
@@ -193,7 +194,7 @@ class GeneratorClient(_Base, GeneratorReplicas):
     ) -> Iterator[tuple[int, int] | GeneratedImage]:
         """Yields (step, total) per denoising step, then each image."""
         request = generate_request(prompt, **kwargs)
-        stub = self._stream_stub([a.adapter_id for a in request.adapters])
+        stub = self._stream_stub(routing_keys(request))
         try:
             for message in stub.GenerateStream(request, timeout=600, metadata=self.metadata):
                 if message.WhichOneof("kind") == "progress":
@@ -213,7 +214,9 @@ class GeneratorClient(_Base, GeneratorReplicas):
     ) -> AdapterInfo:
         """Load on the replica that requests for this adapter alone are routed to."""
         request = load_adapter_request(adapter_id, source, pin=pin, in_store=in_store)
-        return AdapterInfo.from_proto(self._routed("LoadAdapter", request, [adapter_id], 300))
+        return AdapterInfo.from_proto(
+            self._routed("LoadAdapter", request, [adapter_id or request.uri], 300)
+        )
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Unload from every replica that holds it."""

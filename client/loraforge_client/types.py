@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -177,18 +178,23 @@ class GeneratedImage:
 @dataclass
 class AdapterRef:
     """An adapter in a request: W = W0 + scale * dW (text encoder: text_encoder_scale). With
-    ``use_recommended_scale`` the scales multiply the adapter's recommended scale."""
+    ``use_recommended_scale`` the scales multiply the adapter's recommended scale. ``source``
+    names where the server fetches it from on first use (``hf://OWNER/REPO[@REV]/FILE``,
+    ``https://...``, ``s3://BUCKET/KEY``, optionally ``#sha256=<hex>``); the server names it
+    itself when ``adapter_id`` is empty."""
 
-    adapter_id: str
+    adapter_id: str = ""
     scale: float = 1.0
     text_encoder_scale: float | None = None
     use_recommended_scale: bool = False
+    source: str = ""
 
     def to_proto(self) -> generator_pb2.AdapterRef:
         ref = generator_pb2.AdapterRef(
             adapter_id=self.adapter_id,
             scale=self.scale,
             use_recommended_scale=self.use_recommended_scale,
+            source=self.source,
         )
         if self.text_encoder_scale is not None:
             ref.text_encoder_scale = self.text_encoder_scale
@@ -196,23 +202,40 @@ class AdapterRef:
 
     @classmethod
     def coerce(cls, value: AdapterRef | tuple | str) -> AdapterRef:
-        """``"id"``, ``("id", 0.8)``, ``("id", 0.8, 0.5)`` or an AdapterRef."""
+        """``"id"``, ``"https://..."`` (a reference), ``("id", 0.8)``, ``("id", 0.8, 0.5)`` or
+        an AdapterRef."""
         if isinstance(value, AdapterRef):
             return value
         if isinstance(value, str):
-            return cls(value)
-        return cls(*value)
+            value = (value,)
+        name, *scales = value
+        if is_reference(name):
+            return cls("", *scales, source=name)
+        return cls(name, *scales)
 
     @classmethod
     def parse(cls, text: str) -> AdapterRef:
-        """CLI form ``id[:scale[:text_encoder_scale]]``; a scale written with ``x`` (``1x``,
-        ``0.8x``) is a multiple of the adapter's recommended scale."""
-        adapter_id, *scales = text.split(":")
-        if not adapter_id or len(scales) > 2:
-            raise ValueError(f"{text!r}: use ID[:SCALE[:TE_SCALE]]")
+        """CLI form ``ID_OR_REFERENCE[:scale[:text_encoder_scale]]``; a scale written with
+        ``x`` (``1x``, ``0.8x``) is a multiple of the adapter's recommended scale."""
+        name, scales = text, []
+        while len(scales) < 2 and _SCALE.match(name.rpartition(":")[2]) and ":" in name:
+            name, _, scale = name.rpartition(":")
+            scales.insert(0, scale)
+        if not name or (":" in name and not is_reference(name)):
+            raise ValueError(f"{text!r}: use ID_OR_REFERENCE[:SCALE[:TE_SCALE]]")
         relative = any(s.endswith("x") for s in scales)
-        return cls(adapter_id, *(float(s.removesuffix("x")) for s in scales),
-                   use_recommended_scale=relative)  # fmt: skip
+        ref = cls.coerce((name, *(float(s.removesuffix("x")) for s in scales)))
+        ref.use_recommended_scale = relative
+        return ref
+
+
+_SCALE = re.compile(r"^-?(\d+\.?\d*|\.\d+)x?$")
+
+
+def is_reference(text: str) -> bool:
+    """Whether ``text`` names an adapter where it lives (hf://, https://, s3://; the server
+    explains any other scheme it does not read)."""
+    return "://" in text and not text.startswith("file://")
 
 
 @dataclass
@@ -225,8 +248,10 @@ class AdapterInfo:
     resident: bool
     pinned: bool
     source_format: str
-    family: str = ""  # the model family it was made for: sd | sdxl
+    family: str = ""  # the model family it was made for: sd | sdxl | flux
     evaluation: Evaluation | None = None  # its training checkpoint's, where it was scored
+    source: str = ""  # a reference, "upload" or "store:<path>"
+    source_sha256: str = ""  # of the file as it came
 
     @classmethod
     def from_proto(cls, a: generator_pb2.AdapterInfo) -> AdapterInfo:
@@ -241,6 +266,8 @@ class AdapterInfo:
             a.source_format,
             a.family,
             Evaluation.from_proto(a.evaluation) if a.HasField("evaluation") else None,
+            a.source,
+            a.source_sha256,
         )
 
 

@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from loraforge.v1 import common_pb2 as loraforge_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraforge/v1/generator.proto\x12\x0cloraforge.v1\x1a\x19loraforge/v1/common.proto\"\x95\x01\n\nAdapterRef\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12text_encoder_scale\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1d\n\x15use_recommended_scale\x18\x04 \x01(\x08\x42\x08\n\x06_scaleB\x15\n\x13_text_encoder_scale\"\xc9\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12*\n\tscheduler\x18\x07 \x01(\x0e\x32\x17.loraforge.v1.Scheduler\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nnum_images\x18\t \x01(\r\x12*\n\x08\x61\x64\x61pters\x18\n \x03(\x0b\x32\x18.loraforge.v1.AdapterRef\x12\x30\n\routput_format\x18\x0b \x01(\x0e\x32\x19.loraforge.v1.ImageFormat\x12\x12\n\ninit_image\x18\x0c \x01(\x0c\x12\x12\n\nmask_image\x18\r \x01(\x0c\x12\x15\n\x08strength\x18\x0e \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x13max_sequence_length\x18\x0f \x01(\rB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strength\"7\n\x10GenerateResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.loraforge.v1.Image\"5\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"z\n\x16GenerateStreamResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.loraforge.v1.GenerateProgressH\x00\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.loraforge.v1.ImageH\x00\x42\x06\n\x04kind\"^\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x42\x08\n\x06source\"\xf4\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x10\n\x08resident\x18\x06 \x01(\x08\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x15\n\rsource_format\x18\x08 \x01(\t\x12\x18\n\x10has_text_encoder\x18\t \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\n \x01(\t\x12,\n\nevaluation\x18\x0b \x01(\x0b\x32\x18.loraforge.v1.Evaluation\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraforge.v1.AdapterInfo*\xb9\x01\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCHEDULER_DDIM\x10\x01\x12\x13\n\x0fSCHEDULER_EULER\x10\x02\x12\x1d\n\x19SCHEDULER_EULER_ANCESTRAL\x10\x03\x12\x16\n\x12SCHEDULER_DPMPP_2M\x10\x04\x12\x1d\n\x19SCHEDULER_DPMPP_2M_KARRAS\x10\x05\x12\x12\n\x0eSCHEDULER_PNDM\x10\x06\x32\xac\x03\n\tGenerator\x12I\n\x08Generate\x12\x1d.loraforge.v1.GenerateRequest\x1a\x1e.loraforge.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraforge.v1.GenerateRequest\x1a$.loraforge.v1.GenerateStreamResponse0\x01\x12J\n\x0bLoadAdapter\x12 .loraforge.v1.LoadAdapterRequest\x1a\x19.loraforge.v1.AdapterInfo\x12X\n\rUnloadAdapter\x12\".loraforge.v1.UnloadAdapterRequest\x1a#.loraforge.v1.UnloadAdapterResponse\x12U\n\x0cListAdapters\x12!.loraforge.v1.ListAdaptersRequest\x1a\".loraforge.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraforge/v1/generator.proto\x12\x0cloraforge.v1\x1a\x19loraforge/v1/common.proto\"\xa5\x01\n\nAdapterRef\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12text_encoder_scale\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1d\n\x15use_recommended_scale\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\tB\x08\n\x06_scaleB\x15\n\x13_text_encoder_scale\"\xc9\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12*\n\tscheduler\x18\x07 \x01(\x0e\x32\x17.loraforge.v1.Scheduler\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nnum_images\x18\t \x01(\r\x12*\n\x08\x61\x64\x61pters\x18\n \x03(\x0b\x32\x18.loraforge.v1.AdapterRef\x12\x30\n\routput_format\x18\x0b \x01(\x0e\x32\x19.loraforge.v1.ImageFormat\x12\x12\n\ninit_image\x18\x0c \x01(\x0c\x12\x12\n\nmask_image\x18\r \x01(\x0c\x12\x15\n\x08strength\x18\x0e \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x13max_sequence_length\x18\x0f \x01(\rB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strength\"7\n\x10GenerateResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.loraforge.v1.Image\"5\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"z\n\x16GenerateStreamResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.loraforge.v1.GenerateProgressH\x00\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.loraforge.v1.ImageH\x00\x42\x06\n\x04kind\"^\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x42\x08\n\x06source\"\x9b\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x10\n\x08resident\x18\x06 \x01(\x08\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x15\n\rsource_format\x18\x08 \x01(\t\x12\x18\n\x10has_text_encoder\x18\t \x01(\x08\x12\x0e\n\x06\x66\x61mily\x18\n \x01(\t\x12,\n\nevaluation\x18\x0b \x01(\x0b\x32\x18.loraforge.v1.Evaluation\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x15\n\rsource_sha256\x18\r \x01(\t\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraforge.v1.AdapterInfo*\xb9\x01\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCHEDULER_DDIM\x10\x01\x12\x13\n\x0fSCHEDULER_EULER\x10\x02\x12\x1d\n\x19SCHEDULER_EULER_ANCESTRAL\x10\x03\x12\x16\n\x12SCHEDULER_DPMPP_2M\x10\x04\x12\x1d\n\x19SCHEDULER_DPMPP_2M_KARRAS\x10\x05\x12\x12\n\x0eSCHEDULER_PNDM\x10\x06\x32\xac\x03\n\tGenerator\x12I\n\x08Generate\x12\x1d.loraforge.v1.GenerateRequest\x1a\x1e.loraforge.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraforge.v1.GenerateRequest\x1a$.loraforge.v1.GenerateStreamResponse0\x01\x12J\n\x0bLoadAdapter\x12 .loraforge.v1.LoadAdapterRequest\x1a\x19.loraforge.v1.AdapterInfo\x12X\n\rUnloadAdapter\x12\".loraforge.v1.UnloadAdapterRequest\x1a#.loraforge.v1.UnloadAdapterResponse\x12U\n\x0cListAdapters\x12!.loraforge.v1.ListAdaptersRequest\x1a\".loraforge.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraforge.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEDULER']._serialized_start=1426
-  _globals['_SCHEDULER']._serialized_end=1611
+  _globals['_SCHEDULER']._serialized_start=1481
+  _globals['_SCHEDULER']._serialized_end=1666
   _globals['_ADAPTERREF']._serialized_start=74
-  _globals['_ADAPTERREF']._serialized_end=223
-  _globals['_GENERATEREQUEST']._serialized_start=226
-  _globals['_GENERATEREQUEST']._serialized_end=683
-  _globals['_GENERATERESPONSE']._serialized_start=685
-  _globals['_GENERATERESPONSE']._serialized_end=740
-  _globals['_GENERATEPROGRESS']._serialized_start=742
-  _globals['_GENERATEPROGRESS']._serialized_end=795
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=797
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=919
-  _globals['_LOADADAPTERREQUEST']._serialized_start=921
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1015
-  _globals['_ADAPTERINFO']._serialized_start=1018
-  _globals['_ADAPTERINFO']._serialized_end=1262
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1264
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1306
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1308
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1331
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1333
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1354
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1356
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1423
-  _globals['_GENERATOR']._serialized_start=1614
-  _globals['_GENERATOR']._serialized_end=2042
+  _globals['_ADAPTERREF']._serialized_end=239
+  _globals['_GENERATEREQUEST']._serialized_start=242
+  _globals['_GENERATEREQUEST']._serialized_end=699
+  _globals['_GENERATERESPONSE']._serialized_start=701
+  _globals['_GENERATERESPONSE']._serialized_end=756
+  _globals['_GENERATEPROGRESS']._serialized_start=758
+  _globals['_GENERATEPROGRESS']._serialized_end=811
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=813
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=935
+  _globals['_LOADADAPTERREQUEST']._serialized_start=937
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1031
+  _globals['_ADAPTERINFO']._serialized_start=1034
+  _globals['_ADAPTERINFO']._serialized_end=1317
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1319
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1361
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1363
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1386
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1388
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1409
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1411
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1478
+  _globals['_GENERATOR']._serialized_start=1669
+  _globals['_GENERATOR']._serialized_end=2097
 # @@protoc_insertion_point(module_scope)

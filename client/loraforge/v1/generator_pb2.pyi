@@ -57,7 +57,11 @@ class AdapterRef(_message.Message):
     SCALE_FIELD_NUMBER: _builtins.int
     TEXT_ENCODER_SCALE_FIELD_NUMBER: _builtins.int
     USE_RECOMMENDED_SCALE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
+    """A loaded adapter or one in the artifact store; with source, the name to serve that
+    source under (empty: the server names it "ref-" and a digest of the reference).
+    """
     scale: _builtins.float
     """unset: 1.0"""
     text_encoder_scale: _builtins.float
@@ -66,6 +70,12 @@ class AdapterRef(_message.Message):
     """The scales are multiples of the adapter's recommended scale (its evaluation's; 1.0 where
     it has none): scale 1.0 is "this adapter's measured strength".
     """
+    source: _builtins.str
+    """Where the adapter lives, fetched on first use and cached if the server's policy allows
+    the source (docs/adapters.md): hf://OWNER/REPO[@REVISION]/FILE.safetensors, https://...
+    or s3://BUCKET/KEY, a LoRA safetensors file in any format the server imports; a
+    "#sha256=<64 hex>" after it pins the bytes.
+    """
     def __init__(
         self,
         *,
@@ -73,10 +83,11 @@ class AdapterRef(_message.Message):
         scale: _builtins.float | None = ...,
         text_encoder_scale: _builtins.float | None = ...,
         use_recommended_scale: _builtins.bool = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "_text_encoder_scale", b"_text_encoder_scale", "scale", b"scale", "text_encoder_scale", b"text_encoder_scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "_text_encoder_scale", b"_text_encoder_scale", "adapter_id", b"adapter_id", "scale", b"scale", "text_encoder_scale", b"text_encoder_scale", "use_recommended_scale", b"use_recommended_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "_text_encoder_scale", b"_text_encoder_scale", "adapter_id", b"adapter_id", "scale", b"scale", "source", b"source", "text_encoder_scale", b"text_encoder_scale", "use_recommended_scale", b"use_recommended_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
     _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
@@ -256,8 +267,9 @@ class LoadAdapterRequest(_message.Message):
     PIN_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     uri: _builtins.str
-    """A path relative to the generator's data dir (e.g. "artifacts/<id>", or a bare artifact
-    id); "file://" before it is accepted. Absolute paths and ".." are refused.
+    """A reference (hf://, https://, s3://, as AdapterRef.source; adapter_id may then be
+    empty), or a path relative to the generator's data dir (e.g. "artifacts/<id>", or a
+    bare artifact id; "file://" before it is accepted; absolute paths and ".." are refused).
     """
     data: _builtins.bytes
     """A bundle archive, or a single LoRA safetensors file (diffusers, peft, kohya)."""
@@ -296,6 +308,8 @@ class AdapterInfo(_message.Message):
     HAS_TEXT_ENCODER_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SOURCE_SHA256_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     rank: _builtins.int
     size_bytes: _builtins.int
@@ -307,6 +321,11 @@ class AdapterInfo(_message.Message):
     has_text_encoder: _builtins.bool
     family: _builtins.str
     """The model family the adapter was made for, which is the serving model's: sd | sdxl."""
+    source: _builtins.str
+    """Where it came from: a reference (hf://, https://, s3://), "upload" (LoadAdapter's data)
+    or "store:<path>"; and the sha256 of the file as it came (a reference's pin), if any.
+    """
+    source_sha256: _builtins.str
     @_builtins.property
     def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -327,10 +346,12 @@ class AdapterInfo(_message.Message):
         has_text_encoder: _builtins.bool = ...,
         family: _builtins.str = ...,
         evaluation: _common_pb2.Evaluation | None = ...,
+        source: _builtins.str = ...,
+        source_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "evaluation", b"evaluation", "family", b"family", "has_text_encoder", b"has_text_encoder", "pinned", b"pinned", "rank", b"rank", "resident", b"resident", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_format", b"source_format", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "evaluation", b"evaluation", "family", b"family", "has_text_encoder", b"has_text_encoder", "pinned", b"pinned", "rank", b"rank", "resident", b"resident", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "source_format", b"source_format", "source_sha256", b"source_sha256", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
