@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-fetch-timeout",
         default=300.0,
         type=float,
-        help="seconds a reference's whole download may take",
+        help="seconds an https reference's whole download may take (S3 and the hub use "
+        "their clients' own timeouts and retries)",
     )
     add_setting(
         serve,

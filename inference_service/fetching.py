@@ -63,7 +63,7 @@ class FetchPolicy:
     buckets: frozenset[str] = frozenset()  # s3 buckets allowed beside the artifact store's
     networks: tuple[Network, ...] = ()  # non-public networks that may be fetched from
     max_bytes: int = 2 * 2**30
-    timeout_s: float = 300.0  # a whole download
+    timeout_s: float = 300.0  # a whole https download
     ca_file: str = ""  # trust for https: this CA bundle instead of the system's
     tokens: dict[str, str] = field(default_factory=dict)  # https host -> bearer token
 
@@ -134,6 +134,7 @@ class RemoteAdapters:
                 metrics.ADAPTER_FETCH_CACHE.labels(ref.scheme, "hit").inc()
             return cached
         metrics.ADAPTER_FETCH_CACHE.labels(ref.scheme, "miss").inc()
+        log.info("fetching adapter", extra={"reference": ref.text})
         started = time.perf_counter()
         partial = self.cache_dir / ".partial"
         partial.mkdir(parents=True, exist_ok=True)
@@ -346,6 +347,7 @@ class RemoteAdapters:
             )  # fmt: skip
         endpoint = urlsplit(constants.ENDPOINT)
         self._address(endpoint.hostname or "", endpoint.port or 443)
+        log.info("fetching adapter", extra={"reference": ref.text})
         started = time.perf_counter()
         try:
             url = hub.hf_hub_url(ref.location, ref.path, revision=revision)

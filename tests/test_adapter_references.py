@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,7 +74,7 @@ def world(tiny_model: Path, tmp_path_factory, s3_server):
         )  # fmt: skip
         with generator, grpc.insecure_channel(generator.target) as channel:
             yield {
-                "web": web, "hub": hub, "files": files, "bucket": s3_server.bucket,
+                "web": web, "hub": hub, "files": files, "bucket": s3_server.bucket, "s3": s3,
                 "stub": generator_pb2_grpc.GeneratorStub(channel), "root": root,
                 "generator": generator, "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
                 "env": env, "model": tiny_model, "target": generator.target,
@@ -163,6 +165,32 @@ def test_eight_concurrent_requests_for_one_cold_url_make_one_download(world) -> 
         images = list(pool.map(lambda _: render(world["stub"], ref), range(8)))
     assert len(set(images)) == 1
     assert world["web"].hits["/f/eight"] == 1
+
+
+def test_a_request_waits_for_its_cold_adapter_while_others_render(world, s3_server) -> None:
+    """Its download hangs on a frozen S3 server; other requests and ListAdapters go on."""
+    world["s3"].put_object(Bucket=world["bucket"], Key="cold.safetensors",
+                           Body=world["files"]["spare"])  # fmt: skip
+    source = f"s3://{world['bucket']}/cold.safetensors"
+    generator = world["generator"]
+    fetches = generator.log().count("fetching adapter")
+    os.kill(s3_server.process.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            cold = pool.submit(render, world["stub"], generator_pb2.AdapterRef(source=source))
+            deadline = time.monotonic() + 120
+            while generator.log().count("fetching adapter") == fetches:  # its download began
+                assert time.monotonic() < deadline, generator.log()
+                time.sleep(0.1)
+            assert render(world["stub"]).startswith(b"\x89PNG")
+            listed = world["stub"].ListAdapters(generator_pb2.ListAdaptersRequest(), timeout=10)
+            ids = {a.adapter_id for a in listed.adapters}
+            assert adapter_id_for(parse_reference(source)) not in ids
+            assert not cold.done()
+            os.kill(s3_server.process.pid, signal.SIGCONT)
+            assert cold.result().startswith(b"\x89PNG")
+    finally:
+        os.kill(s3_server.process.pid, signal.SIGCONT)
 
 
 def test_a_dropped_download_resumes_where_it_stopped(world) -> None:
