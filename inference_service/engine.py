@@ -297,10 +297,8 @@ class GeneratorEngine:
             self.mixer.set(encoder, {})
         for column in denoiser_scales.values():
             column += [0.0] * (len(generators) - len(column))
-        embeddings = {  # unguided: no negative embeddings at all
-            name: torch.cat(tensors) if tensors[0] is not None else None
-            for name, tensors in outputs.items()
-        }
+        # unguided: no negative embeddings at all
+        embeddings = {name: family.batch_embeddings(parts) for name, parts in outputs.items()}
         return embeddings, generators, denoiser_scales
 
     def _run(self, pipe, batch: Batch, first: GenerationSpec, guided: bool, inputs: dict,

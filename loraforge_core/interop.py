@@ -51,7 +51,9 @@ def _kohya_module(family: families.Family, component: str, module: str) -> str:
     # transformers 5.x's CLIPTextModel has no "text_model." level; kohya/A1111 names do.
     if component != family.denoiser and not module.startswith("text_model."):
         module = "text_model." + module
-    return family.kohya_prefixes[component] + module.replace(".", "_")
+    return family.kohya_prefixes[component] + (
+        module if family.kohya_dotted else module.replace(".", "_")
+    )
 
 
 def export_kohya(

@@ -26,22 +26,21 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 TINY_MODEL_NAMES = ("", "tiny", "loraforge/tiny")
-TINY_SDXL_NAMES = ("tiny-sdxl", "loraforge/tiny-sdxl")
-TINY_FLUX_NAMES = ("tiny-flux", "loraforge/tiny-flux")
-RANDOM_TINY_NAMES = ("tiny-random", "loraforge/tiny-random")
-RANDOM_TINY_FLUX_NAMES = ("tiny-flux-random", "loraforge/tiny-flux-random")
 TINY_MODEL_VERSION = "tiny-sd-v2"
-TINY_FLUX_VERSION = "tiny-flux-v1"
 TINY_ARCHITECTURES = {"sd": TINY, "sdxl": TINY_SDXL}
 CACHE_ENV = "LORAFORGE_CACHE"
 # The tiny model trained on the toy world (tools/train_tiny_base.py), shipped in the package.
 TRAINED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
-# Its SDXL twin, trained on the same world from its VAE and UNet (two text encoders, SDXL's
-# conditioning): for SDXL training and serving tests that need a model that draws.
+# Its twins of other families, trained on the same world (tools/train_tiny_base.py) and shipped
+# beside it, named "tiny-<family>" (or "loraforge/tiny-<family>"): for the tests that need a
+# model of the family that draws. SDXL's starts from its VAE and UNet; FLUX.1's and Z-Image's
+# from its VAE, their transformers and text encoders from scratch.
+SHIPPED_TWINS = ("sdxl", "flux", "zimage")
 TRAINED_TINY_SDXL = TRAINED_TINY_MODEL.with_name("tiny-sdxl")
-# A FLUX.1 of the same world (the SD model's VAE; transformer and both text encoders trained
-# from scratch): for FLUX tests that need a model that draws.
 TRAINED_TINY_FLUX = TRAINED_TINY_MODEL.with_name("tiny-flux")
+# Untrained tiny models (random weights, for plumbing tests), built into the cache on first use:
+# "tiny-random" (SD, the shipped one's architecture), "tiny-<family>-random" for the others.
+RANDOM_VERSIONS = {"sd": TINY_MODEL_VERSION, "flux": "tiny-flux-v1", "zimage": "tiny-zimage-v1"}
 
 
 def cache_dir() -> Path:
@@ -116,12 +115,13 @@ def _text_encoder(cls: Any, config: dict[str, Any], tokenizer: Any, vocab_size: 
 
 def tiny_builders() -> dict[str, Callable[[int], Any]]:
     """Family name -> a function of a seed that builds its tiny pipeline (random weights)."""
-    from loraforge_core.families import flux
+    from loraforge_core.families import flux, zimage
 
     return {
         "sd": lambda seed: build_pipeline(TINY, seed=seed),
         "sdxl": lambda seed: build_pipeline(TINY_SDXL, seed=seed),
         "flux": flux.build_tiny,
+        "zimage": zimage.build_tiny,
     }
 
 
@@ -171,9 +171,9 @@ def save_inpainting_model(folder: Path, source: str = "", *, seed: int = 0) -> P
 
 def random_tiny_model_path(family: str = "sd") -> Path:
     """An untrained tiny model's folder in the cache, built on first use (safe across
-    processes): SD's has the shipped one's architecture, FLUX.1's the tiny FLUX of
-    shared/NOTES.md; random weights, for plumbing tests."""
-    version = TINY_FLUX_VERSION if family == "flux" else TINY_MODEL_VERSION
+    processes): SD's has the shipped one's architecture, the others their family's tiny
+    builder's (``tiny_builders``); random weights, for plumbing tests."""
+    version = RANDOM_VERSIONS[family]
     folder = cache_dir() / "models" / version
     if (folder / "model_index.json").exists():
         return folder
@@ -194,14 +194,16 @@ def resolve_model(name_or_path: str | None) -> str:
     name = (name_or_path or "").strip()
     if name in TINY_MODEL_NAMES:
         return str(default_model_path())
-    if name in TINY_SDXL_NAMES:
-        return str(TRAINED_TINY_SDXL)
-    if name in TINY_FLUX_NAMES:
-        return str(TRAINED_TINY_FLUX)
-    if name in RANDOM_TINY_NAMES:
+    short = name.removeprefix("loraforge/")
+    if short == "tiny-random":
         return str(random_tiny_model_path())
-    if name in RANDOM_TINY_FLUX_NAMES:
-        return str(random_tiny_model_path("flux"))
+    family = short.removeprefix("tiny-")
+    if short.startswith("tiny-") and family in SHIPPED_TWINS:
+        return str(TRAINED_TINY_MODEL.with_name(short))
+    if short.startswith("tiny-") and short.endswith("-random"):
+        family = family.removesuffix("-random")
+        if family in RANDOM_VERSIONS:
+            return str(random_tiny_model_path(family))
     return name
 
 

@@ -1,5 +1,6 @@
-"""Tokenizers of the tiny models, written offline: CLIP's byte-level BPE and T5's Unigram, each
-with the toy world's words as single tokens."""
+"""Tokenizers of the tiny models, written offline: CLIP's byte-level BPE, T5's Unigram and
+Qwen's byte-level BPE with its chat template, each with the toy world's words as single
+tokens."""
 
 from __future__ import annotations
 
@@ -92,3 +93,45 @@ def t5_tokenizer(words: tuple[str, ...] = TINY_VOCAB_WORDS, max_length: int = 64
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
         extra_ids=0, model_max_length=max_length,
     )  # fmt: skip
+
+
+# Qwen3's chat template, cut to what ZImagePipeline renders: one user turn, the assistant's
+# turn opened, and the empty thinking block Qwen3 writes when thinking is turned off.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking "
+    "is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def qwen_tokenizer(words: tuple[str, ...] = TINY_VOCAB_WORDS, max_length: int = 64) -> Any:
+    """A Qwen2 tokenizer (GPT-2 byte-level BPE) that spells any text, each word (after a
+    space, as byte-level BPE sees it: "\u0120word") a token, with Qwen's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    merges: list[tuple[str, str]] = []
+    for word in words:  # left to right, each merge making the next prefix a token; then
+        pieces = list(word)  # the word after a space ("\u0120" + word) from the whole word
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+        merges.append(("\u0120", word))
+        vocab.setdefault("\u0120" + word, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = Qwen2Tokenizer(
+        tokenizer_object=tokenizer, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", model_max_length=max_length,
+    )  # fmt: skip
+    fast.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL[1:])})
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast

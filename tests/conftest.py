@@ -128,6 +128,14 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Z-Image (random weights), built locally."""
+    from loraforge_core.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-zimage", family="zimage")
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> Iterator:
     """One PostgreSQL cluster for the run; tests take fresh databases from it."""
     from tests.services import throwaway_postgres

@@ -61,7 +61,7 @@ def load_bundles_into(pipe: Any, bundles: dict) -> Any:
     for name, bundle in bundles.items():
         pipe.load_lora_weights(str(bundle.path / LORA_FILE), adapter_name=name)
         stored, tokens = bundle.embeddings(), bundle.manifest.tokens
-        for key, encoder, tokenizer in encoders:
+        for key, encoder, tokenizer in encoders if tokens else ():
             pipe.load_textual_inversion(
                 stored[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
             )

@@ -269,19 +269,25 @@ def test_list_jobs_pages_and_filters(stub) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", ["tiny_model", "tiny_flux"])
+@pytest.mark.parametrize(
+    ("base", "method"),
+    [("tiny_model", "pti"), ("tiny_flux", "pti"), ("tiny_zimage", "dreambooth_lora")],
+)
 def test_killed_server_resumes_the_job_after_restart(
-    base: str, request: pytest.FixtureRequest, tmp_path: Path
+    base: str, method: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     model = str(request.getfixturevalue(base))
     server = ServerProcess("trainer", data_dir=tmp_path, model=model)
+    created = job_request(max_train_steps_ti=6, max_train_steps_tuning=60, save_steps=5)
+    steps = 66  # inversion, then LoRA
+    if method == "dreambooth_lora":
+        created.method = trainer_pb2.TRAINING_METHOD_DREAMBOOTH_LORA
+        del created.placeholder_tokens[:], created.initializer_tokens[:]
+        steps = 60
     with server:
         with grpc.insecure_channel(server.target) as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)
-            job = stub.CreateJob(
-                job_request(max_train_steps_ti=6, max_train_steps_tuning=60, save_steps=5),
-                timeout=30,
-            )
+            job = stub.CreateJob(created, timeout=30)
             last = 0
             for event in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id)):
                 last = event.sequence
@@ -302,7 +308,7 @@ def test_killed_server_resumes_the_job_after_restart(
         assert any("resumed from checkpoint at step" in m for m in logs), logs
         assert final.final_artifact_id
         progress = [e.progress.global_step for e in rest if e.WhichOneof("kind") == "progress"]
-        assert min(progress) > 10 and max(progress) == 66  # went on, not from the start
+        assert min(progress) > 10 and max(progress) == steps  # went on, not from the start
 
 
 @pytest.mark.slow

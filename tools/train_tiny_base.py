@@ -18,6 +18,10 @@ hidden states, the second's pooled projection, size and crop ids), dropped capti
 (``TOY_FLUX``): the SD model's VAE with FLUX.1's latent shift and scale measured on the world,
 the transformer and both text encoders from scratch on the family's flow-matching objective
 (``train_flow_denoiser``); 7 minutes on 2 cores.
+
+``--family zimage --init-from loraforge_core/assets/tiny-sd`` makes the toy-world Z-Image
+(``TOY_Z_IMAGE``) the same way: the SD model's VAE, the transformer and the Qwen3 encoder from
+scratch; 10% of the captions dropped to "" (Z-Image runs classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 
 from loraforge_core import families, toyworld
 from loraforge_core.architectures import TINY
-from loraforge_core.families import flux
+from loraforge_core.families import flux, zimage
 from loraforge_core.models import TINY_ARCHITECTURES, build_pipeline
 
 # The toy-world FLUX.1: the tiny FLUX's encoders, a transformer with two blocks of each kind
@@ -45,6 +49,14 @@ TOY_FLUX = {
     "transformer": {**flux.TINY_FLUX["transformer"], "num_layers": 2, "num_single_layers": 2,
                     "num_attention_heads": 4},
 }  # fmt: skip
+# The toy-world Z-Image: the tiny Z-Image's encoder, four main layers (the tiny one's two are
+# for plumbing tests).
+TOY_Z_IMAGE = {
+    **zimage.TINY_Z_IMAGE,
+    "transformer": {**zimage.TINY_Z_IMAGE["transformer"], "n_layers": 4},
+}
+# The flow-matching families this script trains: their tiny builder and toy architecture.
+FLOW_TOYS = {"flux": (flux.build_tiny, TOY_FLUX), "zimage": (zimage.build_tiny, TOY_Z_IMAGE)}
 
 
 def pixels_of(images) -> torch.Tensor:
@@ -197,17 +209,20 @@ def train_flow_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float =
     captions, means, stds = encoded_world(vae, seed)
     shift, scaling = vae.config.shift_factor, vae.config.scaling_factor
     objective = FlowMatching(pipe.scheduler, ObjectiveOptions(weighting_scheme="logit_normal"))
+    dropout = 0.1 if family.classifier_free(pipe, 5.0) else 0.0
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, len(means), (32,), generator=generator)
+        dropped = torch.rand(len(index), generator=generator) < dropout
         latents = (
             means[index]
             + stds[index] * torch.randn(means[index].shape, generator=generator)
             - shift
         ) * scaling
         noised = objective.noised(latents, generator)
-        embeddings = family.encode_prompts(tokenizers, text_encoders,
-                                           [captions[i] for i in index.tolist()])  # fmt: skip
+        drops = zip(index.tolist(), dropped.tolist(), strict=True)
+        prompts = ["" if d else captions[i] for i, d in drops]
+        embeddings = family.encode_prompts(tokenizers, text_encoders, prompts)
         guidance = 1 + 5 * torch.rand((), generator=generator).item()
         prediction = family.predict(denoiser, noised, embeddings, dtype=torch.float32,
                                     guidance=guidance)  # fmt: skip
@@ -307,7 +322,8 @@ def main() -> None:
         help="continue the denoiser of a model this script saved (no VAE stage)",
     )
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--family", choices=sorted([*TINY_ARCHITECTURES, "flux"]), default="sd")
+    parser.add_argument("--family", choices=sorted([*TINY_ARCHITECTURES, *FLOW_TOYS]),
+                        default="sd")  # fmt: skip
     parser.add_argument(
         "--init-from", type=Path, help="a model this script saved: its VAE and UNet to start from"
     )
@@ -322,10 +338,12 @@ def main() -> None:
         previous = json.loads((args.resume / "loraforge_model.json").read_text())
         history = [*previous.get("history", []), previous["report"]]
         report: dict = {}
-    elif args.family == "flux":
+    elif args.family in FLOW_TOYS:
         if not args.init_from:
-            parser.error("--family flux needs --init-from (the VAE of a model this script saved)")
-        pipe = flux.build_tiny(args.seed, TOY_FLUX)
+            parser.error(f"--family {args.family} needs --init-from (the VAE of a model this "
+                         "script saved)")  # fmt: skip
+        build, architecture = FLOW_TOYS[args.family]
+        pipe = build(args.seed, architecture)
         warm_start(pipe, args.init_from)
         calibrate_latents(pipe.vae, args.seed)
         report = {"init_from": str(args.init_from)}
@@ -339,7 +357,7 @@ def main() -> None:
         pipe.vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.requires_grad_(False)
-    train = train_flow_denoiser if args.family == "flux" else train_denoiser
+    train = train_flow_denoiser if args.family in FLOW_TOYS else train_denoiser
     report |= train(pipe, args.unet_seconds, args.unet_steps, args.seed + len(history), lr=args.lr)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

@@ -73,6 +73,11 @@ def validate(spec: JobSpec) -> None:
     # A folder (or a hub model in the local cache) of a family we cannot train: say so now.
     model = resolve_model(spec.config.pretrained_model_name_or_path)
     family = families.require_served(model, "trainer", local_only=True)
+    if family is not None and spec.config.method not in family.methods:
+        raise InvalidArgument(
+            f"{family.title} models train with {', '.join(sorted(family.methods))} only "
+            "(docs/families.md says why)", "config.method",
+        )  # fmt: skip
     refused = family.objective_refusal(spec.config.objective_options) if family else None
     if refused is not None:
         option, why = refused

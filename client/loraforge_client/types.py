@@ -248,7 +248,7 @@ class AdapterInfo:
     resident: bool
     pinned: bool
     source_format: str
-    family: str = ""  # the model family it was made for: sd | sdxl | flux
+    family: str = ""  # the model family it was made for: sd | sdxl | flux | zimage
     evaluation: Evaluation | None = None  # its training checkpoint's, where it was scored
     source: str = ""  # a reference, "upload" or "store:<path>"
     source_sha256: str = ""  # of the file as it came

@@ -20,6 +20,7 @@ from loraforge_core.families.base import Family, PromptEmbeddings
 from loraforge_core.families.flux import FLUX
 from loraforge_core.families.sd import SD
 from loraforge_core.families.sdxl import SDXL
+from loraforge_core.families.zimage import Z_IMAGE
 
 # Families recognised by name only, so that a refusal can say what the model is.
 _KNOWN_UNSERVED = {
@@ -28,8 +29,8 @@ _KNOWN_UNSERVED = {
     "SanaPipeline": "Sana",
 }
 
-FAMILIES = (SD, SDXL, FLUX)
-__all__ = ["FAMILIES", "FLUX", "SD", "SDXL", "Family", "PromptEmbeddings"]
+FAMILIES = (SD, SDXL, FLUX, Z_IMAGE)
+__all__ = ["FAMILIES", "FLUX", "SD", "SDXL", "Z_IMAGE", "Family", "PromptEmbeddings"]
 
 
 def served_by(service: str) -> list[Family]:

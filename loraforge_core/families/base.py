@@ -36,6 +36,9 @@ class PromptEmbeddings:
 
     hidden: torch.Tensor  # [B, tokens, conditioning dim]
     pooled: torch.Tensor | None = None  # [B, D]: a pooled embedding (SDXL, FLUX.1)
+    # [B, tokens]: which tokens are the prompt's, where each prompt keeps its own length
+    # (Z-Image drops its LLM's padding); None: every token counts.
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Family:
     # diffusers' converter maps it (SD's SGM block names).
     kohya_prefixes: dict[str, str] = field(default_factory=dict)
     kohya_module_names: bool = False
+    # Whether the exported keys keep the module names' dots: ComfyUI maps Z-Image LoRAs by
+    # their diffusers names under "diffusion_model." (its Lumina2 key map), not kohya's "_".
+    kohya_dotted: bool = False
     services: frozenset[str] = frozenset()  # "generator", "trainer"
     # Serving: the guidance scale a request that sets none gets, and the generator's
     # scheduler names (spec.SCHEDULERS) the family's pipelines run; None: all of them.
@@ -72,6 +78,8 @@ class Family:
     # The most text tokens a request may ask its prompts be encoded to (FLUX.1's T5: 512);
     # 0: the length is the model's and fixed (CLIP's 77).
     max_text_tokens: int = 0
+    # The training methods the family offers (trainer_service.config.METHODS).
+    methods: frozenset[str] = frozenset({"pti", "dreambooth_lora"})
 
     @property
     def adapted_text_encoders(self) -> tuple[str, ...]:
@@ -119,6 +127,13 @@ class Family:
         serving path encodes each request at its own text-encoder scales, then batches);
         ``text_tokens``: the length to encode to, up to ``max_text_tokens`` (0: the model's)."""
         raise self._unsupported()
+
+    def batch_embeddings(self, parts: list[Any]) -> Any:
+        """Several requests' values of one ``pipeline_embeddings`` argument as one batch's
+        (tensors stacked on the batch dimension; None stays None)."""
+        import torch
+
+        return None if parts[0] is None else torch.cat(parts)
 
     def classifier_free(self, pipe: Any, guidance_scale: float) -> bool:
         """Whether ``guidance_scale`` runs a negative half beside each image."""

@@ -172,9 +172,12 @@ def evaluate(
     guidance: float = GUIDANCE,
     text_encoder_follows: bool = True,
     batch: int = 16,
+    trigger: str = "",
 ) -> list[Row]:
     """Fidelity of the bundle loaded into a stock diffusers pipeline of its family (tokens
-    loaded into every text encoder throughout), drawn ``batch`` images a pipeline call."""
+    loaded into every text encoder throughout), drawn ``batch`` images a pipeline call;
+    ``trigger``: the word the probes name the concept by, for a bundle that learned no token
+    (DreamBooth-LoRA); default: its learned tokens."""
     from loraforge_core import families
 
     family = families.of_pipeline(pipe)
@@ -204,7 +207,7 @@ def evaluate(
         return images
 
     try:
-        return score(render, concept, "".join(tokens), scales=scales, seeds=seeds)
+        return score(render, concept, trigger or "".join(tokens), scales=scales, seeds=seeds)
     finally:
         pipe.delete_adapters(name)
         for encoder, tokenizer in pairs:

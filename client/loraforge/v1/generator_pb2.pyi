@@ -320,7 +320,9 @@ class AdapterInfo(_message.Message):
     """bundle | diffusers | kohya | lora_diffusion"""
     has_text_encoder: _builtins.bool
     family: _builtins.str
-    """The model family the adapter was made for, which is the serving model's: sd | sdxl."""
+    """The model family the adapter was made for, which is the serving model's:
+    sd | sdxl | flux | zimage.
+    """
     source: _builtins.str
     """Where it came from: a reference (hf://, https://, s3://), "upload" (LoadAdapter's data)
     or "store:<path>"; and the sha256 of the file as it came (a reference's pin), if any.
