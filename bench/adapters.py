@@ -4,7 +4,6 @@ where only the model stack is installed)."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import io
 import itertools
 from collections.abc import Callable
@@ -138,11 +137,12 @@ def lora_overhead(
     ]  # fmt: skip
 
 
-def prompt_length_options(pipe: Any) -> dict[str, int]:
-    """FLUX.1: T5 prompts as long as the engine's (the tokenizer's length), not 512."""
-    tokenizer_2 = getattr(pipe, "tokenizer_2", None)
-    takes_length = "max_sequence_length" in inspect.signature(pipe.__call__).parameters
-    return {"max_sequence_length": tokenizer_2.model_max_length} if takes_length else {}
+def prompt_length_options(pipe: Any) -> dict[str, Any]:
+    """What a stock call needs to encode prompts as the engine does (FLUX.1's and Z-Image's
+    text length: the tokenizer's, not the pipeline's 512): the family's ``call_options``."""
+    from loraforge_core import families
+
+    return families.of_pipeline(pipe).call_options(pipe)
 
 
 def stock_same_loop(

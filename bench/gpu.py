@@ -1,10 +1,11 @@
-"""GPU figures on the SD 2.1-base, SDXL and FLUX.1-dev architectures with random weights (no
-download).
+"""GPU figures on the SD 2.1-base, SDXL, FLUX.1-dev and Z-Image-Turbo architectures with random
+weights (no download).
 
-    bash bench/gpu.sh                       # on a GPU machine: SD 2.1, SDXL, FLUX.1-dev
+    bash bench/gpu.sh            # on a GPU machine: SD 2.1, SDXL, FLUX.1-dev, Z-Image-Turbo
     python -m bench.gpu --arch tiny --size 64 --dtype fp32 --device cpu   # syntax check on CPU
     python -m bench.gpu --arch tiny-sdxl --size 64 --dtype fp32 --device cpu
     python -m bench.gpu --arch tiny-flux --size 64 --dtype fp32 --device cpu
+    python -m bench.gpu --arch tiny-zimage --size 64 --dtype fp32 --device cpu
 
 Reports denoising steps/s with 0, 1 and 4 adapters, the time to switch between resident
 adapters and to load a new one (ours and diffusers'), a mixed batch of 4 requests with 4
@@ -39,7 +40,7 @@ from inference_service.spec import AdapterRequest, GenerationSpec
 from loraforge_core import families
 from loraforge_core.architectures import ARCHITECTURES
 from loraforge_core.bundle import pack
-from loraforge_core.families import flux
+from loraforge_core.families import flux, zimage
 from loraforge_core.models import build_pipeline, load_pipeline
 from trainer_service.training.lora import random_lora_bundle
 
@@ -51,6 +52,8 @@ BUILDERS = {
     },
     "tiny-flux": lambda: flux.build_tiny(0),
     "flux-dev": lambda: flux.build_tiny(0, flux.FLUX_DEV),
+    "tiny-zimage": lambda: zimage.build_tiny(0),
+    "zimage-turbo": lambda: zimage.build_tiny(0, zimage.Z_IMAGE_TURBO),
 }
 
 
@@ -192,27 +195,35 @@ def train_rows(model_dir: Path, args: argparse.Namespace) -> list[tuple[str, flo
         InstanceExample(Image.new("RGB", (args.size, args.size), c), f"{c}.png")
         for c in ("red", "green", "blue")
     ]
+    # PTI where the family offers it; DreamBooth-LoRA (no inversion phase) where not (Z-Image).
+    family = families.detect(str(model_dir))
+    pti = family is None or "pti" in family.methods
+    label, phases = ("PTI", ("inversion", "tuning")) if pti else ("DreamBooth-LoRA", ("tuning",))
+    method = (
+        {}
+        if pti
+        else {
+            "method": "dreambooth_lora",
+            "placeholder_tokens": [],
+            "initializer_tokens": [],
+            "instance_prompt": "a photo of sks",
+        }
+    )
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(model_dir),
+        max_train_steps_ti=args.train_steps if pti else 0, max_train_steps_tuning=args.train_steps,
+        save_steps=10**6, resolution=args.size, mixed_precision=precision,
+        gradient_accumulation_steps=1, seed=0, gradient_checkpointing=args.gradient_checkpointing,
+        device="cpu" if args.device == "cpu" else "auto", **method,
+    )  # fmt: skip
+    reporter = ListReporter()
+    with tempfile.TemporaryDirectory() as tmp:
+        Trainer(config, images, RunPaths(Path(tmp) / "c", Path(tmp) / "a"), reporter).run()
     rows = []
-    for phase_steps, label in [((args.train_steps, args.train_steps), "PTI")]:
-        config = TrainingConfig(
-            pretrained_model_name_or_path=str(model_dir), max_train_steps_ti=phase_steps[0],
-            max_train_steps_tuning=phase_steps[1], save_steps=10**6, resolution=args.size,
-            mixed_precision=precision, gradient_accumulation_steps=1, seed=0,
-            gradient_checkpointing=args.gradient_checkpointing,
-            device="cpu" if args.device == "cpu" else "auto",
-        )  # fmt: skip
-        reporter = ListReporter()
-        with tempfile.TemporaryDirectory() as tmp:
-            Trainer(config, images, RunPaths(Path(tmp) / "c", Path(tmp) / "a"), reporter).run()
-        for phase in ("inversion", "tuning"):
-            last = [e for e in reporter.events if isinstance(e, Progress) and e.phase == phase][-1]
-            rows.append(
-                (
-                    f"{label} {phase} steps/s (batch 1, {args.size}px, {precision})",
-                    last.steps_per_second,
-                    "steps/s",
-                )
-            )
+    for phase in phases:
+        last = [e for e in reporter.events if isinstance(e, Progress) and e.phase == phase][-1]
+        rows.append((f"{label} {phase} steps/s (batch 1, {args.size}px, {precision})",
+                     last.steps_per_second, "steps/s"))  # fmt: skip
     if torch.cuda.is_available():
         rows.append(("peak GPU memory, training", torch.cuda.max_memory_allocated() / 2**20, "MiB"))
     return rows
