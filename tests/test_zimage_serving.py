@@ -71,9 +71,10 @@ def stock_pixels(pipe, prompt: str, adapters, seed: int, **inputs) -> np.ndarray
         pipe.set_adapters(names, [s for _, s in adapters])
     else:
         pipe.disable_lora()
-    inputs = {"max_sequence_length": pipe.tokenizer.model_max_length, **inputs}
+    inputs = {"max_sequence_length": pipe.tokenizer.model_max_length,
+              "guidance_scale": GUIDANCE, **inputs}  # fmt: skip
     image = pipe(
-        prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=32, height=32,
+        prompt, num_inference_steps=STEPS, width=32, height=32,
         generator=torch.Generator().manual_seed(seed), **inputs,
     ).images[0]  # fmt: skip
     return np.asarray(image, dtype=np.float32) / 255
@@ -111,6 +112,25 @@ def test_a_mixed_batch_of_four_zimage_adapters_equals_each_request_alone(engine)
             assert np.abs(pixels([a]) - pixels([b])).mean() <= TOLERANCE
     firsts = [pixels(images) for images in alone]
     assert min(np.abs(a - b).mean() for i, a in enumerate(firsts) for b in firsts[i + 1 :]) > 1e-2
+
+
+def test_unguided_zimage_requests_turbo_style_equal_stock_alone_and_batched(engine, stock):
+    """Z-Image-Turbo runs at guidance 0 (no negative half): stock's image, alone and in a
+    batch with another adapter's request."""
+    import dataclasses
+
+    requests = [
+        dataclasses.replace(spec(PROMPTS["z1"], [("z1", 0.8)], 11), guidance_scale=0.0),
+        dataclasses.replace(spec(PROMPTS["z4"], [("z4", 1.2)], 12), guidance_scale=0.0),
+    ]
+    batched = engine.generate_batch([GenerationJob(r) for r in requests])
+    for request, together in zip(requests, batched, strict=True):
+        assert not isinstance(together, Exception), together
+        ((name, scale),) = [(a.adapter_id, a.scale) for a in request.adapters]
+        want = stock_pixels(stock, request.prompt, [(name, scale)], request.seed,
+                            guidance_scale=0.0)  # fmt: skip
+        assert np.abs(pixels(together) - want).mean() <= TOLERANCE
+        assert np.abs(pixels(engine.generate(request)) - want).mean() <= TOLERANCE
 
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])

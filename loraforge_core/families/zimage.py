@@ -65,8 +65,9 @@ class ZImage(Family):
                 "negative_prompt_embeds": negative * num_images if guided else None}  # fmt: skip
 
     def batch_embeddings(self, parts: list[Any]) -> Any:
-        """Requests' per-prompt tensor lists, one after another (ZImagePipeline's form)."""
-        return [tensor for part in parts for tensor in part]
+        """Requests' per-prompt tensor lists, one after another (ZImagePipeline's form);
+        None stays None (unguided: no negative prompts)."""
+        return None if parts[0] is None else [tensor for part in parts for tensor in part]
 
     def classifier_free(self, pipe: Any, guidance_scale: float) -> bool:
         return guidance_scale > 1  # ZImagePipeline.do_classifier_free_guidance
