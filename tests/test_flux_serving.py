@@ -392,3 +392,39 @@ def test_a_flux_request_gets_flux_dev_guidance_by_default_and_only_its_own_sched
     for name in set(SCHEDULERS) - {"default"}:
         with pytest.raises(InvalidArgument, match=r"FLUX\.1 models run default only"):
             engine.generate(dataclasses.replace(unset, scheduler=name))
+
+
+def test_a_kohya_single_block_linear1_splits_into_q_k_v_and_mlp_at_flux1_widths(tmp_path):
+    """kohya's fused ``lora_unet_single_blocks_{i}_linear1`` (q, k, v and the MLP input in one
+    layer) imports only at FLUX.1's widths, where diffusers' converter splits it (3072 x 3 +
+    12288 rows): on one single block of FLUX.1-dev's width, each part of the bundle is exactly
+    its rows of the file's delta, alpha applied."""
+    from safetensors.torch import save_file
+
+    from loraforge_core import interop
+    from loraforge_core.families import flux
+    from loraforge_core.lora_format import lora_pairs
+
+    width = {"num_layers": 0, "num_single_layers": 1, "attention_head_dim": 128,
+             "num_attention_heads": 24, "axes_dims_rope": [16, 56, 56]}  # fmt: skip
+    architecture = {**flux.TINY_FLUX, "transformer": {**flux.TINY_FLUX["transformer"], **width}}
+    pipe = flux.build_tiny(0, architecture)
+    inner, mlp, rank = 3072, 12288, 4
+    generator = torch.Generator().manual_seed(15)
+    down = torch.randn(rank, inner, generator=generator) * 0.1
+    up = torch.randn(3 * inner + mlp, rank, generator=generator) * 0.1
+    name = "lora_unet_single_blocks_0_linear1"
+    path = tmp_path / "linear1.safetensors"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+               f"{name}.alpha": torch.tensor(2.0 * rank)}, path)  # fmt: skip
+    bundle = interop.import_file(path, pipe, tmp_path / "store", base_model="wide")
+    pairs = lora_pairs(bundle.lora_state_dict())
+    delta = up @ down * 2.0  # alpha / rank
+    parts = {
+        "attn.to_q": slice(0, inner), "attn.to_k": slice(inner, 2 * inner),
+        "attn.to_v": slice(2 * inner, 3 * inner), "proj_mlp": slice(3 * inner, None),
+    }  # fmt: skip
+    assert {module for _, module in pairs} == {f"single_transformer_blocks.0.{p}" for p in parts}
+    for part, rows in parts.items():
+        a, b = pairs["transformer", f"single_transformer_blocks.0.{part}"]
+        torch.testing.assert_close(b @ a, delta[rows], rtol=1e-4, atol=1e-5)
