@@ -103,7 +103,11 @@ class RemoteAdapters:
         """The reference's file on this server's disk: from the cache, else downloaded once
         however many requests ask at the same time (they wait for the one download).
         ``again``: the caller fetched it moments ago (a cache hit then counts once)."""
-        self._allow_source(ref)
+        try:
+            self._allow_source(ref)
+        except ServiceError as err:
+            _count_failure(ref, err)
+            raise
         key = ref.pinned
         with self._lock:
             pending = self._inflight.get(key)
@@ -117,8 +121,7 @@ class RemoteAdapters:
             future.set_result(fetched)
             return fetched
         except BaseException as err:
-            metrics.ADAPTER_FETCH_FAILURES.labels(ref.scheme, getattr(err, "reason", "") or
-                                                  type(err).__name__).inc()  # fmt: skip
+            _count_failure(ref, err)
             future.set_exception(err)
             raise
         finally:
@@ -419,6 +422,11 @@ class RemoteAdapters:
         metrics.ADAPTER_FETCH_SECONDS.labels(ref.scheme).observe(seconds)
         log.info("adapter fetched", extra={"reference": ref.text, "bytes": size,
                                            "seconds": round(seconds, 3)})  # fmt: skip
+
+
+def _count_failure(ref: Reference, err: BaseException) -> None:
+    rule = getattr(err, "reason", "") or type(err).__name__
+    metrics.ADAPTER_FETCH_FAILURES.labels(ref.scheme, rule).inc()
 
 
 def _safetensors_size(head: bytes, ref: Reference) -> int | None:

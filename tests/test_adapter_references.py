@@ -243,6 +243,9 @@ def test_hostile_answers_are_refused_by_their_rule_leaving_nothing_cached(world,
     assert cached_files(world) == before
     assert not list((world["root"] / "g" / "adapter-cache" / ".partial").glob("*"))
     assert render(world["stub"]).startswith(b"\x89PNG")  # still serving
+    with urllib.request.urlopen(world["metrics"], timeout=10) as scrape:
+        counted = f'failures_total{{rule="{rule}",source="{source.split(":")[0]}"}}'
+        assert counted in scrape.read().decode()
 
 
 def test_the_client_and_cli_name_adapters_by_reference(world, tmp_path: Path) -> None:
