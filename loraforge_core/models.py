@@ -36,8 +36,6 @@ TRAINED_TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
 # model of the family that draws. SDXL's starts from its VAE and UNet; FLUX.1's and Z-Image's
 # from its VAE, their transformers and text encoders from scratch.
 SHIPPED_TWINS = ("sdxl", "flux", "zimage")
-TRAINED_TINY_SDXL = TRAINED_TINY_MODEL.with_name("tiny-sdxl")
-TRAINED_TINY_FLUX = TRAINED_TINY_MODEL.with_name("tiny-flux")
 # Untrained tiny models (random weights, for plumbing tests), built into the cache on first use:
 # "tiny-random" (SD, the shipped one's architecture), "tiny-<family>-random" for the others.
 RANDOM_VERSIONS = {"sd": TINY_MODEL_VERSION, "flux": "tiny-flux-v1", "zimage": "tiny-zimage-v1"}
