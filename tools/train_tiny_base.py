@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from loraforge_core import families, toyworld
 from loraforge_core.architectures import TINY
-from loraforge_core.families import flux, zimage
+from loraforge_core.families import PromptEmbeddings, flux, zimage
 from loraforge_core.models import TINY_ARCHITECTURES, build_pipeline
 
 # The toy-world FLUX.1: the tiny FLUX's encoders, a transformer with two blocks of each kind
@@ -147,23 +147,19 @@ def fit(pipe, names: tuple[str, ...], batch_loss, seconds: float, steps: int, se
 
 
 def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4) -> dict:
+    """A noise-prediction family's recipe (SD's, SDXL's) on the toy world: the UNet and every
+    text encoder together, v-prediction on the zero-terminal-SNR schedule, the conditioning
+    the family's pipeline computes (``encode_prompts``, ``denoiser_inputs``), 10% of the
+    captions dropped as the pipeline drops them: "" for SD, zeros where it feeds zeros for an
+    empty prompt (SDXL's ``force_zeros_for_empty_prompt``)."""
     from diffusers import DDPMScheduler
 
     family = families.of_pipeline(pipe)
     unet, vae = pipe.unet, pipe.vae
     text_encoders = [getattr(pipe, name) for name in family.text_encoders]
-    tokenizer = pipe.tokenizer  # the tiny tokenizers are one vocabulary
+    tokenizers = [getattr(pipe, name) for name in family.tokenizers]
+    zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
     captions, means, stds = encoded_world(vae, seed)
-    # The same padding as the pipeline (77 positions): the UNet attends to all of them.
-    ids_all = tokenizer(
-        [*captions, ""],
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
-    empty_ids = ids_all[-1]
-    ids_all = ids_all[:-1]
     scheduler = DDPMScheduler(
         **{
             k: v
@@ -172,23 +168,27 @@ def train_denoiser(pipe, seconds: float, steps: int, seed: int, lr: float = 5e-4
         }
     )
     scaling = vae.config.scaling_factor
+    side = toyworld.SIZE
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         index = torch.randint(0, len(means), (32,), generator=generator)
         latents = (
             means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         ) * scaling
-        ids = ids_all[index].clone()
         dropped = torch.rand(32, generator=generator) < 0.1
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (32,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t)
-        if family is families.SDXL:
-            conditioning = _sdxl_conditioning(text_encoders, ids, dropped)
-        else:
-            ids[dropped] = empty_ids
-            conditioning = {"encoder_hidden_states": text_encoders[0](ids)[0]}
+        drops = zip(index.tolist(), dropped.tolist(), strict=True)
+        prompts = ["" if d and not zeros else captions[i] for i, d in drops]
+        embeddings = family.encode_prompts(tokenizers, text_encoders, prompts)
+        if zeros:
+            keep = (~dropped).float()
+            embeddings = PromptEmbeddings(embeddings.hidden * keep[:, None, None],
+                                          embeddings.pooled * keep[:, None])  # fmt: skip
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]] * len(index), dtype=torch.float32)
+        conditioning = family.denoiser_inputs(embeddings, time_ids)
         return F.mse_loss(unet(noisy, t, **conditioning).sample, target)
 
     return fit(pipe, ("unet", *family.text_encoders), batch_loss, seconds, steps, seed, lr)
@@ -242,24 +242,6 @@ def calibrate_latents(vae, seed: int) -> None:
         means = torch.cat([vae.encode(data[i : i + 256]).latent_dist.mean
                            for i in range(0, len(data), 256)])  # fmt: skip
     vae.register_to_config(shift_factor=means.mean().item(), scaling_factor=1 / means.std().item())
-
-
-def _sdxl_conditioning(text_encoders: list, ids: torch.Tensor, dropped: torch.Tensor) -> dict:
-    """The UNet's conditioning as the SDXL pipeline computes it; dropped captions are zeros,
-    what the pipeline feeds the unconditional branch."""
-    hidden, pooled = [], None
-    for encoder in text_encoders:
-        output = encoder(ids, output_hidden_states=True)
-        if output[0].ndim == 2:
-            pooled = output[0]
-        hidden.append(output.hidden_states[-2])  # the penultimate layer's, as families/sdxl.py
-    keep = (~dropped).float()
-    side = toyworld.SIZE
-    time_ids = torch.tensor([[side, side, 0, 0, side, side]] * len(ids), dtype=torch.float32)
-    return {
-        "encoder_hidden_states": torch.cat(hidden, dim=-1) * keep[:, None, None],
-        "added_cond_kwargs": {"text_embeds": pooled * keep[:, None], "time_ids": time_ids},
-    }
 
 
 def warm_start(pipe, source: Path) -> None:
