@@ -74,6 +74,13 @@ def freeze_inside_a_transaction(
     return tree
 
 
+def thaw(processes: list[psutil.Process]) -> None:
+    """Resume whatever is still stopped, before the servers are told to stop."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.resume()
+
+
 def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
     tiny_model: Path, tmp_path: Path, postgres_server, s3_url: str, s3_server
 ) -> None:
@@ -85,6 +92,7 @@ def test_a_frozen_replica_wakes_to_find_its_job_taken_and_stops_it(
         with TrainingProcesses(job_id, running_only=True) as processes:
             frozen = [psutil.Process(pid) for pid in processes.now()]
             tree = freeze_inside_a_transaction(a_server, fleet.database_url, "a")
+            stack.callback(thaw, tree)  # a failing test leaves no process stopped
             b = stub(stack.enter_context(fleet.trainer("b")), stack)  # b takes the job over
             taken = False
             after_freeze = trainer_pb2.WatchJobRequest(job_id=job_id, after_sequence=last)
