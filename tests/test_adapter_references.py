@@ -267,9 +267,13 @@ def test_the_client_and_cli_name_adapters_by_reference(world, tmp_path: Path) ->
         capture_output=True, text=True, env=env, timeout=300, check=True,
     )  # fmt: skip
     assert Path(made.stdout.split()[0]).read_bytes() == expected
+    spare = f"{world['web'].url}/f/spare"
+    loaded = subprocess.run([*loraforge, "adapters", "load", "", spare], capture_output=True,
+                            text=True, env=env, timeout=60, check=True).stdout  # fmt: skip
+    assert loaded.startswith(adapter_id_for(parse_reference(spare))) and f"from {spare}" in loaded
     listed = subprocess.run([*loraforge, "adapters", "ls"], capture_output=True, text=True,
                             env=env, timeout=60, check=True).stdout  # fmt: skip
-    assert parse_reference(url).text in listed
+    assert parse_reference(url).text in listed and spare in listed
 
 
 def test_a_pre_seeded_hub_cache_serves_offline(world, tmp_path: Path) -> None:
