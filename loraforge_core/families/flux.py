@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraforge_core.families.base import Family, PromptEmbeddings
-from loraforge_core.families.objectives import FlowMatching
+from loraforge_core.families.base import PromptEmbeddings
+from loraforge_core.families.flow import FlowTransformer
 from loraforge_core.families.sd import clip_ids, vae_factor
 from loraforge_core.targets import DEFAULT_CLIP_TARGETS
 
 if TYPE_CHECKING:
     import torch
 
-    from loraforge_core.families.objectives import Noised, ObjectiveOptions
+    from loraforge_core.families.objectives import Noised
 
 # diffusers' train_dreambooth_lora_flux.py defaults: every attention projection of the
 # double-stream blocks (image and text streams) and their feed-forwards; the single-stream
@@ -38,7 +38,7 @@ MAX_SEQUENCE_LENGTH = 512  # FLUX.1-dev's T5 length (schnell was distilled at 25
 
 
 @dataclass(frozen=True)
-class Flux(Family):
+class Flux(FlowTransformer):
     def lora_targets(self, component: str, extended: bool = False) -> tuple[str, ...]:
         if component == self.denoiser:
             return TRANSFORMER_TARGETS + (EXTENDED_TRANSFORMER_TARGETS if extended else ())
@@ -56,7 +56,7 @@ class Flux(Family):
         pooled = clip(clip_ids(clip_tokenizer, prompts, device)).pooler_output
         ids = t5_tokenizer(
             prompts, padding="max_length", truncation=True,
-            max_length=sequence_length(t5_tokenizer), return_tensors="pt",
+            max_length=self.text_length(t5_tokenizer), return_tensors="pt",
         ).input_ids.to(device)  # fmt: skip
         return PromptEmbeddings(t5(ids)[0], pooled)
 
@@ -71,7 +71,7 @@ class Flux(Family):
         prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
             prompt=prompt, prompt_2=None, device=pipe._execution_device,
             num_images_per_prompt=num_images,
-            max_sequence_length=text_tokens or sequence_length(pipe.tokenizer_2),
+            max_sequence_length=text_tokens or self.text_length(pipe.tokenizer_2),
         )  # fmt: skip
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
@@ -79,13 +79,7 @@ class Flux(Family):
         return False  # guidance-distilled: dev takes the scale as an input, schnell ignores it
 
     def call_options(self, pipe: Any) -> dict[str, Any]:
-        return {"max_sequence_length": sequence_length(pipe.tokenizer_2)}
-
-    def objective(self, scheduler: Any, options: ObjectiveOptions) -> FlowMatching:
-        return FlowMatching(scheduler, options)
-
-    def objective_refusal(self, options: ObjectiveOptions) -> tuple[str, str] | None:
-        return FlowMatching.refusal(options)
+        return {"max_sequence_length": self.text_length(pipe.tokenizer_2)}
 
     def predict(
         self, denoiser: Any, noised: Noised, embeddings: PromptEmbeddings, *,
@@ -119,12 +113,6 @@ class Flux(Family):
         factor = vae_factor(vae)
         return unpack(latents, latents.shape[-1] // 4, height // factor, width // factor)
 
-    def native_resolution(self, denoiser: Any, vae: Any) -> int:
-        return int(vae.config.sample_size)  # FLUX.1's VAE: 1024
-
-    def size_step(self, denoiser: Any, vae: Any) -> int:
-        return vae_factor(vae) * 2  # latents are packed in 2x2 patches
-
     def conditioning_dim(self, denoiser: Any) -> int:
         return int(denoiser.config.joint_attention_dim)
 
@@ -151,11 +139,6 @@ def image_ids(rows: int, columns: int, device: Any, dtype: Any) -> torch.Tensor:
     ids[..., 1] = torch.arange(rows)[:, None]
     ids[..., 2] = torch.arange(columns)[None, :]
     return ids.reshape(rows * columns, 3).to(device=device, dtype=dtype)
-
-
-def sequence_length(t5_tokenizer: Any) -> int:
-    """The T5 length prompts are padded to: the model's, at most FLUX.1-dev's 512."""
-    return min(int(t5_tokenizer.model_max_length), MAX_SEQUENCE_LENGTH)
 
 
 FLUX = Flux(

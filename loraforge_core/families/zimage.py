@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loraforge_core.families.base import Family, PromptEmbeddings
-from loraforge_core.families.objectives import FlowMatching
-from loraforge_core.families.sd import vae_factor
+from loraforge_core.families.base import PromptEmbeddings
+from loraforge_core.families.flow import FlowTransformer
+from loraforge_core.families.flux import FLUX_DEV, TINY_FLUX
 
 if TYPE_CHECKING:
     import torch
 
-    from loraforge_core.families.objectives import Noised, ObjectiveOptions
+    from loraforge_core.families.objectives import Noised
 
 # diffusers' train_dreambooth_lora_z_image.py default: the attention projections of every
 # block (the main layers and both refiners); extended: the feed-forwards and modulations.
@@ -34,7 +34,7 @@ MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default
 
 
 @dataclass(frozen=True)
-class ZImage(Family):
+class ZImage(FlowTransformer):
     def lora_targets(self, component: str, extended: bool = False) -> tuple[str, ...]:
         return TRANSFORMER_TARGETS + (EXTENDED_TRANSFORMER_TARGETS if extended else ())
 
@@ -48,7 +48,7 @@ class ZImage(Family):
         """The LLM's second-to-last hidden states for the prompts in the chat template, padded
         to one length with their masks (ZImagePipeline._encode_prompt keeps each unpadded)."""
         (tokenizer,), (encoder,) = tokenizers, text_encoders
-        ids, mask = chat_ids(tokenizer, prompts, device)
+        ids, mask = chat_ids(tokenizer, prompts, self.text_length(tokenizer), device)
         hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return PromptEmbeddings(hidden.hidden_states[-2], mask=mask)
 
@@ -59,7 +59,7 @@ class ZImage(Family):
         positive, negative = pipe.encode_prompt(
             prompt=prompt, device=pipe._execution_device, do_classifier_free_guidance=guided,
             negative_prompt=negative_prompt or None,
-            max_sequence_length=text_tokens or sequence_length(pipe.tokenizer),
+            max_sequence_length=text_tokens or self.text_length(pipe.tokenizer),
         )  # fmt: skip
         return {"prompt_embeds": positive * num_images,  # per-prompt tensors of their own lengths
                 "negative_prompt_embeds": negative * num_images if guided else None}  # fmt: skip
@@ -73,13 +73,7 @@ class ZImage(Family):
         return guidance_scale > 1  # ZImagePipeline.do_classifier_free_guidance
 
     def call_options(self, pipe: Any) -> dict[str, Any]:
-        return {"max_sequence_length": sequence_length(pipe.tokenizer)}
-
-    def objective(self, scheduler: Any, options: ObjectiveOptions) -> FlowMatching:
-        return FlowMatching(scheduler, options)
-
-    def objective_refusal(self, options: ObjectiveOptions) -> tuple[str, str] | None:
-        return FlowMatching.refusal(options)
+        return {"max_sequence_length": self.text_length(pipe.tokenizer)}
 
     def predict(
         self, denoiser: Any, noised: Noised, embeddings: PromptEmbeddings, *,
@@ -99,31 +93,20 @@ class ZImage(Family):
         out = denoiser(frames, time, captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
-    def native_resolution(self, denoiser: Any, vae: Any) -> int:
-        return int(vae.config.sample_size)  # FLUX.1's VAE: 1024
-
-    def size_step(self, denoiser: Any, vae: Any) -> int:
-        return vae_factor(vae) * 2  # 2x2 patches
-
     def conditioning_dim(self, denoiser: Any) -> int:
         return int(denoiser.config.cap_feat_dim)
 
 
-def chat_ids(tokenizer: Any, prompts: list[str], device: Any) -> tuple[Any, Any]:
+def chat_ids(tokenizer: Any, prompts: list[str], length: int, device: Any) -> tuple[Any, Any]:
     """Token ids and mask of the prompts in the chat template, as ZImagePipeline tokenizes."""
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                       add_generation_prompt=True, enable_thinking=True)
         for p in prompts
     ]  # fmt: skip
-    encoded = tokenizer(texts, padding="max_length", max_length=sequence_length(tokenizer),
+    encoded = tokenizer(texts, padding="max_length", max_length=length,
                         truncation=True, return_tensors="pt")  # fmt: skip
     return encoded.input_ids.to(device), encoded.attention_mask.to(device).bool()
-
-
-def sequence_length(tokenizer: Any) -> int:
-    """The length prompts are padded to: the tokenizer's, at most the pipeline's 512."""
-    return min(int(tokenizer.model_max_length), MAX_SEQUENCE_LENGTH)
 
 
 Z_IMAGE = ZImage(
@@ -155,7 +138,7 @@ Z_IMAGE = ZImage(
     services=frozenset({"generator", "trainer"}),
 )
 
-# A tiny Z-Image: two main layers and one of each refiner, 4 heads of 16; FLUX's tiny VAE
+# A tiny Z-Image: two main layers and one of each refiner, 4 heads of 16; the tiny FLUX's VAE
 # (4 latent channels); a Qwen3 of width 32.
 TINY_Z_IMAGE = {
     "transformer": {
@@ -163,13 +146,7 @@ TINY_Z_IMAGE = {
         "n_layers": 2, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "cap_feat_dim": 32,
         "axes_dims": [8, 4, 4], "axes_lens": [256, 64, 64],
     },
-    "vae": {
-        "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [16, 32],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "latent_channels": 4,
-        "layers_per_block": 1, "norm_num_groups": 8, "mid_block_add_attention": False,
-        "scaling_factor": 1.0, "shift_factor": 0.0,
-    },
+    "vae": TINY_FLUX["vae"],  # a 4-channel VAE
     "text_encoder": {
         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
@@ -188,13 +165,7 @@ Z_IMAGE_TURBO = {
         "n_layers": 30, "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30,
         "cap_feat_dim": 2560, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
     },
-    "vae": {
-        "sample_size": 1024, "in_channels": 3, "out_channels": 3,
-        "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 16, "layers_per_block": 2,
-        "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
-        "use_post_quant_conv": False,
-    },
+    "vae": FLUX_DEV["vae"],  # Z-Image decodes with FLUX.1's VAE
     "text_encoder": {
         "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
