@@ -8,7 +8,8 @@ keys, HTTPS through httpx2 (streamed, with timeouts, resumed with ``Range`` afte
 connection). Every fetch checks the policy first (sources on, hosts, buckets, addresses), reads
 the safetensors header before the body, counts bytes against the size limit, and lands in the
 cache only whole and verified (the pinned digest, the size the header declares). A refusal
-names its rule (``ServiceError.reason``); requests for one reference share one download.
+names its rule (``ServiceError.reason``); requests for one reference share one download. What
+a file must be, and how each refusal is worded, is fetch_checks.py.
 """
 
 from __future__ import annotations
@@ -18,20 +19,31 @@ import hashlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import socket
 import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 from inference_service import metrics
+from inference_service.fetch_checks import (
+    bad_header,
+    check_pin,
+    declared_size,
+    hub_refusal,
+    matches,
+    raise_for_status,
+    read_header,
+    refusal,
+    safetensors_size,
+    sha256_of,
+)
 from inference_service.references import Reference
 from loraforge_core.errors import (
     FailedPrecondition,
@@ -46,12 +58,6 @@ log = logging.getLogger("loraforge.generator.fetching")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_REDIRECTS = 5
 RESUME_ATTEMPTS = 3  # a dropped download resumes where it stopped, this many times in all
-CHUNK = 1 << 20
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-    "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
 
 
 @dataclass
@@ -79,13 +85,6 @@ class Fetched:
     path: Path
     sha256: str
     size: int
-
-
-def refusal(kind: type[ServiceError], rule: str, message: str) -> ServiceError:
-    """An error that names the rule that refused (the gRPC status carries it as ErrorInfo)."""
-    err = kind(f"{message} [{rule}]")
-    err.reason = rule
-    return err
 
 
 class RemoteAdapters:
@@ -209,7 +208,7 @@ class RemoteAdapters:
                             out.truncate()
                             written = 0
                         etag = response.headers.get("ETag", "")
-                        declared = _declared_size(response)
+                        declared = declared_size(response)
                         self._check_size(ref, declared)
                         head = None if written else b""  # the header: read from the start only
                         for chunk in response.iter_bytes():  # as each read arrives
@@ -223,11 +222,11 @@ class RemoteAdapters:
                                 )  # fmt: skip
                             if head is not None:
                                 head += chunk
-                                if (total := _safetensors_size(head, ref)) is not None:
-                                    _matches(ref, total, declared)
+                                if (total := safetensors_size(head, ref)) is not None:
+                                    matches(ref, total, declared)
                                     head = None
                             if total is not None and written > total:
-                                raise _bad_header(ref, f"it runs past the {total} bytes its "
+                                raise bad_header(ref, f"it runs past the {total} bytes its "
                                                   "header declares")  # fmt: skip
                             out.write(chunk)
                     if total is not None and written == total:
@@ -269,7 +268,7 @@ class RemoteAdapters:
                 FailedPrecondition, "TOO_MANY_REDIRECTS", f"more than {MAX_REDIRECTS} redirects"
             )
         try:
-            _raise_for_status(response.status_code, url)
+            raise_for_status(response.status_code, url)
             yield response, url
         finally:
             response.close()
@@ -315,7 +314,7 @@ class RemoteAdapters:
         try:
             size = client.head_object(Bucket=ref.location, Key=ref.path)["ContentLength"]
             self._check_size(ref, size)
-            _read_header(ref, size, first_bytes)
+            read_header(ref, size, first_bytes)
             client.download_file(ref.location, ref.path, str(dest))
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
@@ -363,12 +362,12 @@ class RemoteAdapters:
                 hf_raise_for_status(reply)
                 return reply.content[:count]
 
-            _read_header(ref, size, first_bytes)
+            read_header(ref, size, first_bytes)
             path = Path(hub.hf_hub_download(ref.location, ref.path, revision=revision))
         except ServiceError:
             raise
         except Exception as err:
-            raise _hub_refusal(ref, err) from None
+            raise hub_refusal(ref, err) from None
         fetched = self._hub_file(ref, path)
         self._fetched(ref, fetched.size, time.perf_counter() - started)
         return fetched
@@ -377,10 +376,10 @@ class RemoteAdapters:
         """A file in the hub's cache, checked against the pin; a mismatch leaves the cache
         without it."""
         if path not in self._digests:
-            self._digests[path] = _sha256(path)
+            self._digests[path] = sha256_of(path)
         fetched = Fetched(path, self._digests[path], path.stat().st_size)
         try:
-            _check_pin(ref, fetched.sha256)
+            check_pin(ref, fetched.sha256)
         except ServiceError:
             del self._digests[path]
             path.resolve().unlink(missing_ok=True)  # the blob, then its snapshot link
@@ -405,8 +404,8 @@ class RemoteAdapters:
         return Fetched(path, record["sha256"], record["size"])
 
     def _verified(self, ref: Reference, path: Path) -> Fetched:
-        digest = _sha256(path)
-        _check_pin(ref, digest)
+        digest = sha256_of(path)
+        check_pin(ref, digest)
         return Fetched(path, digest, path.stat().st_size)
 
     def _check_size(self, ref: Reference, size: int | None) -> None:
@@ -427,119 +426,3 @@ class RemoteAdapters:
 def _count_failure(ref: Reference, err: BaseException) -> None:
     rule = getattr(err, "reason", "") or type(err).__name__
     metrics.ADAPTER_FETCH_FAILURES.labels(ref.scheme, rule).inc()
-
-
-def _safetensors_size(head: bytes, ref: Reference) -> int | None:
-    """The file's whole size as its header declares it, once ``head`` holds the header (None
-    until then); refused when the header is not a safetensors one."""
-    if len(head) < 8:
-        return None
-    length = int.from_bytes(head[:8], "little")
-    if not 2 <= length <= MAX_HEADER_BYTES:
-        raise _bad_header(ref, f"its first 8 bytes give a header of {length} bytes")
-    if len(head) < 8 + length:
-        return None
-    try:
-        header = json.loads(head[8 : 8 + length])
-    except ValueError:
-        raise _bad_header(ref, "its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise _bad_header(ref, "its header is not a JSON object")
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    try:
-        spans = sorted(_span(info) for info in tensors.values())
-    except (TypeError, ValueError, KeyError) as err:
-        raise _bad_header(ref, f"a tensor's entry is malformed ({err})") from None
-    end = 0
-    for start, stop in spans:
-        if start != end:
-            raise _bad_header(ref, "its tensors' data do not follow each other")
-        end = stop
-    if not spans:
-        raise _bad_header(ref, "it holds no tensors")
-    return 8 + length + end
-
-
-def _span(info: dict) -> tuple[int, int]:
-    start, stop = info["data_offsets"]
-    shape = info["shape"]
-    if not all(isinstance(n, int) and n >= 0 for n in [start, stop, *shape]):
-        raise ValueError("offsets and shape are natural numbers")
-    if stop - start != math.prod(shape) * _DTYPE_BYTES[info["dtype"]]:
-        raise ValueError(f"offsets {start}..{stop} do not hold shape {shape}")
-    return start, stop
-
-
-def _read_header(ref: Reference, size: int | None, first_bytes: Callable[[int], bytes]) -> int:
-    """The whole size the header declares, read through ``first_bytes(n)`` (the file's first
-    n bytes, fewer where it is shorter) before any of the body; checked against ``size``."""
-    head = first_bytes(min(size or 65536, 65536))
-    while (total := _safetensors_size(head, ref)) is None:
-        more = first_bytes(8 + int.from_bytes(head[:8], "little") if len(head) >= 8 else 8)
-        if len(more) <= len(head):
-            raise _bad_header(ref, f"it ends within its header, after {len(head)} bytes")
-        head = more
-    _matches(ref, total, size)
-    return total
-
-
-def _matches(ref: Reference, total: int, declared: int | None) -> None:
-    if declared is not None and declared != total:
-        raise _bad_header(ref, f"its header makes it {total} bytes; the server says {declared}")
-
-
-def _bad_header(ref: Reference, why: str) -> ServiceError:
-    return refusal(FailedPrecondition, "NOT_SAFETENSORS",
-                   f"{ref.text} is not a safetensors file: {why}")  # fmt: skip
-
-
-def _declared_size(response) -> int | None:
-    """The whole file's size from a 200's Content-Length or a 206's Content-Range."""
-    if response.status_code == 206:
-        whole = response.headers.get("Content-Range", "").rpartition("/")[2]
-        return int(whole) if whole.isdigit() else None
-    length = response.headers.get("Content-Length", "")
-    return int(length) if length.isdigit() else None
-
-
-def _raise_for_status(status: int, url: str) -> None:
-    if status in (200, 206):
-        return
-    where = urlsplit(url)._replace(query="").geturl()
-    if status == 404:
-        raise NotFound("adapter file", where, "the server answered 404")
-    if status in (401, 403):
-        raise refusal(PermissionDenied, "UPSTREAM_DENIED",
-                      f"{where} answered {status}: give this server a token for its host "
-                      "(LORAFORGE_ADAPTER_TOKENS)")  # fmt: skip
-    raise refusal(Unavailable, "UPSTREAM_ERROR", f"{where} answered {status}")
-
-
-def _check_pin(ref: Reference, digest: str) -> None:
-    if ref.sha256 and digest != ref.sha256:
-        raise refusal(
-            FailedPrecondition, "SHA256_MISMATCH",
-            f"{ref.text}: the file's sha256 is {digest}, the reference pins {ref.sha256}",
-        )  # fmt: skip
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _hub_refusal(ref: Reference, err: Exception) -> ServiceError:
-    from huggingface_hub import errors as hub_errors
-
-    if isinstance(err, (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError,
-                        hub_errors.EntryNotFoundError)):  # fmt: skip
-        return NotFound("hub file", ref.text, type(err).__name__)
-    if isinstance(err, hub_errors.GatedRepoError) or "401" in str(err) or "403" in str(err):
-        return refusal(PermissionDenied, "UPSTREAM_DENIED",
-                       f"{ref.text}: the hub denied access; set HF_TOKEN")  # fmt: skip
-    if isinstance(err, (hub_errors.SafetensorsParsingError, hub_errors.NotASafetensorsRepoError)):
-        return _bad_header(ref, str(err).splitlines()[0])
-    return refusal(Unavailable, "UPSTREAM_ERROR", f"{ref.text}: {type(err).__name__}: {err}")

@@ -9,7 +9,8 @@ import torch
 from loraforge.v1 import generator_pb2
 from safetensors.torch import save
 
-from inference_service.fetching import FetchPolicy, RemoteAdapters, _safetensors_size
+from inference_service.fetch_checks import safetensors_size
+from inference_service.fetching import FetchPolicy, RemoteAdapters
 from inference_service.proto_mapping import spec_from_request
 from inference_service.references import adapter_id_for, parse_reference
 from loraforge_core.errors import InvalidArgument, ServiceError
@@ -74,10 +75,10 @@ def test_each_policy_rule_refuses_before_a_connection(tmp_path) -> None:
 def test_a_safetensors_header_gives_the_file_size_or_a_refusal() -> None:
     data = save({"a": torch.zeros(3, 4), "b": torch.ones(5, dtype=torch.float16)})
     ref = parse_reference("https://example.org/a")
-    assert _safetensors_size(data, ref) == len(data)
+    assert safetensors_size(data, ref) == len(data)
     length = int.from_bytes(data[:8], "little")
-    assert _safetensors_size(data[: 8 + length - 1], ref) is None  # the header is not whole yet
+    assert safetensors_size(data[: 8 + length - 1], ref) is None  # the header is not whole yet
     with pytest.raises(ServiceError, match="do not hold shape"):
-        _safetensors_size(data.replace(b"[3,4]", b"[3,5]"), ref)
+        safetensors_size(data.replace(b"[3,4]", b"[3,5]"), ref)
     with pytest.raises(ServiceError, match="header of"):
-        _safetensors_size(b"<!DOCTYPE html>", ref)
+        safetensors_size(b"<!DOCTYPE html>", ref)
