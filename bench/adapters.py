@@ -16,6 +16,7 @@ from PIL import Image
 from bench.common import interleaved_medians, median_ms
 from inference_service.engine import GeneratorEngine
 from inference_service.spec import GenerationJob, GenerationSpec
+from loraforge_core import families
 
 
 def switch_cost(
@@ -137,14 +138,6 @@ def lora_overhead(
     ]  # fmt: skip
 
 
-def prompt_length_options(pipe: Any) -> dict[str, Any]:
-    """What a stock call needs to encode prompts as the engine does (FLUX.1's and Z-Image's
-    text length: the tokenizer's, not the pipeline's 512): the family's ``call_options``."""
-    from loraforge_core import families
-
-    return families.of_pipeline(pipe).call_options(pipe)
-
-
 def stock_same_loop(
     engine: GeneratorEngine,
     spec: Callable[..., GenerationSpec],
@@ -173,7 +166,7 @@ def stock_same_loop(
         image = pipe(base.prompt, width=base.width, height=base.height,
                      num_inference_steps=base.steps, guidance_scale=guidance,
                      generator=torch.Generator().manual_seed(base.seed),
-                     **prompt_length_options(pipe)).images[0]  # fmt: skip
+                     **families.of_pipeline(pipe).call_options(pipe)).images[0]  # fmt: skip
         image.save(io.BytesIO(), format="PNG")
 
     for pipe in pipes.values():

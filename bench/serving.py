@@ -28,7 +28,6 @@ from bench.adapters import (
     lora_overhead,
     merge_cost,
     mixed_batches,
-    prompt_length_options,
     stock_same_loop,
     switch_cost,
 )
@@ -173,8 +172,8 @@ def stock_reference(
     import time
 
     pipe = load_pipeline(model, device=device)
-    denoiser = families.of_pipeline(pipe).denoiser
-    extra = prompt_length_options(pipe)
+    family = families.of_pipeline(pipe)
+    denoiser, extra = family.denoiser, family.call_options(pipe)
 
     def run() -> None:
         pipe("a red circle", width=size, height=size, num_inference_steps=steps,

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from inference_service.references import adapter_id_for, parse_reference
 from loraforge_core.launch import ServerProcess, free_port
 from tests.file_host import FileHost
 from tests.helpers import make_pki
+from tests.test_cold_adapters import wait_for_line
 from trainer_service.training.lora import random_lora_bundle
 
 pytestmark = pytest.mark.slow
@@ -172,16 +172,12 @@ def test_a_request_waits_for_its_cold_adapter_while_others_render(world, s3_serv
     world["s3"].put_object(Bucket=world["bucket"], Key="cold.safetensors",
                            Body=world["files"]["spare"])  # fmt: skip
     source = f"s3://{world['bucket']}/cold.safetensors"
-    generator = world["generator"]
-    fetches = generator.log().count("fetching adapter")
     os.kill(s3_server.process.pid, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(1) as pool:
             cold = pool.submit(render, world["stub"], generator_pb2.AdapterRef(source=source))
-            deadline = time.monotonic() + 120
-            while generator.log().count("fetching adapter") == fetches:  # its download began
-                assert time.monotonic() < deadline, generator.log()
-                time.sleep(0.1)
+            # Its download began: "fetching adapter" names it (the log's JSON extras).
+            wait_for_line(world["generator"], f'"reference": "{source}"')
             assert render(world["stub"]).startswith(b"\x89PNG")
             listed = world["stub"].ListAdapters(generator_pb2.ListAdaptersRequest(), timeout=10)
             ids = {a.adapter_id for a in listed.adapters}
